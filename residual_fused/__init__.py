@@ -1,0 +1,23 @@
+"""residual_fused: the residual add fused with LayerNorm / RMSNorm ("Add & Norm").
+
+``add_layer_norm`` / ``add_rms_norm`` (functional), ``FusedAddNorm`` /
+``FusedAddRMSNorm`` (modules), ``AddNormFunction`` (the autograd function both go
+through) and ``reference`` (plain differentiable PyTorch, the oracle).
+"""
+
+from . import reference
+from .functional import add_layer_norm, add_rms_norm
+from .modules import FusedAddNorm, FusedAddRMSNorm
+from .ops import AddNormFunction, cuda_kernels_available
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AddNormFunction",
+    "FusedAddNorm",
+    "FusedAddRMSNorm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "cuda_kernels_available",
+    "reference",
+]

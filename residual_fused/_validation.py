@@ -1,0 +1,121 @@
+"""Argument checks shared by the functional API, the reference and the modules.
+
+Every check runs before any computation and raises with the argument's name and
+the rule it broke. Nothing here touches tensor data (no device synchronisation).
+"""
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .support import SUPPORTED_DTYPES
+
+_DTYPE_NAMES = "float16, bfloat16, float32 or float64"
+
+
+def _shape(t: torch.Size) -> Tuple[int, ...]:
+    return tuple(t)
+
+
+def _check_tensor(name: str, t, device: Optional[torch.device]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name}: dtype {t.dtype} is not supported; x, residual, weight and bias "
+            f"must be floating point ({_DTYPE_NAMES}), in any mix"
+        )
+    if device is not None and t.device != device:
+        raise ValueError(
+            f"{name} is on {t.device} but x is on {device}; all tensors passed to "
+            f"Add & Norm must be on the same device"
+        )
+
+
+def canonical_normalized_shape(normalized_shape) -> Tuple[int, ...]:
+    """``int`` or sequence of ints -> tuple, as ``nn.LayerNorm`` accepts it."""
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    shape = tuple(int(d) for d in normalized_shape)
+    if len(shape) == 0 or any(d <= 0 for d in shape):
+        raise ValueError(
+            f"normalized_shape must be non-empty with positive sizes, got {shape}"
+        )
+    return shape
+
+
+def check_add_norm_args(
+    x,
+    residual,
+    weight,
+    bias,
+    eps,
+    normalized_shape: Optional[Sequence[int]],
+    residual_dtype: Optional[torch.dtype],
+    is_rms_norm: bool,
+) -> Tuple[Tuple[int, ...], int, float]:
+    """Validate one Add & Norm call.
+
+    Returns ``(normalized_shape, hidden_size, eps)`` with defaults resolved:
+    ``normalized_shape`` falls back to ``weight.shape``, then ``x.shape[-1:]``;
+    an RMSNorm ``eps`` of ``None`` becomes ``torch.finfo(x.dtype).eps``.
+    """
+    _check_tensor("x", x, None)
+    if x.dim() == 0:
+        raise ValueError("x: a 0-d tensor has nothing to normalize; x needs at least one dim")
+    device = x.device
+    if residual is not None:
+        _check_tensor("residual", residual, device)
+        if residual.shape != x.shape:
+            raise ValueError(
+                f"residual: shape {_shape(residual.shape)} does not match x's shape "
+                f"{_shape(x.shape)}. Add & Norm adds the residual to x elementwise, so "
+                f"both must have the same shape; if the widths differ, project the "
+                f"residual first (for example with an nn.Linear)"
+            )
+    if weight is not None:
+        _check_tensor("weight", weight, device)
+    if bias is not None:
+        if is_rms_norm:
+            raise ValueError(
+                "bias: RMSNorm has no bias; pass bias=None, or use add_layer_norm "
+                "for a norm with a bias"
+            )
+        _check_tensor("bias", bias, device)
+
+    if normalized_shape is not None:
+        shape = canonical_normalized_shape(normalized_shape)
+    elif weight is not None:
+        shape = canonical_normalized_shape(weight.shape)
+    else:
+        shape = canonical_normalized_shape(x.shape[-1:])
+    if x.dim() < len(shape) or _shape(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(
+            f"x: trailing dims of shape {_shape(x.shape)} must equal normalized_shape "
+            f"{shape}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and _shape(t.shape) != shape:
+            raise ValueError(
+                f"{name}: shape {_shape(t.shape)} must equal normalized_shape {shape}"
+            )
+
+    if residual_dtype is not None and residual_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"residual_dtype must be one of {_DTYPE_NAMES} (or None), got {residual_dtype}"
+        )
+
+    if eps is None and is_rms_norm:
+        eps = torch.finfo(x.dtype).eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or math.isinf(eps):
+        raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
+
+    return shape, math.prod(shape), float(eps)
+
+
+def residual_out_dtype(x, residual, residual_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """dtype of ``residual_out``: ``residual_dtype``, else the residual's, else x's."""
+    if residual_dtype is not None:
+        return residual_dtype
+    return residual.dtype if residual is not None else x.dtype

@@ -1,0 +1,125 @@
+"""Drop-in modules: ``FusedAddNorm`` for ``nn.LayerNorm``, ``FusedAddRMSNorm`` for ``nn.RMSNorm``.
+
+Constructor conventions, parameter names (``weight``, ``bias``), initialisation and
+``state_dict`` keys match the torch modules, so checkpoints load either way.
+``forward(x, residual=None)`` returns ``y``, or ``(y, residual_out)`` with ``prenorm``.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import functional
+from ._validation import canonical_normalized_shape
+
+
+class _FusedAddNormBase(nn.Module):
+    def __init__(self, normalized_shape, eps, elementwise_affine, with_bias, prenorm,
+                 residual_in_fp32, memory_efficient, device, dtype):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.normalized_shape = canonical_normalized_shape(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self.prenorm = prenorm
+        self.residual_in_fp32 = residual_in_fp32
+        self.memory_efficient = memory_efficient
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            if with_bias:
+                self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    @property
+    def _residual_dtype(self) -> Optional[torch.dtype]:
+        return torch.float32 if self.residual_in_fp32 else None
+
+    def extra_repr(self) -> str:
+        text = (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
+        for flag in ("prenorm", "residual_in_fp32", "memory_efficient"):
+            if getattr(self, flag):
+                text += f", {flag}=True"
+        return text
+
+    @staticmethod
+    def _factory_of(norm: nn.Module) -> dict:
+        weight = getattr(norm, "weight", None)
+        if weight is None:
+            return {}
+        return {"device": weight.device, "dtype": weight.dtype}
+
+
+class FusedAddNorm(_FusedAddNormBase):
+    """``nn.LayerNorm`` applied to ``x + residual``, fused into one kernel.
+
+    Args match ``nn.LayerNorm``; ``prenorm`` also returns the sum (the new residual
+    stream), ``residual_in_fp32`` keeps that sum in fp32, and ``memory_efficient``
+    saves the output instead of the sum for backward (the weight must stay nonzero).
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, *, prenorm: bool = False, residual_in_fp32: bool = False,
+                 memory_efficient: bool = False, device=None, dtype=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, prenorm,
+                         residual_in_fp32, memory_efficient, device, dtype)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        return functional.add_layer_norm(
+            x, residual, self.weight, self.bias, self.eps, prenorm=self.prenorm,
+            residual_dtype=self._residual_dtype, memory_efficient=self.memory_efficient,
+            normalized_shape=self.normalized_shape,
+        )
+
+    @classmethod
+    def from_layer_norm(cls, ln: nn.LayerNorm, **kwargs) -> "FusedAddNorm":
+        """A ``FusedAddNorm`` with ``ln``'s shape, eps, affine/bias settings, device,
+        dtype and (copied) parameters; ``kwargs`` set ``prenorm`` and the other flags."""
+        module = cls(ln.normalized_shape, eps=ln.eps, elementwise_affine=ln.elementwise_affine,
+                     bias=getattr(ln, "bias", None) is not None, **cls._factory_of(ln), **kwargs)
+        module.load_state_dict(ln.state_dict())
+        return module
+
+
+class FusedAddRMSNorm(_FusedAddNormBase):
+    """``nn.RMSNorm`` applied to ``x + residual``, fused into one kernel.
+
+    Args match ``nn.RMSNorm`` (``eps=None`` means ``torch.finfo(x.dtype).eps``), plus
+    the flags of :class:`FusedAddNorm`.
+    """
+
+    def __init__(self, normalized_shape, eps: Optional[float] = None,
+                 elementwise_affine: bool = True, *, prenorm: bool = False,
+                 residual_in_fp32: bool = False, memory_efficient: bool = False,
+                 device=None, dtype=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, False, prenorm,
+                         residual_in_fp32, memory_efficient, device, dtype)
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        return functional.add_rms_norm(
+            x, residual, self.weight, self.eps, prenorm=self.prenorm,
+            residual_dtype=self._residual_dtype, memory_efficient=self.memory_efficient,
+            normalized_shape=self.normalized_shape,
+        )
+
+    @classmethod
+    def from_rms_norm(cls, norm: nn.Module, **kwargs) -> "FusedAddRMSNorm":
+        """A ``FusedAddRMSNorm`` with ``norm``'s shape, eps, affine setting, device,
+        dtype and (copied) weight; ``kwargs`` set ``prenorm`` and the other flags."""
+        module = cls(norm.normalized_shape, eps=norm.eps,
+                     elementwise_affine=norm.elementwise_affine, **cls._factory_of(norm),
+                     **kwargs)
+        module.load_state_dict(norm.state_dict())
+        return module

@@ -1,0 +1,177 @@
+"""The library's two PyTorch ops, their fake kernels, and their autograd.
+
+Schemas are defined here and only here. The pure-PyTorch reference is registered
+as the ``CompositeExplicitAutograd`` kernel, so it runs on CPU and on any device
+the compiled extension does not cover; the extension (``residual_fused._C``), when
+built, adds ``CUDA`` kernels for the same schemas, which take precedence on CUDA.
+
+Both ops work on rows of the last dim: ``x`` is ``[..., H]`` and ``weight``/``bias``
+are ``[H]``; the functional API folds a multi-dim ``normalized_shape`` into ``H``.
+Outputs that a call does not produce are returned as 0-element placeholders
+(a schema's outputs are fixed), and callers decide by flags, never by ``numel``.
+"""
+
+import importlib.util
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .support import compute_dtype
+
+_lib = torch.library.Library("residual_fused", "DEF")
+
+# y = norm(x + residual) * weight + bias, in x's dtype; residual_out = x + residual
+# rounded to residual_out_dtype (a placeholder unless store_residual_out); mean and
+# rstd per row in fp32 (fp64 for fp64 x); mean is a placeholder for RMSNorm.
+_lib.define(
+    "add_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
+    "bool is_rms_norm, bool store_residual_out, ScalarType residual_out_dtype) "
+    "-> (Tensor y, Tensor residual_out, Tensor mean, Tensor rstd)"
+)
+# saved is residual_out (or x when there was no residual), or y when memory_efficient.
+# dx has dy's dtype and already includes dresidual_out. dresidual is a separate
+# tensor only when dresidual_dtype is given (the residual's dtype differs from x's);
+# otherwise dx serves as the residual's gradient too. dweight/dbias have the
+# dtypes of weight/bias, and are placeholders when those are absent.
+_lib.define(
+    "add_norm_bwd(Tensor dy, Tensor? dresidual_out, Tensor saved, Tensor mean, Tensor rstd, "
+    "Tensor? weight, Tensor? bias, bool is_rms_norm, bool memory_efficient, "
+    "ScalarType? dresidual_dtype) "
+    "-> (Tensor dx, Tensor dresidual, Tensor dweight, Tensor dbias)"
+)
+
+
+def _placeholder(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _add_norm_fwd_reference(x, residual, weight, bias, eps, is_rms_norm,
+                            store_residual_out, residual_out_dtype):
+    y, s, mean, rstd = reference.forward(x, residual, weight, bias, eps, is_rms_norm)
+    if store_residual_out:
+        # s is x itself when x needs no cast and there is no residual: never alias.
+        residual_out = s.to(residual_out_dtype, copy=s is x).contiguous()
+    else:
+        residual_out = _placeholder(x)
+    if mean is None:
+        mean = _placeholder(rstd)
+    return y.contiguous(), residual_out, mean, rstd
+
+
+def _add_norm_bwd_reference(dy, dresidual_out, saved, mean, rstd, weight, bias,
+                            is_rms_norm, memory_efficient, dresidual_dtype):
+    ds, dweight, dbias = reference.backward(
+        dy, dresidual_out, saved, None if is_rms_norm else mean, rstd, weight, bias,
+        is_rms_norm, memory_efficient,
+    )
+    dx = ds.to(dy.dtype).contiguous()
+    dresidual = _placeholder(dy) if dresidual_dtype is None else ds.to(dresidual_dtype).contiguous()
+    dweight = _placeholder(dy) if weight is None else dweight.to(weight.dtype)
+    dbias = _placeholder(dy) if bias is None else dbias.to(bias.dtype)
+    return dx, dresidual, dweight, dbias
+
+
+_lib.impl("add_norm_fwd", _add_norm_fwd_reference, "CompositeExplicitAutograd")
+_lib.impl("add_norm_bwd", _add_norm_bwd_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("residual_fused::add_norm_fwd", lib=_lib)
+def _add_norm_fwd_fake(x, residual, weight, bias, eps, is_rms_norm,
+                       store_residual_out, residual_out_dtype):
+    stats = x.new_empty(x.shape[:-1], dtype=compute_dtype(x.dtype))
+    y = x.new_empty(x.shape)
+    residual_out = (x.new_empty(x.shape, dtype=residual_out_dtype)
+                    if store_residual_out else _placeholder(x))
+    mean = _placeholder(stats) if is_rms_norm else torch.empty_like(stats)
+    return y, residual_out, mean, stats
+
+
+@torch.library.register_fake("residual_fused::add_norm_bwd", lib=_lib)
+def _add_norm_bwd_fake(dy, dresidual_out, saved, mean, rstd, weight, bias,
+                       is_rms_norm, memory_efficient, dresidual_dtype):
+    dx = dy.new_empty(dy.shape)
+    dresidual = (_placeholder(dy) if dresidual_dtype is None
+                 else dy.new_empty(dy.shape, dtype=dresidual_dtype))
+    dweight = _placeholder(dy) if weight is None else torch.empty_like(weight)
+    dbias = _placeholder(dy) if bias is None else torch.empty_like(bias)
+    return dx, dresidual, dweight, dbias
+
+
+add_norm_fwd = torch.ops.residual_fused.add_norm_fwd
+add_norm_bwd = torch.ops.residual_fused.add_norm_bwd
+
+
+class AddNormFunction(torch.autograd.Function):
+    """Autograd for Add & Norm over the last dim, through the two ops.
+
+    ``apply(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
+    memory_efficient)`` with ``x``/``residual`` ``[..., H]`` and ``weight``/``bias``
+    ``[H]``, as prepared by :mod:`residual_fused.functional` (which validates them).
+    Returns ``y``, or ``(y, residual_out)`` when ``prenorm``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, is_rms_norm, prenorm,
+                residual_out_dtype, memory_efficient):
+        # Post-norm without a residual normalizes x itself, so x is what backward needs.
+        store = prenorm or (residual is not None and not memory_efficient)
+        y, residual_out, mean, rstd = add_norm_fwd(
+            x, residual, weight, bias, eps, is_rms_norm, store, residual_out_dtype
+        )
+        saved = y if memory_efficient else (residual_out if store else x)
+        ctx.save_for_backward(saved, mean, rstd, weight, bias)
+        ctx.is_rms_norm = is_rms_norm
+        ctx.memory_efficient = memory_efficient
+        ctx.has_residual = residual is not None
+        ctx.x_dtype = x.dtype
+        ctx.dresidual_dtype = (residual.dtype if residual is not None
+                               and residual.dtype != x.dtype else None)
+        ctx.set_materialize_grads(False)
+        return (y, residual_out) if prenorm else y
+
+    @staticmethod
+    def backward(ctx, dy: Optional[Tensor], dresidual_out: Optional[Tensor] = None):
+        saved, mean, rstd, weight, bias = ctx.saved_tensors
+        none = (None,) * 5
+        if dy is None and dresidual_out is None:
+            return (None, None, None, None) + none
+        if dy is None:  # only residual_out was used: y's gradient is zero
+            dy = saved.new_zeros(saved.shape, dtype=ctx.x_dtype)
+        dx, dresidual, dweight, dbias = add_norm_bwd(
+            dy, dresidual_out, saved, mean, rstd, weight, bias,
+            ctx.is_rms_norm, ctx.memory_efficient, ctx.dresidual_dtype,
+        )
+        if not ctx.has_residual:
+            dresidual = None
+        elif ctx.dresidual_dtype is None:
+            dresidual = dx
+        return (dx, dresidual, None if weight is None else dweight,
+                None if bias is None else dbias) + none
+
+
+def _load_extension():
+    """Import the compiled CUDA kernels if they were built; warn if they are broken."""
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return None
+    try:
+        from . import _C
+    except ImportError as err:  # built, but for another torch or CUDA
+        warnings.warn(
+            f"residual_fused: the compiled CUDA extension failed to load ({err}); CUDA "
+            f"tensors will use the slower PyTorch reference. Rebuild it against the "
+            f"installed torch: pip install --no-build-isolation -e .",
+            stacklevel=3,
+        )
+        return None
+    return _C
+
+
+_extension = _load_extension()
+
+
+def cuda_kernels_available() -> bool:
+    """True when the compiled CUDA kernels are loaded (CUDA tensors use them)."""
+    return _extension is not None

@@ -1,0 +1,138 @@
+"""Pure-PyTorch Add & Norm: the oracle every other path is tested against.
+
+Two layers live here:
+
+* :func:`forward` / :func:`backward`: the math of the library's two ops on rows of
+  the last dim (``[..., H]``), with fp32 statistics (fp64 for fp64 ``x``). They are
+  the op implementation wherever the compiled extension is absent (always on CPU).
+* :func:`add_layer_norm` / :func:`add_rms_norm`: plain differentiable functions
+  with the same signatures as the functional API, built on :func:`forward`.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ._validation import check_add_norm_args, residual_out_dtype
+from .support import compute_dtype
+
+
+def forward(
+    x: Tensor,  # [..., H]
+    residual: Optional[Tensor],  # [..., H]
+    weight: Optional[Tensor],  # [H]
+    bias: Optional[Tensor],  # [H]
+    eps: float,
+    is_rms_norm: bool,
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
+    """Normalize ``s = x + residual`` over the last dim.
+
+    Returns ``(y, s, mean, rstd)``: ``y`` in x's dtype; ``s``, ``mean`` and ``rstd``
+    in the compute dtype and unrounded (``mean`` is None for RMSNorm). ``s`` may be
+    ``x`` itself when no residual is given and x already has the compute dtype.
+    """
+    acc = compute_dtype(x.dtype)
+    s = x.to(acc)
+    if residual is not None:
+        s = s + residual.to(acc)
+    if is_rms_norm:
+        mean = None
+        rstd = torch.rsqrt(s.square().mean(-1) + eps)
+        xhat = s * rstd.unsqueeze(-1)
+    else:
+        # Two-pass statistics: the centred variance avoids E[s^2] - E[s]^2 cancellation.
+        mean = s.mean(-1)
+        centred = s - mean.unsqueeze(-1)
+        rstd = torch.rsqrt(centred.square().mean(-1) + eps)
+        xhat = centred * rstd.unsqueeze(-1)
+    y = xhat
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), s, mean, rstd
+
+
+def backward(
+    dy: Tensor,  # [..., H]
+    dresidual_out: Optional[Tensor],  # [..., H], pre-norm only
+    saved: Tensor,  # [..., H]: residual_out, or y when memory_efficient
+    mean: Optional[Tensor],  # [...], LayerNorm only
+    rstd: Tensor,  # [...]
+    weight: Optional[Tensor],  # [H]
+    bias: Optional[Tensor],  # [H]
+    is_rms_norm: bool,
+    memory_efficient: bool,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Gradient of the sum ``ds`` (compute dtype) and, if present, dweight and dbias (fp32).
+
+    ``xhat`` is rebuilt from ``saved``: from the sum with mean/rstd, or in
+    memory-efficient mode from the output, ``xhat = (y - bias) / weight``, which
+    needs every weight element to be nonzero.
+    """
+    acc = rstd.dtype
+    r = rstd.unsqueeze(-1)
+    if memory_efficient:
+        xhat = saved.to(acc)
+        if bias is not None:
+            xhat = xhat - bias.to(acc)
+        if weight is not None:
+            xhat = xhat / weight.to(acc)
+    elif is_rms_norm:
+        xhat = saved.to(acc) * r
+    else:
+        xhat = (saved.to(acc) - mean.unsqueeze(-1)) * r
+    dy_acc = dy.to(acc)
+    g = dy_acc * weight.to(acc) if weight is not None else dy_acc
+    gx = (g * xhat).mean(-1, keepdim=True)
+    if is_rms_norm:
+        ds = (g - xhat * gx) * r
+    else:
+        ds = (g - g.mean(-1, keepdim=True) - xhat * gx) * r
+    if dresidual_out is not None:
+        ds = ds + dresidual_out.to(acc)
+    hidden = dy.shape[-1]
+    dweight = (dy_acc * xhat).reshape(-1, hidden).sum(0) if weight is not None else None
+    dbias = dy_acc.reshape(-1, hidden).sum(0) if bias is not None else None
+    return ds, dweight, dbias
+
+
+def _add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dtype,
+              normalized_shape):
+    shape, hidden, eps = check_add_norm_args(
+        x, residual, weight, bias, eps, normalized_shape, residual_dtype, is_rms_norm
+    )
+    rows_shape = x.shape[: x.dim() - len(shape)]
+    flat = lambda t: None if t is None else t.reshape(*rows_shape, hidden)  # noqa: E731
+    y, s, _, _ = forward(
+        flat(x), flat(residual),
+        None if weight is None else weight.reshape(hidden),
+        None if bias is None else bias.reshape(hidden),
+        eps, is_rms_norm,
+    )
+    y = y.view(x.shape)
+    if not prenorm:
+        return y
+    out_dtype = residual_out_dtype(x, residual, residual_dtype)
+    return y, s.to(out_dtype, copy=s is x).view(x.shape)
+
+
+def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, prenorm=False,
+                   residual_dtype=None, memory_efficient=False, normalized_shape=None):
+    """Reference ``LayerNorm(x + residual)``; same signature as the functional API.
+
+    ``memory_efficient`` only changes what the fused path saves for backward, so
+    it has no effect here.
+    """
+    del memory_efficient
+    return _add_norm(x, residual, weight, bias, eps, False, prenorm, residual_dtype,
+                     normalized_shape)
+
+
+def add_rms_norm(x, residual=None, weight=None, eps=None, *, prenorm=False,
+                 residual_dtype=None, memory_efficient=False, normalized_shape=None):
+    """Reference ``RMSNorm(x + residual)``; same signature as the functional API."""
+    del memory_efficient
+    return _add_norm(x, residual, weight, None, eps, True, prenorm, residual_dtype,
+                     normalized_shape)

@@ -1,0 +1,23 @@
+"""The support matrix: what the library accepts, in one place.
+
+The README's support table is written from these values; the argument checks
+in :mod:`residual_fused._validation` and the CUDA glue enforce them.
+"""
+
+import torch
+
+#: dtypes accepted for ``x``, ``residual``, ``weight``, ``bias`` (any mix) and
+#: for ``residual_dtype``. float64 exists for ``torch.autograd.gradcheck``.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: Largest normalized size (product of ``normalized_shape``) the CUDA kernels
+#: accept. The PyTorch reference path has no limit.
+MAX_CUDA_HIDDEN_SIZE = 262144
+
+#: Feature flags every path (reference and CUDA) supports, for documentation.
+FLAGS = ("prenorm", "residual_dtype", "memory_efficient", "weight", "bias", "residual")
+
+
+def compute_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the statistics and of all arithmetic: fp64 for fp64 ``x``, else fp32."""
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
