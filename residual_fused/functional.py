@@ -36,7 +36,7 @@ def _add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dty
         out = AddNormFunction.apply(x_in, residual_in, weight_in, bias_in, eps, is_rms_norm,
                                     prenorm, out_dtype, bool(memory_efficient))
     else:
-        y, residual_out, _, _ = add_norm_fwd(x_in, residual_in, weight_in, bias_in, eps,
+        y, residual_out, _ = add_norm_fwd(x_in, residual_in, weight_in, bias_in, eps,
                                              is_rms_norm, prenorm, out_dtype)
         out = (y, residual_out) if prenorm else y
 

@@ -15,6 +15,8 @@ from ._validation import canonical_normalized_shape
 
 
 class _FusedAddNormBase(nn.Module):
+    _has_bias_option = False  # nn.LayerNorm has a ``bias`` option (and shows it); nn.RMSNorm not
+
     def __init__(self, normalized_shape, eps, elementwise_affine, with_bias, prenorm,
                  residual_in_fp32, memory_efficient, device, dtype):
         super().__init__()
@@ -49,6 +51,8 @@ class _FusedAddNormBase(nn.Module):
     def extra_repr(self) -> str:
         text = (f"{self.normalized_shape}, eps={self.eps}, "
                 f"elementwise_affine={self.elementwise_affine}")
+        if self._has_bias_option:
+            text += f", bias={self.bias is not None}"
         for flag in ("prenorm", "residual_in_fp32", "memory_efficient"):
             if getattr(self, flag):
                 text += f", {flag}=True"
@@ -69,6 +73,8 @@ class FusedAddNorm(_FusedAddNormBase):
     stream), ``residual_in_fp32`` keeps that sum in fp32, and ``memory_efficient``
     saves the output instead of the sum for backward (the weight must stay nonzero).
     """
+
+    _has_bias_option = True
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, *, prenorm: bool = False, residual_in_fp32: bool = False,

@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from .support import compute_dtype
@@ -24,12 +25,12 @@ from .support import compute_dtype
 _lib = torch.library.Library("residual_fused", "DEF")
 
 # y = norm(x + residual) * weight + bias, in x's dtype; residual_out = x + residual
-# rounded to residual_out_dtype (a placeholder unless store_residual_out); mean and
-# rstd per row in fp32 (fp64 for fp64 x); mean is a placeholder for RMSNorm.
+# rounded to residual_out_dtype (a placeholder unless store_residual_out); rstd per
+# row in fp32 (fp64 for fp64 x). Backward rebuilds the row mean from the saved tensor.
 _lib.define(
     "add_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
     "bool is_rms_norm, bool store_residual_out, ScalarType residual_out_dtype) "
-    "-> (Tensor y, Tensor residual_out, Tensor mean, Tensor rstd)"
+    "-> (Tensor y, Tensor residual_out, Tensor rstd)"
 )
 # saved is residual_out (or x when there was no residual), or y when memory_efficient.
 # dx has dy's dtype and already includes dresidual_out. dresidual is a separate
@@ -37,7 +38,7 @@ _lib.define(
 # otherwise dx serves as the residual's gradient too. dweight/dbias have the
 # dtypes of weight/bias, and are placeholders when those are absent.
 _lib.define(
-    "add_norm_bwd(Tensor dy, Tensor? dresidual_out, Tensor saved, Tensor mean, Tensor rstd, "
+    "add_norm_bwd(Tensor dy, Tensor? dresidual_out, Tensor saved, Tensor rstd, "
     "Tensor? weight, Tensor? bias, bool is_rms_norm, bool memory_efficient, "
     "ScalarType? dresidual_dtype) "
     "-> (Tensor dx, Tensor dresidual, Tensor dweight, Tensor dbias)"
@@ -50,22 +51,19 @@ def _placeholder(like: Tensor) -> Tensor:
 
 def _add_norm_fwd_reference(x, residual, weight, bias, eps, is_rms_norm,
                             store_residual_out, residual_out_dtype):
-    y, s, mean, rstd = reference.forward(x, residual, weight, bias, eps, is_rms_norm)
+    y, s, rstd = reference.forward(x, residual, weight, bias, eps, is_rms_norm)
     if store_residual_out:
         # s is x itself when x needs no cast and there is no residual: never alias.
         residual_out = s.to(residual_out_dtype, copy=s is x).contiguous()
     else:
         residual_out = _placeholder(x)
-    if mean is None:
-        mean = _placeholder(rstd)
-    return y.contiguous(), residual_out, mean, rstd
+    return y.contiguous(), residual_out, rstd
 
 
-def _add_norm_bwd_reference(dy, dresidual_out, saved, mean, rstd, weight, bias,
-                            is_rms_norm, memory_efficient, dresidual_dtype):
+def _add_norm_bwd_reference(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm,
+                            memory_efficient, dresidual_dtype):
     ds, dweight, dbias = reference.backward(
-        dy, dresidual_out, saved, None if is_rms_norm else mean, rstd, weight, bias,
-        is_rms_norm, memory_efficient,
+        dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm, memory_efficient
     )
     dx = ds.to(dy.dtype).contiguous()
     dresidual = _placeholder(dy) if dresidual_dtype is None else ds.to(dresidual_dtype).contiguous()
@@ -81,17 +79,16 @@ _lib.impl("add_norm_bwd", _add_norm_bwd_reference, "CompositeExplicitAutograd")
 @torch.library.register_fake("residual_fused::add_norm_fwd", lib=_lib)
 def _add_norm_fwd_fake(x, residual, weight, bias, eps, is_rms_norm,
                        store_residual_out, residual_out_dtype):
-    stats = x.new_empty(x.shape[:-1], dtype=compute_dtype(x.dtype))
     y = x.new_empty(x.shape)
     residual_out = (x.new_empty(x.shape, dtype=residual_out_dtype)
                     if store_residual_out else _placeholder(x))
-    mean = _placeholder(stats) if is_rms_norm else torch.empty_like(stats)
-    return y, residual_out, mean, stats
+    rstd = x.new_empty(x.shape[:-1], dtype=compute_dtype(x.dtype))
+    return y, residual_out, rstd
 
 
 @torch.library.register_fake("residual_fused::add_norm_bwd", lib=_lib)
-def _add_norm_bwd_fake(dy, dresidual_out, saved, mean, rstd, weight, bias,
-                       is_rms_norm, memory_efficient, dresidual_dtype):
+def _add_norm_bwd_fake(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm,
+                       memory_efficient, dresidual_dtype):
     dx = dy.new_empty(dy.shape)
     dresidual = (_placeholder(dy) if dresidual_dtype is None
                  else dy.new_empty(dy.shape, dtype=dresidual_dtype))
@@ -118,11 +115,11 @@ class AddNormFunction(torch.autograd.Function):
                 residual_out_dtype, memory_efficient):
         # Post-norm without a residual normalizes x itself, so x is what backward needs.
         store = prenorm or (residual is not None and not memory_efficient)
-        y, residual_out, mean, rstd = add_norm_fwd(
+        y, residual_out, rstd = add_norm_fwd(
             x, residual, weight, bias, eps, is_rms_norm, store, residual_out_dtype
         )
         saved = y if memory_efficient else (residual_out if store else x)
-        ctx.save_for_backward(saved, mean, rstd, weight, bias)
+        ctx.save_for_backward(saved, rstd, weight, bias)
         ctx.is_rms_norm = is_rms_norm
         ctx.memory_efficient = memory_efficient
         ctx.has_residual = residual is not None
@@ -133,15 +130,16 @@ class AddNormFunction(torch.autograd.Function):
         return (y, residual_out) if prenorm else y
 
     @staticmethod
+    @once_differentiable  # the backward op has no derivative of its own
     def backward(ctx, dy: Optional[Tensor], dresidual_out: Optional[Tensor] = None):
-        saved, mean, rstd, weight, bias = ctx.saved_tensors
+        saved, rstd, weight, bias = ctx.saved_tensors
         none = (None,) * 5
         if dy is None and dresidual_out is None:
             return (None, None, None, None) + none
         if dy is None:  # only residual_out was used: y's gradient is zero
             dy = saved.new_zeros(saved.shape, dtype=ctx.x_dtype)
         dx, dresidual, dweight, dbias = add_norm_bwd(
-            dy, dresidual_out, saved, mean, rstd, weight, bias,
+            dy, dresidual_out, saved, rstd, weight, bias,
             ctx.is_rms_norm, ctx.memory_efficient, ctx.dresidual_dtype,
         )
         if not ctx.has_residual:

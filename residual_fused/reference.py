@@ -28,16 +28,15 @@ def forward(
 ) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
     """Normalize ``s = x + residual`` over the last dim.
 
-    Returns ``(y, s, mean, rstd)``: ``y`` in x's dtype; ``s``, ``mean`` and ``rstd``
-    in the compute dtype and unrounded (``mean`` is None for RMSNorm). ``s`` may be
-    ``x`` itself when no residual is given and x already has the compute dtype.
+    Returns ``(y, s, rstd)``: ``y`` in x's dtype; ``s`` and ``rstd`` in the compute
+    dtype and unrounded. ``s`` may be ``x`` itself when no residual is given and x
+    already has the compute dtype.
     """
     acc = compute_dtype(x.dtype)
     s = x.to(acc)
     if residual is not None:
         s = s + residual.to(acc)
     if is_rms_norm:
-        mean = None
         rstd = torch.rsqrt(s.square().mean(-1) + eps)
         xhat = s * rstd.unsqueeze(-1)
     else:
@@ -51,14 +50,13 @@ def forward(
         y = y * weight.to(acc)
     if bias is not None:
         y = y + bias.to(acc)
-    return y.to(x.dtype), s, mean, rstd
+    return y.to(x.dtype), s, rstd
 
 
 def backward(
     dy: Tensor,  # [..., H]
     dresidual_out: Optional[Tensor],  # [..., H], pre-norm only
     saved: Tensor,  # [..., H]: residual_out, or y when memory_efficient
-    mean: Optional[Tensor],  # [...], LayerNorm only
     rstd: Tensor,  # [...]
     weight: Optional[Tensor],  # [H]
     bias: Optional[Tensor],  # [H]
@@ -67,22 +65,30 @@ def backward(
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Gradient of the sum ``ds`` (compute dtype) and, if present, dweight and dbias (fp32).
 
-    ``xhat`` is rebuilt from ``saved``: from the sum with mean/rstd, or in
-    memory-efficient mode from the output, ``xhat = (y - bias) / weight``, which
-    needs every weight element to be nonzero.
+    ``xhat`` is rebuilt from ``saved``: from the sum as ``s * rstd`` (LayerNorm:
+    ``(s - mean(s)) * rstd``), or in memory-efficient mode from the output as
+    ``(y - bias) / weight``, which needs every weight element to be nonzero.
+
+    LayerNorm's xhat has zero mean by construction, so it is re-centred over the
+    row after the rebuild. ``saved`` is rounded to its dtype while rstd came from
+    the unrounded sum; without the re-centring the rounding error enters as a mean
+    shift times rstd, which is catastrophic for near-constant rows (H = 1 gives
+    garbage instead of a zero gradient). The row mean therefore never needs saving.
     """
     acc = rstd.dtype
     r = rstd.unsqueeze(-1)
+    xhat = saved.to(acc)
     if memory_efficient:
-        xhat = saved.to(acc)
         if bias is not None:
             xhat = xhat - bias.to(acc)
         if weight is not None:
             xhat = xhat / weight.to(acc)
+        if not is_rms_norm:
+            xhat = xhat - xhat.mean(-1, keepdim=True)
     elif is_rms_norm:
-        xhat = saved.to(acc) * r
+        xhat = xhat * r
     else:
-        xhat = (saved.to(acc) - mean.unsqueeze(-1)) * r
+        xhat = (xhat - xhat.mean(-1, keepdim=True)) * r
     dy_acc = dy.to(acc)
     g = dy_acc * weight.to(acc) if weight is not None else dy_acc
     gx = (g * xhat).mean(-1, keepdim=True)
@@ -105,7 +111,7 @@ def _add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dty
     )
     rows_shape = x.shape[: x.dim() - len(shape)]
     flat = lambda t: None if t is None else t.reshape(*rows_shape, hidden)  # noqa: E731
-    y, s, _, _ = forward(
+    y, s, _ = forward(
         flat(x), flat(residual),
         None if weight is None else weight.reshape(hidden),
         None if bias is None else bias.reshape(hidden),

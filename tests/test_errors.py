@@ -1,0 +1,141 @@
+"""Bad input raises a clear error naming the argument and the rule; nothing is modified."""
+
+import math
+
+import pytest
+import torch
+
+import residual_fused as rf
+from conftest import DEVICES
+from residual_fused._validation import check_add_norm_args
+
+FUNCTIONS = [rf.add_layer_norm, rf.reference.add_layer_norm]
+
+
+def _x(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_residual_shape_mismatch_says_projection(fn):
+    with pytest.raises(ValueError, match=r"residual: shape \(4, 32\).*x's shape \(4, 64\).*same shape.*project"):
+        fn(_x(4, 64), _x(4, 32))
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_trailing_dims_must_match_normalized_shape(fn):
+    with pytest.raises(ValueError, match=r"x: trailing dims.*normalized_shape \(32,\)"):
+        fn(_x(4, 64), normalized_shape=32)
+    with pytest.raises(ValueError, match=r"x: trailing dims"):
+        fn(_x(4, 64), weight=_x(32))
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_weight_and_bias_shapes(fn):
+    with pytest.raises(ValueError, match=r"weight: shape \(64, 1\) must equal normalized_shape \(64,\)"):
+        fn(_x(4, 64), weight=_x(64, 1), normalized_shape=64)
+    with pytest.raises(ValueError, match=r"bias: shape \(63,\) must equal normalized_shape \(64,\)"):
+        fn(_x(4, 64), weight=_x(64), bias=_x(63))
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+@pytest.mark.parametrize("arg", ["x", "residual", "weight", "bias"])
+def test_non_floating_dtypes(fn, arg):
+    args = {"x": _x(4, 8), "residual": _x(4, 8), "weight": _x(8), "bias": _x(8)}
+    args[arg] = args[arg].to(torch.int64)
+    with pytest.raises(TypeError, match=rf"{arg}: dtype torch.int64 is not supported.*floating"):
+        fn(args["x"], args["residual"], args["weight"], args["bias"])
+
+
+def test_residual_dtype_must_be_floating():
+    with pytest.raises(TypeError, match="residual_dtype must be one of"):
+        rf.add_layer_norm(_x(2, 8), _x(2, 8), prenorm=True, residual_dtype=torch.int32)
+
+
+def test_not_a_tensor():
+    with pytest.raises(TypeError, match="residual must be a torch.Tensor, got list"):
+        rf.add_layer_norm(_x(2, 3), [[1.0, 2.0, 3.0]] * 2)
+
+
+def test_zero_dim_and_empty_normalized_shape():
+    with pytest.raises(ValueError, match="0-d tensor"):
+        rf.add_layer_norm(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="normalized_shape must be non-empty with positive sizes"):
+        rf.add_layer_norm(_x(2, 0))
+
+
+def test_devices_must_match():
+    meta = torch.empty(4, 8, device="meta")
+    with pytest.raises(ValueError, match="residual is on meta but x is on cpu; all tensors"):
+        rf.add_layer_norm(_x(4, 8), meta)
+    with pytest.raises(ValueError, match="weight is on meta but x is on cpu"):
+        rf.add_rms_norm(_x(4, 8), weight=torch.empty(8, device="meta"))
+
+
+@pytest.mark.parametrize("eps", [-1e-5, math.inf, math.nan, "1e-5", True])
+def test_eps_must_be_non_negative(eps):
+    with pytest.raises(ValueError, match="eps must be a finite non-negative number"):
+        rf.add_layer_norm(_x(2, 8), eps=eps)
+    with pytest.raises(ValueError, match="eps must be a finite non-negative number"):
+        rf.add_rms_norm(_x(2, 8), eps=eps)
+
+
+def test_rms_norm_has_no_bias():
+    with pytest.raises(TypeError, match="bias"):
+        rf.add_rms_norm(_x(2, 8), bias=_x(8))  # noqa
+    with pytest.raises(ValueError, match="bias: RMSNorm has no bias"):
+        check_add_norm_args(_x(2, 8), None, None, _x(8), 1e-6, None, None, True)
+    with pytest.raises(TypeError, match="bias"):
+        rf.FusedAddRMSNorm(8, bias=True)
+
+
+def test_module_checks_shapes_too():
+    norm = rf.FusedAddNorm(16)
+    with pytest.raises(ValueError, match="x: trailing dims"):
+        norm(_x(2, 8))
+    with pytest.raises(ValueError, match="residual: shape"):
+        norm(_x(2, 16), _x(3, 16))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_and_inf_propagate_row_wise(device):
+    x, r = _x(4, 32, device=device), _x(4, 32, device=device)
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    for fn, ref in ((rf.add_layer_norm, rf.reference.add_layer_norm),
+                    (rf.add_rms_norm, rf.reference.add_rms_norm)):
+        y, expected = fn(x, r), ref(x, r)
+        torch.testing.assert_close(y, expected, equal_nan=True)
+        assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_memory_efficient_zero_weight_gives_nan_not_garbage(device):
+    """xhat = (y - b) / w cannot be recovered where w == 0: the gradients say so."""
+    w = torch.ones(16, device=device)
+    w[3] = 0.0
+    x = _x(2, 16, device=device).requires_grad_()
+    rf.add_layer_norm(x, weight=w, bias=torch.zeros(16, device=device),
+                      memory_efficient=True).sum().backward()
+    assert torch.isnan(x.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prenorm", [False, True])
+def test_inputs_are_never_modified(device, prenorm):
+    args = [_x(3, 40, device=device, dtype=torch.float32).requires_grad_() for _ in range(2)]
+    w, b = _x(40, device=device).requires_grad_(), _x(40, device=device).requires_grad_()
+    before = [t.detach().clone() for t in (*args, w, b)]
+    versions = [t._version for t in (*args, w, b)]
+    out = rf.add_layer_norm(*args, w, b, prenorm=prenorm, residual_dtype=torch.float32)
+    outs = out if prenorm else (out,)
+    sum(o.sum() for o in outs).backward()
+    for t, old, version in zip((*args, w, b), before, versions):
+        assert torch.equal(t.detach(), old) and t._version == version
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_residual_out_never_aliases_x(device):
+    x = _x(3, 40, device=device)
+    _, residual_out = rf.add_layer_norm(x, prenorm=True)
+    assert residual_out.data_ptr() != x.data_ptr() and torch.equal(residual_out, x)

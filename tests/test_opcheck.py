@@ -1,0 +1,36 @@
+"""torch.library.opcheck on both ops: schema, fake kernels, dispatch, AOT tracing."""
+
+import pytest
+import torch
+
+from conftest import DEVICES
+from oracle import Case, flag_cases, make_inputs
+
+OPS = torch.ops.residual_fused
+
+CASES = [c for c in flag_cases(shape=(5, 24), x=torch.float32) if not c.row_strided][::3] + [
+    Case(shape=(5, 24), x=torch.bfloat16, residual=torch.float32, weight=torch.float32,
+         bias=torch.float32, prenorm=True, residual_dtype=torch.float32, row_strided=True),
+    Case(rms=True, shape=(2, 3, 40), x=torch.float16, residual=torch.float16,
+         weight=torch.float32, bias=None, prenorm=True),
+    Case(shape=(0, 16), x=torch.float32, residual=torch.float32, weight=torch.float32,
+         bias=torch.float32),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_opcheck(device, case):
+    t, grads = make_inputs(case, device)
+    x, residual, weight, bias = t["x"], t["residual"], t["weight"], t["bias"]
+    out_dtype = case.residual_dtype or case.residual or case.x
+    store = case.prenorm or (residual is not None and not case.memory_efficient)
+    fwd_args = (x, residual, weight, bias, case.eps, case.rms, store, out_dtype)
+    torch.library.opcheck(OPS.add_norm_fwd, fwd_args)
+
+    y, residual_out, rstd = OPS.add_norm_fwd(*fwd_args)
+    saved = y if case.memory_efficient else (residual_out if store else x)
+    dresidual_dtype = residual.dtype if residual is not None and residual.dtype != x.dtype else None
+    bwd_args = (grads["y"], grads.get("residual_out"), saved, rstd, weight, bias, case.rms,
+                case.memory_efficient, dresidual_dtype)
+    torch.library.opcheck(OPS.add_norm_bwd, bwd_args)
