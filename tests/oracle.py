@@ -141,27 +141,32 @@ def eager(x, residual, weight, bias=None, eps=None, *, rms, prenorm, residual_dt
     return (y, residual_out) if prenorm else y
 
 
+PATHS = ("ours", "reference", "reference_native", "eager", "independent")
+
+
 def run(path: str, case: Case, inputs, grads):
-    """Forward + backward through ``path`` ('ours', 'reference' in fp64, 'eager').
+    """Forward + backward through ``path``, one of:
+
+    * ``ours``: the library (its ops: CUDA kernels on CUDA, reference kernels on CPU);
+    * ``reference``: ``residual_fused.reference`` in float64 on upcast inputs;
+    * ``reference_native``: ``residual_fused.reference`` in the inputs' dtypes;
+    * ``eager``: unfused PyTorch in the inputs' dtypes;
+    * ``independent``: unfused PyTorch (``F.layer_norm``/``F.rms_norm``) in float64.
 
     Returns a dict of the named outputs and gradients (absent ones are omitted).
     """
-    if path == "reference":
-        t = _leaves(inputs, torch.float64)
-        fn = rf.reference.add_rms_norm if case.rms else rf.reference.add_layer_norm
-        out = _call(fn, case, t)
-        up = {k: v.to(torch.float64) for k, v in grads.items()}
+    fp64 = path in ("reference", "independent")
+    t = _leaves(inputs, torch.float64 if fp64 else None)
+    up = {k: v.to(torch.float64) for k, v in grads.items()} if fp64 else grads
+    if path in ("reference", "reference_native"):
+        out = _call(rf.reference.add_rms_norm if case.rms else rf.reference.add_layer_norm, case, t)
     elif path == "ours":
-        t = _leaves(inputs)
         out = _call(rf.add_rms_norm if case.rms else rf.add_layer_norm, case, t)
-        up = grads
     else:
-        t = _leaves(inputs)
-        eps = case.eps
-        out = eager(t["x"], t["residual"], t["weight"], t["bias"], eps, rms=case.rms,
-                    prenorm=case.prenorm, residual_dtype=case.residual_dtype,
+        out = eager(t["x"], t["residual"], t["weight"], t["bias"], case.eps, rms=case.rms,
+                    prenorm=case.prenorm,
+                    residual_dtype=None if fp64 else case.residual_dtype,
                     normalized_shape=case.normalized_shape)
-        up = grads
     result = {"y": out[0] if case.prenorm else out}
     if case.prenorm:
         result["residual_out"] = out[1]
@@ -180,13 +185,14 @@ def _max_err(a, ref):
     return (a.to(torch.float64) - ref).abs().max().item()
 
 
-def check_against_reference(case: Case, device, seed=0, ours=None):
-    """Apply the rule to every output and gradient of ``case``; return the errors."""
+def check_against_reference(case: Case, device, seed=0, ours="ours", oracle="reference"):
+    """Apply the rule to every output and gradient of path ``ours``, with path
+    ``oracle`` as the float64 truth; return the errors."""
     inputs, grads = make_inputs(case, device, seed)
     snapshot = {k: v.clone() for k, v in inputs.items() if v is not None}
-    ref = run("reference", case, inputs, grads)
+    ref = run(oracle, case, inputs, grads)
     eag = run("eager", case, inputs, grads)
-    got = ours if ours is not None else run("ours", case, inputs, grads)
+    got = run(ours, case, inputs, grads)
     for k, v in snapshot.items():
         assert torch.equal(v, inputs[k]), f"{case}: input {k} was modified"
 
