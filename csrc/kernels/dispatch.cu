@@ -1,0 +1,127 @@
+// Entry points of add_norm.h: choose a kernel family per call and launch it.
+//
+// Vectorised (8-element, 16-byte) kernels need hidden % 8 == 0 and every row start
+// 16-byte aligned; anything else (odd hidden sizes, odd offsets or strides) takes the
+// element-wise kernels of the same design. Rows too wide to keep on chip are streamed.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#include "common.cuh"
+#include "launch.h"
+
+namespace residual_fused {
+namespace {
+
+constexpr int kMaxDevices = 64;
+
+int current_device() {
+  int device = 0;
+  cudaGetDevice(&device);
+  return device;
+}
+
+// A device attribute, cached per device (benign race: every writer stores the same value).
+int cached_attribute(std::atomic<int> (&cache)[kMaxDevices], cudaDeviceAttr attr) {
+  const int device = current_device();
+  if (device < 0 || device >= kMaxDevices) {
+    int value = 0;
+    cudaDeviceGetAttribute(&value, attr, device);
+    return value;
+  }
+  int value = cache[device].load(std::memory_order_relaxed);
+  if (value == 0) {
+    cudaDeviceGetAttribute(&value, attr, device);
+    cache[device].store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
+
+int max_smem_per_block() {
+  static std::atomic<int> cache[kMaxDevices];
+  return cached_attribute(cache, cudaDevAttrMaxSharedMemoryPerBlockOptin);
+}
+
+// A [rows, hidden] tensor (or a [hidden] vector, row_stride 0) can use 16-byte vectors.
+bool aligned16(const void* ptr, int64_t row_stride, DType t) {
+  return ptr == nullptr ||
+         (reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (row_stride * dtype_size(t)) % 16 == 0);
+}
+
+template <typename Params>
+cudaError_t launch(const LaunchPlan& plan, const Params& params, cudaStream_t stream) {
+  void* args[] = {const_cast<Params*>(&params)};
+  return cudaLaunchKernel(plan.kernel, dim3(static_cast<unsigned>(plan.grid)), dim3(plan.block),
+                          args, plan.smem, stream);
+}
+
+LaunchPlan fwd_plan(const AddNormFwdParams& p) {
+  if (p.x_dtype == DType::kFloat64) return plan_fwd_streamed(p, 1);
+  const int h = p.hidden;
+  const bool vec8 = h % 8 == 0 && aligned16(p.x, p.x_row_stride, p.x_dtype) &&
+                    aligned16(p.residual, p.residual_row_stride, p.residual_dtype) &&
+                    aligned16(p.weight, 0, p.weight_dtype) && aligned16(p.bias, 0, p.bias_dtype) &&
+                    aligned16(p.y, h, p.x_dtype) &&
+                    aligned16(p.residual_out, h, p.residual_out_dtype);
+  if (h <= (vec8 ? kFwdRowsMaxVec8 : kFwdRowsMaxVec1)) {
+    const LaunchPlan plan = vec8 ? plan_fwd_rows_vec8(p) : plan_fwd_rows_vec1(p);
+    // Staged rows need hidden fp32 values of shared memory per CTA.
+    if (static_cast<int64_t>(plan.smem) <= max_smem_per_block()) return plan;
+  }
+  return plan_fwd_streamed(p, vec8 ? 8 : 1);
+}
+
+LaunchPlan bwd_plan(const AddNormBwdParams& p) {
+  if (p.dy_dtype == DType::kFloat64) return plan_bwd_streamed(p, 1);
+  const int h = p.hidden;
+  const bool vec8 =
+      h % 8 == 0 && aligned16(p.dy, p.dy_row_stride, p.dy_dtype) &&
+      aligned16(p.dresidual_out, p.dresidual_out_row_stride, p.dresidual_out_dtype) &&
+      aligned16(p.saved, p.saved_row_stride, p.saved_dtype) &&
+      aligned16(p.weight, 0, p.weight_dtype) && aligned16(p.bias, 0, p.bias_dtype) &&
+      aligned16(p.dx, h, p.dy_dtype) && aligned16(p.dresidual, h, p.dresidual_dtype);
+  if (h <= (vec8 ? kBwdRowsMaxVec8 : kBwdRowsMaxVec1)) {
+    const LaunchPlan plan = vec8 ? plan_bwd_rows_vec8(p) : plan_bwd_rows_vec1(p);
+    // Whole-block rows keep about 2 * hidden fp32 partials in shared memory; GPUs with
+    // less shared memory per block (e.g. 99 KB on sm_86/sm_89) stream the widest rows.
+    if (static_cast<int64_t>(plan.smem) <= max_smem_per_block()) return plan;
+  }
+  return plan_bwd_streamed(p, vec8 ? 8 : 1);
+}
+
+}  // namespace
+
+int sm_count() {
+  static std::atomic<int> cache[kMaxDevices];
+  return cached_attribute(cache, cudaDevAttrMultiProcessorCount);
+}
+
+int max_ctas_per_sm(const LaunchPlan& plan) {
+  if (plan.smem > 48 * 1024) {
+    cudaFuncSetAttribute(plan.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(plan.smem));
+  }
+  int ctas = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, plan.kernel, plan.block, plan.smem);
+  return std::max(ctas, 1);
+}
+
+cudaError_t launch_add_norm_fwd(const AddNormFwdParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  return launch(fwd_plan(p), p, stream);
+}
+
+int64_t add_norm_bwd_partial_rows(const AddNormBwdParams& p) {
+  if (p.rows == 0 || (p.weight == nullptr && p.bias == nullptr)) return 0;
+  return bwd_plan(p).grid;
+}
+
+cudaError_t launch_add_norm_bwd(const AddNormBwdParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  const LaunchPlan plan = bwd_plan(p);
+  const cudaError_t err = launch(plan, p, stream);
+  if (err != cudaSuccess || (p.dweight == nullptr && p.dbias == nullptr)) return err;
+  return launch_reduce_partials(p, plan.grid, stream);
+}
+
+}  // namespace residual_fused

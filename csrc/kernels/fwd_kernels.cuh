@@ -1,0 +1,291 @@
+// Forward kernels: y = norm(x + residual) * weight + bias, residual_out = x + residual.
+//
+// Three kernels:
+//  * rows: the whole row in registers; every input read once, every output written
+//    once. A row belongs to a group of ROW_THREADS lanes (several rows per CTA for
+//    small hidden sizes), or to the whole CTA when ROW_THREADS == kWholeBlock (block
+//    size chosen at launch to fit the row).
+//  * staged: one row per CTA with the fp32 sum parked in shared memory, for rows too
+//    wide for registers; still one trip through HBM.
+//  * streamed: any hidden size: one CTA per row, statistics in a first pass over the
+//    row, outputs in a second (which mostly hits L2).
+#pragma once
+
+#include "common.cuh"
+
+namespace residual_fused {
+
+template <int ROW_THREADS, int CHUNKS, int VEC, int MAX_BLOCK>
+__global__ void __launch_bounds__(MAX_BLOCK, 1)
+add_norm_fwd_rows_kernel(const AddNormFwdParams p) {
+  using acc_t = float;
+  constexpr bool kWhole = ROW_THREADS == kWholeBlock;
+  static_assert(kWhole || (ROW_THREADS <= 32 && MAX_BLOCK % (kWhole ? 1 : ROW_THREADS) == 0),
+                "a row group is a power-of-two part of a warp");
+  const int row_threads = kWhole ? blockDim.x : ROW_THREADS;
+  const int rows_per_cta = kWhole ? 1 : blockDim.x / ROW_THREADS;
+  const int stride = row_threads * VEC;  // columns between a thread's chunks
+  const int lane = threadIdx.x % row_threads;
+  const int col0 = lane * VEC;
+  const int hidden = p.hidden;
+  __shared__ acc_t smem[kWhole ? MAX_BLOCK / 32 : 1];
+
+  // Trip count is uniform across the CTA, so the block-wide reductions are safe.
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_cta; first < p.rows;
+       first += static_cast<int64_t>(gridDim.x) * rows_per_cta) {
+    const int64_t row = first + threadIdx.x / row_threads;
+    const bool active = row < p.rows;  // idle row groups still join the shuffles
+
+    acc_t s[CHUNKS][VEC];
+    if (active) {
+      load_chunks<CHUNKS, VEC>(row_ptr(p.x, row, p.x_row_stride, p.x_dtype), p.x_dtype, col0,
+                               stride, hidden, s);
+      if (p.residual != nullptr) {
+        acc_t r[CHUNKS][VEC];
+        load_chunks<CHUNKS, VEC>(
+            row_ptr(p.residual, row, p.residual_row_stride, p.residual_dtype), p.residual_dtype,
+            col0, stride, hidden, r);
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) s[c][i] += r[c][i];
+      }
+    } else {
+#pragma unroll
+      for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) s[c][i] = 0.f;
+    }
+
+    // Two-pass statistics on the unrounded fp32 sum held in registers.
+    acc_t mean = 0.f;
+    if (!p.is_rms_norm) {
+      acc_t sum[1] = {0.f};
+#pragma unroll
+      for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) sum[0] += s[c][i];  // chunks past hidden are zero
+      if constexpr (kWhole) block_sum<MAX_BLOCK>(sum, smem); else group_sum<ROW_THREADS>(sum);
+      mean = sum[0] / hidden;
+    }
+    acc_t sq[1] = {0.f};
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+      if (col0 + c * stride < hidden) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const acc_t d = s[c][i] - mean;
+          sq[0] += d * d;
+        }
+      }
+    }
+    if constexpr (kWhole) block_sum<MAX_BLOCK>(sq, smem); else group_sum<ROW_THREADS>(sq);
+    const acc_t rstd = inv_sqrt(sq[0] / hidden + static_cast<acc_t>(p.eps));
+
+    if (active) {
+      if (lane == 0) static_cast<acc_t*>(p.rstd)[row] = rstd;
+      if (p.residual_out != nullptr) {
+        store_chunks<CHUNKS, VEC>(row_ptr(p.residual_out, row, hidden, p.residual_out_dtype),
+                                  p.residual_out_dtype, col0, stride, hidden, s);
+      }
+#pragma unroll
+      for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) s[c][i] = (s[c][i] - mean) * rstd;
+      if (p.weight != nullptr) apply_affine<Affine::kMul>(p.weight, p.weight_dtype, col0, stride, hidden, s);
+      if (p.bias != nullptr) apply_affine<Affine::kAdd>(p.bias, p.bias_dtype, col0, stride, hidden, s);
+      store_chunks<CHUNKS, VEC>(row_ptr(p.y, row, hidden, p.x_dtype), p.x_dtype, col0, stride,
+                                hidden, s);
+    }
+  }
+}
+
+// ---- staged: wide rows in shared memory ---------------------------------------------
+
+template <int CHUNKS, int VEC, typename acc_t>
+__device__ __forceinline__ void load_sum_chunks(const AddNormFwdParams& p, const void* x,
+                                                const void* r, int col0, int stride,
+                                                acc_t (&s)[CHUNKS][VEC]) {
+  load_chunks<CHUNKS, VEC>(x, p.x_dtype, col0, stride, p.hidden, s);
+  if (r != nullptr) {
+    acc_t q[CHUNKS][VEC];
+    load_chunks<CHUNKS, VEC>(r, p.residual_dtype, col0, stride, p.hidden, q);
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) s[c][i] += q[c][i];
+  }
+}
+
+// Dynamic shared memory: blockDim * (CHUNKS * VEC + 1) floats. A thread parks its
+// CHUNKS * VEC elements at a pitch of one extra word: scalar accesses are
+// conflict-free, offsets are compile-time immediates, and since a thread reads back
+// only what it wrote, no barrier is needed besides the reductions'.
+template <int CHUNKS, int VEC, int MAX_BLOCK>
+__global__ void __launch_bounds__(MAX_BLOCK, 1) add_norm_fwd_staged_kernel(const AddNormFwdParams p) {
+  using acc_t = float;
+  constexpr int kGroup = 4;  // chunks loaded together: bytes in flight vs registers
+  static_assert(CHUNKS % kGroup == 0, "chunks come in groups");
+  extern __shared__ float dyn_smem[];
+  __shared__ acc_t red[MAX_BLOCK / 32];
+  acc_t* const srow = dyn_smem + threadIdx.x * (CHUNKS * VEC + 1);
+  const int hidden = p.hidden;
+  const int stride = blockDim.x * VEC;
+  const int col0 = threadIdx.x * VEC;
+  const auto valid = [&](int c) { return col0 + c * stride < hidden; };
+
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const void* x = row_ptr(p.x, row, p.x_row_stride, p.x_dtype);
+    const void* r = p.residual == nullptr
+                        ? nullptr
+                        : row_ptr(p.residual, row, p.residual_row_stride, p.residual_dtype);
+    acc_t sum[1] = {0.f};
+#pragma unroll
+    for (int g = 0; g < CHUNKS; g += kGroup) {
+      acc_t s[kGroup][VEC];
+      load_sum_chunks<kGroup, VEC>(p, x, r, col0 + g * stride, stride, s);
+#pragma unroll
+      for (int c = 0; c < kGroup; ++c) {
+        if (valid(g + c)) {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            srow[(g + c) * VEC + i] = s[c][i];
+            sum[0] += s[c][i];
+          }
+        }
+      }
+    }
+    acc_t mean = 0.f;
+    if (!p.is_rms_norm) {
+      block_sum<MAX_BLOCK>(sum, red);
+      mean = sum[0] / hidden;
+    }
+    acc_t sq[1] = {0.f};
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+      if (valid(c)) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const acc_t d = srow[c * VEC + i] - mean;
+          sq[0] += d * d;
+        }
+      }
+    }
+    block_sum<MAX_BLOCK>(sq, red);
+    const acc_t rstd = inv_sqrt(sq[0] / hidden + static_cast<acc_t>(p.eps));
+    if (threadIdx.x == 0) static_cast<acc_t*>(p.rstd)[row] = rstd;
+
+    void* y = row_ptr(p.y, row, hidden, p.x_dtype);
+    void* res_out = p.residual_out == nullptr
+                        ? nullptr
+                        : row_ptr(p.residual_out, row, hidden, p.residual_out_dtype);
+#pragma unroll
+    for (int g = 0; g < CHUNKS; g += kGroup) {
+      const int gcol = col0 + g * stride;
+      acc_t s[kGroup][VEC];
+#pragma unroll
+      for (int c = 0; c < kGroup; ++c)
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) s[c][i] = valid(g + c) ? srow[(g + c) * VEC + i] : 0.f;
+      if (res_out != nullptr) store_chunks<kGroup, VEC>(res_out, p.residual_out_dtype, gcol, stride, hidden, s);
+#pragma unroll
+      for (int c = 0; c < kGroup; ++c)
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) s[c][i] = (s[c][i] - mean) * rstd;
+      if (p.weight != nullptr) apply_affine<Affine::kMul>(p.weight, p.weight_dtype, gcol, stride, hidden, s);
+      if (p.bias != nullptr) apply_affine<Affine::kAdd>(p.bias, p.bias_dtype, gcol, stride, hidden, s);
+      store_chunks<kGroup, VEC>(y, p.x_dtype, gcol, stride, hidden, s);
+    }
+  }
+}
+
+// ---- streamed: any hidden size --------------------------------------------------
+
+// Running (count, mean, M2) merged with Chan et al.'s pairwise update: stable, and
+// unlike E[s^2] - E[s]^2 free of cancellation.
+template <typename acc_t>
+struct MeanM2 {
+  acc_t n, mean, m2;
+
+  __device__ __forceinline__ void merge(acc_t nb, acc_t mean_b, acc_t m2_b) {
+    const acc_t total = n + nb;
+    if (nb == acc_t(0)) return;
+    const acc_t delta = mean_b - mean;
+    const acc_t wb = nb / total;
+    mean += delta * wb;
+    m2 += m2_b + delta * delta * n * wb;
+    n = total;
+  }
+};
+
+template <int VEC, typename acc_t, int BLOCK>
+__global__ void __launch_bounds__(BLOCK, 1) add_norm_fwd_streamed_kernel(const AddNormFwdParams p) {
+  constexpr int kWarps = BLOCK / 32;
+  __shared__ acc_t smem[3 * kWarps];
+  const int hidden = p.hidden;
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+    const void* x = row_ptr(p.x, row, p.x_row_stride, p.x_dtype);
+    const void* r = p.residual == nullptr
+                        ? nullptr
+                        : row_ptr(p.residual, row, p.residual_row_stride, p.residual_dtype);
+
+    // Pass 1: per-thread statistics, then a fixed-order merge over the block.
+    MeanM2<acc_t> st{acc_t(0), acc_t(0), acc_t(0)};
+    for (int col = threadIdx.x * VEC; col < hidden; col += BLOCK * VEC) {
+      acc_t s[1][VEC];
+      load_sum_chunks<1, VEC>(p, x, r, col, 0, s);
+      if (p.is_rms_norm) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) st.m2 += s[0][i] * s[0][i];
+      } else {
+        acc_t cmean = 0, cm2 = 0;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) cmean += s[0][i];
+        cmean /= VEC;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) cm2 += (s[0][i] - cmean) * (s[0][i] - cmean);
+        st.merge(acc_t(VEC), cmean, cm2);
+      }
+    }
+    for (int offset = 16; offset > 0; offset /= 2) {
+      const acc_t nb = __shfl_xor_sync(0xffffffffu, st.n, offset);
+      const acc_t mb = __shfl_xor_sync(0xffffffffu, st.mean, offset);
+      const acc_t m2b = __shfl_xor_sync(0xffffffffu, st.m2, offset);
+      if (p.is_rms_norm) st.m2 += m2b; else st.merge(nb, mb, m2b);
+    }
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) {
+      smem[warp] = st.n;
+      smem[kWarps + warp] = st.mean;
+      smem[2 * kWarps + warp] = st.m2;
+    }
+    __syncthreads();
+    MeanM2<acc_t> total{smem[0], smem[kWarps], smem[2 * kWarps]};
+    for (int w = 1; w < kWarps; ++w) {
+      if (p.is_rms_norm) total.m2 += smem[2 * kWarps + w];
+      else total.merge(smem[w], smem[kWarps + w], smem[2 * kWarps + w]);
+    }
+    __syncthreads();  // smem is rewritten by the next row
+    const acc_t mean = p.is_rms_norm ? acc_t(0) : total.mean;
+    const acc_t rstd = inv_sqrt(total.m2 / hidden + static_cast<acc_t>(p.eps));
+    if (threadIdx.x == 0) static_cast<acc_t*>(p.rstd)[row] = rstd;
+
+    // Pass 2: recompute the sum (bitwise the same) and write the outputs.
+    void* y = row_ptr(p.y, row, hidden, p.x_dtype);
+    void* res_out = p.residual_out == nullptr
+                        ? nullptr
+                        : row_ptr(p.residual_out, row, hidden, p.residual_out_dtype);
+    for (int col = threadIdx.x * VEC; col < hidden; col += BLOCK * VEC) {
+      acc_t s[1][VEC];
+      load_sum_chunks<1, VEC>(p, x, r, col, 0, s);
+      if (res_out != nullptr) store_chunks<1, VEC>(res_out, p.residual_out_dtype, col, 0, hidden, s);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) s[0][i] = (s[0][i] - mean) * rstd;
+      if (p.weight != nullptr) apply_affine<Affine::kMul>(p.weight, p.weight_dtype, col, 0, hidden, s);
+      if (p.bias != nullptr) apply_affine<Affine::kAdd>(p.bias, p.bias_dtype, col, 0, hidden, s);
+      store_chunks<1, VEC>(y, p.x_dtype, col, 0, hidden, s);
+    }
+  }
+}
+
+}  // namespace residual_fused

@@ -1,0 +1,49 @@
+// Launch plans: which kernel, grid, block and dynamic shared memory a call uses.
+// Each family's .cu file turns params into a plan; dispatch.cu picks the family and
+// launches. The backward's workspace size comes from the same plan it launches with.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "add_norm.h"
+
+namespace residual_fused {
+
+struct LaunchPlan {
+  const void* kernel = nullptr;  // a __global__ function taking (params) [, partial rows]
+  int64_t grid = 0;
+  int block = 0;
+  size_t smem = 0;  // dynamic shared memory, bytes
+};
+
+// Multiprocessor count of the current device (cached per device).
+int sm_count();
+// CTAs of `plan.kernel` that fit on one SM at `plan.block` threads and `plan.smem`
+// bytes; also raises the kernel's dynamic shared-memory limit when it needs to.
+int max_ctas_per_sm(const LaunchPlan& plan);
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int round_up(int a, int b) { return static_cast<int>(ceil_div(a, b) * b); }
+
+// Hidden-size limits of the on-chip kernels; larger rows are streamed. The forward
+// keeps rows up to kFwdRegsMaxVec8 in registers and stages wider ones in shared memory
+// (when the device has enough of it); the backward keeps the row in registers.
+constexpr int kFwdRegsMaxVec8 = 8192;     // 256 threads x 4 x 8 elements
+constexpr int kFwdRowsMaxVec8 = 49152;    // staged: 384 threads x 16 x 8, 192 KB of fp32
+constexpr int kFwdRowsMaxVec1 = 4096;     // 1024 threads x 4 x 1
+constexpr int kBwdRowsMaxVec8 = 16384;    // 512 threads x 4 x 8
+constexpr int kBwdRowsMaxVec1 = 4096;     // 1024 threads x 4 x 1
+
+LaunchPlan plan_fwd_rows_vec8(const AddNormFwdParams& p);
+LaunchPlan plan_fwd_rows_vec1(const AddNormFwdParams& p);
+LaunchPlan plan_fwd_streamed(const AddNormFwdParams& p, int vec);  // vec 8 or 1; fp64 -> 1
+
+LaunchPlan plan_bwd_rows_vec8(const AddNormBwdParams& p);
+LaunchPlan plan_bwd_rows_vec1(const AddNormBwdParams& p);
+LaunchPlan plan_bwd_streamed(const AddNormBwdParams& p, int vec);
+cudaError_t launch_reduce_partials(const AddNormBwdParams& p, int64_t partial_rows,
+                                   cudaStream_t stream);
+
+}  // namespace residual_fused
