@@ -60,7 +60,9 @@ def _cuda_extension_kwargs():
     includes, libs = _nvidia_wheel_dirs()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/kernels/*.cu"))
     nvcc_flags = [
-        "-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
+        # No -std: torch's build helper picks the standard its headers need (C++17 for
+        # older torch, C++20 for newer); the kernels need C++17 or later.
+        "-O3", "-lineinfo", "--expt-relaxed-constexpr",
         # Torch adds -D__CUDA_NO_HALF_OPERATORS__ and friends; the kernels include no
         # torch headers and use the cuda_fp16/cuda_bf16 operators directly.
         "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
@@ -73,7 +75,7 @@ def _cuda_extension_kwargs():
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")] + includes,
         library_dirs=libs,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     _log(f"building the CUDA extension from {len(sources)} sources "
          f"(TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<torch default>')})")
