@@ -57,6 +57,10 @@ def _cuda_extension_kwargs():
     if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
         return _skip("nvcc was not found (set CUDA_HOME)")
 
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # With no GPU to detect, torch would build for every architecture its CUDA
+        # knows; the kernels target sm_80 and newer (PTX covers later GPUs).
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     includes, libs = _nvidia_wheel_dirs()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/kernels/*.cu"))
     nvcc_flags = [

@@ -32,5 +32,6 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # --no-build-isolation: build against the torch above (see README, "Install").
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 "$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2
 echo "$PY"

@@ -48,8 +48,17 @@ bool aligned16(const void* ptr, int64_t row_stride, DType t) {
          (reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (row_stride * dtype_size(t)) % 16 == 0);
 }
 
+// Kernels opt in to more than 48 KB of dynamic shared memory per block.
+void allow_smem(const LaunchPlan& plan) {
+  if (plan.smem > 48 * 1024) {
+    cudaFuncSetAttribute(plan.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(plan.smem));
+  }
+}
+
 template <typename Params>
 cudaError_t launch(const LaunchPlan& plan, const Params& params, cudaStream_t stream) {
+  allow_smem(plan);
   void* args[] = {const_cast<Params*>(&params)};
   return cudaLaunchKernel(plan.kernel, dim3(static_cast<unsigned>(plan.grid)), dim3(plan.block),
                           args, plan.smem, stream);
@@ -97,10 +106,7 @@ int sm_count() {
 }
 
 int max_ctas_per_sm(const LaunchPlan& plan) {
-  if (plan.smem > 48 * 1024) {
-    cudaFuncSetAttribute(plan.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(plan.smem));
-  }
+  allow_smem(plan);
   int ctas = 0;
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, plan.kernel, plan.block, plan.smem);
   return std::max(ctas, 1);
