@@ -1,0 +1,237 @@
+"""End-to-end training step with and without the fused Add & Norm.
+
+    python bench/bench_model.py                  # both models, seq 512 and 2048 (GPU)
+    python bench/bench_model.py --model llama --seq 2048 --layers 4
+
+Two stacks with their real Add & Norm pattern, built from a config with random
+weights (nothing is downloaded):
+
+* ``bert``: a BERT-base-shaped post-norm encoder (H 768, 12 heads, FFN 3072),
+  ``h = LayerNorm(f(h) + h)`` twice per layer;
+* ``llama``: a Llama-shaped pre-RMSNorm decoder (H 4096, 32 heads, SwiGLU 11008),
+  where the residual add is fused into the next norm.
+
+Implementations: ``unfused`` (torch.nn norms, the add in PyTorch), ``fused``
+(FusedAddNorm / FusedAddRMSNorm) and ``fused-mem`` (memory-efficient). The fused
+models load the unfused model's state_dict and their outputs are checked against
+it before anything is timed. Each row: median training-step time (forward,
+backward, AdamW) and peak memory. Without a GPU the shapes are shrunk and the
+times are of the reference path: they say nothing about the CUDA kernels.
+"""
+
+import argparse
+import copy
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import residual_fused as rf  # noqa: E402
+import report  # noqa: E402
+
+IMPLS = ("unfused", "fused", "fused-mem")
+SHAPES = {  # hidden, heads, ffn, layers (GPU)
+    "bert": (768, 12, 3072, 12),
+    "llama": (4096, 32, 11008, 4),
+}
+CPU_SHAPES = {"bert": (128, 4, 512, 2), "llama": (128, 4, 352, 2)}
+
+
+def _norm(kind: str, impl: str, hidden: int, eps: float, prenorm: bool = False):
+    if impl == "unfused":
+        return nn.LayerNorm(hidden, eps=eps) if kind == "layer" else nn.RMSNorm(hidden, eps=eps)
+    mem = impl == "fused-mem"
+    if kind == "layer":
+        return rf.FusedAddNorm(hidden, eps=eps, prenorm=prenorm, memory_efficient=mem)
+    return rf.FusedAddRMSNorm(hidden, eps=eps, prenorm=prenorm, memory_efficient=mem)
+
+
+def _attention(qkv: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+    b, s, three_h = qkv.shape
+    q, k, v = qkv.view(b, s, 3, heads, three_h // (3 * heads)).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return out.transpose(1, 2).reshape(b, s, three_h // 3)
+
+
+class BertLayer(nn.Module):
+    """Post-norm: h = LN(attn(h) + h); h = LN(ffn(h) + h)."""
+
+    def __init__(self, hidden, heads, ffn, impl):
+        super().__init__()
+        self.heads, self.fused = heads, impl != "unfused"
+        self.qkv, self.attn_out = nn.Linear(hidden, 3 * hidden), nn.Linear(hidden, hidden)
+        self.up, self.down = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
+        self.norm1 = _norm("layer", impl, hidden, 1e-12)
+        self.norm2 = _norm("layer", impl, hidden, 1e-12)
+
+    def _add_norm(self, norm, x, residual):
+        return norm(x, residual) if self.fused else norm(x + residual)
+
+    def forward(self, h):
+        h = self._add_norm(self.norm1, self.attn_out(_attention(self.qkv(h), self.heads, False)), h)
+        return self._add_norm(self.norm2, self.down(F.gelu(self.up(h))), h)
+
+
+class LlamaLayer(nn.Module):
+    """Pre-norm with the residual add fused into the next norm:
+    (h, residual) -> norm(h + residual) feeds attention, and so on."""
+
+    def __init__(self, hidden, heads, ffn, impl):
+        super().__init__()
+        self.heads, self.fused = heads, impl != "unfused"
+        self.qkv, self.o = nn.Linear(hidden, 3 * hidden, bias=False), nn.Linear(hidden, hidden, bias=False)
+        self.gate_up = nn.Linear(hidden, 2 * ffn, bias=False)
+        self.down = nn.Linear(ffn, hidden, bias=False)
+        self.norm1 = _norm("rms", impl, hidden, 1e-6, prenorm=True)
+        self.norm2 = _norm("rms", impl, hidden, 1e-6, prenorm=True)
+
+    def _add_norm(self, norm, h, residual):
+        if self.fused:
+            return norm(h, residual)
+        residual = h if residual is None else h + residual
+        return norm(residual), residual
+
+    def forward(self, h, residual):
+        h, residual = self._add_norm(self.norm1, h, residual)
+        h = self.o(_attention(self.qkv(h), self.heads, True))
+        h, residual = self._add_norm(self.norm2, h, residual)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up), residual
+
+
+class Stack(nn.Module):
+    def __init__(self, model, hidden, heads, ffn, layers, impl):
+        super().__init__()
+        self.model, self.fused = model, impl != "unfused"
+        cls = BertLayer if model == "bert" else LlamaLayer
+        self.layers = nn.ModuleList(cls(hidden, heads, ffn, impl) for _ in range(layers))
+        if model == "llama":
+            self.final_norm = _norm("rms", impl, hidden, 1e-6)
+
+    def forward(self, h):
+        if self.model == "bert":
+            for layer in self.layers:
+                h = layer(h)
+            return h
+        residual = None
+        for layer in self.layers:
+            h, residual = layer(h, residual)
+        return self.final_norm(h, residual) if self.fused else self.final_norm(h + residual)
+
+
+def build(model, impl, shape, device, dtype, reference=None):
+    hidden, heads, ffn, layers = shape
+    net = Stack(model, hidden, heads, ffn, layers, impl).to(device=device, dtype=dtype)
+    if reference is not None:
+        net.load_state_dict(reference.state_dict())  # the norms' keys match torch's
+    else:
+        with torch.no_grad():  # random norm parameters too, so the check is meaningful
+            for name, p in net.named_parameters():
+                if "norm" in name:
+                    p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
+    return net
+
+
+def timed_steps(net, x, steps, device):
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+    def one():
+        opt.zero_grad(set_to_none=True)
+        net(x).float().square().mean().backward()
+        opt.step()
+
+    for _ in range(2):
+        one()
+    times = []
+    for _ in range(steps):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            one()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            one()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run(args):
+    device = args.device
+    on_gpu = device.startswith("cuda")
+    dtype = torch.bfloat16
+    if not on_gpu:
+        print("CPU only: shrunk shapes (sequence <= 128), reference path; "
+              "CUDA numbers need a GPU.")
+    results = []
+    for model in args.model:
+        shape = (SHAPES if on_gpu else CPU_SHAPES)[model]
+        if args.layers:
+            shape = shape[:3] + (args.layers,)
+        for seq in (args.seq if on_gpu else sorted({min(s, 128) for s in args.seq})):
+            torch.manual_seed(0)
+            batch = args.batch or (8 if model == "bert" else 1)
+            x = torch.randn(batch, seq, shape[0], device=device, dtype=dtype)
+            base = build(model, "unfused", shape, device, dtype)
+            with torch.no_grad():
+                expected = base(x).float()
+            base_ms = None
+            for impl in args.impls:
+                net = base if impl == "unfused" else build(model, impl, shape, device, dtype, base)
+                with torch.no_grad():
+                    err = (net(x).float() - expected).abs().max().item()
+                scale = expected.abs().max().item()
+                if not err <= 0.05 * max(1.0, scale):
+                    raise AssertionError(f"{model} {impl}: output differs from unfused by {err:.3g}")
+                net_for_timing = copy.deepcopy(net)
+                if on_gpu:
+                    torch.cuda.reset_peak_memory_stats(device)
+                ms = timed_steps(net_for_timing, x, args.steps, device)
+                peak = torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu else None
+                base_ms = base_ms or ms
+                results.append(dict(model=model, seq=seq, batch=batch, layers=shape[3], impl=impl,
+                                    step_ms=ms, peak_mib=peak, speedup=base_ms / ms,
+                                    max_abs_diff=err))
+                del net_for_timing
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", nargs="+", default=["bert", "llama"], choices=list(SHAPES))
+    p.add_argument("--seq", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--batch", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", help="write model.csv into this folder")
+    args = p.parse_args(argv)
+    results = run(args)
+    print(f"{'model':6} {'seq':>5} {'batch':>5} {'layers':>6} {'impl':10} {'step':>10} "
+          f"{'peak':>10} {'speedup':>8} {'max|diff|':>10}")
+    for r in results:
+        peak = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f} MiB"
+        print(f"{r['model']:6} {r['seq']:>5} {r['batch']:>5} {r['layers']:>6} {r['impl']:10} "
+              f"{r['step_ms']:>8.1f}ms {peak:>10} {r['speedup']:>7.2f}x {r['max_abs_diff']:>10.3g}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        import csv
+        with open(os.path.join(args.out, "model.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(results[0]))
+            writer.writeheader()
+            writer.writerows(results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
