@@ -8,6 +8,7 @@ skipping autograd's bookkeeping (it matters at decode sizes).
 
 import torch
 
+from . import distributed
 from ._validation import check_add_norm_args, residual_out_dtype
 from .ops import AddNormFunction, add_norm_fwd
 
@@ -22,6 +23,9 @@ def _add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dty
         x, residual, weight, bias, eps, normalized_shape, residual_dtype, is_rms_norm
     )
     out_dtype = residual_out_dtype(x, residual, residual_dtype)
+    if distributed.is_dtensor(x):
+        distributed.check_row_sharding(x, len(shape))
+        distributed.register_sharding_rules()
     folded = len(shape) > 1
     if folded:  # the ops normalize the last dim: fold normalized_shape into it
         rows_shape = x.shape[: x.dim() - len(shape)]
