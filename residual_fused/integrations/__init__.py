@@ -1,0 +1,1 @@
+"""Conversions of third-party model code to the fused Add & Norm."""
