@@ -4,7 +4,10 @@
     python bench/bench_model.py --model llama --seq 2048 --layers 4
 
 Two stacks with their real Add & Norm pattern, built from a config with random
-weights (nothing is downloaded):
+weights (nothing is downloaded). With ``transformers`` installed (``--source hf``,
+the default when it imports) they are Hugging Face ``BertModel`` / ``LlamaModel``
+converted by ``residual_fused.integrations.huggingface``; otherwise (``--source
+builtin``) small built-in blocks of the same shapes:
 
 * ``bert``: a BERT-base-shaped post-norm encoder (H 768, 12 heads, FFN 3072),
   ``h = LayerNorm(f(h) + h)`` twice per layer;
@@ -139,6 +142,40 @@ def build(model, impl, shape, device, dtype, reference=None):
     return net
 
 
+def build_hf(model, impl, shape, device, dtype, reference=None):
+    """A transformers model of the same shape; fused variants convert a copy of
+    ``reference`` (so the weights are identical)."""
+    import transformers
+    from residual_fused.integrations import huggingface as hf
+
+    if reference is not None:
+        convert = hf.convert_bert_model if model == "bert" else hf.convert_llama_model
+        return convert(copy.deepcopy(reference), memory_efficient=impl == "fused-mem")
+    hidden, heads, ffn, layers = shape
+    if model == "bert":
+        cfg = transformers.BertConfig(hidden_size=hidden, num_attention_heads=heads,
+                                      intermediate_size=ffn, num_hidden_layers=layers,
+                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        net = transformers.BertModel(cfg, add_pooling_layer=False)
+    else:
+        cfg = transformers.LlamaConfig(hidden_size=hidden, num_attention_heads=heads,
+                                       num_key_value_heads=heads, intermediate_size=ffn,
+                                       num_hidden_layers=layers)
+        net = transformers.LlamaModel(cfg)
+    return net.to(device=device, dtype=dtype)
+
+
+class _Hidden(nn.Module):
+    """Adapts a transformers model to ``net(input_ids) -> last hidden state``."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, ids):
+        return self.net(input_ids=ids).last_hidden_state
+
+
 def timed_steps(net, x, steps, device):
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
 
@@ -180,13 +217,19 @@ def run(args):
         for seq in (args.seq if on_gpu else sorted({min(s, 128) for s in args.seq})):
             torch.manual_seed(0)
             batch = args.batch or (8 if model == "bert" else 1)
-            x = torch.randn(batch, seq, shape[0], device=device, dtype=dtype)
-            base = build(model, "unfused", shape, device, dtype)
+            if args.source == "hf":
+                x = torch.randint(0, 1000, (batch, seq), device=device)
+                make = lambda impl, ref=None: _Hidden(  # noqa: E731
+                    build_hf(model, impl, shape, device, dtype, None if ref is None else ref.net))
+            else:
+                x = torch.randn(batch, seq, shape[0], device=device, dtype=dtype)
+                make = lambda impl, ref=None: build(model, impl, shape, device, dtype, ref)  # noqa: E731
+            base = make("unfused")
             with torch.no_grad():
                 expected = base(x).float()
             base_ms = None
             for impl in args.impls:
-                net = base if impl == "unfused" else build(model, impl, shape, device, dtype, base)
+                net = base if impl == "unfused" else make(impl, base)
                 with torch.no_grad():
                     err = (net(x).float() - expected).abs().max().item()
                 scale = expected.abs().max().item()
@@ -198,7 +241,8 @@ def run(args):
                 ms = timed_steps(net_for_timing, x, args.steps, device)
                 peak = torch.cuda.max_memory_allocated(device) / 2**20 if on_gpu else None
                 base_ms = base_ms or ms
-                results.append(dict(model=model, seq=seq, batch=batch, layers=shape[3], impl=impl,
+                results.append(dict(model=model, source=args.source, seq=seq, batch=batch,
+                                    layers=shape[3], impl=impl,
                                     step_ms=ms, peak_mib=peak, speedup=base_ms / ms,
                                     max_abs_diff=err))
                 del net_for_timing
@@ -214,8 +258,17 @@ def main(argv=None):
     p.add_argument("--layers", type=int)
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--source", choices=["hf", "builtin"],
+                   help="model code: Hugging Face transformers (default when importable) or built-in")
     p.add_argument("--out", help="write model.csv into this folder")
     args = p.parse_args(argv)
+    if args.source is None:
+        try:
+            import transformers  # noqa: F401
+            args.source = "hf"
+        except ImportError:
+            args.source = "builtin"
+    print(f"model source: {args.source}")
     results = run(args)
     print(f"{'model':6} {'seq':>5} {'batch':>5} {'layers':>6} {'impl':10} {'step':>10} "
           f"{'peak':>10} {'speedup':>8} {'max|diff|':>10}")

@@ -132,9 +132,12 @@ def test_results_page_has_environment_and_tables():
     assert "![gbs_fwd_bfloat16.png](h100/gbs_fwd_bfloat16.png)" in page
 
 
-def test_model_benchmark_checks_and_times_both_stacks():
+@pytest.mark.parametrize("source", ["builtin", "hf"])
+def test_model_benchmark_checks_and_times_both_stacks(source):
+    if source == "hf":
+        pytest.importorskip("transformers")
     results = bench_model.main(["--device", "cpu", "--seq", "32", "--steps", "1", "--layers", "1",
-                                "--batch", "2"])
+                                "--batch", "2", "--source", source])
     assert {(r["model"], r["impl"]) for r in results} == {
         (m, i) for m in ("bert", "llama") for i in bench_model.IMPLS}
     assert all(r["step_ms"] > 0 for r in results)
