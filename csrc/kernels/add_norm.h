@@ -73,6 +73,7 @@ struct AddNormBwdParams {
   // second kernel so the weight gradients are bitwise reproducible (no atomics).
   void* dweight_partial = nullptr;
   void* dbias_partial = nullptr;
+  int64_t partial_rows = 0;  // set by launch_add_norm_bwd for the reduction kernel
 };
 
 // Launch the forward on `stream`. Returns the launch status; never synchronises.

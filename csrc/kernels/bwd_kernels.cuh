@@ -46,7 +46,7 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
   const int col0 = lane * VEC;
   const int hidden = p.hidden;
   const bool want_partials = p.dweight_partial != nullptr || p.dbias_partial != nullptr;
-  extern __shared__ float dyn_smem[];
+  float* const dyn_smem = dynamic_smem();
   __shared__ acc_t red[kWhole ? 2 * (MAX_BLOCK / 32) : 1];
 
   // Partial sums: registers for row groups, shared memory for a whole-block row.
@@ -308,30 +308,33 @@ __global__ void __launch_bounds__(BLOCK, 1) add_norm_bwd_streamed_kernel(const A
 
 // ---- deterministic reduction of the partial rows --------------------------------
 // out[col] = sum over k of partial[k][col], summed in the same order on every run.
-// blockIdx.y selects dweight (0) or dbias (1). Block: 32 columns x kSlices rows.
+// A CTA reduces 32 columns of dweight (even blockIdx.x) or dbias (odd) with
+// kReduceSlices groups of 32 threads, each summing every kReduceSlices-th row.
 
 constexpr int kReduceSlices = 16;
+constexpr int kReduceBlock = 32 * kReduceSlices;
 
 template <typename acc_t>
-__global__ void __launch_bounds__(32 * kReduceSlices, 1)
-reduce_partials_kernel(const AddNormBwdParams p, int64_t partial_rows) {
-  const bool bias = blockIdx.y == 1;
+__global__ void __launch_bounds__(kReduceBlock, 1) reduce_partials_kernel(const AddNormBwdParams p) {
+  const bool bias = blockIdx.x % 2 == 1;
   const acc_t* partial = static_cast<const acc_t*>(bias ? p.dbias_partial : p.dweight_partial);
   void* out = bias ? p.dbias : p.dweight;
   if (partial == nullptr || out == nullptr) return;  // uniform over the CTA
   const int hidden = p.hidden;
-  const int col = blockIdx.x * 32 + threadIdx.x;
+  const int lane = threadIdx.x % 32;
+  const int slice = threadIdx.x / 32;
+  const int col = (blockIdx.x / 2) * 32 + lane;
   acc_t sum = 0;
   if (col < hidden) {
-    for (int64_t k = threadIdx.y; k < partial_rows; k += kReduceSlices) sum += partial[k * hidden + col];
+    for (int64_t k = slice; k < p.partial_rows; k += kReduceSlices) sum += partial[k * hidden + col];
   }
   __shared__ acc_t buf[kReduceSlices][33];
-  buf[threadIdx.y][threadIdx.x] = sum;
+  buf[slice][lane] = sum;
   __syncthreads();
-  if (threadIdx.y == 0 && col < hidden) {
-    acc_t total = buf[0][threadIdx.x];
+  if (slice == 0 && col < hidden) {
+    acc_t total = buf[0][lane];
 #pragma unroll
-    for (int k = 1; k < kReduceSlices; ++k) total += buf[k][threadIdx.x];
+    for (int k = 1; k < kReduceSlices; ++k) total += buf[k][lane];
     acc_t v[1][1] = {{total}};
     store_chunks<1, 1>(out, bias ? p.bias_dtype : p.weight_dtype, col, 0, hidden, v);
   }

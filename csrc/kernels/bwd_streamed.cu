@@ -1,5 +1,5 @@
-// Launch plans of the streamed backward kernel (any hidden size, float64), and the
-// launch of the deterministic partial-sum reduction.
+// Launch plans of the streamed backward kernel (any hidden size, float64) and of the
+// deterministic partial-sum reduction.
 #include <algorithm>
 
 #include "bwd_kernels.cuh"
@@ -28,16 +28,14 @@ LaunchPlan plan_bwd_streamed(const AddNormBwdParams& p, int vec) {
   return vec == 8 ? streamed_plan<8, float>(p) : streamed_plan<1, float>(p);
 }
 
-cudaError_t launch_reduce_partials(const AddNormBwdParams& p, int64_t partial_rows,
-                                   cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.hidden, 32)), 2);
-  const dim3 block(32, kReduceSlices);
-  if (p.dy_dtype == DType::kFloat64) {
-    reduce_partials_kernel<double><<<grid, block, 0, stream>>>(p, partial_rows);
-  } else {
-    reduce_partials_kernel<float><<<grid, block, 0, stream>>>(p, partial_rows);
-  }
-  return cudaGetLastError();
+LaunchPlan plan_reduce_partials(const AddNormBwdParams& p) {
+  LaunchPlan plan;
+  plan.kernel = p.dy_dtype == DType::kFloat64
+                    ? reinterpret_cast<const void*>(&reduce_partials_kernel<double>)
+                    : reinterpret_cast<const void*>(&reduce_partials_kernel<float>);
+  plan.grid = 2 * ceil_div(p.hidden, 32);
+  plan.block = kReduceBlock;
+  return plan;
 }
 
 }  // namespace residual_fused

@@ -31,6 +31,16 @@ __device__ __forceinline__ P* row_ptr(P* base, int64_t row, int64_t row_stride, 
   return reinterpret_cast<P*>(reinterpret_cast<Byte*>(base) + row * row_stride * dtype_size(t));
 }
 
+// Dynamic shared memory of the running kernel, as floats.
+#ifdef RESIDUAL_FUSED_HOST_EMULATION
+float* dynamic_smem();  // tests/emulator: one host buffer, blocks run one at a time
+#else
+__device__ __forceinline__ float* dynamic_smem() {
+  extern __shared__ float dyn_smem[];
+  return dyn_smem;
+}
+#endif
+
 // ---- conversions -------------------------------------------------------------------
 
 template <typename acc_t, typename T>

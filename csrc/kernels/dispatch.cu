@@ -127,7 +127,9 @@ cudaError_t launch_add_norm_bwd(const AddNormBwdParams& p, cudaStream_t stream) 
   const LaunchPlan plan = bwd_plan(p);
   const cudaError_t err = launch(plan, p, stream);
   if (err != cudaSuccess || (p.dweight == nullptr && p.dbias == nullptr)) return err;
-  return launch_reduce_partials(p, plan.grid, stream);
+  AddNormBwdParams reduce = p;
+  reduce.partial_rows = plan.grid;  // one partial row per CTA of the backward
+  return launch(plan_reduce_partials(reduce), reduce, stream);
 }
 
 }  // namespace residual_fused

@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1) add_norm_fwd_staged_kernel(const
   using acc_t = float;
   constexpr int kGroup = 4;  // chunks loaded together: bytes in flight vs registers
   static_assert(CHUNKS % kGroup == 0, "chunks come in groups");
-  extern __shared__ float dyn_smem[];
+  float* const dyn_smem = dynamic_smem();
   __shared__ acc_t red[MAX_BLOCK / 32];
   acc_t* const srow = dyn_smem + threadIdx.x * (CHUNKS * VEC + 1);
   const int hidden = p.hidden;

@@ -12,7 +12,7 @@
 namespace residual_fused {
 
 struct LaunchPlan {
-  const void* kernel = nullptr;  // a __global__ function taking (params) [, partial rows]
+  const void* kernel = nullptr;  // a __global__ function taking the params struct by value
   int64_t grid = 0;
   int block = 0;
   size_t smem = 0;  // dynamic shared memory, bytes
@@ -43,7 +43,6 @@ LaunchPlan plan_fwd_streamed(const AddNormFwdParams& p, int vec);  // vec 8 or 1
 LaunchPlan plan_bwd_rows_vec8(const AddNormBwdParams& p);
 LaunchPlan plan_bwd_rows_vec1(const AddNormBwdParams& p);
 LaunchPlan plan_bwd_streamed(const AddNormBwdParams& p, int vec);
-cudaError_t launch_reduce_partials(const AddNormBwdParams& p, int64_t partial_rows,
-                                   cudaStream_t stream);
+LaunchPlan plan_reduce_partials(const AddNormBwdParams& p);
 
 }  // namespace residual_fused
