@@ -4,7 +4,8 @@
 //   pre-norm:  ds += d(residual_out)
 // dx = ds (dy's dtype), dresidual = ds (its own dtype, only when it differs), and the
 // column sums of dy * xhat and dy go to a per-CTA fp32 partial row, reduced later in a
-// fixed order (reduce_kernel.cuh): bitwise-reproducible weight gradients, no atomics.
+// fixed order (reduce_partials_kernel below): bitwise-reproducible weight gradients,
+// no atomics.
 //
 // xhat is rebuilt from `saved`: s * rstd (LayerNorm: (s - mean(s)) * rstd), or in
 // memory-efficient mode (y - bias) / weight. LayerNorm's xhat is re-centred on the

@@ -6,6 +6,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "common.cuh"
 #include "launch.h"
@@ -48,17 +51,57 @@ bool aligned16(const void* ptr, int64_t row_stride, DType t) {
          (reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (row_stride * dtype_size(t)) % 16 == 0);
 }
 
-// Kernels opt in to more than 48 KB of dynamic shared memory per block.
-void allow_smem(const LaunchPlan& plan) {
-  if (plan.smem > 48 * 1024) {
-    cudaFuncSetAttribute(plan.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         static_cast<int>(plan.smem));
+// Per kernel and device: its static shared memory, and whether it may use all the
+// dynamic shared memory the device allows. The attribute is set once, to that
+// maximum, rather than per call: it is one value per kernel, shared by every host
+// thread and every captured graph, so lowering it could fail another's launch.
+struct KernelInfo {
+  int static_smem = 0;
+  bool opted_in = false;
+};
+
+KernelInfo& kernel_info(const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, KernelInfo> cache;
+  const std::pair<const void*, int> key{kernel, current_device()};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    cudaFuncAttributes attr{};
+    KernelInfo info;
+    if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess) {
+      info.static_smem = static_cast<int>(attr.sharedSizeBytes);
+    } else {
+      cudaGetLastError();  // consumed here: the launch itself will report a real problem
+    }
+    it = cache.emplace(key, info).first;
   }
+  return it->second;
+}
+
+}  // namespace
+
+bool fits_on_device(const LaunchPlan& plan) {
+  return static_cast<int64_t>(plan.smem) + kernel_info(plan.kernel).static_smem <= max_smem_per_block();
+}
+
+namespace {
+
+cudaError_t allow_smem(const LaunchPlan& plan) {
+  if (plan.smem <= 48 * 1024) return cudaSuccess;
+  KernelInfo& info = kernel_info(plan.kernel);
+  if (info.opted_in) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(plan.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               max_smem_per_block() - info.static_smem);
+  info.opted_in = err == cudaSuccess;  // benign race: concurrent callers set the same value
+  if (err != cudaSuccess) cudaGetLastError();  // returned to the caller, not left pending
+  return err;
 }
 
 template <typename Params>
 cudaError_t launch(const LaunchPlan& plan, const Params& params, cudaStream_t stream) {
-  allow_smem(plan);
+  const cudaError_t err = allow_smem(plan);
+  if (err != cudaSuccess) return err;
   void* args[] = {const_cast<Params*>(&params)};
   return cudaLaunchKernel(plan.kernel, dim3(static_cast<unsigned>(plan.grid)), dim3(plan.block),
                           args, plan.smem, stream);
@@ -75,7 +118,7 @@ LaunchPlan fwd_plan(const AddNormFwdParams& p) {
   if (h <= (vec8 ? kFwdRowsMaxVec8 : kFwdRowsMaxVec1)) {
     const LaunchPlan plan = vec8 ? plan_fwd_rows_vec8(p) : plan_fwd_rows_vec1(p);
     // Staged rows need hidden fp32 values of shared memory per CTA.
-    if (static_cast<int64_t>(plan.smem) <= max_smem_per_block()) return plan;
+    if (fits_on_device(plan)) return plan;
   }
   return plan_fwd_streamed(p, vec8 ? 8 : 1);
 }
@@ -93,7 +136,7 @@ LaunchPlan bwd_plan(const AddNormBwdParams& p) {
     const LaunchPlan plan = vec8 ? plan_bwd_rows_vec8(p) : plan_bwd_rows_vec1(p);
     // Whole-block rows keep about 2 * hidden fp32 partials in shared memory; GPUs with
     // less shared memory per block (e.g. 99 KB on sm_86/sm_89) stream the widest rows.
-    if (static_cast<int64_t>(plan.smem) <= max_smem_per_block()) return plan;
+    if (fits_on_device(plan)) return plan;
   }
   return plan_bwd_streamed(p, vec8 ? 8 : 1);
 }
@@ -106,9 +149,15 @@ int sm_count() {
 }
 
 int max_ctas_per_sm(const LaunchPlan& plan) {
-  allow_smem(plan);
+  // A plan that does not fit is discarded by the caller; query nothing for it, so no
+  // failed call leaves an error behind for a later, unrelated launch to report.
+  if (!fits_on_device(plan) || allow_smem(plan) != cudaSuccess) return 1;
   int ctas = 0;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, plan.kernel, plan.block, plan.smem);
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, plan.kernel, plan.block, plan.smem) !=
+      cudaSuccess) {
+    cudaGetLastError();
+    return 1;
+  }
   return std::max(ctas, 1);
 }
 

@@ -21,8 +21,10 @@ struct LaunchPlan {
 // Multiprocessor count of the current device (cached per device).
 int sm_count();
 // CTAs of `plan.kernel` that fit on one SM at `plan.block` threads and `plan.smem`
-// bytes; also raises the kernel's dynamic shared-memory limit when it needs to.
+// bytes (1 for a plan that does not fit on the device at all).
 int max_ctas_per_sm(const LaunchPlan& plan);
+// Whether the plan's dynamic plus the kernel's static shared memory fit in one block.
+bool fits_on_device(const LaunchPlan& plan);
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int round_up(int a, int b) { return static_cast<int>(ceil_div(a, b) * b); }

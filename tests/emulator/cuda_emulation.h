@@ -54,6 +54,8 @@ cudaError_t get_device(int* device);
 cudaError_t device_attribute(int* value, cudaDeviceAttr attr, int device);
 cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int value);
 cudaError_t occupancy(int* ctas, const void* func, int block, size_t smem);
+cudaError_t func_attributes(cudaFuncAttributes* attr, const void* func);
+cudaError_t get_last_error();
 template <typename Params>
 cudaError_t launch_kernel(const void* func, dim3 grid, dim3 block, void** args, size_t smem);
 }  // namespace emu
@@ -61,6 +63,8 @@ cudaError_t launch_kernel(const void* func, dim3 grid, dim3 block, void** args, 
 #define cudaDeviceGetAttribute(v, a, d) ::emu::device_attribute(v, a, d)
 #define cudaFuncSetAttribute(f, a, v) ::emu::func_set_attribute(f, a, v)
 #define cudaOccupancyMaxActiveBlocksPerMultiprocessor(c, f, b, s) ::emu::occupancy(c, f, b, s)
+#define cudaFuncGetAttributes(a, f) ::emu::func_attributes(a, f)
+#define cudaGetLastError() ::emu::get_last_error()
 // Expands inside dispatch.cu's `template <typename Params> launch(...)`.
 #define cudaLaunchKernel(f, g, b, a, s, st) ::emu::launch_kernel<Params>(f, g, b, a, s)
 
