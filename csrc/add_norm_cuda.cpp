@@ -64,16 +64,43 @@ Rows as_rows(const Tensor& t, int64_t hidden) {
   return {t.contiguous(), hidden};
 }
 
-Tensor vector_param(const OptTensor& p, const Tensor& x, int64_t hidden, const char* name) {
-  if (!p.has_value()) return Tensor();
+// The normalized size of a CUDA tensor [..., hidden], checked against the kernels' range.
+int64_t checked_hidden(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor for the CUDA kernel, got ", t.device());
+  TORCH_CHECK(t.dim() >= 1, name, " must have at least one dim");
+  const int64_t hidden = t.size(-1);
+  TORCH_CHECK(hidden >= 1 && hidden <= kMaxHidden, name, ": the normalized size ", hidden,
+              " is outside the CUDA kernels' range [1, ", kMaxHidden, "]");
+  return hidden;
+}
+
+// A [..., hidden] input with the shape and device of `like`, as kernel arguments.
+struct RowsArg {
+  Rows rows;
+  DType dtype;
+};
+
+RowsArg rows_arg(const Tensor& t, const Tensor& like, int64_t hidden, const char* name) {
+  check_same_device(t, like, name);
+  TORCH_CHECK(t.sizes() == like.sizes(), name, ": shape ", t.sizes(), " must equal ", like.sizes());
+  return {as_rows(t, hidden), to_dtype(t.scalar_type(), name)};
+}
+
+// A [hidden] parameter (weight or bias) as kernel arguments; undefined when absent.
+struct VectorArg {
+  Tensor t;
+  const void* ptr = nullptr;
+  DType dtype = DType::kFloat32;
+};
+
+VectorArg vector_arg(const OptTensor& p, const Tensor& x, int64_t hidden, const char* name) {
+  if (!p.has_value()) return {};
   check_same_device(*p, x, name);
   TORCH_CHECK(p->dim() == 1 && p->size(0) == hidden, name, ": shape ", p->sizes(),
               " must be [", hidden, "], the size of the normalized dim");
-  to_dtype(p->scalar_type(), name);
-  return p->contiguous();
+  const Tensor t = p->contiguous();
+  return {t, t.data_ptr(), to_dtype(t.scalar_type(), name)};
 }
-
-const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "residual_fused::", op, ": kernel launch failed: ",
@@ -85,11 +112,7 @@ std::tuple<Tensor, Tensor, Tensor> add_norm_fwd_cuda(const Tensor& x, const OptT
                                                      const OptTensor& bias, double eps,
                                                      bool is_rms_norm, bool store_residual_out,
                                                      at::ScalarType residual_out_dtype) {
-  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor for the CUDA kernel, got ", x.device());
-  TORCH_CHECK(x.dim() >= 1, "x must have at least one dim");
-  const int64_t hidden = x.size(-1);
-  TORCH_CHECK(hidden >= 1 && hidden <= kMaxHidden, "x: the normalized size ", hidden,
-              " is outside the CUDA kernels' range [1, ", kMaxHidden, "]");
+  const int64_t hidden = checked_hidden(x, "x");
   TORCH_CHECK(!is_rms_norm || !bias.has_value(), "bias: RMSNorm has no bias");
   TORCH_CHECK(eps >= 0, "eps must be non-negative, got ", eps);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -99,26 +122,23 @@ std::tuple<Tensor, Tensor, Tensor> add_norm_fwd_cuda(const Tensor& x, const OptT
   p.rows = x.numel() / hidden;
   p.is_rms_norm = is_rms_norm;
   p.eps = eps;
-  const Rows xr = as_rows(x, hidden);
-  p.x = xr.t.data_ptr();
-  p.x_row_stride = xr.row_stride;
-  p.x_dtype = to_dtype(x.scalar_type(), "x");
-  Rows rr{Tensor(), 0};
+  const RowsArg xa = rows_arg(x, x, hidden, "x");
+  p.x = xa.rows.t.data_ptr();
+  p.x_row_stride = xa.rows.row_stride;
+  p.x_dtype = xa.dtype;
+  RowsArg ra{};
   if (residual.has_value()) {
-    check_same_device(*residual, x, "residual");
-    TORCH_CHECK(residual->sizes() == x.sizes(), "residual: shape ", residual->sizes(),
-                " must equal x's shape ", x.sizes());
-    rr = as_rows(*residual, hidden);
-    p.residual = rr.t.data_ptr();
-    p.residual_row_stride = rr.row_stride;
-    p.residual_dtype = to_dtype(residual->scalar_type(), "residual");
+    ra = rows_arg(*residual, x, hidden, "residual");
+    p.residual = ra.rows.t.data_ptr();
+    p.residual_row_stride = ra.rows.row_stride;
+    p.residual_dtype = ra.dtype;
   }
-  const Tensor w = vector_param(weight, x, hidden, "weight");
-  const Tensor b = vector_param(bias, x, hidden, "bias");
-  p.weight = ptr_or_null(w);
-  p.bias = ptr_or_null(b);
-  if (w.defined()) p.weight_dtype = to_dtype(w.scalar_type(), "weight");
-  if (b.defined()) p.bias_dtype = to_dtype(b.scalar_type(), "bias");
+  const VectorArg w = vector_arg(weight, x, hidden, "weight");
+  const VectorArg b = vector_arg(bias, x, hidden, "bias");
+  p.weight = w.ptr;
+  p.weight_dtype = w.dtype;
+  p.bias = b.ptr;
+  p.bias_dtype = b.dtype;
 
   Tensor y = at::empty(x.sizes(), x.options());
   Tensor residual_out = store_residual_out
@@ -140,14 +160,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
     const Tensor& dy, const OptTensor& dresidual_out, const Tensor& saved, const Tensor& rstd,
     const OptTensor& weight, const OptTensor& bias, bool is_rms_norm, bool memory_efficient,
     std::optional<at::ScalarType> dresidual_dtype) {
-  TORCH_CHECK(dy.is_cuda(), "dy must be a CUDA tensor for the CUDA kernel, got ", dy.device());
-  TORCH_CHECK(dy.dim() >= 1, "dy must have at least one dim");
-  const int64_t hidden = dy.size(-1);
-  TORCH_CHECK(hidden >= 1 && hidden <= kMaxHidden, "dy: the normalized size ", hidden,
-              " is outside the CUDA kernels' range [1, ", kMaxHidden, "]");
-  TORCH_CHECK(saved.sizes() == dy.sizes(), "saved: shape ", saved.sizes(),
-              " must equal dy's shape ", dy.sizes());
-  check_same_device(saved, dy, "saved");
+  const int64_t hidden = checked_hidden(dy, "dy");
   check_same_device(rstd, dy, "rstd");
   const at::ScalarType stats = dy.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(rstd.scalar_type() == stats && rstd.numel() * hidden == dy.numel(),
@@ -159,46 +172,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
   p.rows = dy.numel() / hidden;
   p.is_rms_norm = is_rms_norm;
   p.memory_efficient = memory_efficient;
-  const Rows dyr = as_rows(dy, hidden);
-  p.dy = dyr.t.data_ptr();
-  p.dy_row_stride = dyr.row_stride;
-  p.dy_dtype = to_dtype(dy.scalar_type(), "dy");
-  const Rows sr = as_rows(saved, hidden);
-  p.saved = sr.t.data_ptr();
-  p.saved_row_stride = sr.row_stride;
-  p.saved_dtype = to_dtype(saved.scalar_type(), "saved");
-  Rows dr{Tensor(), 0};
+  const RowsArg dya = rows_arg(dy, dy, hidden, "dy");
+  p.dy = dya.rows.t.data_ptr();
+  p.dy_row_stride = dya.rows.row_stride;
+  p.dy_dtype = dya.dtype;
+  const RowsArg sa = rows_arg(saved, dy, hidden, "saved");
+  p.saved = sa.rows.t.data_ptr();
+  p.saved_row_stride = sa.rows.row_stride;
+  p.saved_dtype = sa.dtype;
+  RowsArg da{};
   if (dresidual_out.has_value()) {
-    check_same_device(*dresidual_out, dy, "dresidual_out");
-    TORCH_CHECK(dresidual_out->sizes() == dy.sizes(), "dresidual_out: shape ",
-                dresidual_out->sizes(), " must equal dy's shape ", dy.sizes());
-    dr = as_rows(*dresidual_out, hidden);
-    p.dresidual_out = dr.t.data_ptr();
-    p.dresidual_out_row_stride = dr.row_stride;
-    p.dresidual_out_dtype = to_dtype(dresidual_out->scalar_type(), "dresidual_out");
+    da = rows_arg(*dresidual_out, dy, hidden, "dresidual_out");
+    p.dresidual_out = da.rows.t.data_ptr();
+    p.dresidual_out_row_stride = da.rows.row_stride;
+    p.dresidual_out_dtype = da.dtype;
   }
   const Tensor rstd_c = rstd.contiguous();
   p.rstd = rstd_c.data_ptr();
-  const Tensor w = vector_param(weight, dy, hidden, "weight");
-  const Tensor b = vector_param(bias, dy, hidden, "bias");
-  p.weight = ptr_or_null(w);
-  p.bias = ptr_or_null(b);
-  if (w.defined()) p.weight_dtype = to_dtype(w.scalar_type(), "weight");
-  if (b.defined()) p.bias_dtype = to_dtype(b.scalar_type(), "bias");
+  const VectorArg w = vector_arg(weight, dy, hidden, "weight");
+  const VectorArg b = vector_arg(bias, dy, hidden, "bias");
+  p.weight = w.ptr;
+  p.weight_dtype = w.dtype;
+  p.bias = b.ptr;
+  p.bias_dtype = b.dtype;
 
   Tensor dx = at::empty(dy.sizes(), dy.options());
   Tensor dresidual = dresidual_dtype.has_value()
                          ? at::empty(dy.sizes(), dy.options().dtype(*dresidual_dtype))
                          : at::empty({0}, dy.options());
-  Tensor dweight = w.defined() ? at::empty(w.sizes(), w.options()) : at::empty({0}, dy.options());
-  Tensor dbias = b.defined() ? at::empty(b.sizes(), b.options()) : at::empty({0}, dy.options());
+  Tensor dweight = w.ptr ? at::empty(w.t.sizes(), w.t.options()) : at::empty({0}, dy.options());
+  Tensor dbias = b.ptr ? at::empty(b.t.sizes(), b.t.options()) : at::empty({0}, dy.options());
   p.dx = dx.data_ptr();
   if (dresidual_dtype.has_value()) {
     p.dresidual = dresidual.data_ptr();
     p.dresidual_dtype = to_dtype(*dresidual_dtype, "dresidual_dtype");
   }
-  if (w.defined()) p.dweight = dweight.data_ptr();
-  if (b.defined()) p.dbias = dbias.data_ptr();
+  if (w.ptr) p.dweight = dweight.data_ptr();
+  if (b.ptr) p.dbias = dbias.data_ptr();
   if (p.rows == 0) {  // the column sums over no rows
     dweight.zero_();
     dbias.zero_();
@@ -207,10 +217,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
 
   const int64_t partial_rows = add_norm_bwd_partial_rows(p);
   Tensor dweight_partial, dbias_partial;
-  if (w.defined()) dweight_partial = at::empty({partial_rows, hidden}, dy.options().dtype(stats));
-  if (b.defined()) dbias_partial = at::empty({partial_rows, hidden}, dy.options().dtype(stats));
-  p.dweight_partial = w.defined() ? dweight_partial.data_ptr() : nullptr;
-  p.dbias_partial = b.defined() ? dbias_partial.data_ptr() : nullptr;
+  if (w.ptr) {
+    dweight_partial = at::empty({partial_rows, hidden}, dy.options().dtype(stats));
+    p.dweight_partial = dweight_partial.data_ptr();
+  }
+  if (b.ptr) {
+    dbias_partial = at::empty({partial_rows, hidden}, dy.options().dtype(stats));
+    p.dbias_partial = dbias_partial.data_ptr();
+  }
   check_launch(launch_add_norm_bwd(p, at::cuda::getCurrentCUDAStream()), "add_norm_bwd");
   return {dx, dresidual, dweight, dbias};
 }
