@@ -12,6 +12,7 @@ import torch
 from .support import SUPPORTED_DTYPES
 
 _DTYPE_NAMES = "float16, bfloat16, float32 or float64"
+_SUPPORTED = frozenset(SUPPORTED_DTYPES)
 
 
 def _shape(t: torch.Size) -> Tuple[int, ...]:
@@ -21,7 +22,7 @@ def _shape(t: torch.Size) -> Tuple[int, ...]:
 def _check_tensor(name: str, t, device: Optional[torch.device]) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in SUPPORTED_DTYPES:
+    if t.dtype not in _SUPPORTED:
         raise TypeError(
             f"{name}: dtype {t.dtype} is not supported; x, residual, weight and bias "
             f"must be floating point ({_DTYPE_NAMES}), in any mix"
@@ -37,8 +38,11 @@ def canonical_normalized_shape(normalized_shape) -> Tuple[int, ...]:
     """``int`` or sequence of ints -> tuple, as ``nn.LayerNorm`` accepts it."""
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
-    shape = tuple(int(d) for d in normalized_shape)
-    if len(shape) == 0 or any(d <= 0 for d in shape):
+    if isinstance(normalized_shape, torch.Size):  # already ints: skip the conversion
+        shape = tuple(normalized_shape)
+    else:
+        shape = tuple(int(d) for d in normalized_shape)
+    if not shape or min(shape) <= 0:
         raise ValueError(
             f"normalized_shape must be non-empty with positive sizes, got {shape}"
         )
@@ -90,13 +94,13 @@ def check_add_norm_args(
         shape = canonical_normalized_shape(weight.shape)
     else:
         shape = canonical_normalized_shape(x.shape[-1:])
-    if x.dim() < len(shape) or _shape(x.shape[x.dim() - len(shape):]) != shape:
+    if x.dim() < len(shape) or x.shape[x.dim() - len(shape):] != shape:
         raise ValueError(
             f"x: trailing dims of shape {_shape(x.shape)} must equal normalized_shape "
             f"{shape}"
         )
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and _shape(t.shape) != shape:
+        if t is not None and t.shape != shape:
             raise ValueError(
                 f"{name}: shape {_shape(t.shape)} must equal normalized_shape {shape}"
             )
@@ -108,10 +112,14 @@ def check_add_norm_args(
 
     if eps is None and is_rms_norm:
         eps = torch.finfo(x.dtype).eps
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or math.isinf(eps):
+    if type(eps) is not float:  # the common case skips these checks
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
+        eps = float(eps)
+    if not 0.0 <= eps < math.inf:
         raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
 
-    return shape, math.prod(shape), float(eps)
+    return shape, shape[0] if len(shape) == 1 else math.prod(shape), eps
 
 
 def residual_out_dtype(x, residual, residual_dtype: Optional[torch.dtype]) -> torch.dtype:
