@@ -27,9 +27,12 @@ for pair in "setuptools:setuptools>=64" "wheel:wheel" "ninja:ninja" "pybind11:py
             "pytest:pytest" ${EXTRA_DEPS:-}; do
     "$PY" -c "import ${pair%%:*}" 2>/dev/null || need+=("${pair#*:}")
 done
-if [ ${#need[@]} -gt 0 ]; then
-    "$PY" -m pip install -q "${need[@]}" >&2
-fi
+# One at a time and not fatal: a machine without a network may lack an optional one
+# (e.g. wheel, which recent setuptools no longer needs); what is truly missing fails
+# below, with pip's or pytest's own message.
+for pkg in ${need[@]+"${need[@]}"}; do
+    "$PY" -m pip install -q "$pkg" >&2 || echo "setup: could not install $pkg" >&2
+done
 
 # --no-build-isolation: build against the torch above (see README, "Install").
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
