@@ -262,7 +262,9 @@ def main(argv=None):
               "CUDA kernel numbers need a GPU.")
     elif not rf.cuda_kernels_available():
         print("warning: the CUDA kernels are not built; residual_fused runs the reference on CUDA.")
-    copy_gbs = copy_bandwidth_gbs(device, (1 << 30) if kind == "cuda" else (1 << 26))
+    # GPU: 1 GiB, far beyond L2. CPU: the sweep's own tensor size, so that both sides of
+    # the ratio see the same cache level.
+    copy_gbs = copy_bandwidth_gbs(device, (1 << 30) if kind == "cuda" else 4 * SWEEP_ELEMENTS["cpu"])
     print(f"device-to-device copy bandwidth: {copy_gbs:.0f} GB/s ({device})")
 
     sweep = [] if args.decode_only else list(sweep_configs(args, kind))
