@@ -58,6 +58,9 @@ FLAGS = {
                      torch.float64, True, False, True),
     "rms_fp32": Flags("rms_fp32", True, torch.float32, torch.float32, torch.float32, None,
                       True, False, True),
+    # float64 x with lower-precision residual and parameters, memory-efficient
+    "ln_fp64_mixed": Flags("ln_fp64_mixed", False, torch.float64, torch.float32, torch.float16,
+                           torch.bfloat16, True, True, False),
 }
 
 TOL = {torch.bfloat16: (1.6e-2, 2e-2), torch.float16: (2e-3, 2e-3), torch.float32: (2e-5, 2e-5),
@@ -141,7 +144,7 @@ PATHS = [
     (5125, 3, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),  # streamed, element-wise
     # float64 (gradcheck's path) and fp32
     (6, 5, ["ln_fp64"], "contiguous"),
-    (769, 4, ["ln_fp64", "rms_fp32"], "contiguous"),
+    (769, 4, ["ln_fp64", "ln_fp64_mixed", "rms_fp32"], "contiguous"),
 ]
 
 
