@@ -11,11 +11,8 @@ import torch
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 #: Largest normalized size (product of ``normalized_shape``) the CUDA kernels
-#: accept. The PyTorch reference path has no limit.
+#: accept (``kMaxHidden`` in csrc/kernels/add_norm.h). The reference has no limit.
 MAX_CUDA_HIDDEN_SIZE = 262144
-
-#: Feature flags every path (reference and CUDA) supports, for documentation.
-FLAGS = ("prenorm", "residual_dtype", "memory_efficient", "weight", "bias", "residual")
 
 
 def compute_dtype(x_dtype: torch.dtype) -> torch.dtype:
