@@ -22,6 +22,7 @@ def _add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dty
     shape, hidden, eps = check_add_norm_args(
         x, residual, weight, bias, eps, normalized_shape, residual_dtype, is_rms_norm
     )
+    prenorm, memory_efficient = bool(prenorm), bool(memory_efficient)
     out_dtype = residual_out_dtype(x, residual, residual_dtype)
     if distributed.is_dtensor(x):
         distributed.check_row_sharding(x, len(shape))
@@ -38,7 +39,7 @@ def _add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dty
 
     if _needs_grad(x, residual, weight, bias):
         out = AddNormFunction.apply(x_in, residual_in, weight_in, bias_in, eps, is_rms_norm,
-                                    prenorm, out_dtype, bool(memory_efficient))
+                                    prenorm, out_dtype, memory_efficient)
     else:
         y, residual_out, _ = add_norm_fwd(x_in, residual_in, weight_in, bias_in, eps,
                                              is_rms_norm, prenorm, out_dtype)
