@@ -1,5 +1,5 @@
-// Launch plans of the forward kernels that keep the row on chip (rows and staged).
-// The hidden-size buckets keep each thread's slice of the row at <= 32 fp32 registers.
+// Launch plans of the forward kernels that keep the row on chip: in registers (at most
+// 32 fp32 values per thread) up to kFwdRegsMaxVec8, staged in shared memory beyond.
 #include <algorithm>
 
 #include "fwd_kernels.cuh"
