@@ -132,11 +132,9 @@ def test_cuda_graph_capture_replays_like_eager(rms):
     for p in [x, r, *norm.parameters(), *proj.parameters()]:
         p.grad = None
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph):  # grads are None here, so capture allocates them
         y_static, res_static = step()
-    for p in [x, r, *norm.parameters(), *proj.parameters()]:
-        p.grad = None
-    graph.replay()
+    graph.replay()  # rewrites the captured outputs and .grad tensors in place
     torch.cuda.synchronize()
     graph_grads = [x.grad.clone(), r.grad.clone(), norm.weight.grad.clone()]
     for p in [x, r, *norm.parameters(), *proj.parameters()]:
