@@ -140,9 +140,13 @@ def test_cuda_graph_capture_replays_like_eager(rms):
     for p in [x, r, *norm.parameters(), *proj.parameters()]:
         p.grad = None
     y_eager, res_eager = step()
-    assert torch.equal(y_static, y_eager) and torch.equal(res_static, res_eager)
+    # Our kernels are deterministic; the Linear's cuBLAS kernels need not be bitwise so
+    # across capture and eager, hence a tight tolerance rather than equality.
+    close = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y_static, y_eager, **close)
+    torch.testing.assert_close(res_static, res_eager, **close)
     for g, p in zip(graph_grads, [x, r, norm.weight]):
-        assert torch.equal(g, p.grad)
+        torch.testing.assert_close(g, p.grad, **close)
 
 
 def test_errors_on_cuda_match_cpu():
