@@ -24,7 +24,6 @@ times are of the reference path: they say nothing about the CUDA kernels.
 
 import argparse
 import copy
-import math
 import os
 import statistics
 import sys
@@ -37,7 +36,6 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import residual_fused as rf  # noqa: E402
-import report  # noqa: E402
 
 IMPLS = ("unfused", "fused", "fused-mem")
 SHAPES = {  # hidden, heads, ffn, layers (GPU)

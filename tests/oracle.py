@@ -21,8 +21,6 @@ import residual_fused as rf
 
 ATOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
-OUTPUT_NAMES = ("y", "residual_out", "dx", "dresidual", "dweight", "dbias")
-
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -139,9 +137,6 @@ def eager(x, residual, weight, bias=None, eps=None, *, rms, prenorm, residual_dt
         y = F.layer_norm(cast(residual_out), normalized_shape, cast(weight), cast(bias), eps)
     y = y.to(x.dtype)
     return (y, residual_out) if prenorm else y
-
-
-PATHS = ("ours", "reference", "reference_native", "eager", "independent")
 
 
 def run(path: str, case: Case, inputs, grads):

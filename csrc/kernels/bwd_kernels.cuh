@@ -38,13 +38,7 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1)
 add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
   using acc_t = float;
   constexpr bool kWhole = ROW_THREADS == kWholeBlock;
-  static_assert(kWhole || (ROW_THREADS <= 32 && MAX_BLOCK % (kWhole ? 1 : ROW_THREADS) == 0),
-                "a row group is a power-of-two part of a warp");
-  const int row_threads = kWhole ? blockDim.x : ROW_THREADS;
-  const int rows_per_cta = kWhole ? 1 : blockDim.x / ROW_THREADS;
-  const int stride = row_threads * VEC;
-  const int lane = threadIdx.x % row_threads;
-  const int col0 = lane * VEC;
+  const RowGroup<ROW_THREADS, VEC, MAX_BLOCK> rg;
   const int hidden = p.hidden;
   const bool want_partials = p.dweight_partial != nullptr || p.dbias_partial != nullptr;
   float* const dyn_smem = dynamic_smem();
@@ -63,18 +57,18 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
     zero(db_reg);
   }
 
-  for (int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_cta; first < p.rows;
-       first += static_cast<int64_t>(gridDim.x) * rows_per_cta) {
-    const int64_t row = first + threadIdx.x / row_threads;
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * rg.rows_per_cta; first < p.rows;
+       first += static_cast<int64_t>(gridDim.x) * rg.rows_per_cta) {
+    const int64_t row = first + threadIdx.x / rg.row_threads;
     const bool active = row < p.rows;  // idle row groups still join the shuffles
 
     acc_t v[CHUNKS][VEC], g[CHUNKS][VEC];  // g holds dy until it is scaled by weight
     acc_t rstd = 0.f;
     if (active) {
       load_chunks<CHUNKS, VEC>(row_ptr(p.saved, row, p.saved_row_stride, p.saved_dtype),
-                               p.saved_dtype, col0, stride, hidden, v);
-      load_chunks<CHUNKS, VEC>(row_ptr(p.dy, row, p.dy_row_stride, p.dy_dtype), p.dy_dtype, col0,
-                               stride, hidden, g);
+                               p.saved_dtype, rg.col0, rg.stride, hidden, v);
+      load_chunks<CHUNKS, VEC>(row_ptr(p.dy, row, p.dy_row_stride, p.dy_dtype), p.dy_dtype, rg.col0,
+                               rg.stride, hidden, g);
       rstd = static_cast<const acc_t*>(p.rstd)[row];
     } else {
       zero(v);
@@ -83,8 +77,8 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
 
     // v -> xhat (zero past the end of the row).
     if (p.memory_efficient) {
-      if (p.bias != nullptr) apply_affine<Affine::kSub>(p.bias, p.bias_dtype, col0, stride, hidden, v);
-      if (p.weight != nullptr) apply_affine<Affine::kDiv>(p.weight, p.weight_dtype, col0, stride, hidden, v);
+      if (p.bias != nullptr) apply_affine<Affine::kSub>(p.bias, p.bias_dtype, rg.col0, rg.stride, hidden, v);
+      if (p.weight != nullptr) apply_affine<Affine::kDiv>(p.weight, p.weight_dtype, rg.col0, rg.stride, hidden, v);
     }
     const acc_t scale = p.memory_efficient ? acc_t(1) : rstd;
     acc_t mean_v = 0.f;
@@ -99,7 +93,7 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
     }
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
-      if (col0 + c * stride < hidden) {
+      if (rg.col0 + c * rg.stride < hidden) {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) v[c][i] = (v[c][i] - mean_v) * scale;
       }
@@ -109,7 +103,7 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
     if (active && want_partials) {
 #pragma unroll
       for (int c = 0; c < CHUNKS; ++c) {
-        const int col = col0 + c * stride;
+        const int col = rg.col0 + c * rg.stride;
         if (col < hidden) {
 #pragma unroll
           for (int i = 0; i < VEC; ++i) {
@@ -125,7 +119,7 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
       }
     }
 
-    if (p.weight != nullptr) apply_affine<Affine::kMul>(p.weight, p.weight_dtype, col0, stride, hidden, g);
+    if (p.weight != nullptr) apply_affine<Affine::kMul>(p.weight, p.weight_dtype, rg.col0, rg.stride, hidden, g);
     acc_t sums[2] = {0.f, 0.f};  // sum(g), sum(g * xhat)
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c)
@@ -147,17 +141,17 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
         acc_t d[CHUNKS][VEC];
         load_chunks<CHUNKS, VEC>(
             row_ptr(p.dresidual_out, row, p.dresidual_out_row_stride, p.dresidual_out_dtype),
-            p.dresidual_out_dtype, col0, stride, hidden, d);
+            p.dresidual_out_dtype, rg.col0, rg.stride, hidden, d);
 #pragma unroll
         for (int c = 0; c < CHUNKS; ++c)
 #pragma unroll
           for (int i = 0; i < VEC; ++i) g[c][i] += d[c][i];
       }
-      store_chunks<CHUNKS, VEC>(row_ptr(p.dx, row, hidden, p.dy_dtype), p.dy_dtype, col0, stride,
+      store_chunks<CHUNKS, VEC>(row_ptr(p.dx, row, hidden, p.dy_dtype), p.dy_dtype, rg.col0, rg.stride,
                                 hidden, g);
       if (p.dresidual != nullptr) {
         store_chunks<CHUNKS, VEC>(row_ptr(p.dresidual, row, hidden, p.dresidual_dtype),
-                                  p.dresidual_dtype, col0, stride, hidden, g);
+                                  p.dresidual_dtype, rg.col0, rg.stride, hidden, g);
       }
     }
   }
@@ -168,7 +162,7 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
   const int64_t out_row = static_cast<int64_t>(blockIdx.x) * hidden;
   if constexpr (kWhole) {
     for (int c = 0; c < CHUNKS; ++c) {
-      const int col = col0 + c * stride;
+      const int col = rg.col0 + c * rg.stride;
       if (col < hidden) {
         for (int i = 0; i < VEC; ++i) {
           if (dw_out != nullptr) dw_out[out_row + col + i] = dw_smem[c * VEC + i];
@@ -178,21 +172,21 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
     }
   } else {
     // Sum the CTA's row groups in a fixed order through shared memory.
-    const int width = stride * CHUNKS;  // columns a row group covers (>= hidden)
-    const int group = threadIdx.x / row_threads;
+    const int width = rg.stride * CHUNKS;  // columns a row group covers (>= hidden)
+    const int group = threadIdx.x / rg.row_threads;
     acc_t* const dw_buf = dyn_smem;
-    acc_t* const db_buf = dyn_smem + rows_per_cta * width;
+    acc_t* const db_buf = dyn_smem + rg.rows_per_cta * width;
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c)
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        dw_buf[group * width + col0 + c * stride + i] = dw_reg[c][i];
-        db_buf[group * width + col0 + c * stride + i] = db_reg[c][i];
+        dw_buf[group * width + rg.col0 + c * rg.stride + i] = dw_reg[c][i];
+        db_buf[group * width + rg.col0 + c * rg.stride + i] = db_reg[c][i];
       }
     __syncthreads();
     for (int col = threadIdx.x; col < hidden; col += blockDim.x) {
       acc_t dw = dw_buf[col], db = db_buf[col];
-      for (int k = 1; k < rows_per_cta; ++k) {
+      for (int k = 1; k < rg.rows_per_cta; ++k) {
         dw += dw_buf[k * width + col];
         db += db_buf[k * width + col];
       }

@@ -206,6 +206,21 @@ __device__ __forceinline__ void apply_affine(const void* param, DType t, int col
 // (the block size is chosen at launch to fit the row).
 constexpr int kWholeBlock = 0;
 
+// Where a thread of a rows kernel works: a group of ROW_THREADS lanes owns a row
+// (several rows per CTA), or the whole block does (kWholeBlock). Chunk c of the
+// thread starts at column col0 + c * stride.
+template <int ROW_THREADS, int VEC, int MAX_BLOCK>
+struct RowGroup {
+  static constexpr bool kWhole = ROW_THREADS == kWholeBlock;
+  static_assert(kWhole || (ROW_THREADS <= 32 && MAX_BLOCK % (kWhole ? 1 : ROW_THREADS) == 0),
+                "a row group is a power-of-two part of a warp");
+  const int row_threads = kWhole ? static_cast<int>(blockDim.x) : ROW_THREADS;
+  const int rows_per_cta = kWhole ? 1 : static_cast<int>(blockDim.x) / ROW_THREADS;
+  const int stride = row_threads * VEC;  // columns between a thread's chunks
+  const int lane = threadIdx.x % row_threads;
+  const int col0 = lane * VEC;
+};
+
 // ---- reductions --------------------------------------------------------------------
 
 // Sums over aligned groups of WIDTH lanes (WIDTH <= 32); every lane gets its group's sum.

@@ -20,31 +20,25 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1)
 add_norm_fwd_rows_kernel(const AddNormFwdParams p) {
   using acc_t = float;
   constexpr bool kWhole = ROW_THREADS == kWholeBlock;
-  static_assert(kWhole || (ROW_THREADS <= 32 && MAX_BLOCK % (kWhole ? 1 : ROW_THREADS) == 0),
-                "a row group is a power-of-two part of a warp");
-  const int row_threads = kWhole ? blockDim.x : ROW_THREADS;
-  const int rows_per_cta = kWhole ? 1 : blockDim.x / ROW_THREADS;
-  const int stride = row_threads * VEC;  // columns between a thread's chunks
-  const int lane = threadIdx.x % row_threads;
-  const int col0 = lane * VEC;
+  const RowGroup<ROW_THREADS, VEC, MAX_BLOCK> rg;
   const int hidden = p.hidden;
   __shared__ acc_t smem[kWhole ? MAX_BLOCK / 32 : 1];
 
   // Trip count is uniform across the CTA, so the block-wide reductions are safe.
-  for (int64_t first = static_cast<int64_t>(blockIdx.x) * rows_per_cta; first < p.rows;
-       first += static_cast<int64_t>(gridDim.x) * rows_per_cta) {
-    const int64_t row = first + threadIdx.x / row_threads;
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * rg.rows_per_cta; first < p.rows;
+       first += static_cast<int64_t>(gridDim.x) * rg.rows_per_cta) {
+    const int64_t row = first + threadIdx.x / rg.row_threads;
     const bool active = row < p.rows;  // idle row groups still join the shuffles
 
     acc_t s[CHUNKS][VEC];
     if (active) {
-      load_chunks<CHUNKS, VEC>(row_ptr(p.x, row, p.x_row_stride, p.x_dtype), p.x_dtype, col0,
-                               stride, hidden, s);
+      load_chunks<CHUNKS, VEC>(row_ptr(p.x, row, p.x_row_stride, p.x_dtype), p.x_dtype, rg.col0,
+                               rg.stride, hidden, s);
       if (p.residual != nullptr) {
         acc_t r[CHUNKS][VEC];
         load_chunks<CHUNKS, VEC>(
             row_ptr(p.residual, row, p.residual_row_stride, p.residual_dtype), p.residual_dtype,
-            col0, stride, hidden, r);
+            rg.col0, rg.stride, hidden, r);
 #pragma unroll
         for (int c = 0; c < CHUNKS; ++c)
 #pragma unroll
@@ -71,7 +65,7 @@ add_norm_fwd_rows_kernel(const AddNormFwdParams p) {
     acc_t sq[1] = {0.f};
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
-      if (col0 + c * stride < hidden) {
+      if (rg.col0 + c * rg.stride < hidden) {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
           const acc_t d = s[c][i] - mean;
@@ -83,18 +77,18 @@ add_norm_fwd_rows_kernel(const AddNormFwdParams p) {
     const acc_t rstd = inv_sqrt(sq[0] / hidden + static_cast<acc_t>(p.eps));
 
     if (active) {
-      if (lane == 0) static_cast<acc_t*>(p.rstd)[row] = rstd;
+      if (rg.lane == 0) static_cast<acc_t*>(p.rstd)[row] = rstd;
       if (p.residual_out != nullptr) {
         store_chunks<CHUNKS, VEC>(row_ptr(p.residual_out, row, hidden, p.residual_out_dtype),
-                                  p.residual_out_dtype, col0, stride, hidden, s);
+                                  p.residual_out_dtype, rg.col0, rg.stride, hidden, s);
       }
 #pragma unroll
       for (int c = 0; c < CHUNKS; ++c)
 #pragma unroll
         for (int i = 0; i < VEC; ++i) s[c][i] = (s[c][i] - mean) * rstd;
-      if (p.weight != nullptr) apply_affine<Affine::kMul>(p.weight, p.weight_dtype, col0, stride, hidden, s);
-      if (p.bias != nullptr) apply_affine<Affine::kAdd>(p.bias, p.bias_dtype, col0, stride, hidden, s);
-      store_chunks<CHUNKS, VEC>(row_ptr(p.y, row, hidden, p.x_dtype), p.x_dtype, col0, stride,
+      if (p.weight != nullptr) apply_affine<Affine::kMul>(p.weight, p.weight_dtype, rg.col0, rg.stride, hidden, s);
+      if (p.bias != nullptr) apply_affine<Affine::kAdd>(p.bias, p.bias_dtype, rg.col0, rg.stride, hidden, s);
+      store_chunks<CHUNKS, VEC>(row_ptr(p.y, row, hidden, p.x_dtype), p.x_dtype, rg.col0, rg.stride,
                                 hidden, s);
     }
   }
