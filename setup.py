@@ -9,6 +9,7 @@ an error; ``RESIDUAL_FUSED_BUILD_CUDA=0`` skips the extension.
 """
 
 import glob
+import importlib.util
 import os
 import shutil
 import site
@@ -44,6 +45,24 @@ def _nvidia_wheel_dirs():
     return includes, libs
 
 
+def _use_safe_cxx():
+    """Build with a C++ compiler that links libstdc++ dynamically (residual_fused/_build_env.py).
+    Returns why no such compiler was found, or None."""
+    spec = importlib.util.spec_from_file_location(
+        "_build_env", os.path.join(HERE, "residual_fused", "_build_env.py"))
+    build_env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_env)
+    current = os.environ.get("CXX", "c++")  # what torch's build helper would use
+    try:
+        cxx, message = build_env.pick_cxx(current)
+    except RuntimeError as err:
+        return str(err)
+    if message:
+        _log(message)
+        os.environ["CXX"] = cxx
+    return None
+
+
 def _cuda_extension_kwargs():
     if BUILD_CUDA in ("0", "false", "no"):
         return _skip("RESIDUAL_FUSED_BUILD_CUDA=0")
@@ -57,6 +76,9 @@ def _cuda_extension_kwargs():
     if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
         return _skip("nvcc was not found (set CUDA_HOME)")
 
+    bad_cxx = _use_safe_cxx()
+    if bad_cxx:
+        return _skip(bad_cxx)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # With no GPU to detect, torch would build for every architecture its CUDA
         # knows; the kernels target sm_80 and newer (PTX covers later GPUs).

@@ -22,6 +22,7 @@ the PyTorch reference path; CUDA numbers need a GPU.
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
@@ -72,6 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--results", action="store_true",
                    help="write bench/results/<device>.md and its plots (the committed results)")
     p.add_argument("--overhead", action="store_true", help="only measure host time per call")
+    p.add_argument("--page-from", metavar="DIR",
+                   help="no timing: write bench/results/<device>.md from a folder that --out "
+                        "wrote (results.csv, env.json), e.g. one copied back from a GPU machine")
+    p.add_argument("--command", help="with --page-from: the command that recorded the folder")
     return p.parse_args(argv)
 
 
@@ -250,9 +255,37 @@ def run_overhead(device: str) -> dict:
     return results
 
 
+def write_results_page(rows, env, command, base=None) -> str:
+    """bench/results/<device>.md, with results.csv, env.json and plots in <device>/."""
+    name = _slug(env.get("gpu") or f"cpu_{env.get('cpu', 'unknown')}")
+    base = base or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    folder = os.path.join(base, name)
+    os.makedirs(folder, exist_ok=True)
+    report.write_csv(rows, os.path.join(folder, "results.csv"))
+    report.write_json(env, os.path.join(folder, "env.json"))
+    images = report.plot(rows, env["copy_gbs"], folder, env.get("gpu") or env["device"])
+    rel = [os.path.join(name, os.path.basename(p)) for p in images]
+    page = os.path.join(base, f"{name}.md")
+    with open(page, "w") as f:
+        f.write(report.markdown(rows, env, command, rel, headline_hidden=[4096, 8192, 16384]))
+    return page
+
+
+def page_from(folder: str, command: str, base=None) -> str:
+    """The results page of a recorded run (no device needed)."""
+    rows = report.read_csv(os.path.join(folder, "results.csv"))
+    with open(os.path.join(folder, "env.json")) as f:
+        env = json.load(f)
+    return write_results_page(rows, env, command, base)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = args.device
+    if args.page_from:
+        page = page_from(args.page_from, args.command or "(not recorded)")
+        print(f"wrote {page}")
+        return
     if args.overhead:
         run_overhead(device)
         return
@@ -285,18 +318,8 @@ def main(argv=None):
         images = report.plot(rows, copy_gbs, args.out, env.get("gpu") or device)
         print(f"wrote {args.out}: results.csv, env.json, {len(images)} plot(s)")
     if args.results:
-        name = _slug(env.get("gpu") or f"cpu_{env.get('cpu', 'unknown')}")
-        base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-        folder = os.path.join(base, name)
-        os.makedirs(folder, exist_ok=True)
-        report.write_csv(rows, os.path.join(folder, "results.csv"))
-        report.write_json(env, os.path.join(folder, "env.json"))
-        images = report.plot(rows, copy_gbs, folder, env.get("gpu") or device)
-        rel = [os.path.join(name, os.path.basename(p)) for p in images]
-        with open(os.path.join(base, f"{name}.md"), "w") as f:
-            f.write(report.markdown(rows, env, command, rel, headline_hidden=[4096, 8192, 16384]))
-        print(f"wrote {os.path.join(base, name + '.md')} and {folder}/")
-
+        page = write_results_page(rows, env, command)
+        print(f"wrote {page} and its folder")
 
 if __name__ == "__main__":
     main()

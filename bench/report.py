@@ -84,6 +84,31 @@ def write_csv(rows: List[dict], path: str) -> None:
         writer.writerows(rows)
 
 
+_INT_FIELDS = ("rows", "hidden", "bytes")
+_FLOAT_FIELDS = ("ms", "host_us", "gbs", "pct_copy", "vs_eager", "vs_compile")
+_BOOL_FIELDS = ("memory_efficient", "fused_add")
+
+
+def read_csv(path: str) -> List[dict]:
+    """Rows written by :func:`write_csv`, with their types restored (empty cells: None)."""
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row = dict(raw)
+            for k in _INT_FIELDS + _FLOAT_FIELDS + _BOOL_FIELDS:
+                v = raw.get(k, "")
+                if v == "":
+                    row[k] = None
+                elif k in _INT_FIELDS:
+                    row[k] = int(v)
+                elif k in _FLOAT_FIELDS:
+                    row[k] = float(v)
+                else:
+                    row[k] = v == "True"
+            rows.append(row)
+    return rows
+
+
 def write_json(obj: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, default=str)

@@ -141,3 +141,28 @@ def test_model_benchmark_checks_and_times_both_stacks(source):
     assert {(r["model"], r["impl"]) for r in results} == {
         (m, i) for m in ("bert", "llama") for i in bench_model.IMPLS}
     assert all(r["step_ms"] > 0 for r in results)
+
+
+def test_results_page_from_a_recorded_folder(tmp_path):
+    """A folder copied back from a GPU machine (results.csv + env.json) becomes the
+    committed page without re-running anything, with types restored from the CSV."""
+    rec = tmp_path / "recorded"
+    rec.mkdir()
+    rows = [bench_add_norm._row("sweep", Config(norm="rms", prenorm=True, rows=16384, hidden=4096),
+                                "fwd", name, fused_add=True, ms=ms, bytes=537_000_000,
+                                gbs=537 / ms, pct_copy=100 * 537 / ms / 4220)
+            for name, ms in (("eager", 0.2015), ("residual_fused", 0.1821))]
+    report.add_speedups(rows)
+    report.write_csv(rows, str(rec / "results.csv"))
+    report.write_json({"device": "cuda", "gpu": "Test GPU 80GB", "copy_gbs": 4220.0},
+                      str(rec / "env.json"))
+    back = report.read_csv(str(rec / "results.csv"))
+    assert back[1]["ms"] == pytest.approx(0.1821) and back[1]["hidden"] == 4096
+    assert back[1]["fused_add"] is True and back[1]["memory_efficient"] is False
+    assert back[0]["host_us"] is None
+    page = bench_add_norm.page_from(str(rec), "make gpu-check", base=str(tmp_path / "results"))
+    assert os.path.basename(page) == "test_gpu_80gb.md"
+    text = open(page).read()
+    assert "| copy_gbs | 4220 GB/s |" in text and "`make gpu-check`" in text
+    assert "| rms | pre | fwd | bfloat16 | 16384 | 4096 | residual_fused | 182.1 us |" in text
+    assert os.path.exists(tmp_path / "results" / "test_gpu_80gb" / "results.csv")

@@ -1,0 +1,88 @@
+"""Build-time checks of the C++ toolchain, used by setup.py (no torch import here).
+
+A C++ compiler that links libstdc++ statically into a shared library (a wrapper
+adding ``-static-libstdc++``, as some CUDA images install first on PATH) builds an
+extension that imports fine but carries a second copy of the C++ runtime beside
+the one torch uses. The first error message the extension formats then crashes
+the process (seen on an H200 machine: a bad argument segfaulted inside
+``std::ostream::operator<<(double)`` instead of raising). setup.py asks
+:func:`pick_cxx` for a compiler that links the runtime dynamically.
+"""
+
+import os
+import shutil
+import subprocess
+import tempfile
+from typing import Iterable, List, Optional, Tuple
+
+_PROBE = """
+#include <sstream>
+#include <string>
+std::string residual_fused_probe(double v) { std::ostringstream s; s << v; return s.str(); }
+"""
+# std::ostream::_M_insert<double>: defined in the probe library only when libstdc++
+# was copied into it.
+_STATIC_MARKER = "_ZNSo9_M_insertIdEERSoT_"
+
+
+def links_cxx_runtime_statically(cxx: str) -> Optional[bool]:
+    """True if ``cxx -shared`` copies libstdc++ into the library, False if not,
+    None if that cannot be told here (the compiler or ``nm`` fails or is missing)."""
+    nm = shutil.which("nm")
+    if nm is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
+        with open(src, "w") as f:
+            f.write(_PROBE)
+        try:
+            built = subprocess.run([cxx, "-shared", "-fPIC", "-O1", src, "-o", lib],
+                                   capture_output=True, timeout=120)
+            if built.returncode != 0:
+                return None
+            symbols = subprocess.run([nm, "--defined-only", lib], capture_output=True,
+                                     text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if symbols.returncode != 0:
+            return None
+        return _STATIC_MARKER in symbols.stdout
+
+
+def _candidates(current: str, path: str) -> List[str]:
+    """Other C++ compilers than ``current``: g++/c++ from each PATH entry, then /usr/bin."""
+    seen = {os.path.realpath(shutil.which(current) or current)}
+    found = []
+    dirs = [d for d in path.split(os.pathsep) if d] + ["/usr/bin"]
+    for d in dirs:
+        for name in ("g++", "c++"):
+            exe = os.path.join(d, name)
+            real = os.path.realpath(exe)
+            if os.access(exe, os.X_OK) and real not in seen:
+                seen.add(real)
+                found.append(exe)
+    return found
+
+
+def pick_cxx(current: str, path: Optional[str] = None,
+             probe=links_cxx_runtime_statically) -> Tuple[str, Optional[str]]:
+    """(compiler to build with, message for the log or None).
+
+    Keeps ``current`` unless it links libstdc++ statically; then the first other
+    g++/c++ on PATH (or /usr/bin) that does not. Raises RuntimeError if every
+    compiler found does, since such an extension would crash on its first error.
+    """
+    if probe(current) is not True:
+        return current, None
+    rejected: Iterable[str] = [current]
+    for other in _candidates(current, os.environ.get("PATH", "") if path is None else path):
+        verdict = probe(other)
+        if verdict is False:
+            return other, (f"the C++ compiler {current!r} links libstdc++ statically into "
+                           f"shared libraries, which breaks error handling beside torch; "
+                           f"building with {other!r} instead (set CXX to choose another)")
+        rejected = [*rejected, other]
+    raise RuntimeError(
+        f"every C++ compiler found ({', '.join(rejected)}) links libstdc++ statically into "
+        "shared libraries; an extension built that way crashes on its first error. Set CXX "
+        "to a g++ or clang++ that links it dynamically (the default for both).")
