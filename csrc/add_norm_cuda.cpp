@@ -215,17 +215,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
     return {dx, dresidual, dweight, dbias};
   }
 
-  const int64_t partial_rows = add_norm_bwd_partial_rows(p);
+  // Planned once: the workspace is sized from the plan that is launched.
+  const AddNormBwdPlan plan = plan_add_norm_bwd(p);
+  p.partial_rows = plan.partial_rows;
   Tensor dweight_partial, dbias_partial;
   if (w.ptr) {
-    dweight_partial = at::empty({partial_rows, hidden}, dy.options().dtype(stats));
+    dweight_partial = at::empty({plan.partial_rows, hidden}, dy.options().dtype(stats));
     p.dweight_partial = dweight_partial.data_ptr();
   }
   if (b.ptr) {
-    dbias_partial = at::empty({partial_rows, hidden}, dy.options().dtype(stats));
+    dbias_partial = at::empty({plan.partial_rows, hidden}, dy.options().dtype(stats));
     p.dbias_partial = dbias_partial.data_ptr();
   }
-  check_launch(launch_add_norm_bwd(p, at::cuda::getCurrentCUDAStream()), "add_norm_bwd");
+  check_launch(launch_add_norm_bwd(p, plan, at::cuda::getCurrentCUDAStream()), "add_norm_bwd");
   return {dx, dresidual, dweight, dbias};
 }
 

@@ -22,3 +22,19 @@ def _seed():
 
 def has_cuda_kernels() -> bool:
     return torch.cuda.is_available() and rf.cuda_kernels_available()
+
+
+@pytest.fixture(scope="session")
+def kernel_build():
+    """csrc/kernels compiled by nvcc for sm_80 and sm_90 (bench/cubin.py, cached under
+    build/kernel-audit/); skips where nvcc is missing."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    import cubin
+
+    try:
+        return cubin.build()
+    except FileNotFoundError as why:
+        pytest.skip(str(why))

@@ -68,22 +68,43 @@ struct AddNormBwdParams {
   void* dweight = nullptr;             // [hidden], weight_dtype, or null
   void* dbias = nullptr;               // [hidden], bias_dtype, or null
 
-  // Workspace from add_norm_bwd_partial_rows(): per-CTA column sums of dy * xhat and
-  // dy, [partial_rows, hidden] in the compute type, reduced in a fixed order by a
-  // second kernel so the weight gradients are bitwise reproducible (no atomics).
+  // Workspace of the backward's plan (AddNormBwdPlan::partial_rows rows): per-CTA
+  // column sums of dy * xhat and dy, [partial_rows, hidden] in the compute type,
+  // reduced in a fixed order by a second kernel so the weight gradients are bitwise
+  // reproducible (no atomics).
   void* dweight_partial = nullptr;
   void* dbias_partial = nullptr;
-  int64_t partial_rows = 0;  // set by launch_add_norm_bwd for the reduction kernel
+  int64_t partial_rows = 0;            // rows of the workspace the caller allocated
+};
+
+// One kernel launch: which kernel, grid, block and dynamic shared memory.
+struct LaunchPlan {
+  const void* kernel = nullptr;  // a __global__ function taking the params struct by value
+  int64_t grid = 0;
+  int block = 0;
+  size_t smem = 0;  // dynamic shared memory, bytes
+};
+
+// The backward of one call, planned once: the caller sizes the workspace from it and
+// hands the same plan to launch_add_norm_bwd, so what is launched is what was sized
+// (a second planning could see a different occupancy, e.g. after a failed attribute
+// call, and launch more CTAs than there are workspace rows).
+struct AddNormBwdPlan {
+  LaunchPlan main;           // the backward kernel (persistent: one partial row per CTA)
+  int64_t partial_rows = 0;  // workspace rows: main.grid, or 0 without weight and bias
 };
 
 // Launch the forward on `stream`. Returns the launch status; never synchronises.
 cudaError_t launch_add_norm_fwd(const AddNormFwdParams& params, cudaStream_t stream);
 
-// Rows of the dweight/dbias workspace the backward needs for `params` on the current
-// device (0 when there is neither weight nor bias, or no rows).
-int64_t add_norm_bwd_partial_rows(const AddNormBwdParams& params);
+// The backward's plan for `params` on the current device.
+AddNormBwdPlan plan_add_norm_bwd(const AddNormBwdParams& params);
 
-// Launch the backward (and the partial-sum reduction) on `stream`.
-cudaError_t launch_add_norm_bwd(const AddNormBwdParams& params, cudaStream_t stream);
+// Launch the backward (and the partial-sum reduction) of `plan` on `stream`.
+// params.partial_rows must equal plan.partial_rows, with workspace pointers for the
+// gradients present; anything else is refused (cudaErrorInvalidValue) before any
+// launch. A failed launch leaves no error pending for a later call to report.
+cudaError_t launch_add_norm_bwd(const AddNormBwdParams& params, const AddNormBwdPlan& plan,
+                                cudaStream_t stream);
 
 }  // namespace residual_fused

@@ -56,44 +56,60 @@ bool aligned16(const void* ptr, int64_t row_stride, DType t) {
 // maximum, rather than per call: it is one value per kernel, shared by every host
 // thread and every captured graph, so lowering it could fail another's launch.
 struct KernelInfo {
+  bool valid = false;  // the attribute query succeeded; a failed one is not cached
   int static_smem = 0;
   bool opted_in = false;
 };
 
-KernelInfo& kernel_info(const void* kernel) {
+std::mutex& kernel_info_mutex() {
   static std::mutex mutex;
+  return mutex;
+}
+
+// The entry of (kernel, current device); the caller holds kernel_info_mutex(). A failed
+// query is retried by the next caller rather than cached: caching a wrong static size
+// would make every later opt-in request exceed the device limit.
+KernelInfo& kernel_info_locked(const void* kernel) {
   static std::map<std::pair<const void*, int>, KernelInfo> cache;
-  const std::pair<const void*, int> key{kernel, current_device()};
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it == cache.end()) {
+  KernelInfo& info = cache[{kernel, current_device()}];
+  if (!info.valid) {
     cudaFuncAttributes attr{};
-    KernelInfo info;
     if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess) {
+      info.valid = true;
       info.static_smem = static_cast<int>(attr.sharedSizeBytes);
     } else {
-      cudaGetLastError();  // consumed here: the launch itself will report a real problem
+      cudaGetLastError();  // consumed here; the caller treats the kernel as unusable for now
     }
-    it = cache.emplace(key, info).first;
   }
-  return it->second;
+  return info;
 }
+
+// Without the opt-in a block may use 48 KB of shared memory, static and dynamic
+// together.
+constexpr int64_t kDefaultSmemPerBlock = 48 * 1024;
 
 }  // namespace
 
+// A kernel whose attributes cannot be read now does not fit: the caller falls back to
+// the streamed kernels, which need no opt-in.
 bool fits_on_device(const LaunchPlan& plan) {
-  return static_cast<int64_t>(plan.smem) + kernel_info(plan.kernel).static_smem <= max_smem_per_block();
+  std::lock_guard<std::mutex> lock(kernel_info_mutex());
+  const KernelInfo& info = kernel_info_locked(plan.kernel);
+  return info.valid && static_cast<int64_t>(plan.smem) + info.static_smem <= max_smem_per_block();
 }
 
 namespace {
 
 cudaError_t allow_smem(const LaunchPlan& plan) {
-  if (plan.smem <= 48 * 1024) return cudaSuccess;
-  KernelInfo& info = kernel_info(plan.kernel);
-  if (info.opted_in) return cudaSuccess;
+  std::lock_guard<std::mutex> lock(kernel_info_mutex());
+  KernelInfo& info = kernel_info_locked(plan.kernel);
+  if (!info.valid) return plan.smem <= 0 ? cudaSuccess : cudaErrorInvalidDeviceFunction;
+  if (static_cast<int64_t>(plan.smem) + info.static_smem <= kDefaultSmemPerBlock || info.opted_in) {
+    return cudaSuccess;
+  }
   const cudaError_t err = cudaFuncSetAttribute(plan.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                max_smem_per_block() - info.static_smem);
-  info.opted_in = err == cudaSuccess;  // benign race: concurrent callers set the same value
+  info.opted_in = err == cudaSuccess;
   if (err != cudaSuccess) cudaGetLastError();  // returned to the caller, not left pending
   return err;
 }
@@ -103,8 +119,12 @@ cudaError_t launch(const LaunchPlan& plan, const Params& params, cudaStream_t st
   const cudaError_t err = allow_smem(plan);
   if (err != cudaSuccess) return err;
   void* args[] = {const_cast<Params*>(&params)};
-  return cudaLaunchKernel(plan.kernel, dim3(static_cast<unsigned>(plan.grid)), dim3(plan.block),
-                          args, plan.smem, stream);
+  const cudaError_t launched = cudaLaunchKernel(plan.kernel, dim3(static_cast<unsigned>(plan.grid)),
+                                                dim3(plan.block), args, plan.smem, stream);
+  // A refused launch also sets the runtime's last error; clear it so that it is
+  // reported once, by our caller, and not again by an unrelated later call.
+  if (launched != cudaSuccess) cudaGetLastError();
+  return launched;
 }
 
 LaunchPlan fwd_plan(const AddNormFwdParams& p) {
@@ -166,19 +186,28 @@ cudaError_t launch_add_norm_fwd(const AddNormFwdParams& p, cudaStream_t stream) 
   return launch(fwd_plan(p), p, stream);
 }
 
-int64_t add_norm_bwd_partial_rows(const AddNormBwdParams& p) {
-  if (p.rows == 0 || (p.weight == nullptr && p.bias == nullptr)) return 0;
-  return bwd_plan(p).grid;
+AddNormBwdPlan plan_add_norm_bwd(const AddNormBwdParams& p) {
+  AddNormBwdPlan plan;
+  if (p.rows == 0) return plan;
+  plan.main = bwd_plan(p);
+  if (p.weight != nullptr || p.bias != nullptr) plan.partial_rows = plan.main.grid;
+  return plan;
 }
 
-cudaError_t launch_add_norm_bwd(const AddNormBwdParams& p, cudaStream_t stream) {
+cudaError_t launch_add_norm_bwd(const AddNormBwdParams& p, const AddNormBwdPlan& plan,
+                                cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
-  const LaunchPlan plan = bwd_plan(p);
-  const cudaError_t err = launch(plan, p, stream);
-  if (err != cudaSuccess || (p.dweight == nullptr && p.dbias == nullptr)) return err;
-  AddNormBwdParams reduce = p;
-  reduce.partial_rows = plan.grid;  // one partial row per CTA of the backward
-  return launch(plan_reduce_partials(reduce), reduce, stream);
+  const bool partials = p.dweight != nullptr || p.dbias != nullptr;
+  // Launch only the plan the workspace was sized for: one partial row per CTA.
+  if (plan.main.kernel == nullptr || p.partial_rows != plan.partial_rows ||
+      (partials && (plan.partial_rows != plan.main.grid ||
+                    (p.dweight != nullptr && p.dweight_partial == nullptr) ||
+                    (p.dbias != nullptr && p.dbias_partial == nullptr)))) {
+    return cudaErrorInvalidValue;
+  }
+  const cudaError_t err = launch(plan.main, p, stream);
+  if (err != cudaSuccess || !partials) return err;
+  return launch(plan_reduce_partials(p), p, stream);
 }
 
 }  // namespace residual_fused

@@ -1,6 +1,7 @@
-// Launch plans: which kernel, grid, block and dynamic shared memory a call uses.
-// Each family's .cu file turns params into a plan; dispatch.cu picks the family and
-// launches. The backward's workspace size comes from the same plan it launches with.
+// Launch plans (LaunchPlan, add_norm.h): which kernel, grid, block and dynamic shared
+// memory a call uses. Each family's .cu file turns params into a plan; dispatch.cu
+// picks the family and launches. The backward's workspace is sized from the very plan
+// it launches (AddNormBwdPlan).
 #pragma once
 
 #include <cstdint>
@@ -10,13 +11,6 @@
 #include "add_norm.h"
 
 namespace residual_fused {
-
-struct LaunchPlan {
-  const void* kernel = nullptr;  // a __global__ function taking the params struct by value
-  int64_t grid = 0;
-  int block = 0;
-  size_t smem = 0;  // dynamic shared memory, bytes
-};
 
 // Multiprocessor count of the current device (cached per device).
 int sm_count();

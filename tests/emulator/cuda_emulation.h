@@ -1,12 +1,15 @@
-// Host emulation of the small part of CUDA the kernels in csrc/kernels use, so that
-// their code runs unchanged on a CPU (g++ -include cuda_emulation.h -x c++ file.cu).
+// Host emulation of the part of CUDA that csrc/kernels uses, so that the kernels and
+// their launch code compile unchanged for the CPU:
+//   g++ -include cuda_emulation.h -x c++ csrc/kernels/fwd_rows.cu ...
 //
-// A launch runs the grid's blocks one after another; the threads of a block are
-// cooperative fibers, __syncthreads is a block-wide barrier and __shfl_xor_sync
-// exchanges values through a per-warp buffer between two warp-wide barriers. __shared__ arrays
-// become function-local statics (one block runs at a time) and `extern __shared__`
-// memory is emulator.cpp's residual_fused::dyn_smem. This checks indexing, coverage,
-// synchronisation structure and arithmetic; it says nothing about speed.
+// Threads are fibers scheduled by tests/emulator/scheduler.cpp under a choice of
+// orders, and the CTAs of a wave run interleaved. __syncthreads and __shfl_xor_sync
+// carry their call site, so the scheduler can check that every thread of a block
+// reaches the same barrier and every lane of a mask the same shuffle. __shared__
+// arrays are statics; the emulator finds each kernel's arrays by symbol and gives
+// every CTA its own poisoned copy. The CUDA runtime calls of dispatch.cu go to
+// device.cpp, which applies the launch rules of a chosen GPU. This checks indexing,
+// coverage, synchronisation and launch configuration; it says nothing about speed.
 #pragma once
 
 #include <cuda_runtime.h>  // types (dim3, uint4, cudaError_t); its functions are replaced below
@@ -30,12 +33,19 @@
 #define __launch_bounds__(...)
 
 namespace emu {
+// Where a barrier or shuffle is called from, for the agreement checks.
+struct Site {
+  const char* file;
+  int line;
+};
+
 extern dim3 threadIdx, blockIdx, blockDim, gridDim;  // of the running fiber
-void syncthreads();
-double shfl_xor(double v, int lane_mask, int width);
+void syncthreads(Site site);
+double shfl_xor(Site site, unsigned mask, double v, int lane_mask, int width);
 template <typename T>
-T shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
-  return static_cast<T>(shfl_xor(static_cast<double>(v), lane_mask, width));
+T shfl_xor_sync(Site site, unsigned mask, T v, int lane_mask, int width = 32) {
+  // Through double: exact for the float, double and int values the kernels exchange.
+  return static_cast<T>(shfl_xor(site, mask, static_cast<double>(v), lane_mask, width));
 }
 }  // namespace emu
 
@@ -43,12 +53,12 @@ using emu::blockDim;
 using emu::blockIdx;
 using emu::gridDim;
 using emu::threadIdx;
-#define __syncthreads() ::emu::syncthreads()
-#define __shfl_xor_sync(...) ::emu::shfl_xor_sync(__VA_ARGS__)
+#define __syncthreads() ::emu::syncthreads(::emu::Site{__FILE__, __LINE__})
+#define __shfl_xor_sync(...) ::emu::shfl_xor_sync(::emu::Site{__FILE__, __LINE__}, __VA_ARGS__)
 
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 
-// CUDA runtime calls made by csrc/kernels/dispatch.cu.
+// CUDA runtime calls made by csrc/kernels/dispatch.cu (device.cpp).
 namespace emu {
 cudaError_t get_device(int* device);
 cudaError_t device_attribute(int* value, cudaDeviceAttr attr, int device);

@@ -1,0 +1,647 @@
+"""Static audit of the kernels' SASS: bytes in flight as a property of the code.
+
+A memory-bound kernel reaches the HBM floor only with enough independent bytes in
+flight per SM (Little's law). That is visible in the compiled code, without a GPU:
+
+- registers, static shared memory, local memory (LDL/STL), and the width of every
+  global load and store (LDG/STG .128, .64, 32-bit, 16-bit...);
+- **dependent global-memory round trips per row iteration**: Volta and later encode
+  in each instruction which scoreboard a variable-latency result will signal (write
+  barrier) and which scoreboards it waits on (wait mask). Along every path through
+  the row loop's body (inner loops taken once), a round trip is counted each time
+  an instruction waits on a scoreboard holding a global load issued since the last
+  counted wait; loads issued before that wait were in flight during it and cost
+  nothing more. The audit reports the fewest and most over all paths (the dtype of
+  each tensor picks one branch of each runtime switch);
+- the launch plan at each hidden size (from the real dispatch code, run on the CPU
+  by tests/emulator) and the CTAs and warps per SM that registers and shared memory
+  allow at its block size.
+
+From those, a latency/bandwidth model predicts the % of copy bandwidth (MODEL below
+states its assumptions). `python bench/sass_audit.py --notes` rewrites the table in
+bench/NOTES.md; tests/test_sass_audit.py holds the thresholds every hot kernel must
+keep. Predictions are predictions: a GPU measures.
+"""
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import sys
+from collections import Counter
+from typing import Dict, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import cubin  # noqa: E402
+
+NOTES = os.path.join(HERE, "NOTES.md")
+BEGIN, END = "<!-- sass-audit:begin -->", "<!-- sass-audit:end -->"
+
+# ---- SASS ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    """The scheduling bits of a Volta+ instruction (bits 105-125 of its 128)."""
+
+    stall: int
+    yield_: int
+    write_barrier: int  # scoreboard this instruction's result signals (7: none)
+    read_barrier: int   # scoreboard released when its sources are read (7: none)
+    wait_mask: int      # scoreboards to wait on before issuing (6 bits)
+    reuse: int
+
+
+def decode_control(high: int) -> Control:
+    c = high >> 41
+    return Control(c & 0xF, (c >> 4) & 1, (c >> 5) & 7, (c >> 8) & 7, (c >> 11) & 0x3F, (c >> 17) & 0xF)
+
+
+@dataclasses.dataclass
+class Instr:
+    addr: int
+    pred: str      # "@P0", "@!P1" or ""
+    op: str        # "LDG.E.128.CONSTANT"
+    operands: str
+    ctrl: Control
+
+    @property
+    def base(self) -> str:
+        return self.op.split(".")[0]
+
+    def branch_target(self) -> Optional[int]:
+        if self.base not in ("BRA", "JMP"):
+            return None
+        m = re.search(r"0x([0-9a-f]+)", self.operands)
+        return int(m.group(1), 16) if m else None
+
+    def is_global_load(self) -> bool:
+        return self.base in ("LDG", "LDGSTS") or (self.base == "LD" and ".E" in self.op)
+
+    def is_global_store(self) -> bool:
+        return self.base in ("STG", "RED", "ATOMG") or (self.base == "ST" and ".E" in self.op)
+
+    def width(self) -> int:
+        """Bits moved per thread by a global access."""
+        for w in (128, 64):
+            if f".{w}" in self.op:
+                return w
+        if re.search(r"\.(U|S)16\b", self.op):
+            return 16
+        if re.search(r"\.(U|S)8\b", self.op):
+            return 8
+        return 32
+
+
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][\w.]*)\s*(.*?)\s*;\s*/\* (0x[0-9a-f]{16}) \*/")
+_HIGH = re.compile(r"^\s*/\* (0x[0-9a-f]{16}) \*/\s*$")
+
+
+def parse_sass(text: str) -> Dict[str, List[Instr]]:
+    """{mangled function: instructions} from ``cuobjdump -sass`` of one architecture."""
+    functions: Dict[str, List[Instr]] = {}
+    current: Optional[List[Instr]] = None
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            current = functions.setdefault(m.group(1), [])
+            continue
+        m = _LINE.search(line)
+        if m and current is not None and i + 1 < len(lines):
+            h = _HIGH.match(lines[i + 1])
+            if not h:
+                continue
+            current.append(Instr(int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3),
+                                 m.group(4), decode_control(int(h.group(1), 16))))
+    return functions
+
+
+# ---- control flow and round trips ----------------------------------------------------------
+
+
+def blocks(instrs: List[Instr]) -> Tuple[List[List[Instr]], Dict[int, List[int]]]:
+    """Basic blocks (lists of instructions) and successor block indices."""
+    if not instrs:
+        return [], {}
+    index = {ins.addr: k for k, ins in enumerate(instrs)}
+    leaders = {0}
+    for k, ins in enumerate(instrs):
+        t = ins.branch_target()
+        if t is not None and t in index:
+            leaders.add(index[t])
+        if ins.base in ("BRA", "JMP", "EXIT", "RET", "BRX", "JMX") and k + 1 < len(instrs):
+            leaders.add(k + 1)
+    starts = sorted(leaders)
+    bl = [instrs[s:e] for s, e in zip(starts, starts[1:] + [len(instrs)])]
+    block_of = {b[0].addr: n for n, b in enumerate(bl)}
+    succ: Dict[int, List[int]] = {}
+    for n, b in enumerate(bl):
+        last, out = b[-1], []
+        t = last.branch_target()
+        if t is not None and t in block_of:
+            out.append(block_of[t])
+        unconditional_end = last.pred == "" and last.base in ("BRA", "JMP", "EXIT", "RET", "BRX", "JMX")
+        if not unconditional_end and n + 1 < len(bl):
+            out.append(n + 1)
+        succ[n] = out
+    return bl, succ
+
+
+def loops(bl, succ) -> List[Tuple[int, int]]:
+    """(header block, latch block) of every back edge, outermost (widest) first."""
+    return sorted({(t, n) for n, outs in succ.items() for t in outs if t <= n},
+                  key=lambda hl: (hl[1] - hl[0]), reverse=True)
+
+
+# ---- which branches a call takes: constants from the kernel parameters ---------------------
+# The kernels switch on each tensor's dtype tag at run time (and on is_rms_norm /
+# memory_efficient). Those bytes come from the parameter struct (LDC.U8 c[0x0][off]),
+# are widened (PRMT), copied (MOV) and compared (ISETP ... imm). Propagating them as
+# constants through the CFG, with the values of one call (e.g. everything bf16),
+# decides those branches; every other branch stays open.
+
+PARAM_BASE = {"80": 0x160, "90": 0x210}  # where the kernel parameters start in bank 0
+_PRED_DEFS = ("ISETP", "UISETP", "FSETP", "DSETP", "HSETP2", "PSETP", "PLOP3", "UPLOP3", "VOTE",
+              "VOTEU", "R2P", "FCHK")
+_NO_DEST = ("ST", "STG", "STS", "STL", "RED", "BRA", "JMP", "EXIT", "RET", "BAR", "BSSY", "BSYNC",
+            "NOP", "WARPSYNC", "CALL", "MEMBAR", "DEPBAR", "ERRBAR", "CCTL", "YIELD", "BPT")
+_CMP = {"EQ": lambda a, b: a == b, "NE": lambda a, b: a != b, "LT": lambda a, b: a < b,
+        "LE": lambda a, b: a <= b, "GT": lambda a, b: a > b, "GE": lambda a, b: a >= b}
+
+
+def _tokens(operands: str) -> List[str]:
+    return [t.strip() for t in operands.split(",")] if operands else []
+
+
+def _reg(tok: str) -> str:
+    return tok.strip().lstrip("-|!").split(".")[0]
+
+
+def _value(tok: str, state: dict):
+    t = tok.strip()
+    neg = t.startswith("!")
+    if re.fullmatch(r"0x[0-9a-f]+", t):
+        return int(t, 16)
+    t = _reg(t)
+    if t in ("RZ", "URZ"):
+        return 0
+    if t in ("PT", "UPT"):
+        return not neg
+    v = state.get(t)
+    if v is None:
+        return None
+    return (not v) if neg else v
+
+
+def transfer(ins: Instr, state: dict, fields: Dict[int, int], base: int) -> dict:
+    """The known register and predicate values after `ins`."""
+    guard = True
+    if ins.pred:
+        guard = _value(ins.pred[1:], state)
+        if guard is False:
+            return state
+    ops = _tokens(ins.operands)
+    b = ins.base
+    if b in _NO_DEST or not ops:
+        return state
+    out = dict(state)
+    if b in _PRED_DEFS:
+        dests = [_reg(t) for t in ops[:2] if re.fullmatch(r"!?U?P[0-6T]", t)]
+    else:
+        dests = [_reg(ops[0])]
+        m = re.fullmatch(r"(U?R)(\d+)", dests[0])
+        if m and re.search(r"\.(64|128)\b", ins.op):  # wide results use the next registers
+            dests += [f"{m.group(1)}{int(m.group(2)) + k}" for k in (1, 2, 3)]
+    for d in dests:
+        out.pop(d, None)
+    if guard is not True:
+        return out  # a predicated write that may not happen: unknown
+    known = None
+    if b in ("LDC", "ULDC") and re.search(r"\.[US]8\b", ins.op):
+        m = re.search(r"c\[0x0\]\[0x([0-9a-f]+)\]", ins.operands)
+        if m:
+            known = fields.get(int(m.group(1), 16) - base)
+    elif b in ("MOV", "UMOV") and len(ops) >= 2:
+        known = _value(ops[1], state)
+    elif ins.op.startswith("IMAD.MOV") and len(ops) >= 4:
+        known = _value(ops[3], state)
+    elif b == "PRMT" and len(ops) >= 3 and ops[2] in ("0x9910", "0x8880", "0x7710", "0x7610"):
+        v = _value(ops[1], state)
+        known = v if isinstance(v, int) and 0 <= v < 128 else None  # widening a small byte
+    elif b in ("ISETP", "UISETP") and len(ops) >= 5 and ".EX" not in ins.op and _value(ops[4], state) is True:
+        cmp = next((c for c in _CMP if f".{c}." in ins.op + "."), None)
+        x, y = _value(ops[2], state), _value(ops[3], state)
+        if cmp and isinstance(x, int) and isinstance(y, int) and not isinstance(x, bool):
+            r = _CMP[cmp](x, y)
+            if _reg(ops[0]) not in ("PT", "UPT"):
+                out[_reg(ops[0])] = r
+            if _reg(ops[1]) not in ("PT", "UPT"):
+                out[_reg(ops[1])] = not r
+        return out
+    if known is not None and dests:
+        out[dests[0]] = known
+    return out
+
+
+def feasible_successors(bl, succ, fields: Dict[int, int], base: int) -> Dict[int, List[int]]:
+    """The successors each block can take with these parameter values (sparse
+    conditional constant propagation: a block's state is the meet of its feasible
+    predecessors'; unknown stays unknown)."""
+    entry: Dict[int, dict] = {0: {}}
+    feasible: Dict[int, List[int]] = {}
+    work = [0]
+    while work:
+        n = work.pop()
+        state = entry[n]
+        for ins in bl[n][:-1]:
+            state = transfer(ins, state, fields, base)
+        last = bl[n][-1]
+        outs = list(succ.get(n, []))
+        guard = _value(last.pred[1:], state) if last.pred else None
+        if isinstance(guard, bool) and last.base in ("BRA", "JMP", "EXIT", "RET"):
+            target = last.branch_target()
+            taken = [m for m in outs if bl[m][0].addr == target]
+            outs = taken if guard else [m for m in outs if m not in taken]
+        state = transfer(last, state, fields, base)
+        feasible[n] = outs
+        for m in outs:
+            if m not in entry:
+                entry[m] = dict(state)
+                work.append(m)
+            else:
+                merged = {k: v for k, v in entry[m].items() if state.get(k) == v}
+                if merged != entry[m]:
+                    entry[m] = merged
+                    work.append(m)
+    return feasible
+
+
+# Scoreboard state: a tuple of 6 entries, 0 = idle, 1 = a load in flight since before
+# the last counted wait ("old"), 2 = a load issued since ("fresh").
+def _step(state: tuple, ins: Instr) -> Tuple[tuple, int]:
+    trips = 0
+    s = list(state)
+    for sb in range(6):
+        if ins.ctrl.wait_mask >> sb & 1 and s[sb]:
+            if s[sb] == 2:
+                trips = 1
+            s[sb] = 0
+    if trips:
+        s = [1 if v else 0 for v in s]  # everything else in flight was waited for once
+    if ins.is_global_load() and ins.ctrl.write_barrier < 6:
+        s[ins.ctrl.write_barrier] = 2
+    return tuple(s), trips
+
+
+def round_trips(bl, succ, header: int, latch: int) -> Tuple[int, int]:
+    """The most dependent global round trips over the paths of one iteration of the
+    loop [header, latch] (inner loops once), and the instructions on the longest path."""
+    entry: Dict[int, Dict[tuple, Tuple[int, int]]] = {header: {(0,) * 6: (0, 0)}}
+    best, best_len = 0, 0
+    for n in range(header, latch + 1):
+        for state, (trips, length) in entry.get(n, {}).items():
+            s, add = state, 0
+            for ins in bl[n]:
+                s, t = _step(s, ins)
+                add += t
+            trips2, len2 = trips + add, length + len(bl[n])
+            outs = succ.get(n, [])
+            forward = [m for m in outs if n < m <= latch]
+            if len(forward) < len(outs) or not outs:  # the path ends: back edge or exit
+                best, best_len = max(best, trips2), max(best_len, len2)
+            for m in forward:
+                cur = entry.setdefault(m, {}).get(s)
+                entry[m][s] = (trips2, len2) if cur is None else (max(cur[0], trips2), max(cur[1], len2))
+    return best, best_len
+
+
+@dataclasses.dataclass
+class KernelAudit:
+    name: str
+    short: str
+    arch: str
+    registers: int
+    static_smem: int
+    local_accesses: int
+    loads: Counter          # width in bits -> static count of LDG sites
+    stores: Counter
+    trips: int              # per row-loop iteration of an all-bf16 LayerNorm call (inner loops once)
+    trips_any: int          # the same over every dtype mix (all branches open)
+    inner_trips: List[int]  # per iteration of each inner loop that loads (bf16 call)
+    instructions: int       # on the longest path through the row loop (bf16 call)
+
+
+def short_name(mangled: str) -> str:
+    m = re.match(r"_ZN14residual_fused\d+(\w+?)(I.*)?EvNS_\d+\w+E$", mangled)
+    if not m:
+        return mangled
+    args = re.findall(r"Li(\d+)E|(?<=E)([fd])(?=L)|I([fd])E", m.group(2) or "")
+    flat = [a or b or c for a, b, c in args]
+    return f"{m.group(1)}<{','.join(flat)}>" if flat else m.group(1)
+
+
+# The call the per-row figures describe: every tensor bf16, LayerNorm, not memory-efficient.
+BF16_CALL = {"AddNormFwdParams": {"is_rms_norm": 0, "x_dtype": 2, "residual_dtype": 2, "weight_dtype": 2,
+                                  "bias_dtype": 2, "residual_out_dtype": 2},
+             "AddNormBwdParams": {"is_rms_norm": 0, "memory_efficient": 0, "dy_dtype": 2,
+                                  "dresidual_out_dtype": 2, "saved_dtype": 2, "weight_dtype": 2,
+                                  "bias_dtype": 2, "dresidual_dtype": 2}}
+
+
+def param_offsets() -> Dict[str, Dict[str, int]]:
+    """Byte offsets of BF16_CALL's fields in the kernels' parameter structs, as the host
+    compiler lays them out (the same layout nvcc uses for a kernel parameter)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    import cuda_emulator
+
+    include = cuda_emulator.cuda_include_dir()
+    lines = [f'std::printf("{st} {f} %zu\\n", offsetof(residual_fused::{st}, {f}));'
+             for st, fields in BF16_CALL.items() for f in fields]
+    src = "#include <cstddef>\n#include <cstdio>\n#include \"add_norm.h\"\nint main() {\n" + "\n".join(lines) + "\n}\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "offsets.cpp"), "w") as f:
+            f.write(src)
+        exe = os.path.join(tmp, "offsets")
+        subprocess.run([shutil.which(os.environ.get("CXX", "g++")) or "g++", "-std=c++17", "-I",
+                        cubin.KERNEL_DIR, "-I", include, os.path.join(tmp, "offsets.cpp"), "-o", exe],
+                       check=True, capture_output=True, timeout=300)
+        out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
+    offsets: Dict[str, Dict[str, int]] = {}
+    for line in out.splitlines():
+        st, f, off = line.split()
+        offsets.setdefault(st, {})[f] = int(off)
+    return offsets
+
+
+def audit_kernel(kernel: cubin.Kernel, instrs: List[Instr], offsets) -> KernelAudit:
+    bl, succ = blocks(instrs)
+    struct = "AddNormFwdParams" if "_fwd_" in kernel.name else "AddNormBwdParams"
+    fields = {offsets[struct][f]: v for f, v in BF16_CALL[struct].items()}
+    pruned = feasible_successors(bl, succ, fields, PARAM_BASE[kernel.arch])
+    trips, trips_any, inner, length = 0, 0, [], 0
+    lp = loops(bl, pruned)
+    if lp:
+        header, latch = lp[0]
+        trips, length = round_trips(bl, pruned, header, latch)
+        for h, l in lp[1:]:
+            if header <= h and l <= latch:
+                t = round_trips(bl, pruned, h, l)[0]
+                if t:
+                    inner.append(t)
+    lp_any = loops(bl, succ)
+    if lp_any:
+        trips_any = round_trips(bl, succ, *lp_any[0])[0]
+    return KernelAudit(
+        kernel.name, short_name(kernel.name), kernel.arch, kernel.registers, kernel.static_smem,
+        sum(1 for i in instrs if i.base in ("LDL", "STL")),
+        Counter(i.width() for i in instrs if i.is_global_load()),
+        Counter(i.width() for i in instrs if i.is_global_store()),
+        trips, trips_any, inner, length)
+
+
+def audit(build: cubin.Build, arch: str = "90") -> Dict[str, KernelAudit]:
+    """Every kernel of one architecture."""
+    offsets = param_offsets()
+    out = {}
+    for (source, a), text in build.sass.items():
+        if a != arch:
+            continue
+        for name, instrs in parse_sass(text).items():
+            if (name, arch) in build.kernels:
+                out[name] = audit_kernel(build.kernel(name, arch), instrs, offsets)
+    return out
+
+
+# ---- the model ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    name: str
+    sms: int
+    copy_gbs: float       # measured device-to-device copy, read + write
+    latency_ns: float     # global load latency under load (HBM)
+    clock_ghz: float
+    issue_per_clock: int  # warp instructions per SM per clock (4 schedulers)
+
+
+GPUS = {
+    # Copy bandwidth: H100 as recorded for these machines (about 3.0 TB/s); H200 as
+    # measured by bench/bench_add_norm.py in the run of bench/results/nvidia_h200.md.
+    "H100": Gpu("H100 SXM", 132, 3000.0, 700.0, 1.75, 4),
+    "H200": Gpu("H200", 132, 4220.0, 700.0, 1.75, 4),
+}
+
+MODEL = """\
+Model (per SM, steady state). A CTA iteration (one row, or one row per row group)
+moves B bytes (bench/byte_model.py, bf16 pre-norm LayerNorm) and waits T =
+max(trips x L, R x warps x instructions / (4 x clock)) where trips are the most
+dependent global round trips per iteration from the SASS (inner column loops x their
+iterations), L is the loaded global-load latency, and the second term is the issue
+limit of R resident CTAs. Predicted bandwidth = min(copy, SMs x R x B / T); % is of
+the copy bandwidth. Assumptions: L = 700 ns (global load latency under load; with
+900 ns every H200 prediction was 10-13 points under the first measurements, with
+700 ns they fall within about 10 points either way), 1.75 GHz, stores
+never stall, L2 hits cost like HBM (pessimistic for the streamed kernels' re-reads),
+resident CTAs R from registers, shared memory and threads as the occupancy API
+computes them. The model ranks designs; it is not a measurement.
+"""
+
+
+def predict(gpu: Gpu, a: KernelAudit, block: int, ctas: int, rows_per_iter: int, bytes_per_row: float,
+            inner_iters: int, grid: int) -> float:
+    """Predicted % of copy bandwidth for one kernel launch."""
+    trips = a.trips + sum(t * max(inner_iters - 1, 0) for t in a.inner_trips)
+    resident = max(1, min(ctas, math.ceil(grid / gpu.sms)))
+    warps = max(1, block // 32)
+    instructions = a.instructions * max(1, inner_iters if a.inner_trips else 1)
+    t_ns = max(trips * gpu.latency_ns, resident * warps * instructions / (gpu.issue_per_clock * gpu.clock_ghz))
+    per_sm = resident * rows_per_iter * bytes_per_row / max(t_ns, 1e-9)  # bytes/ns = GB/s
+    return 100.0 * min(1.0, gpu.sms * per_sm / gpu.copy_gbs)
+
+
+# ---- per hidden size: plans from the real dispatch code -----------------------------------
+
+TABLE_HIDDEN = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 262144)
+ELEMENTS = 1 << 26  # rows * H, as in the benchmark sweep
+
+
+def template_args(mangled: str) -> List[str]:
+    return re.findall(r"Li(\d+)E|(?<=E)[fd](?=L)", mangled)
+
+
+def _args(mangled: str) -> List[int]:
+    return [int(a) for a in re.findall(r"Li(\d+)E", mangled)]
+
+
+def rows_per_iteration(mangled: str, block: int) -> int:
+    if "rows_kernel" in mangled:
+        row_threads = _args(mangled)[0]
+        return block // row_threads if row_threads else 1
+    return 1
+
+
+def inner_iterations(mangled: str, block: int, hidden: int) -> int:
+    """Column-loop trips of the streamed kernels (BLOCK threads x VEC per step)."""
+    if "streamed_kernel" in mangled:
+        return math.ceil(hidden / (block * _args(mangled)[0]))
+    return 1
+
+
+def bytes_per_row(hidden: int, backward: bool) -> Tuple[float, float]:
+    """(read, total) bytes per row, bf16 pre-norm LayerNorm (bench/byte_model.py):
+    forward reads x, r and writes y, residual_out; backward reads dy, saved,
+    d(residual_out) and writes dx."""
+    read = (6 if backward else 4) * hidden
+    return read, 8 * hidden
+
+
+@dataclasses.dataclass
+class Row:
+    direction: str
+    hidden: int
+    kernel: str
+    block: int
+    registers: int
+    ctas_per_sm: int
+    warps_per_sm: int
+    inflight_kb: float      # bytes of loads in flight per SM, per round trip
+    trips: str              # per row: fewest-most (row loop) + inner column loops
+    predicted: Dict[str, float]
+    measured_h200: Optional[float]
+
+
+def measured_h200() -> Dict[Tuple[str, int], float]:
+    """% of copy from bench/results/nvidia_h200/results.csv (bf16 LayerNorm pre-norm)."""
+    path = os.path.join(HERE, "results", "nvidia_h200", "results.csv")
+    if not os.path.exists(path):
+        return {}
+    import report
+
+    out = {}
+    for r in report.read_csv(path):
+        if (r["table"], r["provider"], r["norm"], r["form"], r["dtype"]) == (
+                "sweep", "residual_fused", "layer", "pre", "bfloat16") and r["pct_copy"] is not None:
+            out[(r["mode"], r["hidden"])] = r["pct_copy"]
+    return out
+
+
+def table(build: cubin.Build, emu, arch: str = "90") -> List[Row]:
+    audits = audit(build, arch)
+    measured = measured_h200()
+    rows = []
+    emu.configure("h100", sm_count=0)
+    try:
+        for backward in (False, True):
+            for hidden in TABLE_HIDDEN:
+                plan = emu.plan(backward, hidden, ELEMENTS // hidden)
+                if plan is None or plan["kernel"] not in audits:
+                    continue
+                a = audits[plan["kernel"]]
+                block, ctas = plan["block"], plan["ctas_per_sm"]
+                per_iter = rows_per_iteration(a.name, block)
+                inner = inner_iterations(a.name, block, hidden)
+                read, total = bytes_per_row(hidden, backward)
+                trips = a.trips + sum(t * max(inner - 1, 0) for t in a.inner_trips)
+                resident = max(1, min(ctas, math.ceil(plan["grid"] / 132)))
+                inflight = resident * per_iter * read / max(trips, 1) / 1024
+                trip_text = f"{a.trips}"
+                if a.inner_trips and inner > 1:
+                    trip_text += f" + {inner - 1}x{'+'.join(map(str, a.inner_trips))}"
+                direction = "bwd" if backward else "fwd"
+                rows.append(Row(direction, hidden, a.short, block, a.registers, ctas, ctas * block // 32,
+                                inflight, trip_text,
+                                {g: predict(GPUS[g], a, block, ctas, per_iter, total, inner, plan["grid"])
+                                 for g in GPUS},
+                                measured.get((direction, hidden))))
+    finally:
+        emu.configure()
+    return rows
+
+
+def kernel_table(build: cubin.Build, arch: str = "90") -> List[KernelAudit]:
+    return sorted(audit(build, arch).values(), key=lambda a: a.short)
+
+
+def markdown(rows: List[Row], kernels: List[KernelAudit]) -> str:
+    out = ["Generated by `python bench/sass_audit.py --notes` from the sm_90 SASS (nvcc "
+           f"{cubin._nvcc_version().split(',')[-1].strip()}); predictions, not measurements.", "",
+           "| dir | H | kernel | block | regs | CTAs/SM | warps/SM | loads in flight/SM | "
+           "round trips per row | predicted H100 | predicted H200 | measured H200 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = "" if r.measured_h200 is None else f"{r.measured_h200:.0f}%"
+        out.append(f"| {r.direction} | {r.hidden} | `{r.kernel}` | {r.block} | {r.registers} | "
+                   f"{r.ctas_per_sm} | {r.warps_per_sm} | {r.inflight_kb:.1f} KB | {r.trips} | "
+                   f"{r.predicted['H100']:.0f}% | {r.predicted['H200']:.0f}% | {m} |")
+    out += ["", "Every kernel (sm_90): static global access widths in bits (count of "
+            "instruction sites), local memory accesses, round trips per iteration of the "
+            "outermost loop for an all-bf16 LayerNorm call (in brackets: the most over every "
+            "dtype mix; inner loops once).", "",
+            "| kernel | regs | smem | LDG widths | STG widths | local | round trips | inner loops |",
+            "|---|---|---|---|---|---|---|---|"]
+    for k in kernels:
+        widths = lambda c: ", ".join(f"{w}:{n}" for w, n in sorted(c.items(), reverse=True)) or "-"  # noqa: E731
+        out.append(f"| `{k.short}` | {k.registers} | {k.static_smem} | {widths(k.loads)} | "
+                   f"{widths(k.stores)} | {k.local_accesses} | {k.trips} ({k.trips_any}) | "
+                   f"{'+'.join(map(str, k.inner_trips)) or '-'} |")
+    out += ["", MODEL.strip()]
+    return "\n".join(out)
+
+
+def make_emulator(build: cubin.Build):
+    """The emulator library (tests/emulator), for the plans of the real dispatch code;
+    rebuilt only when the kernel or emulator sources change."""
+    import glob
+    import hashlib
+
+    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    import cuda_emulator
+
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(cuda_emulator.KERNELS, "*")) +
+                       glob.glob(os.path.join(cuda_emulator.EMULATOR, "*"))):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    out = os.path.join(cubin.ROOT, "build", "emulator", h.hexdigest()[:16])
+    lib = os.path.join(out, "residual_fused_emulated.so")
+    if not os.path.exists(lib):
+        cuda_emulator.build(out)
+    return cuda_emulator.Emulator(lib, build)
+
+
+def write_notes(text: str, path: str = NOTES) -> None:
+    with open(path) as f:
+        notes = f.read()
+    if BEGIN not in notes:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} section")
+    head, rest = notes.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    with open(path, "w") as f:
+        f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--notes", action="store_true", help=f"rewrite the audit section of {NOTES}")
+    args = p.parse_args(argv)
+    build = cubin.build()
+    if not build.sass:
+        raise SystemExit("cuobjdump not found: pip install nvidia-cuda-cuobjdump")
+    text = markdown(table(build, make_emulator(build)), kernel_table(build))
+    if args.notes:
+        write_notes(text)
+        print(f"updated {NOTES}")
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""The emulated kernels' cases, shared by tests/test_kernels_emulated.py and the
+mutation test (which runs them on a library built from mutated kernel sources):
+
+    python tests/emulated_cases.py --lib path/to/residual_fused_emulated.so
+
+Every launch path is run against the reference ops under every schedule, with
+bitwise-identical outputs required across schedules; then the small-shared-memory
+fallback, persistent CTAs looping over rows, and the launch-only sweep of hidden
+sizes on every GPU profile. Exits 1 at the first failure, saying what failed.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+
+import cuda_emulator  # noqa: E402
+
+SCHEDULES = tuple(cuda_emulator.SCHEDULES)
+MAX_SWEEP_HIDDEN = 262144
+
+
+def ops():
+    import residual_fused  # noqa: F401  (registers the reference ops)
+
+    return torch.ops.residual_fused
+
+
+@dataclasses.dataclass(frozen=True)
+class Flags:
+    name: str
+    rms: bool
+    x: torch.dtype
+    residual: object  # dtype or None
+    weight: object
+    bias: object
+    store: bool  # write residual_out (pre-norm, or saved for backward)
+    memory_efficient: bool
+    dres_out: bool  # pre-norm: residual_out has its own upstream gradient
+
+
+FLAGS = {
+    # pre-norm LayerNorm, bf16 activations with an fp32 residual stream and fp32 params
+    "ln_mixed_pre": Flags("ln_mixed_pre", False, torch.bfloat16, torch.float32, torch.float32,
+                          torch.float32, True, False, True),
+    # RMSNorm, all bf16, memory-efficient (saves y)
+    "rms_bf16_mem": Flags("rms_bf16_mem", True, torch.bfloat16, torch.bfloat16, torch.bfloat16,
+                          None, True, True, False),
+    # LayerNorm of x alone in fp16, bias only, saves x
+    "ln_fp16_plain": Flags("ln_fp16_plain", False, torch.float16, None, None, torch.float16,
+                           False, False, False),
+    "ln_fp64": Flags("ln_fp64", False, torch.float64, torch.float64, torch.float64,
+                     torch.float64, True, False, True),
+    "rms_fp32": Flags("rms_fp32", True, torch.float32, torch.float32, torch.float32, None,
+                      True, False, True),
+    # float64 x with lower-precision residual and parameters, memory-efficient
+    "ln_fp64_mixed": Flags("ln_fp64_mixed", False, torch.float64, torch.float32, torch.float16,
+                           torch.bfloat16, True, True, False),
+}
+
+TOL = {torch.bfloat16: (1.6e-2, 2e-2), torch.float16: (2e-3, 2e-3), torch.float32: (2e-5, 2e-5),
+       torch.float64: (1e-12, 1e-12)}
+
+# (hidden, rows, flag sets, layout): one or more per launch path of csrc/kernels.
+PATHS = [
+    # 16-byte vectors (hidden % 8 == 0, aligned)
+    (8, 37, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp16_plain"], "contiguous"),  # 8-lane groups
+    (128, 10, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),                # 16-lane groups
+    (512, 10, ["ln_mixed_pre", "ln_fp16_plain"], "strided"),                  # warp, 2 vectors
+    (1000, 10, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp16_plain"], "contiguous"),  # warp, 4 vectors
+    (5120, 4, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),  # whole-block rows
+    (8200, 3, ["ln_mixed_pre", "rms_bf16_mem"], "strided"),     # fwd staged, bwd whole-block
+    (16384, 3, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),  # fwd staged, bwd whole-block max
+    (16392, 3, ["ln_mixed_pre"], "contiguous"),                 # bwd streamed (vec8)
+    (49160, 2, ["rms_bf16_mem"], "contiguous"),                 # fwd streamed (vec8)
+    # element-wise (odd sizes, misaligned rows)
+    (1, 10, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),
+    (41, 37, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp16_plain"], "contiguous"),
+    (257, 10, ["ln_mixed_pre", "ln_fp16_plain"], "contiguous"),
+    (1024, 10, ["ln_mixed_pre", "rms_bf16_mem"], "offset"),
+    (3001, 4, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),
+    (5125, 3, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),  # streamed, element-wise
+    # float64 (gradcheck's path) and fp32
+    (6, 5, ["ln_fp64"], "contiguous"),
+    (769, 4, ["ln_fp64", "ln_fp64_mixed", "rms_fp32"], "contiguous"),
+]
+
+
+def path_id(path) -> str:
+    return f"H{path[0]}-{path[3]}"
+
+
+def _tensor(rows, hidden, dtype, gen, layout, mean=0.0):
+    """[rows, hidden] with layout 'contiguous', 'strided' (wider rows) or 'offset'
+    (storage starts one element in: not 16-byte aligned)."""
+    if dtype is None:
+        return None
+    pad = {"contiguous": 0, "strided": 8, "offset": 0}[layout]
+    extra = 1 if layout == "offset" else 0
+    base = torch.randn(rows * (hidden + pad) + extra, generator=gen, dtype=torch.float64) + mean
+    return base.to(dtype)[extra:].view(rows, hidden + pad)[:, :hidden]
+
+
+def _vector(hidden, dtype, gen, away_from_zero=False):
+    if dtype is None:
+        return None
+    v = torch.randn(hidden, generator=gen, dtype=torch.float64)
+    if away_from_zero:
+        v = torch.sign(v) * (0.5 + v.abs().clamp(max=1.0))
+    return v.to(dtype)
+
+
+def _close(got, want, name):
+    assert got.dtype == want.dtype and got.shape == want.shape, name
+    rtol, atol = TOL[got.dtype]
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, msg=name)
+
+
+def check(emu, rows, hidden, flags: Flags, layout="contiguous", seed=0):
+    """Forward and backward of one case against the reference ops; returns every
+    output the kernels wrote, by name."""
+    OPS = ops()
+    gen = torch.Generator().manual_seed(seed)
+    f = flags
+    # Rows with a mean far from zero, as residual streams have: a term that wrongly
+    # includes (0 - mean)^2 for a chunk past the row end then shows in rstd.
+    x = _tensor(rows, hidden, f.x, gen, layout, mean=3.0)
+    residual = _tensor(rows, hidden, f.residual, gen, layout)
+    weight = _vector(hidden, f.weight, gen, away_from_zero=f.memory_efficient)
+    bias = _vector(hidden, f.bias, gen)
+    out_dtype = f.residual or f.x
+    args = (x, residual, weight, bias, 1e-5, f.rms, f.store, out_dtype)
+    want = OPS.add_norm_fwd(*args)
+    got = emu.fwd(*args)
+    outputs = {"y": got[0], "rstd": got[2]}
+    _close(got[0], want[0], "y")
+    if f.store:
+        _close(got[1], want[1], "residual_out")
+        outputs["residual_out"] = got[1]
+    _close(got[2], want[2], "rstd")
+
+    dy = _tensor(rows, hidden, f.x, gen, layout) / 8
+    dres_out = _tensor(rows, hidden, out_dtype, gen, "contiguous") / 8 if f.dres_out else None
+    saved = want[0] if f.memory_efficient else (want[1] if f.store else x)
+    dres_dtype = residual.dtype if residual is not None and residual.dtype != x.dtype else None
+    bargs = (dy, dres_out, saved, want[2], weight, bias, f.rms, f.memory_efficient, dres_dtype)
+    bwant = OPS.add_norm_bwd(*bargs)
+    bgot = emu.bwd(*bargs)
+    for name, g, w, present in zip(("dx", "dresidual", "dweight", "dbias"), bgot, bwant,
+                                   (True, dres_dtype is not None, weight is not None, bias is not None)):
+        if present:
+            _close(g, w, name)
+            outputs[name] = g
+    return outputs
+
+
+def check_schedules(emu, rows, hidden, flags: Flags, layout="contiguous", seed=0,
+                    schedules=SCHEDULES):
+    """check() under each schedule (tensors flush against the end of their mapping on
+    even schedules, against the start on odd ones); outputs must match bitwise."""
+    first, first_name = None, None
+    try:
+        for k, name in enumerate(schedules):
+            emu.schedule(name, seed=seed + 1)
+            emu.flush_start = k % 2 == 1
+            try:
+                got = check(emu, rows, hidden, flags, layout, seed)
+            except AssertionError as err:
+                raise AssertionError(f"{flags.name} H={hidden} {layout}, schedule {name}: {err}") from None
+            if first is None:
+                first, first_name = got, name
+                continue
+            for out, t in got.items():
+                if not torch.equal(t, first[out]):
+                    diff = (t.double() - first[out].double()).abs().max().item()
+                    raise AssertionError(
+                        f"{flags.name} H={hidden} {layout}: {out} differs between schedules "
+                        f"{first_name} and {name} (max |diff| {diff:.3g}): the result depends on "
+                        f"thread order, so a barrier or a shuffle is missing")
+    finally:
+        emu.schedule("round_robin")
+        emu.flush_start = False
+
+
+def check_path(emu, path, schedules=SCHEDULES):
+    hidden, rows, names, layout = path
+    for name in names:
+        check_schedules(emu, rows, hidden, FLAGS[name], layout, seed=hidden, schedules=schedules)
+
+
+def check_fallback_and_persistence(emu):
+    # 99 KB GPUs (sm_86/89) cannot stage H = 16384's backward in shared memory: the
+    # streamed kernels take over.
+    emu.configure("sm86")
+    check_schedules(emu, 3, 16384, FLAGS["ln_mixed_pre"], schedules=("round_robin", "warp_greedy"))
+    # One SM: a persistent CTA loops over every row.
+    emu.configure("h100", sm_count=1)
+    check_schedules(emu, 23, 2048, FLAGS["rms_bf16_mem"], schedules=("random", "warp_greedy"))
+    check_schedules(emu, 9, 4097, FLAGS["ln_mixed_pre"], schedules=("reverse", "warp_greedy"))
+    emu.configure()
+
+
+def sweep(emu, profile, aligned, dtype=torch.bfloat16, rows=4096, hi=MAX_SWEEP_HIDDEN):
+    """Every plan for H in 1..hi launchable on `profile`, workspace matching grid."""
+    emu.configure(profile, sm_count=0)
+    try:
+        failures, text = emu.sweep(1, hi, rows, aligned, dtype)
+    finally:
+        emu.configure()
+    assert failures == 0, (f"{failures} hidden sizes fail the launch rules on {profile} "
+                           f"({'aligned' if aligned else 'misaligned'} {dtype}):\n{text}")
+
+
+def run_all(emu, quick=False) -> None:
+    """Everything, stopping at the first failure. `quick`: one flag set and two
+    schedules per path, and the sweep only up to H = 20000 (where the shared-memory
+    limits bite)."""
+    hi = 20000 if quick else MAX_SWEEP_HIDDEN
+    if emu.resources_loaded:
+        for profile in cuda_emulator.PROFILES:
+            for aligned in (True, False):
+                sweep(emu, profile, aligned, hi=hi)
+    if quick:  # one flag set per path, the two orders that differ most
+        for hidden, rows, names, layout in PATHS:
+            check_path(emu, (hidden, rows, names[:1], layout), ("warp_greedy", "round_robin"))
+    else:
+        for path in PATHS:
+            check_path(emu, path)
+    check_fallback_and_persistence(emu)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lib", required=True, help="an emulator library (cuda_emulator.build)")
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    import cubin
+
+    try:
+        kernels = cubin.build()
+    except FileNotFoundError:
+        kernels = None
+    emu = cuda_emulator.Emulator(args.lib, kernels)
+    try:
+        run_all(emu, quick=args.quick)
+    except AssertionError as err:
+        print(f"FAILED: {err}")
+        return 1
+    print("ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

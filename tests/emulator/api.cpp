@@ -1,0 +1,332 @@
+// The C API of the emulated kernels, for tests/cuda_emulator.py: configure a device,
+// a schedule and fault injection; allocate guarded memory; run launch_add_norm_fwd /
+// launch_add_norm_bwd of csrc/kernels through the real launch plans; sweep the plans
+// over every hidden size without running them.
+#include <cxxabi.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <sstream>
+
+#include "cuda_emulation.h"
+#include "add_norm.h"
+#include "emulator.h"
+
+namespace emu {
+namespace {
+std::string g_message;
+}  // namespace
+
+void report(const std::string& message) {
+  if (g_message.empty()) g_message = message;  // the first problem explains the rest
+}
+const std::string& last_message() { return g_message; }
+void clear_message() { g_message.clear(); }
+
+std::string mangled_name(const void* func) {
+  Dl_info dl{};
+  if (dladdr(func, &dl) == 0 || dl.dli_sname == nullptr) return "<unknown kernel>";
+  return dl.dli_sname;
+}
+
+// "add_norm_fwd_rows_kernel<32, 4, 8, 128>" from the symbol.
+std::string kernel_name(const void* func) {
+  const std::string mangled = mangled_name(func);
+  int status = 0;
+  char* text = abi::__cxa_demangle(mangled.c_str(), nullptr, nullptr, &status);
+  if (status != 0 || text == nullptr) return mangled;
+  std::string name(text);
+  std::free(text);
+  const size_t paren = name.rfind('(');
+  if (paren != std::string::npos) name = name.substr(0, paren);
+  const size_t space = name.find(' ');  // the return type of a template
+  if (space != std::string::npos && space < name.find('<')) name = name.substr(space + 1);
+  const std::string ns = "residual_fused::";
+  if (name.compare(0, ns.size(), ns) == 0) name = name.substr(ns.size());
+  return name;
+}
+
+std::string site_text(const char* file, int line) {
+  const char* base = std::strrchr(file, '/');
+  return std::string(base == nullptr ? file : base + 1) + ":" + std::to_string(line);
+}
+
+}  // namespace emu
+
+namespace residual_fused {
+// common.cuh's dynamic shared memory under emulation: the running CTA's own buffer.
+float* dynamic_smem() { return static_cast<float*>(emu::current_dynamic_smem()); }
+}  // namespace residual_fused
+
+using residual_fused::AddNormBwdParams;
+using residual_fused::AddNormBwdPlan;
+using residual_fused::AddNormFwdParams;
+using residual_fused::DType;
+
+namespace {
+
+// What the glue leaves behind must be clean: a pending runtime error would be
+// reported by some unrelated later call.
+int finish(cudaError_t status) {
+  if (status == cudaSuccess && emu::peek_last_error() != cudaSuccess) {
+    emu::report("the call succeeded but left cudaError " + std::to_string(emu::peek_last_error()) +
+                " pending for a later call to report");
+    return -1;
+  }
+  return static_cast<int>(status);
+}
+
+}  // namespace
+
+extern "C" {
+
+int emu_profile_count() { return emu::profile_count(); }
+const char* emu_profile_name(int i) { return emu::profile_name(i); }
+
+// dispatch.cu caches device attributes per device index, so give each configuration
+// its own index (as distinct GPUs would have).
+void emu_configure(int device, int profile, int sm_count) { emu::configure(device, profile, sm_count); }
+void emu_set_schedule(int schedule, unsigned long long seed) {
+  emu::set_schedule(static_cast<emu::Schedule>(schedule), seed);
+}
+void emu_set_dry_run(int on) { emu::set_dry_run(on != 0); }
+void emu_set_resources(const char* name, const char* arch, int registers, int static_smem,
+                       int max_threads) {
+  emu::set_resources(name, arch, registers, static_smem, max_threads);
+}
+void emu_register_static_shared(const char* kernel, void* address, size_t bytes) {
+  emu::register_static_shared(kernel, address, bytes);
+}
+void emu_inject(int kind, int after, int error) { emu::inject(kind, after, error); }
+int emu_take_last_error() { return static_cast<int>(cudaGetLastError()); }
+const char* emu_message() { return emu::last_message().c_str(); }
+unsigned long long emu_fault_offset() { return emu::last_fault_offset(); }
+
+void* emu_alloc(const char* name, size_t bytes, size_t align_mod, int flush_start) {
+  return emu::guarded_alloc(name, bytes, align_mod, flush_start != 0);
+}
+int emu_intact(void* p) { return emu::guarded_intact(p) ? 1 : 0; }
+void emu_free(void* p) { emu::guarded_free(p); }
+
+int emu_fwd(int64_t rows, int hidden, int is_rms_norm, double eps, const void* x,
+            int64_t x_row_stride, int x_dtype, const void* residual, int64_t residual_row_stride,
+            int residual_dtype, const void* weight, int weight_dtype, const void* bias,
+            int bias_dtype, void* y, void* residual_out, int residual_out_dtype, void* rstd) {
+  emu::clear_message();
+  AddNormFwdParams p;
+  p.rows = rows;
+  p.hidden = hidden;
+  p.is_rms_norm = is_rms_norm;
+  p.eps = eps;
+  p.x = x;
+  p.x_row_stride = x_row_stride;
+  p.x_dtype = static_cast<DType>(x_dtype);
+  p.residual = residual;
+  p.residual_row_stride = residual_row_stride;
+  p.residual_dtype = static_cast<DType>(residual_dtype);
+  p.weight = weight;
+  p.weight_dtype = static_cast<DType>(weight_dtype);
+  p.bias = bias;
+  p.bias_dtype = static_cast<DType>(bias_dtype);
+  p.y = y;
+  p.residual_out = residual_out;
+  p.residual_out_dtype = static_cast<DType>(residual_out_dtype);
+  p.rstd = rstd;
+  return finish(residual_fused::launch_add_norm_fwd(p, nullptr));
+}
+
+// The backward as the torch glue runs it: plan once, allocate the workspace the plan
+// asks for (guarded, poisoned with NaN), launch that plan. `workspace_delta` rows are
+// added to the workspace, to test that a mismatch is refused.
+int emu_bwd(int64_t rows, int hidden, int is_rms_norm, int memory_efficient, const void* dy,
+            int64_t dy_row_stride, int dy_dtype, const void* dresidual_out,
+            int64_t dresidual_out_row_stride, int dresidual_out_dtype, const void* saved,
+            int64_t saved_row_stride, int saved_dtype, const void* rstd, const void* weight,
+            int weight_dtype, const void* bias, int bias_dtype, void* dx, void* dresidual,
+            int dresidual_dtype, void* dweight, void* dbias, int64_t workspace_delta) {
+  emu::clear_message();
+  AddNormBwdParams p;
+  p.rows = rows;
+  p.hidden = hidden;
+  p.is_rms_norm = is_rms_norm;
+  p.memory_efficient = memory_efficient;
+  p.dy = dy;
+  p.dy_row_stride = dy_row_stride;
+  p.dy_dtype = static_cast<DType>(dy_dtype);
+  p.dresidual_out = dresidual_out;
+  p.dresidual_out_row_stride = dresidual_out_row_stride;
+  p.dresidual_out_dtype = static_cast<DType>(dresidual_out_dtype);
+  p.saved = saved;
+  p.saved_row_stride = saved_row_stride;
+  p.saved_dtype = static_cast<DType>(saved_dtype);
+  p.rstd = rstd;
+  p.weight = weight;
+  p.weight_dtype = static_cast<DType>(weight_dtype);
+  p.bias = bias;
+  p.bias_dtype = static_cast<DType>(bias_dtype);
+  p.dx = dx;
+  p.dresidual = dresidual;
+  p.dresidual_dtype = static_cast<DType>(dresidual_dtype);
+  p.dweight = dweight;
+  p.dbias = dbias;
+  const AddNormBwdPlan plan = residual_fused::plan_add_norm_bwd(p);
+  p.partial_rows = plan.partial_rows + workspace_delta;
+  const size_t word = p.dy_dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
+  const size_t bytes = static_cast<size_t>(std::max<int64_t>(p.partial_rows, 0)) * hidden * word;
+  void* dw = nullptr;
+  void* db = nullptr;
+  if (weight != nullptr && bytes > 0) {
+    dw = emu::guarded_alloc("the dweight workspace", bytes, 0, false);
+    std::memset(dw, 0xFF, bytes);
+    p.dweight_partial = dw;
+  }
+  if (bias != nullptr && bytes > 0) {
+    db = emu::guarded_alloc("the dbias workspace", bytes, 0, false);
+    std::memset(db, 0xFF, bytes);
+    p.dbias_partial = db;
+  }
+  const cudaError_t status = residual_fused::launch_add_norm_bwd(p, plan, nullptr);
+  int result = finish(status);
+  for (void* w : {dw, db}) {
+    if (w == nullptr) continue;
+    if (result == 0 && !emu::guarded_intact(w)) {
+      emu::report("a kernel wrote outside its workspace");
+      result = -1;
+    }
+    emu::guarded_free(w);
+  }
+  return result;
+}
+
+// The launch plan of one call on the configured device, found by a dry run of the
+// real launch code: the main kernel's symbol, grid, block, dynamic shared memory and
+// CTAs per SM. Returns the launch status.
+int emu_plan(int backward, int hidden, int64_t rows, int aligned, int dtype, char* name, int name_len,
+             int64_t* grid, int* block, int64_t* smem, int* ctas_per_sm) {
+  emu::clear_message();
+  emu::recorded_launches().clear();
+  emu::set_dry_run(true);
+  char* base = reinterpret_cast<char*>(uintptr_t{1} << 40);
+  const int elem = dtype == 3 ? 8 : dtype == 0 ? 4 : 2;
+  const void* x = base + (aligned ? 0 : elem);
+  const DType t = static_cast<DType>(dtype);
+  cudaError_t err;
+  if (!backward) {
+    AddNormFwdParams f;
+    f.rows = rows;
+    f.hidden = hidden;
+    f.x = x;
+    f.x_row_stride = hidden;
+    f.x_dtype = f.residual_dtype = f.weight_dtype = f.bias_dtype = f.residual_out_dtype = t;
+    f.residual = f.weight = f.bias = base;
+    f.y = f.residual_out = f.rstd = base;
+    f.residual_row_stride = hidden;
+    err = residual_fused::launch_add_norm_fwd(f, nullptr);
+  } else {
+    AddNormBwdParams b;
+    b.rows = rows;
+    b.hidden = hidden;
+    b.dy = x;
+    b.dy_row_stride = b.dresidual_out_row_stride = b.saved_row_stride = hidden;
+    b.dy_dtype = b.dresidual_out_dtype = b.saved_dtype = b.weight_dtype = b.bias_dtype = t;
+    b.dresidual_out = b.saved = b.rstd = b.weight = b.bias = base;
+    b.dx = b.dweight = b.dbias = base;
+    const AddNormBwdPlan plan = residual_fused::plan_add_norm_bwd(b);
+    b.partial_rows = plan.partial_rows;
+    b.dweight_partial = b.dbias_partial = base;
+    err = residual_fused::launch_add_norm_bwd(b, plan, nullptr);
+  }
+  emu::set_dry_run(false);
+  cudaGetLastError();
+  if (err == cudaSuccess && !emu::recorded_launches().empty()) {
+    const emu::LaunchRecord& r = emu::recorded_launches().front();
+    std::snprintf(name, static_cast<size_t>(name_len), "%s", emu::mangled_name(r.func).c_str());
+    *grid = r.grid;
+    *block = r.block;
+    *smem = static_cast<int64_t>(r.smem);
+    *ctas_per_sm = emu::ctas_per_sm(r.func, r.block, r.smem);
+  }
+  return static_cast<int>(err);
+}
+
+// Plans and launch checks (nothing executed) for every hidden size in [lo, hi], on the
+// configured device: every plan must be launchable and the backward's workspace must
+// match the grid it launches. Returns the number of failing sizes; the first few are
+// described in `out`.
+int emu_sweep(int lo, int hi, int64_t rows, int aligned, int dtype, char* out, int out_len) {
+  emu::set_dry_run(true);
+  std::ostringstream text;
+  int failures = 0;
+  const auto note = [&](const char* dir, int h, const std::string& what) {
+    if (++failures <= 5) text << dir << " H=" << h << ": " << what << "\n";
+  };
+  // Fake device addresses: nothing is dereferenced in a dry run.
+  char* base = reinterpret_cast<char*>(uintptr_t{1} << 40);
+  const int elem = dtype == 3 ? 8 : dtype == 0 ? 4 : 2;
+  const void* x = base + (aligned ? 0 : elem);
+  for (int h = lo; h <= hi; ++h) {
+    emu::clear_message();
+    AddNormFwdParams f;
+    f.rows = rows;
+    f.hidden = h;
+    f.x = x;
+    f.x_row_stride = h;
+    f.x_dtype = static_cast<DType>(dtype);
+    f.residual = base;
+    f.residual_row_stride = h;
+    f.residual_dtype = f.x_dtype;
+    f.weight = base;
+    f.weight_dtype = f.x_dtype;
+    f.bias = base;
+    f.bias_dtype = f.x_dtype;
+    f.y = base;
+    f.residual_out = base;
+    f.residual_out_dtype = f.x_dtype;
+    f.rstd = base;
+    cudaError_t err = residual_fused::launch_add_norm_fwd(f, nullptr);
+    if (err != cudaSuccess) note("fwd", h, "error " + std::to_string(err) + ": " + emu::last_message());
+    emu::clear_message();
+    AddNormBwdParams b;
+    b.rows = rows;
+    b.hidden = h;
+    b.dy = x;
+    b.dy_row_stride = h;
+    b.dy_dtype = static_cast<DType>(dtype);
+    b.dresidual_out = base;
+    b.dresidual_out_row_stride = h;
+    b.dresidual_out_dtype = b.dy_dtype;
+    b.saved = base;
+    b.saved_row_stride = h;
+    b.saved_dtype = b.dy_dtype;
+    b.rstd = base;
+    b.weight = base;
+    b.weight_dtype = b.dy_dtype;
+    b.bias = base;
+    b.bias_dtype = b.dy_dtype;
+    b.dx = base;
+    b.dweight = base;
+    b.dbias = base;
+    const AddNormBwdPlan plan = residual_fused::plan_add_norm_bwd(b);
+    if (plan.main.grid < 1 || plan.partial_rows != plan.main.grid) {
+      note("bwd", h, "workspace rows " + std::to_string(plan.partial_rows) + " for a grid of " +
+                         std::to_string(plan.main.grid));
+      continue;
+    }
+    b.partial_rows = plan.partial_rows;
+    b.dweight_partial = base;
+    b.dbias_partial = base;
+    err = residual_fused::launch_add_norm_bwd(b, plan, nullptr);
+    if (err != cudaSuccess) note("bwd", h, "error " + std::to_string(err) + ": " + emu::last_message());
+  }
+  emu::set_dry_run(false);
+  cudaGetLastError();
+  const std::string s = text.str();
+  std::snprintf(out, static_cast<size_t>(out_len), "%s", s.c_str());
+  return failures;
+}
+
+}  // extern "C"

@@ -1,0 +1,98 @@
+// Internal interface of the emulator's runtime (not seen by the kernels).
+//   device.cpp    GPU profiles, the kernels' resource table, the CUDA runtime calls,
+//                 launch rules, occupancy, fault injection
+//   scheduler.cpp fibers, schedules, barriers, shuffles, per-CTA shared memory
+//   memory.cpp    guarded allocations and the fault handler
+//   api.cpp       the C API that tests/cuda_emulator.py calls
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace emu {
+
+// ---- errors ---------------------------------------------------------------------
+// The first problem of the current call, in words; cleared by api.cpp per call.
+void report(const std::string& message);
+const std::string& last_message();
+void clear_message();
+std::string mangled_name(const void* func);  // the kernel's symbol, as in SASS
+std::string kernel_name(const void* func);   // demangled and short, for messages
+std::string site_text(const char* file, int line);
+
+// ---- device.cpp -------------------------------------------------------------------
+struct Profile {
+  std::string name;
+  std::string arch;            // "80" or "90": which compile's registers to use
+  int sm_count;
+  int smem_per_sm;             // bytes
+  int smem_per_block_optin;    // bytes, the most one block may opt in to
+  int reserved_smem_per_block; // bytes the driver keeps per CTA
+  int max_threads_per_sm;
+  int max_ctas_per_sm;
+  int regs_per_sm;
+};
+
+struct Resources {
+  bool known = false;
+  int registers = 0;
+  int static_smem = 0;
+  int max_threads = 1024;  // __launch_bounds__
+};
+
+const Profile& profile();
+int profile_count();
+const char* profile_name(int i);
+void configure(int device, int profile_index, int sm_count);  // sm_count 0: the profile's
+void set_dry_run(bool on);  // launches are checked, not executed
+struct LaunchRecord {
+  const void* func;
+  int64_t grid;
+  int block;
+  size_t smem;
+};
+std::vector<LaunchRecord>& recorded_launches();  // by dry runs, in order
+void set_resources(const std::string& name, const std::string& arch, int registers,
+                   int static_smem, int max_threads);
+// The call of `kind` (0 cudaFuncSetAttribute, 1 occupancy query, 2 cudaFuncGetAttributes,
+// 3 cudaLaunchKernel) after `after` more successful ones fails with `error`.
+void inject(int kind, int after, int error);
+int peek_last_error();  // the runtime's last error, not cleared
+Resources resources(const void* func);
+int ctas_per_sm(const void* func, int block, size_t dynamic_smem);
+bool dry_run();
+int wave_limit();  // most CTAs executed interleaved (bounds the fibers alive at once)
+
+// ---- scheduler.cpp ----------------------------------------------------------------
+enum class Schedule { kRoundRobin = 0, kReverse = 1, kRandom = 2, kWarpGreedy = 3 };
+void set_schedule(Schedule schedule, uint64_t seed);
+// Runs the grid, `wave` CTAs interleaved at a time. Returns cudaSuccess, or an error
+// with report() called.
+cudaError_t execute(const void* func, dim3 grid, dim3 block, size_t dynamic_smem, int wave,
+                    const std::function<void()>& body);
+// The static __shared__ arrays of each kernel (registered by the test harness from
+// the library's symbol table): every CTA gets its own copy of these.
+void register_static_shared(const std::string& kernel, void* address, size_t bytes);
+void* current_dynamic_smem();
+std::string current_thread_text();  // "kernel, block b, thread t" of the running fiber
+
+// ---- memory.cpp -------------------------------------------------------------------
+// Memory with inaccessible pages on both sides; the caller's bytes sit flush against
+// one of them (the end by default), at an address congruent to align_mod (mod 16).
+void* guarded_alloc(const char* name, size_t bytes, size_t align_mod, bool flush_start);
+bool guarded_intact(void* user);  // the slack between the bytes and the guard page
+void guarded_free(void* user);
+// Runs fn with the fault handler armed: a fault (guard page, misaligned access that
+// traps, UBSan trap) inside it is reported with where it happened and returns false.
+bool run_guarded(const std::function<void()>& fn);
+// Where in which allocation an address lies, for messages ("" if none).
+std::string describe_address(const void* address);
+// The faulting instruction of the last fault, as an offset into the emulator library.
+uintptr_t last_fault_offset();
+
+}  // namespace emu

@@ -1,0 +1,161 @@
+"""Keep the emulator honest: plant one bug at a time in a copy of csrc/kernels and
+require that the emulated suite (tests/emulated_cases.py, quick mode) fails on it,
+through a check that reports (not a crash or a hang).
+
+The catalogue is generated from the sources, so new kernels join it where the
+mutation is mechanical:
+  sync    every __syncthreads() removed in turn
+  mask    every full-warp shuffle mask narrowed to half a warp
+  bound   every `< hidden` row bound made `<= hidden` (off by one), except the
+          kernel-level bounds listed in EQUIVALENT_BOUNDS: there the row accessors
+          of common.cuh check the bound again, so the mutant computes the same thing
+  idle    idle row groups skipping their warp reduction
+and a fixed list for the launch code: the shared-memory opt-in dropped, the fit
+check without the kernel's static shared memory, the alignment check dropped (a
+misaligned 16-byte access). Each mutant is built from the baseline objects plus the
+translation units that include the mutated file and run in a subprocess with a time
+limit; mutants run two at a time.
+"""
+
+import concurrent.futures
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+from typing import List
+
+import pytest
+
+import cuda_emulator
+
+pytestmark = pytest.mark.slow
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNEL_FILES = sorted(f for f in os.listdir(cuda_emulator.KERNELS) if f.endswith((".cu", ".cuh", ".h")))
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    pattern: str      # regex
+    replacement: str
+    occurrence: int   # which match to replace
+
+    def apply(self, text: str) -> str:
+        matches = list(re.finditer(self.pattern, text))
+        m = matches[self.occurrence]
+        return text[:m.start()] + m.expand(self.replacement) + text[m.end():]
+
+    def __str__(self):
+        return self.name
+
+
+def _line(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+# `< hidden` matches (0-based, in file order) whose mutation cannot change a result,
+# and how many matches each file has (a change there means revisiting this list).
+EQUIVALENT_BOUNDS = {
+    # re-centring and partial sums of chunks past the row end (dy and the loaded values
+    # are zero there); the streamed passes' column loops (every access is re-checked);
+    # the reduction's final store (store_chunks re-checks).
+    "bwd_kernels.cuh": ({0, 1, 4, 5, 8}, 9),
+    # the streamed forward's output pass (loads, affine and stores all re-check).
+    "fwd_kernels.cuh": ({3}, 4),
+}
+
+
+def catalogue() -> List[Mutation]:
+    families = [
+        ("sync", r"__syncthreads\(\);", ""),
+        ("mask", r"__shfl_xor_sync\(0xffffffffu", "__shfl_xor_sync(0x0000ffffu"),
+        ("bound", r"(?<![<=])< hidden\b", "<= hidden"),
+        ("idle", r"else group_sum<", "else if (active) group_sum<"),
+    ]
+    fixed = [
+        ("opt-in dropped", "dispatch.cu", r"cudaFuncSetAttribute\([^;]*\)", "cudaSuccess"),
+        ("fit check ignores static smem", "dispatch.cu",
+         r"static_cast<int64_t>\(plan\.smem\) \+ info\.static_smem <= max_smem_per_block\(\)",
+         "static_cast<int64_t>(plan.smem) <= max_smem_per_block()"),
+        ("alignment check dropped", "dispatch.cu", r"return ptr == nullptr \|\|", "return true ||"),
+    ]
+    out = []
+    for f in KERNEL_FILES:
+        with open(os.path.join(cuda_emulator.KERNELS, f)) as fh:
+            text = fh.read()
+        for family, pattern, repl in families:
+            for k, m in enumerate(re.finditer(pattern, text)):
+                if family == "bound" and k in EQUIVALENT_BOUNDS.get(f, (set(), 0))[0]:
+                    continue
+                out.append(Mutation(f"{family} {f}:{_line(text, m.start())}", f, pattern, repl, k))
+    for name, f, pattern, repl in fixed:
+        out.append(Mutation(name, f, pattern, repl, 0))
+    return out
+
+
+MUTATIONS = catalogue()
+
+
+def run_mutant(mutation: Mutation, baseline, work: str) -> str:
+    """'' if the suite caught the mutant through a report, else why not."""
+    kernels = os.path.join(work, "kernels")
+    shutil.copytree(cuda_emulator.KERNELS, kernels)
+    path = os.path.join(kernels, mutation.file)
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(mutation.apply(text))
+    affected = [s for s in cuda_emulator.KERNEL_SOURCES
+                if path in cuda_emulator.includes(os.path.join(kernels, s), [kernels])]
+    objects = dict(baseline)
+    objects.update(cuda_emulator.compile_objects(os.path.join(work, "obj"), kernels, only=affected, jobs=1))
+    lib = cuda_emulator.link(objects, os.path.join(work, "mutant.so"))
+    try:
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "emulated_cases.py"), "--lib", lib,
+                               "--quick"], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "the emulated suite hung (deadlocks must be reported)"
+    output = (proc.stdout + proc.stderr)[-2000:]
+    if proc.returncode == 0:
+        return f"the emulated suite passes:\n{output}"
+    if proc.returncode != 1 or "FAILED:" not in proc.stdout:
+        return f"the suite crashed (exit {proc.returncode}) instead of reporting:\n{output}"
+    print(f"caught {mutation}: {proc.stdout.strip().splitlines()[-1][:240]}")
+    return ""
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, kernel_build):
+    """Every mutant built and run, two at a time (the machines have few cores)."""
+    del kernel_build  # built (and cached) before the subprocesses need it
+    try:
+        baseline = cuda_emulator.compile_objects(str(tmp_path_factory.mktemp("baseline")))
+    except FileNotFoundError as why:
+        pytest.skip(str(why))
+    work = tmp_path_factory.mktemp("mutants")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {m.name: pool.submit(run_mutant, m, baseline, str(work / f"m{k}"))
+                   for k, m in enumerate(MUTATIONS)}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def test_catalogue_covers_every_family():
+    names = " ".join(m.name for m in MUTATIONS)
+    for family in ("sync ", "mask ", "bound ", "idle ", "opt-in dropped", "fit check", "alignment"):
+        assert family in names, f"no mutation of family {family!r}: did a pattern stop matching?"
+    for m in MUTATIONS:  # every fixed mutation still applies to today's sources
+        with open(os.path.join(cuda_emulator.KERNELS, m.file)) as fh:
+            assert len(re.findall(m.pattern, fh.read())) > m.occurrence, m.name
+    for f, (_, count) in EQUIVALENT_BOUNDS.items():
+        with open(os.path.join(cuda_emulator.KERNELS, f)) as fh:
+            found = len(re.findall(r"(?<![<=])< hidden\b", fh.read()))
+        assert found == count, f"{f} now has {found} row bounds, not {count}: revisit EQUIVALENT_BOUNDS"
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=str)
+def test_planted_bug_is_caught(mutation, results):
+    assert results[mutation.name] == "", f"with '{mutation}' planted, {results[mutation.name]}"

@@ -1,0 +1,189 @@
+"""The static SASS audit (bench/sass_audit.py): its decoder and counters on synthetic
+code, and the properties every hot kernel must keep, read from nvcc's sm_90 output
+(skipped where nvcc or cuobjdump is missing; CI installs cuobjdump from pip).
+
+Thresholds are today's values: a change that adds a dependent round trip, spills to
+local memory, narrows a vector access or lowers occupancy fails here. The kernel
+rewrites tighten them.
+"""
+
+import os
+import re
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+
+import sass_audit as sa  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# ---- synthetic code ----------------------------------------------------------------------
+
+
+def high_word(wait=0, wb=7, rb=7, stall=1):
+    return ((stall | (1 << 4) | (wb << 5) | (rb << 8) | (wait << 11)) << 41)
+
+
+def sass(lines):
+    """cuobjdump-style text for [(text, high control word)]."""
+    out = ["\t\tFunction : k"]
+    for k, (text, high) in enumerate(lines):
+        out.append(f"        /*{k * 16:04x}*/                   {text} ;    /* 0x{0:016x} */")
+        out.append(f"                                                      /* 0x{high:016x} */")
+    return "\n".join(out)
+
+
+def trips_of(lines, fields=None):
+    instrs = sa.parse_sass(sass(lines))["k"]
+    bl, succ = sa.blocks(instrs)
+    if fields is not None:
+        succ = sa.feasible_successors(bl, succ, fields, 0x210)
+    header, latch = sa.loops(bl, succ)[0]
+    return sa.round_trips(bl, succ, header, latch)[0]
+
+
+def test_control_bits_decode():
+    c = sa.decode_control(high_word(wait=0b100001, wb=5, rb=2, stall=4))
+    assert (c.stall, c.write_barrier, c.read_barrier, c.wait_mask) == (4, 5, 2, 0b100001)
+    # A load and its first consumer in add_norm_fwd_rows_kernel<32,4,8,128>, sm_90, nvcc 13.0:
+    #   @!P1 LDG.E.128.CONSTANT R36, desc[UR12][R64.64]   signals scoreboard 5
+    #   @!P1 F2F.F32.F64 R40, R36                         waits on scoreboard 5
+    assert sa.decode_control(0x000f68000c1e9d00).write_barrier == 5
+    assert sa.decode_control(0x0200640000301000).wait_mask == 1 << 5
+
+
+def test_independent_loads_cost_one_round_trip():
+    loop = [("LDG.E.128 R4, desc[UR4][R2.64]", high_word(wb=0)),
+            ("LDG.E.128 R8, desc[UR4][R2.64+0x10]", high_word(wb=1)),
+            ("FADD R4, R4, R8", high_word(wait=0b11)),
+            ("STG.E.128 desc[UR4][R2.64], R4", high_word()),
+            ("BRA 0x0", high_word())]
+    assert trips_of(loop) == 1
+
+
+def test_a_load_issued_after_a_wait_is_a_second_round_trip():
+    loop = [("LDG.E.128 R4, desc[UR4][R2.64]", high_word(wb=0)),
+            ("FADD R4, R4, R4", high_word(wait=0b1)),
+            ("LDG.E.128 R8, desc[UR4][R2.64+0x10]", high_word(wb=1)),
+            ("FADD R8, R8, R4", high_word(wait=0b10)),
+            ("BRA 0x0", high_word())]
+    assert trips_of(loop) == 2
+
+
+def test_a_late_wait_on_an_early_load_is_free():
+    loop = [("LDG.E.128 R4, desc[UR4][R2.64]", high_word(wb=0)),
+            ("LDG.E.128 R8, desc[UR4][R2.64+0x10]", high_word(wb=1)),
+            ("FADD R4, R4, R4", high_word(wait=0b1)),
+            ("FADD R8, R8, R4", high_word(wait=0b10)),  # issued before the first wait
+            ("BRA 0x0", high_word())]
+    assert trips_of(loop) == 1
+
+
+def test_dtype_switch_is_decided_by_the_parameters():
+    """A switch on a dtype byte of the parameters: with bf16 (2) only the one-load path
+    runs; with every branch open the two-load path counts."""
+    loop = [("LDC.U8 R1, c[0x0][0x238]", high_word()),                 # 0x00: x_dtype
+            ("PRMT R2, R1, 0x9910, RZ", high_word()),                   # 0x10
+            ("ISETP.NE.AND P0, PT, R2, 0x2, PT", high_word()),          # 0x20: bf16?
+            ("@P0 BRA 0x70", high_word()),                              # 0x30
+            ("LDG.E.128 R4, desc[UR4][R2.64]", high_word(wb=0)),        # 0x40: bf16 path
+            ("FADD R4, R4, R4", high_word(wait=0b1)),                   # 0x50
+            ("BRA 0xb0", high_word()),                                  # 0x60
+            ("LDG.E.128 R4, desc[UR4][R2.64]", high_word(wb=0)),        # 0x70: other dtypes
+            ("FADD R4, R4, R4", high_word(wait=0b1)),                   # 0x80
+            ("LDG.E.128 R8, desc[UR4][R2.64+0x10]", high_word(wb=1)),   # 0x90
+            ("FADD R4, R4, R8", high_word(wait=0b10)),                  # 0xa0
+            ("BRA 0x0", high_word())]                                   # 0xb0: next row
+    assert trips_of(loop, fields={0x28: 2}) == 1
+    assert trips_of(loop) == 2
+
+
+# ---- the real kernels --------------------------------------------------------------------
+
+# Most dependent global round trips per row-loop iteration of an all-bf16 LayerNorm
+# call (sm_90, nvcc 13.0), and the fewest warps per SM at a launch of the bucket.
+MAX_TRIPS = {
+    "add_norm_fwd_rows_kernel<8,1,8,128>": 4,
+    "add_norm_fwd_rows_kernel<16,1,8,128>": 4,
+    "add_norm_fwd_rows_kernel<32,1,8,128>": 4,
+    "add_norm_fwd_rows_kernel<32,2,8,128>": 8,
+    "add_norm_fwd_rows_kernel<32,4,8,128>": 8,
+    "add_norm_fwd_rows_kernel<0,4,8,256>": 8,
+    "add_norm_fwd_staged_kernel<16,8,512>": 48,
+    "add_norm_fwd_streamed_kernel<8,f,512>": 6,
+    "add_norm_bwd_rows_kernel<8,1,8,128>": 5,
+    "add_norm_bwd_rows_kernel<16,1,8,128>": 5,
+    "add_norm_bwd_rows_kernel<32,1,8,128>": 5,
+    "add_norm_bwd_rows_kernel<32,2,8,128>": 9,
+    "add_norm_bwd_rows_kernel<0,4,8,512>": 11,
+    "add_norm_bwd_streamed_kernel<8,f,512>": 28,
+}
+MIN_WARPS_PER_SM = {("fwd", 16384): 12, ("fwd", 32768): 8, ("bwd", 32768): 16}
+DEFAULT_MIN_WARPS = 16
+
+
+@pytest.fixture(scope="module")
+def audits(kernel_build):
+    if not kernel_build.sass:
+        pytest.skip("cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
+    return sa.audit(kernel_build, "90")
+
+
+@pytest.fixture(scope="module")
+def rows(kernel_build, audits):
+    return sa.table(kernel_build, sa.make_emulator(kernel_build))
+
+
+def test_no_kernel_uses_local_memory(audits):
+    local = {a.short: a.local_accesses for a in audits.values() if a.local_accesses}
+    assert not local, f"kernels with local memory accesses (LDL/STL): {local}"
+
+
+def vec_of(name: str) -> int:
+    """VEC, the elements per access, from the kernel's template arguments."""
+    args = sa._args(name)
+    if "rows_kernel" in name:
+        return args[2]   # <ROW_THREADS, CHUNKS, VEC, MAX_BLOCK>
+    if "staged_kernel" in name:
+        return args[1]   # <CHUNKS, VEC, MAX_BLOCK>
+    if "streamed_kernel" in name:
+        return args[0]   # <VEC, acc_t, BLOCK>
+    return 1
+
+
+def test_vectorised_kernels_use_16_byte_accesses(audits):
+    for a in audits.values():
+        if vec_of(a.name) != 8:
+            continue
+        assert a.loads.get(128) and a.stores.get(128), f"{a.short}: no 128-bit loads/stores"
+        narrow = {w: n for w, n in (a.loads + a.stores).items() if w < 32}
+        assert not narrow, f"{a.short}: global accesses narrower than 32 bits {narrow}"
+
+
+def test_hot_kernels_keep_their_round_trips(audits):
+    by_short = {a.short: a for a in audits.values()}
+    for short, limit in MAX_TRIPS.items():
+        assert short in by_short, f"{short} is no longer compiled: update MAX_TRIPS"
+        got = by_short[short].trips
+        assert got <= limit, f"{short}: {got} dependent round trips per row, limit {limit}"
+
+
+def test_every_bucket_keeps_its_occupancy(rows):
+    for r in rows:
+        need = MIN_WARPS_PER_SM.get((r.direction, r.hidden), DEFAULT_MIN_WARPS)
+        assert r.warps_per_sm >= need, f"{r.direction} H={r.hidden} {r.kernel}: {r.warps_per_sm} warps/SM"
+
+
+def test_notes_table_is_current(kernel_build, audits, rows):
+    """bench/NOTES.md carries the table this audit generates (python bench/sass_audit.py
+    --notes), for the nvcc that wrote it."""
+    with open(sa.NOTES) as f:
+        notes = f.read()
+    section = notes.split(sa.BEGIN, 1)[1].split(sa.END, 1)[0].strip()
+    recorded = re.search(r"\(nvcc ([^)]*)\)", section)
+    current = sa.markdown(rows, sa.kernel_table(kernel_build))
+    if recorded and recorded.group(1) not in current:
+        pytest.skip(f"the table was generated by nvcc {recorded.group(1)}")
+    assert section == current.strip(), "bench/NOTES.md is stale: run python bench/sass_audit.py --notes"
