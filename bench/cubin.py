@@ -135,7 +135,8 @@ class Build:
     """Everything one compile of the kernel sources gives."""
 
     kernels: Dict[Tuple[str, str], Kernel]
-    sass: Dict[Tuple[str, str], str]  # (source, arch) -> cuobjdump -sass text ({} without cuobjdump)
+    sass: Dict[Tuple[str, str], str]  # (source, arch) -> cuobjdump -sass text ({} without cuobjdump
+                                      # and nvdisasm)
     directory: str
 
     def kernel(self, name: str, arch: str) -> Kernel:
@@ -169,13 +170,22 @@ def build(archs=ARCHS, cache_dir: str = CACHE_DIR, jobs: Optional[int] = None) -
         kernels = {}
         for source, (obj, report) in zip(SOURCES, results):
             kernels.update(parse_ptxas(report, source))
-        cuobjdump = find_tool("cuobjdump")
+        cuobjdump, nvdisasm = find_tool("cuobjdump"), find_tool("nvdisasm")
+        # cuobjdump -sass runs nvdisasm, which pip's wheels put in their own folder.
+        env = dict(os.environ)
+        if nvdisasm:
+            env["NVDISASM_PATH"] = os.path.dirname(nvdisasm)
+            env["PATH"] = os.path.dirname(nvdisasm) + os.pathsep + env.get("PATH", "")
+        kinds = ("sass", "elf") if nvdisasm else ("elf",)
         if cuobjdump:
             for source in SOURCES:
                 obj = os.path.join(out_dir, source + ".o")
-                for kind in ("sass", "elf"):
-                    dump = subprocess.run([cuobjdump, f"-{kind}", obj], capture_output=True,
-                                          text=True, timeout=600, check=True).stdout
+                for kind in kinds:
+                    proc = subprocess.run([cuobjdump, f"-{kind}", obj], capture_output=True,
+                                          text=True, timeout=600, env=env)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"cuobjdump -{kind} failed on {obj}:\n{proc.stderr[-2000:]}")
+                    dump = proc.stdout
                     for arch, text in split_by_arch(dump).items():
                         with open(os.path.join(out_dir, f"{source}.sm_{arch}.{kind}"), "w") as f:
                             f.write(text)

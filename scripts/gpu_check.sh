@@ -9,7 +9,7 @@
 #
 # Exits 0 only if every stage that ran passed.
 #
-# Stages: build kernel-tests bench tests sanitizer ncu summary. Each runs under
+# Stages: build kernel-tests bench tests sanitizer ncu audit summary. Each runs under
 # `timeout` (its own limit, capped by what is left before the deadline), so a stage
 # that hangs does not cost the others. Needs no network: only what is installed.
 set -uo pipefail
@@ -21,7 +21,7 @@ START=$(date +%s)
 DEADLINE=${GPU_CHECK_DEADLINE:-3000}
 STAGES=("$@")
 FAILED=()
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build kernel-tests bench tests sanitizer ncu summary)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build kernel-tests bench tests sanitizer ncu audit summary)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
@@ -78,8 +78,10 @@ for stage in "${STAGES[@]}"; do
         ncu) run_stage ncu 120 ncu --clock-control none --kernel-name regex:"add_norm|reduce_partials" \
                  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
                  --section MemoryWorkloadAnalysis "$PY" scripts/gpu_profile_cases.py ;;
+        # The static audit's predictions beside this run's bench numbers (bench/sass_audit.py).
+        audit) run_stage audit 180 "$PY" bench/sass_audit.py --measured "$DIR/bench/results.csv" ;;
         summary) ;;
-        *) echo "unknown stage: $stage (build kernel-tests bench tests sanitizer ncu summary)"; exit 2 ;;
+        *) echo "unknown stage: $stage (build kernel-tests bench tests sanitizer ncu audit summary)"; exit 2 ;;
     esac
 done
 {
@@ -91,6 +93,10 @@ done
     done
     [ -f "$DIR/sanitizer.log" ] && grep -E "^---|SUMMARY" "$DIR/sanitizer.log"
     [ -f "$DIR/ncu.log" ] && grep -E "^  void|DRAM Throughput|Duration" "$DIR/ncu.log" | sed -E 's/ +/ /g'
+    if [ -f "$DIR/audit.log" ]; then
+        echo "% of copy bandwidth, bf16 pre-norm LayerNorm: dir | H | kernel | predicted H100 | H200 | measured"
+        grep -E "^\| (fwd|bwd) \|" "$DIR/audit.log" | cut -d'|' -f2,3,4,11,12,13
+    fi
     echo "failed stages: ${FAILED[*]:-none}"
 } | tee "$DIR/summary.txt"
 # Exit status: 0 only if every stage that ran passed.

@@ -205,6 +205,54 @@ def check_fallback_and_persistence(emu):
     emu.configure()
 
 
+def bwd_case(emu, hidden=8192, rows=40, **kw):
+    """A backward whose plan opts in to > 48 KB of shared memory (whole-block rows):
+    (emulated outputs, reference outputs)."""
+    gen = torch.Generator().manual_seed(hidden)
+    dy = torch.randn(rows, hidden, generator=gen).to(torch.bfloat16)
+    saved = (torch.randn(rows, hidden, generator=gen) + 3).to(torch.bfloat16)
+    rstd = torch.rand(rows, generator=gen) + 0.5
+    w = torch.randn(hidden, generator=gen)
+    b = torch.randn(hidden, generator=gen)
+    args = (dy, None, saved, rstd, w, b, False, False, None)
+    return emu.bwd(*args, **kw), ops().add_norm_bwd(*args)
+
+
+def check_failed_queries(emu):
+    """A failed attribute or occupancy query while planning makes the plan smaller; the
+    launch must use that same plan (planning again could see more CTAs than there are
+    workspace rows, and write past the workspace), and leave no error pending."""
+    for kind in ("set_attribute", "occupancy", "func_attributes"):
+        emu.configure("h100", sm_count=4)
+        emu.inject(kind, after=0)
+        try:
+            got, want = bwd_case(emu)
+        except AssertionError as err:
+            raise AssertionError(f"with one failed {kind} call: {err}") from None
+        finally:
+            emu.clear_injections()
+            emu.configure()
+        for g, w, name in zip(got, want, ("dx", "dresidual", "dweight", "dbias")):
+            if w is not None and w.numel():
+                _close(g, w, f"{name} after one failed {kind} call")
+
+
+def check_failed_launch_is_cleared(emu):
+    """A refused launch returns its error once; nothing is left pending for the next call."""
+    emu.configure()
+    emu.inject("launch", after=0, error=7)  # cudaErrorLaunchOutOfResources
+    try:
+        bwd_case(emu)
+        raise AssertionError("a launch made to fail reported success")
+    except cuda_emulator.EmulatorError as err:
+        if "cudaError 7" not in str(err):
+            raise
+    finally:
+        emu.clear_injections()
+    pending = emu.lib.emu_take_last_error()
+    assert pending == 0, f"the refused launch left cudaError {pending} pending"
+
+
 def sweep(emu, profile, aligned, dtype=torch.bfloat16, rows=4096, hi=MAX_SWEEP_HIDDEN):
     """Every plan for H in 1..hi launchable on `profile`, workspace matching grid."""
     emu.configure(profile, sm_count=0)
@@ -232,6 +280,9 @@ def run_all(emu, quick=False) -> None:
         for path in PATHS:
             check_path(emu, path)
     check_fallback_and_persistence(emu)
+    if emu.resources_loaded:
+        check_failed_queries(emu)
+    check_failed_launch_is_cleared(emu)
 
 
 def main(argv=None) -> int:

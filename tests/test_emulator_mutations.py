@@ -82,6 +82,9 @@ def catalogue() -> List[Mutation]:
          r"static_cast<int64_t>\(plan\.smem\) \+ info\.static_smem <= max_smem_per_block\(\)",
          "static_cast<int64_t>(plan.smem) <= max_smem_per_block()"),
         ("alignment check dropped", "dispatch.cu", r"return ptr == nullptr \|\|", "return true ||"),
+        ("backward planned again at launch", "dispatch.cu", r"launch\(plan\.main, p, stream\)",
+         "launch(bwd_plan(p), p, stream)"),
+        ("refused launch left pending", "dispatch.cu", r"if \(launched != cudaSuccess\) cudaGetLastError\(\);", ""),
     ]
     out = []
     for f in KERNEL_FILES:
@@ -145,7 +148,8 @@ def results(tmp_path_factory, kernel_build):
 
 def test_catalogue_covers_every_family():
     names = " ".join(m.name for m in MUTATIONS)
-    for family in ("sync ", "mask ", "bound ", "idle ", "opt-in dropped", "fit check", "alignment"):
+    for family in ("sync ", "mask ", "bound ", "idle ", "opt-in dropped", "fit check", "alignment",
+                   "planned again", "left pending"):
         assert family in names, f"no mutation of family {family!r}: did a pattern stop matching?"
     for m in MUTATIONS:  # every fixed mutation still applies to today's sources
         with open(os.path.join(cuda_emulator.KERNELS, m.file)) as fh:

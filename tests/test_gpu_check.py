@@ -56,3 +56,13 @@ def test_exit_status_reports_a_failed_stage(tmp_path):
     # A stage that fails here for want of a GPU/nvcc toolchain: ncu is absent or has no GPU.
     failing = gpu_check(tmp_path / "bad", "ncu", "summary", PATH="/usr/bin:/bin")
     assert failing.returncode == 1 and "failed stages: ncu" in failing.stdout
+
+
+def test_summary_sets_measured_beside_predicted(tmp_path):
+    (tmp_path / "audit.log").write_text(
+        "| dir | H | kernel | block | regs | CTAs/SM | warps/SM | inflight | trips | predicted H100 | "
+        "predicted H200 | measured |\n|---|\n"
+        "| fwd | 1024 | `add_norm_fwd_rows_kernel<32,4,8,128>` | 128 | 106 | 4 | 16 | 8.0 KB | 8 | 80% | "
+        "57% | 70% |\n")
+    proc = gpu_check(tmp_path, "summary")
+    assert " fwd | 1024 | `add_norm_fwd_rows_kernel<32,4,8,128>` | 80% | 57% | 70% " in proc.stdout

@@ -86,51 +86,18 @@ def test_emulator_knows_every_static_shared_array(with_resources, kernel_build):
 
 # ---- the launch plan is computed once, failures are clean -------------------------------
 
-def _bwd_case(emu, hidden=8192, rows=40, **kw):
-    """A backward whose plan opts in to > 48 KB of shared memory (whole-block rows)."""
-    gen = torch.Generator().manual_seed(hidden)
-    dy = torch.randn(rows, hidden, generator=gen).to(torch.bfloat16)
-    saved = torch.randn(rows, hidden, generator=gen).to(torch.bfloat16)
-    rstd = torch.rand(rows, generator=gen) + 0.5
-    w = torch.randn(hidden, generator=gen)
-    b = torch.randn(hidden, generator=gen)
-    args = (dy, None, saved, rstd, w, b, False, False, None)
-    return emu.bwd(*args, **kw), cases.ops().add_norm_bwd(*args)
-
-
-@pytest.mark.parametrize("kind", ["set_attribute", "occupancy", "func_attributes"])
-def test_failed_query_while_planning_still_launches_what_was_sized(with_resources, kind):
-    """A failed attribute or occupancy query makes the plan smaller; the launch must
-    use that same plan (a second planning would see more CTAs than workspace rows,
-    and write past the workspace), and no error may be left pending."""
-    emu = with_resources
-    emu.configure("h100", sm_count=4)
-    emu.inject(kind, after=0)
-    try:
-        got, want = _bwd_case(emu)
-    finally:
-        emu.clear_injections()
-        emu.configure()
-    for g, w, name in zip(got, want, ("dx", "dresidual", "dweight", "dbias")):
-        if w is not None and w.numel():
-            cases._close(g, w, name)
+def test_failed_queries_while_planning_still_launch_what_was_sized(with_resources):
+    cases.check_failed_queries(with_resources)
 
 
 def test_a_workspace_that_does_not_match_the_plan_is_refused(emu):
     for delta in (1, -1):
         with pytest.raises(cuda_emulator.EmulatorError, match="cudaError 1"):
-            _bwd_case(emu, workspace_delta=delta)
+            cases.bwd_case(emu, workspace_delta=delta)
 
 
 def test_a_failed_launch_leaves_no_error_pending(emu):
-    emu.configure()
-    emu.inject("launch", after=0, error=7)  # cudaErrorLaunchOutOfResources
-    try:
-        with pytest.raises(cuda_emulator.EmulatorError, match="cudaError 7"):
-            _bwd_case(emu)
-    finally:
-        emu.clear_injections()
-    assert emu.lib.emu_take_last_error() == 0, "the refused launch's error is still pending"
+    cases.check_failed_launch_is_cleared(emu)
 
 
 # ---- the emulator's own checks ------------------------------------------------------------

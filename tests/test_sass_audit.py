@@ -127,7 +127,7 @@ DEFAULT_MIN_WARPS = 16
 @pytest.fixture(scope="module")
 def audits(kernel_build):
     if not kernel_build.sass:
-        pytest.skip("cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
+        pytest.skip("cuobjdump/nvdisasm not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
     return sa.audit(kernel_build, "90")
 
 
