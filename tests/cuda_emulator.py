@@ -13,6 +13,7 @@ for the kernels on a chosen GPU profile (H100, A100, sm_86).
 
 import concurrent.futures
 import ctypes
+import functools
 import itertools
 import os
 import re
@@ -85,10 +86,25 @@ def includes(path: str, search: Sequence[str]) -> List[str]:
     return seen
 
 
+@functools.lru_cache(maxsize=None)
+def compiler() -> Optional[str]:
+    """The C++ compiler: CXX (or g++), unless it links libstdc++ statically into shared
+    libraries (see residual_fused/_build_env.py), which breaks a library loaded beside
+    torch; then the next g++ that does not."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_build_env", os.path.join(ROOT, "residual_fused", "_build_env.py"))
+    build_env = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_env)
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    return None if cxx is None else build_env.pick_cxx(cxx)[0]
+
+
 def compile_objects(out_dir: str, kernels_dir: str = KERNELS, sanitize: bool = True,
                     only: Optional[Sequence[str]] = None, jobs: Optional[int] = None) -> Dict[str, str]:
     """{source name: object} for the kernel and runtime sources (or `only` those)."""
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    cxx = compiler()
     include = cuda_include_dir()
     if cxx is None or include is None:
         raise FileNotFoundError("needs a C++17 compiler and the CUDA headers")
@@ -116,7 +132,7 @@ def compile_objects(out_dir: str, kernels_dir: str = KERNELS, sanitize: bool = T
 
 
 def link(objects: Dict[str, str], lib: str) -> str:
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    cxx = compiler()
     # Trap mode needs no sanitizer runtime, so the library loads into any process.
     proc = subprocess.run([cxx, "-shared", "-g", "-o", lib] + list(objects.values()) + ["-ldl"],
                           capture_output=True, text=True, timeout=600)

@@ -80,6 +80,50 @@ int finish(cudaError_t status) {
   return static_cast<int>(status);
 }
 
+// Parameters of a call that is planned and checked but never executed (dry runs): all
+// tensors of one dtype, fake device addresses, x misaligned by one element if asked.
+char* fake_address() { return reinterpret_cast<char*>(uintptr_t{1} << 40); }
+
+const void* fake_x(int aligned, int dtype) {
+  const int elem = dtype == 3 ? 8 : dtype == 0 ? 4 : 2;
+  return fake_address() + (aligned ? 0 : elem);
+}
+
+AddNormFwdParams fake_fwd(int hidden, int64_t rows, int aligned, int dtype) {
+  char* base = fake_address();
+  AddNormFwdParams f;
+  f.rows = rows;
+  f.hidden = hidden;
+  f.x = fake_x(aligned, dtype);
+  f.x_row_stride = f.residual_row_stride = hidden;
+  f.x_dtype = f.residual_dtype = f.weight_dtype = f.bias_dtype = f.residual_out_dtype = static_cast<DType>(dtype);
+  f.residual = f.weight = f.bias = base;
+  f.y = f.residual_out = f.rstd = base;
+  return f;
+}
+
+AddNormBwdParams fake_bwd(int hidden, int64_t rows, int aligned, int dtype) {
+  char* base = fake_address();
+  AddNormBwdParams b;
+  b.rows = rows;
+  b.hidden = hidden;
+  b.dy = fake_x(aligned, dtype);
+  b.dy_row_stride = b.dresidual_out_row_stride = b.saved_row_stride = hidden;
+  b.dy_dtype = b.dresidual_out_dtype = b.saved_dtype = b.weight_dtype = b.bias_dtype = static_cast<DType>(dtype);
+  b.dresidual_out = b.saved = b.rstd = b.weight = b.bias = base;
+  b.dx = b.dweight = b.dbias = base;
+  return b;
+}
+
+// The backward of fake parameters, planned once and launched with a matching workspace.
+cudaError_t launch_fake_bwd(AddNormBwdParams& b, AddNormBwdPlan* plan_out = nullptr) {
+  const AddNormBwdPlan plan = residual_fused::plan_add_norm_bwd(b);
+  if (plan_out != nullptr) *plan_out = plan;
+  b.partial_rows = plan.partial_rows;
+  b.dweight_partial = b.dbias_partial = fake_address();
+  return residual_fused::launch_add_norm_bwd(b, plan, nullptr);
+}
+
 }  // namespace
 
 extern "C" {
@@ -210,35 +254,12 @@ int emu_plan(int backward, int hidden, int64_t rows, int aligned, int dtype, cha
   emu::clear_message();
   emu::recorded_launches().clear();
   emu::set_dry_run(true);
-  char* base = reinterpret_cast<char*>(uintptr_t{1} << 40);
-  const int elem = dtype == 3 ? 8 : dtype == 0 ? 4 : 2;
-  const void* x = base + (aligned ? 0 : elem);
-  const DType t = static_cast<DType>(dtype);
   cudaError_t err;
-  if (!backward) {
-    AddNormFwdParams f;
-    f.rows = rows;
-    f.hidden = hidden;
-    f.x = x;
-    f.x_row_stride = hidden;
-    f.x_dtype = f.residual_dtype = f.weight_dtype = f.bias_dtype = f.residual_out_dtype = t;
-    f.residual = f.weight = f.bias = base;
-    f.y = f.residual_out = f.rstd = base;
-    f.residual_row_stride = hidden;
-    err = residual_fused::launch_add_norm_fwd(f, nullptr);
+  if (backward) {
+    AddNormBwdParams b = fake_bwd(hidden, rows, aligned, dtype);
+    err = launch_fake_bwd(b);
   } else {
-    AddNormBwdParams b;
-    b.rows = rows;
-    b.hidden = hidden;
-    b.dy = x;
-    b.dy_row_stride = b.dresidual_out_row_stride = b.saved_row_stride = hidden;
-    b.dy_dtype = b.dresidual_out_dtype = b.saved_dtype = b.weight_dtype = b.bias_dtype = t;
-    b.dresidual_out = b.saved = b.rstd = b.weight = b.bias = base;
-    b.dx = b.dweight = b.dbias = base;
-    const AddNormBwdPlan plan = residual_fused::plan_add_norm_bwd(b);
-    b.partial_rows = plan.partial_rows;
-    b.dweight_partial = b.dbias_partial = base;
-    err = residual_fused::launch_add_norm_bwd(b, plan, nullptr);
+    err = residual_fused::launch_add_norm_fwd(fake_fwd(hidden, rows, aligned, dtype), nullptr);
   }
   emu::set_dry_run(false);
   cudaGetLastError();
@@ -264,63 +285,20 @@ int emu_sweep(int lo, int hi, int64_t rows, int aligned, int dtype, char* out, i
   const auto note = [&](const char* dir, int h, const std::string& what) {
     if (++failures <= 5) text << dir << " H=" << h << ": " << what << "\n";
   };
-  // Fake device addresses: nothing is dereferenced in a dry run.
-  char* base = reinterpret_cast<char*>(uintptr_t{1} << 40);
-  const int elem = dtype == 3 ? 8 : dtype == 0 ? 4 : 2;
-  const void* x = base + (aligned ? 0 : elem);
   for (int h = lo; h <= hi; ++h) {
     emu::clear_message();
-    AddNormFwdParams f;
-    f.rows = rows;
-    f.hidden = h;
-    f.x = x;
-    f.x_row_stride = h;
-    f.x_dtype = static_cast<DType>(dtype);
-    f.residual = base;
-    f.residual_row_stride = h;
-    f.residual_dtype = f.x_dtype;
-    f.weight = base;
-    f.weight_dtype = f.x_dtype;
-    f.bias = base;
-    f.bias_dtype = f.x_dtype;
-    f.y = base;
-    f.residual_out = base;
-    f.residual_out_dtype = f.x_dtype;
-    f.rstd = base;
-    cudaError_t err = residual_fused::launch_add_norm_fwd(f, nullptr);
+    cudaError_t err = residual_fused::launch_add_norm_fwd(fake_fwd(h, rows, aligned, dtype), nullptr);
     if (err != cudaSuccess) note("fwd", h, "error " + std::to_string(err) + ": " + emu::last_message());
     emu::clear_message();
-    AddNormBwdParams b;
-    b.rows = rows;
-    b.hidden = h;
-    b.dy = x;
-    b.dy_row_stride = h;
-    b.dy_dtype = static_cast<DType>(dtype);
-    b.dresidual_out = base;
-    b.dresidual_out_row_stride = h;
-    b.dresidual_out_dtype = b.dy_dtype;
-    b.saved = base;
-    b.saved_row_stride = h;
-    b.saved_dtype = b.dy_dtype;
-    b.rstd = base;
-    b.weight = base;
-    b.weight_dtype = b.dy_dtype;
-    b.bias = base;
-    b.bias_dtype = b.dy_dtype;
-    b.dx = base;
-    b.dweight = base;
-    b.dbias = base;
-    const AddNormBwdPlan plan = residual_fused::plan_add_norm_bwd(b);
+    AddNormBwdParams b = fake_bwd(h, rows, aligned, dtype);
+    AddNormBwdPlan plan;
+    err = launch_fake_bwd(b, &plan);
     if (plan.main.grid < 1 || plan.partial_rows != plan.main.grid) {
       note("bwd", h, "workspace rows " + std::to_string(plan.partial_rows) + " for a grid of " +
                          std::to_string(plan.main.grid));
-      continue;
+    } else if (err != cudaSuccess) {
+      note("bwd", h, "error " + std::to_string(err) + ": " + emu::last_message());
     }
-    b.partial_rows = plan.partial_rows;
-    b.dweight_partial = base;
-    b.dbias_partial = base;
-    err = residual_fused::launch_add_norm_bwd(b, plan, nullptr);
-    if (err != cudaSuccess) note("bwd", h, "error " + std::to_string(err) + ": " + emu::last_message());
   }
   emu::set_dry_run(false);
   cudaGetLastError();
