@@ -77,6 +77,8 @@ def parse_args(argv=None):
                    help="no timing: write bench/results/<device>.md from a folder that --out "
                         "wrote (results.csv, env.json), e.g. one copied back from a GPU machine")
     p.add_argument("--command", help="with --page-from: the command that recorded the folder")
+    p.add_argument("--results-dir", help="with --page-from: write the page here instead of "
+                                         "bench/results (e.g. beside the logs of a GPU run)")
     return p.parse_args(argv)
 
 
@@ -283,7 +285,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = args.device
     if args.page_from:
-        page = page_from(args.page_from, args.command or "(not recorded)")
+        page = page_from(args.page_from, args.command or "(not recorded)", base=args.results_dir)
         print(f"wrote {page}")
         return
     if args.overhead:

@@ -64,15 +64,22 @@ sanitizer() {
     return $rc
 }
 
+# The sweep (bf16, eager and ours), then its results page, ready to copy into bench/results.
+bench() {
+    local args=(--providers eager residual_fused --hidden 1024 4096 8192 16384 32768 65536 --repeats 30)
+    "$PY" bench/bench_add_norm.py "${args[@]}" --out "$DIR/bench" &&
+        "$PY" bench/bench_add_norm.py --page-from "$DIR/bench" --results-dir "$DIR/results" \
+            --command "python bench/bench_add_norm.py ${args[*]} --out DIR  (scripts/gpu_check.sh bench)"
+}
+
 export PY DIR
-export -f build sanitizer
+export -f build sanitizer bench
 nvidia-smi >"$DIR/nvidia-smi.txt" 2>&1
 for stage in "${STAGES[@]}"; do
     case $stage in
         build) run_stage build 240 bash -c build ;;
         kernel-tests) run_stage kernel-tests 150 "$PY" -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider ;;
-        bench) run_stage bench 200 "$PY" bench/bench_add_norm.py --providers eager residual_fused \
-                   --hidden 1024 4096 8192 16384 32768 65536 --repeats 30 --out "$DIR/bench" ;;
+        bench) run_stage bench 200 bash -c bench ;;
         tests) run_stage tests 170 "$PY" -m pytest tests -m cuda -q -p no:cacheprovider -n 8 ;;
         sanitizer) run_stage sanitizer 250 bash -c sanitizer ;;
         ncu) run_stage ncu 120 ncu --clock-control none --kernel-name regex:"add_norm|reduce_partials" \
