@@ -473,10 +473,6 @@ TABLE_HIDDEN = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 262144)
 ELEMENTS = 1 << 26  # rows * H, as in the benchmark sweep
 
 
-def template_args(mangled: str) -> List[str]:
-    return re.findall(r"Li(\d+)E|(?<=E)[fd](?=L)", mangled)
-
-
 def _args(mangled: str) -> List[int]:
     return [int(a) for a in re.findall(r"Li(\d+)E", mangled)]
 

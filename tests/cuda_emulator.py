@@ -206,6 +206,9 @@ class Emulator:
         L.emu_register_static_shared.argtypes = [ctypes.c_char_p, ptr, ctypes.c_size_t]
         L.emu_inject.argtypes = [i32, i32, i32]
         L.emu_message.restype = ctypes.c_char_p
+        L.emu_profile_name.restype = ctypes.c_char_p
+        names = tuple(L.emu_profile_name(i).decode() for i in range(L.emu_profile_count()))
+        assert names == PROFILES, f"device.cpp has profiles {names}, PROFILES says {PROFILES}"
         L.emu_fault_offset.restype = u64
         L.emu_alloc.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, i32]
         L.emu_alloc.restype = ptr

@@ -103,7 +103,7 @@ namespace {
 cudaError_t allow_smem(const LaunchPlan& plan) {
   std::lock_guard<std::mutex> lock(kernel_info_mutex());
   KernelInfo& info = kernel_info_locked(plan.kernel);
-  if (!info.valid) return plan.smem <= 0 ? cudaSuccess : cudaErrorInvalidDeviceFunction;
+  if (!info.valid) return plan.smem == 0 ? cudaSuccess : cudaErrorInvalidDeviceFunction;
   if (static_cast<int64_t>(plan.smem) + info.static_smem <= kDefaultSmemPerBlock || info.opted_in) {
     return cudaSuccess;
   }

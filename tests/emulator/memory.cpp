@@ -145,7 +145,6 @@ void guarded_free(void* user) {
 
 std::string describe_address(const void* address) {
   const char* p = static_cast<const char*>(address);
-  const size_t page = page_size();
   for (const auto& [user, a] : allocations()) {
     if (p < a.map || p >= a.map + a.map_bytes) continue;
     std::ostringstream out;
@@ -157,7 +156,6 @@ std::string describe_address(const void* address) {
     } else {
       out << "byte " << (p - a.user) << " of " << a.name;
     }
-    (void)page;
     return out.str();
   }
   return "";
