@@ -104,8 +104,6 @@ int ctas_per_sm(const void* func, int block, size_t dynamic_smem) {
   return std::max(ctas, 0);
 }
 
-int wave_limit() { return 8192; }
-
 cudaError_t get_device(int* device) {
   *device = g_device;
   return cudaSuccess;
@@ -210,7 +208,7 @@ cudaError_t launch(const void* func, dim3 grid, dim3 block, size_t smem,
   }
   const int fit = std::max(1, ctas_per_sm(func, threads, smem));
   const int64_t resident = static_cast<int64_t>(fit) * (g_sm_override > 0 ? g_sm_override : profile().sm_count);
-  const int wave = static_cast<int>(std::min<int64_t>({resident, grid.x, wave_limit() / threads}));
+  const int wave = static_cast<int>(std::min<int64_t>({resident, grid.x, kMaxFibers / threads}));
   const cudaError_t ran = execute(func, grid, block, smem, std::max(wave, 1), body);
   if (ran != cudaSuccess) set_error(ran);
   return ran;

@@ -66,7 +66,9 @@ int peek_last_error();  // the runtime's last error, not cleared
 Resources resources(const void* func);
 int ctas_per_sm(const void* func, int block, size_t dynamic_smem);
 bool dry_run();
-int wave_limit();  // most CTAs executed interleaved (bounds the fibers alive at once)
+// Most fibers (threads of the interleaved CTAs of a wave) alive at once: the size of
+// the stack pool; a launch runs at most kMaxFibers / block CTAs interleaved.
+constexpr int kMaxFibers = 8192;
 
 // ---- scheduler.cpp ----------------------------------------------------------------
 enum class Schedule { kRoundRobin = 0, kReverse = 1, kRandom = 2, kWarpGreedy = 3 };

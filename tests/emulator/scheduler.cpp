@@ -107,7 +107,6 @@ dim3 threadIdx, blockIdx, blockDim, gridDim;
 namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
-constexpr int kMaxFibers = 8192;
 
 enum class State : uint8_t { kReady, kBarrier, kShuffle, kDone };
 
@@ -219,6 +218,12 @@ std::string where(const Launch& L, int i) {
   const Fiber& f = L.fibers[i];
   std::ostringstream out;
   out << L.name << ", block " << L.slots[f.slot].block << ", thread " << f.tid;
+  return out.str();
+}
+
+std::string hex(unsigned v) {
+  std::ostringstream out;
+  out << "0x" << std::hex << v;
   return out.str();
 }
 
@@ -371,9 +376,9 @@ std::string deadlock_text(const Launch& L) {
     }
     for (size_t w = 0; w < s.warps.size(); ++w) {
       if (s.warps[w].arrived != 0) {
-        out << ", warp " << w << " lanes 0x" << std::hex << s.warps[w].arrived << std::dec
+        out << ", warp " << w << " lanes " << hex(s.warps[w].arrived)
             << " at __shfl_xor_sync (" << site_text(s.warps[w].site.file, s.warps[w].site.line)
-            << ") waiting for mask 0x" << std::hex << s.warps[w].mask << std::dec;
+            << ") waiting for mask " << hex(s.warps[w].mask);
       }
     }
     out << ";";
@@ -517,8 +522,8 @@ double shfl_xor(Site site, unsigned mask, double v, int lane_mask, int width) {
   Warp& w = s.warps[f.tid / 32];
   const std::string at = "__shfl_xor_sync (" + site_text(site.file, site.line) + ")";
   if (!(mask >> lane & 1u)) {
-    fail("calls " + at + " with mask 0x" + [&] { std::ostringstream o; o << std::hex << mask; return o.str(); }() +
-         " that does not include its own lane " + std::to_string(lane));
+    fail("calls " + at + " with mask " + hex(mask) + " that does not include its own lane " +
+         std::to_string(lane));
   }
   if (width < 1 || width > 32 || (width & (width - 1)) != 0 || lane_mask < 0 || lane_mask >= width) {
     fail("calls " + at + " with lane mask " + std::to_string(lane_mask) + " and width " +
@@ -529,11 +534,9 @@ double shfl_xor(Site site, unsigned mask, double v, int lane_mask, int width) {
     w.mask = mask;
     w.width = width;
   } else if (!same_site(site, w.site) || mask != w.mask || width != w.width) {
-    std::ostringstream o;
-    o << "calls " << at << " with mask 0x" << std::hex << mask << std::dec << ", width " << width
-      << " while lanes of its warp wait at __shfl_xor_sync (" << site_text(w.site.file, w.site.line)
-      << ") with mask 0x" << std::hex << w.mask << std::dec << ", width " << w.width;
-    fail(o.str());
+    fail("calls " + at + " with mask " + hex(mask) + ", width " + std::to_string(width) +
+         " while lanes of its warp wait at __shfl_xor_sync (" + site_text(w.site.file, w.site.line) +
+         ") with mask " + hex(w.mask) + ", width " + std::to_string(w.width));
   }
   w.values[lane] = v;
   w.lane_masks[lane] = lane_mask;
