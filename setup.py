@@ -84,6 +84,11 @@ def _cuda_extension_kwargs():
         # knows; the kernels target sm_80 and newer (PTX covers later GPUs).
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
     includes, libs = _nvidia_wheel_dirs()
+    # The wheels' headers (cusparse.h and others torch's CUDA headers include) are
+    # searched after the toolkit's, so a wheel's partial set (a cuda_runtime_api.h
+    # without crt/) never shadows the toolkit nvcc belongs to; only the C++ glue needs
+    # them (the kernels include no torch headers).
+    after = [flag for d in includes for flag in ("-idirafter", d)]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/kernels/*.cu"))
     nvcc_flags = [
         # No -std: torch's build helper picks the standard its headers need (C++17 for
@@ -99,9 +104,9 @@ def _cuda_extension_kwargs():
     extension = cpp_extension.CUDAExtension(
         name="residual_fused._C",
         sources=sources,
-        include_dirs=[os.path.join(HERE, "csrc")] + includes,
+        include_dirs=[os.path.join(HERE, "csrc")],
         library_dirs=libs,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3"] + after, "nvcc": nvcc_flags},
     )
     _log(f"building the CUDA extension from {len(sources)} sources "
          f"(TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<torch default>')})")

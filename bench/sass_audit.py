@@ -335,12 +335,41 @@ class KernelAudit:
     instructions: int       # on the longest path through the row loop (bf16 call)
 
 
+_TYPE_NAMES = {"__nv_bfloat16": "bf16", "__half": "fp16", "float": "f32",
+               "residual_fused::AnyType": "any"}
+
+
+def _demangle(mangled: str) -> Optional[str]:
+    import shutil
+    import subprocess
+
+    tool = shutil.which("c++filt")
+    if tool is None:
+        return None
+    out = subprocess.run([tool, mangled], capture_output=True, text=True, timeout=60).stdout.strip()
+    return out if out and out != mangled else None
+
+
 def short_name(mangled: str) -> str:
+    """`kernel<args>` with the dtype mix of the rows kernels spelled out, e.g.
+    add_norm_fwd_rows_kernel<bf16/bf16/bf16,2,8,512> (forward: x, residual, params;
+    backward: dy, residual, params, saved; `any`: the generic kernel)."""
     m = re.match(r"_ZN14residual_fused\d+(\w+?)(I.*)?EvNS_\d+\w+E$", mangled)
     if not m:
         return mangled
+    mix = ""
+    if "MixI" in mangled:
+        full = _demangle(mangled) or ""
+        found = re.search(r"Mix<([^>]*)>", full)
+        if found:
+            types = [_TYPE_NAMES.get(t.strip(), t.strip()) for t in found.group(1).split(",")]
+            if "_fwd_" in mangled:
+                types = types[:3]
+            mix = "any" if set(types) == {"any"} else "/".join(types)
+        else:  # no demangler: an unambiguous, if unreadable, tag
+            mix = re.search(r"MixI(\w+?)EE", mangled).group(1)
     args = re.findall(r"Li(\d+)E|(?<=E)([fd])(?=L)|I([fd])E", m.group(2) or "")
-    flat = [a or b or c for a, b, c in args]
+    flat = ([mix] if mix else []) + [a or b or c for a, b, c in args]
     return f"{m.group(1)}<{','.join(flat)}>" if flat else m.group(1)
 
 
@@ -477,10 +506,22 @@ def _args(mangled: str) -> List[int]:
     return [int(a) for a in re.findall(r"Li(\d+)E", mangled)]
 
 
-def rows_per_iteration(mangled: str, block: int) -> int:
-    if "rows_kernel" in mangled:
-        row_threads = _args(mangled)[0]
-        return block // row_threads if row_threads else 1
+def row_threads_for(hidden: int, per_thread: int) -> int:
+    """Threads per row of the rows kernels (csrc/kernels/rows.cuh, same rule)."""
+    t = -(-hidden // per_thread)
+    if t >= 32:
+        return -(-t // 32) * 32
+    p = 1
+    while p < t:
+        p *= 2
+    return p
+
+
+def rows_per_iteration(mangled: str, block: int, hidden: int) -> int:
+    """Rows a CTA handles per iteration of its row loop."""
+    if "_rows_kernel" in mangled:
+        chunks, vec = _args(mangled)[:2]
+        return max(1, block // row_threads_for(hidden, chunks * vec))
     return 1
 
 
@@ -545,7 +586,7 @@ def table(build: cubin.Build, emu, arch: str = "90", measured_csv: str = MEASURE
                     continue
                 a = audits[plan["kernel"]]
                 block, ctas = plan["block"], plan["ctas_per_sm"]
-                per_iter = rows_per_iteration(a.name, block)
+                per_iter = rows_per_iteration(a.name, block, hidden)
                 inner = inner_iterations(a.name, block, hidden)
                 read, total = bytes_per_row(hidden, backward)
                 trips = a.trips + sum(t * max(inner - 1, 0) for t in a.inner_trips)

@@ -12,18 +12,21 @@ import torch
 
 import residual_fused as rf
 
-# One hidden size per launch path (see tests/test_cuda_kernels.py), plus an
-# odd size and a misaligned row start for the element-wise variants.
-HIDDEN = [64, 1024, 5120, 16384, 32768, 65536, 41, 3001, 5125]
+# One hidden size per launch path (see tests/test_cuda_kernels.py): rows kernels with
+# one thread, a few lanes, several warps (and several rows per CTA) per row, 16 and 32
+# elements per thread; staged and streamed wide rows; an odd size and a misaligned
+# row start for the element-wise variants.
+HIDDEN = [8, 64, 1024, 1536, 5120, 8200, 16384, 32768, 65536, 41, 3001, 5125]
 
 
-def one(hidden: int, rms: bool, prenorm: bool, dtype, rows: int = 3, offset: int = 0) -> float:
+def one(hidden: int, rms: bool, prenorm: bool, dtype, param=torch.float32, rows: int = 3,
+        offset: int = 0) -> float:
     g = torch.Generator(device="cuda").manual_seed(hidden)
     base = torch.randn(rows * hidden + offset, device="cuda", generator=g).to(dtype)
     x = base[offset:].view(rows, hidden).requires_grad_()
     r = torch.randn(rows, hidden, device="cuda", generator=g).to(dtype).requires_grad_()
-    w = (torch.rand(hidden, device="cuda", generator=g) + 0.5).requires_grad_()
-    b = None if rms else torch.randn(hidden, device="cuda", generator=g).requires_grad_()
+    w = (torch.rand(hidden, device="cuda", generator=g) + 0.5).to(param).requires_grad_()
+    b = None if rms else torch.randn(hidden, device="cuda", generator=g).to(param).requires_grad_()
     fn = rf.add_rms_norm if rms else rf.add_layer_norm
     args = (x, r, w) if rms else (x, r, w, b)
     out = fn(*args, prenorm=prenorm)
@@ -39,14 +42,21 @@ def one(hidden: int, rms: bool, prenorm: bool, dtype, rows: int = 3, offset: int
 def main() -> int:
     assert rf.cuda_kernels_available(), "residual_fused._C is not loaded"
     worst = 0.0
+    calls = 0
+    # bf16 with fp32 parameters runs the generic kernel; with bf16 parameters (and all
+    # fp32) the dtype-specialised ones
+    mixes = ((torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+             (torch.float32, torch.float32))
     for hidden in HIDDEN:
         for rms in (False, True):
             for prenorm in (False, True):
-                for dtype in (torch.bfloat16, torch.float32):
-                    worst = max(worst, one(hidden, rms, prenorm, dtype))
+                for dtype, param in mixes:
+                    worst = max(worst, one(hidden, rms, prenorm, dtype, param))
+                    calls += 1
         worst = max(worst, one(hidden, False, True, torch.bfloat16, offset=1))
+        calls += 1
     torch.cuda.synchronize()
-    print(f"sanitizer cases: {len(HIDDEN) * 9} calls, worst |y - ref| = {worst:.3g}")
+    print(f"sanitizer cases: {calls} calls, worst |y - ref| = {worst:.3g}")
     return 0 if worst < 0.25 else 1
 
 

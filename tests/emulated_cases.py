@@ -48,6 +48,15 @@ FLAGS = {
     # pre-norm LayerNorm, bf16 activations with an fp32 residual stream and fp32 params
     "ln_mixed_pre": Flags("ln_mixed_pre", False, torch.bfloat16, torch.float32, torch.float32,
                           torch.float32, True, False, True),
+    # pre-norm LayerNorm, all bf16 (a compiled fast path)
+    "ln_bf16_pre": Flags("ln_bf16_pre", False, torch.bfloat16, torch.bfloat16, torch.bfloat16,
+                         torch.bfloat16, True, False, True),
+    # pre-norm RMSNorm, fp16 activations with an fp32 residual stream and fp32 weight
+    "rms_fp16_mixed": Flags("rms_fp16_mixed", True, torch.float16, torch.float32, torch.float32,
+                            None, True, False, True),
+    # bf16 activations and residual with fp32 parameters: no fast path, the generic kernel
+    "ln_bf16_f32w": Flags("ln_bf16_f32w", False, torch.bfloat16, torch.bfloat16, torch.float32,
+                          torch.float32, True, False, True),
     # RMSNorm, all bf16, memory-efficient (saves y)
     "rms_bf16_mem": Flags("rms_bf16_mem", True, torch.bfloat16, torch.bfloat16, torch.bfloat16,
                           None, True, True, False),
@@ -67,18 +76,23 @@ TOL = {torch.bfloat16: (1.6e-2, 2e-2), torch.float16: (2e-3, 2e-3), torch.float3
        torch.float64: (1e-12, 1e-12)}
 
 # (hidden, rows, flag sets, layout): one or more per launch path of csrc/kernels.
+# Rows kernels: a row per row_threads_for(hidden, elements per thread) threads, several
+# rows per CTA when that is less than the block; each dtype mix with a fast path, and
+# the generic kernel (ln_bf16_f32w, every misaligned or odd case).
 PATHS = [
-    # 16-byte vectors (hidden % 8 == 0, aligned)
-    (8, 37, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp16_plain"], "contiguous"),  # 8-lane groups
-    (128, 10, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),                # 16-lane groups
-    (512, 10, ["ln_mixed_pre", "ln_fp16_plain"], "strided"),                  # warp, 2 vectors
-    (1000, 10, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp16_plain"], "contiguous"),  # warp, 4 vectors
-    (5120, 4, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),  # whole-block rows
-    (8200, 3, ["ln_mixed_pre", "rms_bf16_mem"], "strided"),     # fwd staged, bwd whole-block
-    (16384, 3, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),  # fwd staged, bwd whole-block max
-    (16392, 3, ["ln_mixed_pre"], "contiguous"),                 # bwd streamed (vec8)
+    # 16-byte vectors (hidden % 8 == 0, aligned), 16 elements per thread
+    (8, 37, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp16_plain"], "contiguous"),  # 1 thread per row
+    (128, 10, ["ln_bf16_pre", "rms_bf16_mem", "ln_bf16_f32w"], "contiguous"),  # 8 threads per row
+    (512, 10, ["ln_mixed_pre", "ln_fp16_plain", "rms_fp16_mixed"], "strided"),  # a warp per row
+    (1000, 10, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp16_plain", "ln_bf16_f32w"], "contiguous"),
+    (1536, 11, ["ln_bf16_pre", "rms_fp32"], "contiguous"),  # 3 warps per row, several rows per CTA
+    (5120, 4, ["ln_mixed_pre", "rms_bf16_mem", "rms_fp16_mixed"], "contiguous"),  # 10 warps per row
+    # 32 elements per thread
+    (8200, 3, ["ln_mixed_pre", "rms_bf16_mem", "ln_bf16_f32w"], "strided"),
+    (16384, 3, ["ln_bf16_pre", "rms_bf16_mem"], "contiguous"),  # 512 threads per row
+    (16392, 3, ["ln_mixed_pre"], "contiguous"),                 # fwd staged, bwd streamed (vec8)
     (49160, 2, ["rms_bf16_mem"], "contiguous"),                 # fwd streamed (vec8)
-    # element-wise (odd sizes, misaligned rows)
+    # element-wise (odd sizes, misaligned rows): generic kernel, 4 elements per thread
     (1, 10, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),
     (41, 37, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp16_plain"], "contiguous"),
     (257, 10, ["ln_mixed_pre", "ln_fp16_plain"], "contiguous"),
@@ -205,28 +219,82 @@ def check_fallback_and_persistence(emu):
     emu.configure()
 
 
+BATCH_SIZES = (1, 7, 83, 4096)
+
+
+def check_batch_invariance(emu, hidden, flags: Flags, batch_sizes=BATCH_SIZES, seed=0):
+    """A row's y, residual_out, dx and dresidual are bitwise the same whether it is
+    computed alone or in a batch of any size (serving stacks rely on it): the first
+    rows of the largest batch, computed as batches of each smaller size."""
+    OPS = ops()
+    gen = torch.Generator().manual_seed(seed)
+    f = flags
+    n = max(batch_sizes)
+    x = _tensor(n, hidden, f.x, gen, "contiguous", mean=3.0)
+    residual = _tensor(n, hidden, f.residual, gen, "contiguous")
+    weight = _vector(hidden, f.weight, gen, away_from_zero=f.memory_efficient)
+    bias = _vector(hidden, f.bias, gen)
+    out_dtype = f.residual or f.x
+    dy = _tensor(n, hidden, f.x, gen, "contiguous") / 8
+    dres_out = _tensor(n, hidden, out_dtype, gen, "contiguous") / 8 if f.dres_out else None
+    dres_dtype = residual.dtype if residual is not None and residual.dtype != x.dtype else None
+
+    def run(rows):
+        def head(t):
+            return None if t is None else t[:rows]
+        y, res_out, rstd = emu.fwd(head(x), head(residual), weight, bias, 1e-5, f.rms, f.store,
+                                   out_dtype)
+        # the saved tensor comes from the reference, so only the backward is under test
+        ref = OPS.add_norm_fwd(head(x), head(residual), weight, bias, 1e-5, f.rms, f.store, out_dtype)
+        saved = ref[0] if f.memory_efficient else (ref[1] if f.store else head(x))
+        dx, dres, _, _ = emu.bwd(head(dy), head(dres_out), saved, ref[2], weight, bias, f.rms,
+                                 f.memory_efficient, dres_dtype)
+        out = {"y": y, "dx": dx}
+        if f.store:
+            out["residual_out"] = res_out
+        if dres_dtype is not None:
+            out["dresidual"] = dres
+        return out
+
+    full = run(n)
+    for rows in sorted(batch_sizes)[:-1]:
+        part = run(rows)
+        for name, t in part.items():
+            if not torch.equal(t, full[name][:rows]):
+                raise AssertionError(f"{f.name} H={hidden}: {name} of the first {rows} rows differs "
+                                     f"when computed in a batch of {n}")
+
+
 def bwd_case(emu, hidden=8192, rows=40, **kw):
-    """A backward whose plan opts in to > 48 KB of shared memory (whole-block rows):
-    (emulated outputs, reference outputs)."""
+    """A memory-efficient backward with fp32 weight and bias (at H = 8192 its plan opts
+    in to > 48 KB of shared memory: 64 KB of parameters are staged): (emulated
+    outputs, reference outputs)."""
     gen = torch.Generator().manual_seed(hidden)
     dy = torch.randn(rows, hidden, generator=gen).to(torch.bfloat16)
     saved = (torch.randn(rows, hidden, generator=gen) + 3).to(torch.bfloat16)
     rstd = torch.rand(rows, generator=gen) + 0.5
-    w = torch.randn(hidden, generator=gen)
+    w = _vector(hidden, torch.float32, gen, away_from_zero=True)
     b = torch.randn(hidden, generator=gen)
-    args = (dy, None, saved, rstd, w, b, False, False, None)
+    args = (dy, None, saved, rstd, w, b, False, True, None)
     return emu.bwd(*args, **kw), ops().add_norm_bwd(*args)
+
+
+# Per failed query: a backward where it changes the plan. The opt-in matters for the
+# 64 KB of staged parameters at H = 8192; the occupancy and attribute queries for an
+# element-wise backward at H = 1001, two 512-thread CTAs per SM (a failed query plans
+# one, or the streamed kernel).
+FAILED_QUERY_HIDDEN = {"set_attribute": 8192, "occupancy": 1001, "func_attributes": 1001}
 
 
 def check_failed_queries(emu):
     """A failed attribute or occupancy query while planning makes the plan smaller; the
     launch must use that same plan (planning again could see more CTAs than there are
     workspace rows, and write past the workspace), and leave no error pending."""
-    for kind in ("set_attribute", "occupancy", "func_attributes"):
+    for kind, hidden in FAILED_QUERY_HIDDEN.items():
         emu.configure("h100", sm_count=4)
         emu.inject(kind, after=0)
         try:
-            got, want = bwd_case(emu)
+            got, want = bwd_case(emu, hidden=hidden)
         except AssertionError as err:
             raise AssertionError(f"with one failed {kind} call: {err}") from None
         finally:

@@ -21,14 +21,15 @@ pytestmark = [
 
 # One hidden size per launch path of csrc/kernels (vec8: hidden % 8 == 0 and aligned).
 PATH_SIZES = {
-    "fwd/bwd row groups (vec8)": 64,
-    "row groups, 4 vectors (vec8)": 1024,
-    "whole-block rows (vec8)": 5120,
-    "fwd staged / bwd whole-block (vec8)": 16384,
+    "rows, 4 threads per row (vec8)": 64,
+    "rows, 2 warps per row (vec8)": 1024,
+    "rows, 3 warps per row, several rows per CTA (vec8)": 1536,
+    "rows, 10 warps per row (vec8)": 5120,
+    "rows, 32 elements per thread (vec8)": 16384,
     "fwd staged / bwd streamed (vec8)": 32768,
     "streamed (vec8)": 65536,
-    "row groups (element-wise)": 41,
-    "whole-block rows (element-wise)": 3001,
+    "rows (element-wise)": 41,
+    "rows, many warps (element-wise)": 3001,
     "streamed (element-wise)": 5125,
 }
 
@@ -43,10 +44,37 @@ def test_kernels_are_loaded():
 @pytest.mark.parametrize("prenorm", [False, True], ids=["post", "pre"])
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
 def test_every_launch_path(hidden, rms, prenorm):
-    for dtype, res in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)):
-        case = Case(rms=rms, shape=(37, hidden), x=dtype, residual=res, weight=torch.float32,
-                    bias=None if rms else torch.float32, prenorm=prenorm)
+    # two dtype mixes with compiled fast paths, and one for the generic kernel
+    for dtype, res, param in ((torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                              (torch.float16, torch.float32, torch.float32),
+                              (torch.bfloat16, torch.bfloat16, torch.float32)):
+        case = Case(rms=rms, shape=(37, hidden), x=dtype, residual=res, weight=param,
+                    bias=None if rms else param, prenorm=prenorm)
         check_against_reference(case, "cuda", seed=hidden)
+
+
+@pytest.mark.parametrize("hidden", [128, 1024, 4096, 16384, 3001])
+@pytest.mark.parametrize("param", [torch.bfloat16, torch.float32])
+def test_rows_are_batch_invariant(hidden, param):
+    """A row's outputs and input gradients are bitwise the same alone or in any batch."""
+    torch.manual_seed(hidden)
+    n = 4096
+    x = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16)
+    dr = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16)
+    norm = rf.FusedAddNorm(hidden, prenorm=True).to("cuda", param)
+
+    def run(rows):
+        xs, rs = x[:rows].clone().requires_grad_(), r[:rows].clone().requires_grad_()
+        y, res = norm(xs, rs)
+        torch.autograd.backward([y, res], [dy[:rows], dr[:rows]])
+        return y, res, xs.grad, rs.grad
+
+    full = run(n)
+    for rows in (1, 7, 83):
+        for got, want in zip(run(rows), full):
+            assert torch.equal(got, want[:rows]), f"rows={rows}"
 
 
 @pytest.mark.parametrize("hidden", [131072, 262144])

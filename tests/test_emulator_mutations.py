@@ -9,10 +9,11 @@ mutation is mechanical:
   bound   every `< hidden` row bound made `<= hidden` (off by one), except the
           kernel-level bounds listed in EQUIVALENT_BOUNDS: there the row accessors
           of common.cuh check the bound again, so the mutant computes the same thing
-  idle    idle row groups skipping their warp reduction
+  idle    idle row groups skipping their row reduction
 and a fixed list for the launch code: the shared-memory opt-in dropped, the fit
 check without the kernel's static shared memory, the alignment check dropped (a
-misaligned 16-byte access). Each mutant is built from the baseline objects plus the
+misaligned 16-byte access), the dtype-mix check dropped (a fast path reading the
+wrong element type). Each mutant is built from the baseline objects plus the
 translation units that include the mutated file and run in a subprocess with a time
 limit; mutants run two at a time.
 """
@@ -61,9 +62,9 @@ def _line(text: str, pos: int) -> int:
 # and how many matches each file has (a change there means revisiting this list).
 EQUIVALENT_BOUNDS = {
     # re-centring and partial sums of chunks past the row end (dy and the loaded values
-    # are zero there); the streamed passes' column loops (every access is re-checked);
-    # the reduction's final store (store_chunks re-checks).
-    "bwd_kernels.cuh": ({0, 1, 4, 5, 8}, 9),
+    # are zero there); the streamed passes' first two column loops (every access is
+    # re-checked); the reduction's final store (store_chunks re-checks).
+    "bwd_kernels.cuh": ({0, 1, 5, 6, 9}, 10),
     # the streamed forward's output pass (loads, affine and stores all re-check).
     "fwd_kernels.cuh": ({3}, 4),
 }
@@ -74,7 +75,7 @@ def catalogue() -> List[Mutation]:
         ("sync", r"__syncthreads\(\);", ""),
         ("mask", r"__shfl_xor_sync\(0xffffffffu", "__shfl_xor_sync(0x0000ffffu"),
         ("bound", r"(?<![<=])< hidden\b", "<= hidden"),
-        ("idle", r"else group_sum<", "else if (active) group_sum<"),
+        ("idle", r"row_sum<MAX_BLOCK>\(rl, ", "if (active) row_sum<MAX_BLOCK>(rl, "),
     ]
     fixed = [
         ("opt-in dropped", "dispatch.cu", r"cudaFuncSetAttribute\([^;]*\)", "cudaSuccess"),
@@ -85,6 +86,9 @@ def catalogue() -> List[Mutation]:
         ("backward planned again at launch", "dispatch.cu", r"launch\(plan\.main, p, stream\)",
          "launch(bwd_plan(p), p, stream)"),
         ("refused launch left pending", "dispatch.cu", r"if \(launched != cudaSuccess\) cudaGetLastError\(\);", ""),
+        ("dtype mix check dropped", "rows.cuh", r"return !present \|\| t == DTypeOf<T>::value;", "return true;"),
+        ("host and kernel disagree on threads per row", "bwd_rows.cu",
+         r"row_threads_for\(p\.hidden, CHUNKS \* VEC\)", "row_threads_for(p.hidden, 2 * CHUNKS * VEC)"),
     ]
     out = []
     for f in KERNEL_FILES:
@@ -149,7 +153,7 @@ def results(tmp_path_factory, kernel_build):
 def test_catalogue_covers_every_family():
     names = " ".join(m.name for m in MUTATIONS)
     for family in ("sync ", "mask ", "bound ", "idle ", "opt-in dropped", "fit check", "alignment",
-                   "planned again", "left pending"):
+                   "planned again", "left pending", "dtype mix", "threads per row"):
         assert family in names, f"no mutation of family {family!r}: did a pattern stop matching?"
     for m in MUTATIONS:  # every fixed mutation still applies to today's sources
         with open(os.path.join(cuda_emulator.KERNELS, m.file)) as fh:

@@ -67,6 +67,16 @@ def test_every_hidden_size_is_launchable_in_float64(with_resources):
     cases.sweep(with_resources, "sm86", True, dtype=torch.float64, hi=70000)
 
 
+@pytest.mark.parametrize("hidden,flags", [(128, "ln_bf16_pre"), (1000, "ln_mixed_pre"),
+                                          (1536, "ln_bf16_f32w"), (41, "rms_bf16_mem")])
+def test_rows_are_batch_invariant(emu, hidden, flags):
+    emu.configure("h100", sm_count=4)  # few SMs: the batch of 4096 loops over persistent CTAs
+    try:
+        cases.check_batch_invariance(emu, hidden, FLAGS[flags])
+    finally:
+        emu.configure()
+
+
 def test_weight_gradients_are_bitwise_deterministic(emu):
     first = cases.check(emu, 10, 1000, FLAGS["ln_mixed_pre"], seed=1)
     second = cases.check(emu, 10, 1000, FLAGS["ln_mixed_pre"], seed=1)

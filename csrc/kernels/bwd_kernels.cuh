@@ -14,86 +14,175 @@
 // shift times rstd (catastrophic for near-constant rows, e.g. hidden = 1).
 #pragma once
 
-#include "common.cuh"
+#include "rows.cuh"
 
 namespace residual_fused {
 
-template <int CHUNKS, int VEC, typename acc_t>
-__device__ __forceinline__ void zero(acc_t (&v)[CHUNKS][VEC]) {
+// The CTA's column sums of dy * xhat and dy over the rows it handles: in registers
+// when a thread holds at most 16 elements, otherwise in dynamic shared memory (each
+// thread only touches its own slots, at a pitch of 4 extra words: 16-byte accesses,
+// conflict-free, no barrier needed).
+template <int CHUNKS, int VEC, bool IN_SMEM>
+struct Partials;
+
+template <int CHUNKS, int VEC>
+struct Partials<CHUNKS, VEC, false> {
+  float dw[CHUNKS][VEC], db[CHUNKS][VEC];
+  static constexpr int kSmemFloats = 0;  // per thread
+
+  __device__ __forceinline__ explicit Partials(float*) {
 #pragma unroll
-  for (int c = 0; c < CHUNKS; ++c)
+    for (int c = 0; c < CHUNKS; ++c)
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) v[c][i] = acc_t(0);
+      for (int i = 0; i < VEC; ++i) dw[c][i] = db[c][i] = 0.f;
+  }
+  __device__ __forceinline__ void add(int c, const float (&g)[VEC], const float (&v)[VEC]) {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      dw[c][i] += g[i] * v[i];
+      db[c][i] += g[i];
+    }
+  }
+  __device__ __forceinline__ void get(int c, float (&w)[VEC], float (&b)[VEC]) const {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      w[i] = dw[c][i];
+      b[i] = db[c][i];
+    }
+  }
+};
+
+template <int CHUNKS, int VEC>
+struct Partials<CHUNKS, VEC, true> {
+  static_assert(VEC % 4 == 0, "shared-memory partials move as float4");
+  static constexpr int kPitch = CHUNKS * VEC + 4;
+  static constexpr int kSmemFloats = 2 * kPitch;  // per thread
+  float4* dw;  // this thread's CHUNKS * VEC / 4 slots
+  float4* db;
+
+  __device__ __forceinline__ explicit Partials(float* smem)
+      : dw(reinterpret_cast<float4*>(smem + threadIdx.x * kPitch)),
+        db(reinterpret_cast<float4*>(smem + (blockDim.x + threadIdx.x) * kPitch)) {
+#pragma unroll
+    for (int k = 0; k < CHUNKS * VEC / 4; ++k) dw[k] = db[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  __device__ __forceinline__ void add(int c, const float (&g)[VEC], const float (&v)[VEC]) {
+#pragma unroll
+    for (int k = 0; k < VEC / 4; ++k) {
+      float4 w = dw[c * VEC / 4 + k], b = db[c * VEC / 4 + k];
+      w.x += g[4 * k] * v[4 * k];
+      w.y += g[4 * k + 1] * v[4 * k + 1];
+      w.z += g[4 * k + 2] * v[4 * k + 2];
+      w.w += g[4 * k + 3] * v[4 * k + 3];
+      b.x += g[4 * k];
+      b.y += g[4 * k + 1];
+      b.z += g[4 * k + 2];
+      b.w += g[4 * k + 3];
+      dw[c * VEC / 4 + k] = w;
+      db[c * VEC / 4 + k] = b;
+    }
+  }
+  __device__ __forceinline__ void get(int c, float (&w)[VEC], float (&b)[VEC]) const {
+#pragma unroll
+    for (int k = 0; k < VEC / 4; ++k) {
+      const float4 a = dw[c * VEC / 4 + k], d = db[c * VEC / 4 + k];
+      w[4 * k] = a.x; w[4 * k + 1] = a.y; w[4 * k + 2] = a.z; w[4 * k + 3] = a.w;
+      b[4 * k] = d.x; b[4 * k + 1] = d.y; b[4 * k + 2] = d.z; b[4 * k + 3] = d.w;
+    }
+  }
+};
+
+template <int CHUNKS, int VEC>
+constexpr bool kSmemPartials = CHUNKS * VEC > 16;
+
+// Dynamic shared memory of the backward rows kernel, in bytes: the staged weight (and
+// bias when xhat is rebuilt from y), the shared-memory partials, and, with several
+// rows per CTA, 2 * hidden floats where the row groups' partials are added in order.
+template <int CHUNKS, int VEC>
+__host__ __device__ inline int bwd_rows_smem(const AddNormBwdParams& p, int block) {
+  const int rows_per_cta = block / row_threads_for(p.hidden, CHUNKS * VEC);
+  const int params = param_bytes(p.weight, p.weight_dtype, p.hidden) +
+                     (p.memory_efficient ? param_bytes(p.bias, p.bias_dtype, p.hidden) : 0);
+  const int partials = static_cast<int>(sizeof(float)) * block *
+                       Partials<CHUNKS, VEC, kSmemPartials<CHUNKS, VEC>>::kSmemFloats;
+  const int combine = rows_per_cta > 1 ? static_cast<int>(sizeof(float)) * 2 * p.hidden : 0;
+  return params + partials + combine;
 }
 
-// Row group (ROW_THREADS <= 32) kernels keep the dweight/dbias sums in registers;
-// whole-block kernels keep them in dynamic shared memory so the registers hold the
-// row. There each thread only touches its own CHUNKS * VEC elements, at a pitch of
-// one extra word (scalar accesses are conflict-free, offsets are compile-time
-// immediates, and no barrier is needed). Either way the CTA writes one partial row
-// per weight gradient at the end. Dynamic shared memory, in floats:
-// whole-block 2 * blockDim * (CHUNKS * VEC + 1); row groups 2 * blockDim * CHUNKS * VEC.
-template <int ROW_THREADS, int CHUNKS, int VEC, int MAX_BLOCK>
+// One row per row group per iteration, persistent CTAs. All of a row's global loads
+// (saved, dy, d(residual_out), rstd) are issued before any is used (d(residual_out)
+// after the reductions when a thread holds 32 elements); weight and bias come from
+// shared memory. The CTA writes one partial row per weight gradient at the
+// end, its row groups added in a fixed order.
+template <class MIX, int CHUNKS, int VEC, int MAX_BLOCK>
 __global__ void __launch_bounds__(MAX_BLOCK, 1)
 add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
-  using acc_t = float;
-  constexpr bool kWhole = ROW_THREADS == kWholeBlock;
-  const RowGroup<ROW_THREADS, VEC, MAX_BLOCK> rg;
+  using X = typename MIX::act_t;
+  using R = typename MIX::res_t;
+  using W = typename MIX::param_t;
+  using S = typename MIX::saved_t;
+  constexpr bool kSmem = kSmemPartials<CHUNKS, VEC>;
+  // With 32 elements per thread, holding d(residual_out) through the reductions would
+  // spill; it is loaded after them instead (a second round trip per row).
+  constexpr bool kEarlyDresOut = !kSmem;
   const int hidden = p.hidden;
+  const RowLayout<CHUNKS, VEC> rl(hidden);
   const bool want_partials = p.dweight_partial != nullptr || p.dbias_partial != nullptr;
-  float* const dyn_smem = dynamic_smem();
-  __shared__ acc_t red[kWhole ? 2 * (MAX_BLOCK / 32) : 1];
+  __shared__ float red[2 * (MAX_BLOCK / 32)];
 
-  // Partial sums: registers for row groups, shared memory for a whole-block row.
-  constexpr int kPitch = CHUNKS * VEC + 1;
-  acc_t dw_reg[kWhole ? 1 : CHUNKS][VEC], db_reg[kWhole ? 1 : CHUNKS][VEC];
-  acc_t* const dw_smem = dyn_smem + threadIdx.x * kPitch;
-  acc_t* const db_smem = dyn_smem + (blockDim.x + threadIdx.x) * kPitch;
-  if constexpr (kWhole) {
-#pragma unroll
-    for (int k = 0; k < CHUNKS * VEC; ++k) dw_smem[k] = db_smem[k] = 0.f;
-  } else {
-    zero(dw_reg);
-    zero(db_reg);
-  }
+  StagedParam weight, bias;
+  stage_params<VEC>(p.weight, p.weight_dtype, p.memory_efficient ? p.bias : nullptr, p.bias_dtype,
+               hidden, weight, bias);
+  const int params_bytes = param_bytes(weight.ptr, p.weight_dtype, hidden) +
+                           param_bytes(bias.ptr, p.bias_dtype, hidden);
+  float* const after_params = dynamic_smem() + params_bytes / 4;
+  Partials<CHUNKS, VEC, kSmem> part(after_params);
+  __syncthreads();
 
-  for (int64_t first = static_cast<int64_t>(blockIdx.x) * rg.rows_per_cta; first < p.rows;
-       first += static_cast<int64_t>(gridDim.x) * rg.rows_per_cta) {
-    const int64_t row = first + threadIdx.x / rg.row_threads;
-    const bool active = row < p.rows;  // idle row groups still join the shuffles
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * rl.rows_per_cta; first < p.rows;
+       first += static_cast<int64_t>(gridDim.x) * rl.rows_per_cta) {
+    const int64_t row = first + rl.group;
+    const bool active = row < p.rows;  // idle row groups still join the reductions
 
-    acc_t v[CHUNKS][VEC], g[CHUNKS][VEC];  // g holds dy until it is scaled by weight
-    acc_t rstd = 0.f;
-    if (active) {
-      load_chunks<CHUNKS, VEC>(row_ptr(p.saved, row, p.saved_row_stride, p.saved_dtype),
-                               p.saved_dtype, rg.col0, rg.stride, hidden, v);
-      load_chunks<CHUNKS, VEC>(row_ptr(p.dy, row, p.dy_row_stride, p.dy_dtype), p.dy_dtype, rg.col0,
-                               rg.stride, hidden, g);
-      rstd = static_cast<const acc_t*>(p.rstd)[row];
-    } else {
-      zero(v);
-      zero(g);
+    // Every global load of the row in flight before any is used.
+    const bool has_dres_out = p.dresidual_out != nullptr;
+    const void* const dres_out_row = row_of<R>(p.dresidual_out, row, p.dresidual_out_row_stride,
+                                               p.dresidual_out_dtype);
+    const float rstd = active ? static_cast<const float*>(p.rstd)[row] : 0.f;
+    Fetched<S, CHUNKS, VEC> fs;
+    Fetched<X, CHUNKS, VEC> fdy;
+    Fetched<R, CHUNKS, VEC> fdo;
+    fs.load(row_of<S>(p.saved, row, p.saved_row_stride, p.saved_dtype), p.saved_dtype, rl.col0,
+            rl.stride, hidden, active);
+    fdy.load(row_of<X>(p.dy, row, p.dy_row_stride, p.dy_dtype), p.dy_dtype, rl.col0, rl.stride,
+             hidden, active);
+    if (kEarlyDresOut) {
+      fdo.load(dres_out_row, p.dresidual_out_dtype, rl.col0, rl.stride, hidden, active && has_dres_out);
     }
+
+    float v[CHUNKS][VEC], g[CHUNKS][VEC];  // g holds dy until it is scaled by weight
+    fs.to(v);
+    fdy.to(g);
 
     // v -> xhat (zero past the end of the row).
     if (p.memory_efficient) {
-      if (p.bias != nullptr) apply_affine<Affine::kSub>(p.bias, p.bias_dtype, rg.col0, rg.stride, hidden, v);
-      if (p.weight != nullptr) apply_affine<Affine::kDiv>(p.weight, p.weight_dtype, rg.col0, rg.stride, hidden, v);
+      if (bias.ptr != nullptr) apply_param<Affine::kSub, W>(bias, rl.col0, rl.stride, hidden, v);
+      if (weight.ptr != nullptr) apply_param<Affine::kDiv, W>(weight, rl.col0, rl.stride, hidden, v);
     }
-    const acc_t scale = p.memory_efficient ? acc_t(1) : rstd;
-    acc_t mean_v = 0.f;
+    const float scale = p.memory_efficient ? 1.f : rstd;
+    float mean_v = 0.f;
     if (!p.is_rms_norm) {
-      acc_t sum[1] = {0.f};
+      float sum[1] = {0.f};
 #pragma unroll
       for (int c = 0; c < CHUNKS; ++c)
 #pragma unroll
         for (int i = 0; i < VEC; ++i) sum[0] += v[c][i];
-      if constexpr (kWhole) block_sum<MAX_BLOCK>(sum, red); else group_sum<ROW_THREADS>(sum);
+      row_sum<MAX_BLOCK>(rl, sum, red);
       mean_v = sum[0] / hidden;
     }
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
-      if (rg.col0 + c * rg.stride < hidden) {
+      if (rl.col0 + c * rl.stride < hidden) {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) v[c][i] = (v[c][i] - mean_v) * scale;
       }
@@ -103,24 +192,12 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
     if (active && want_partials) {
 #pragma unroll
       for (int c = 0; c < CHUNKS; ++c) {
-        const int col = rg.col0 + c * rg.stride;
-        if (col < hidden) {
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) {
-            if constexpr (kWhole) {
-              dw_smem[c * VEC + i] += g[c][i] * v[c][i];
-              db_smem[c * VEC + i] += g[c][i];
-            } else {
-              dw_reg[c][i] += g[c][i] * v[c][i];
-              db_reg[c][i] += g[c][i];
-            }
-          }
-        }
+        if (rl.col0 + c * rl.stride < hidden) part.add(c, g[c], v[c]);
       }
     }
 
-    if (p.weight != nullptr) apply_affine<Affine::kMul>(p.weight, p.weight_dtype, rg.col0, rg.stride, hidden, g);
-    acc_t sums[2] = {0.f, 0.f};  // sum(g), sum(g * xhat)
+    if (weight.ptr != nullptr) apply_param<Affine::kMul, W>(weight, rl.col0, rl.stride, hidden, g);
+    float sums[2] = {0.f, 0.f};  // sum(g), sum(g * xhat)
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c)
 #pragma unroll
@@ -128,71 +205,78 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
         sums[0] += g[c][i];
         sums[1] += g[c][i] * v[c][i];
       }
-    if constexpr (kWhole) block_sum<MAX_BLOCK>(sums, red); else group_sum<ROW_THREADS>(sums);
-    const acc_t mean_g = p.is_rms_norm ? acc_t(0) : sums[0] / hidden;
-    const acc_t mean_gx = sums[1] / hidden;
+    row_sum<MAX_BLOCK>(rl, sums, red);
+    const float mean_g = p.is_rms_norm ? 0.f : sums[0] / hidden;
+    const float mean_gx = sums[1] / hidden;
 
     if (active) {
 #pragma unroll
       for (int c = 0; c < CHUNKS; ++c)
 #pragma unroll
         for (int i = 0; i < VEC; ++i) g[c][i] = rstd * (g[c][i] - mean_g - v[c][i] * mean_gx);
-      if (p.dresidual_out != nullptr) {
-        acc_t d[CHUNKS][VEC];
-        load_chunks<CHUNKS, VEC>(
-            row_ptr(p.dresidual_out, row, p.dresidual_out_row_stride, p.dresidual_out_dtype),
-            p.dresidual_out_dtype, rg.col0, rg.stride, hidden, d);
+      if (has_dres_out) {
+        if (!kEarlyDresOut) fdo.load(dres_out_row, p.dresidual_out_dtype, rl.col0, rl.stride, hidden, true);
+        float d[CHUNKS][VEC];
+        fdo.to(d);
 #pragma unroll
         for (int c = 0; c < CHUNKS; ++c)
 #pragma unroll
           for (int i = 0; i < VEC; ++i) g[c][i] += d[c][i];
       }
-      store_chunks<CHUNKS, VEC>(row_ptr(p.dx, row, hidden, p.dy_dtype), p.dy_dtype, rg.col0, rg.stride,
-                                hidden, g);
+      store_row<X>(row_of<X>(p.dx, row, hidden, p.dy_dtype), p.dy_dtype, rl.col0, rl.stride, hidden, g);
       if (p.dresidual != nullptr) {
-        store_chunks<CHUNKS, VEC>(row_ptr(p.dresidual, row, hidden, p.dresidual_dtype),
-                                  p.dresidual_dtype, rg.col0, rg.stride, hidden, g);
+        store_row<R>(row_of<R>(p.dresidual, row, hidden, p.dresidual_dtype), p.dresidual_dtype,
+                     rl.col0, rl.stride, hidden, g);
       }
     }
   }
 
-  if (!want_partials) return;
-  acc_t* const dw_out = static_cast<acc_t*>(p.dweight_partial);
-  acc_t* const db_out = static_cast<acc_t*>(p.dbias_partial);
+  if (!want_partials) return;  // uniform over the grid
   const int64_t out_row = static_cast<int64_t>(blockIdx.x) * hidden;
-  if constexpr (kWhole) {
+  float* const dw_out = p.dweight_partial == nullptr ? nullptr : static_cast<float*>(p.dweight_partial) + out_row;
+  float* const db_out = p.dbias_partial == nullptr ? nullptr : static_cast<float*>(p.dbias_partial) + out_row;
+  if (rl.rows_per_cta == 1) {
+#pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
-      const int col = rg.col0 + c * rg.stride;
+      const int col = rl.col0 + c * rl.stride;
       if (col < hidden) {
-        for (int i = 0; i < VEC; ++i) {
-          if (dw_out != nullptr) dw_out[out_row + col + i] = dw_smem[c * VEC + i];
-          if (db_out != nullptr) db_out[out_row + col + i] = db_smem[c * VEC + i];
+        float w[VEC], b[VEC];
+        part.get(c, w, b);
+        if (dw_out != nullptr) store_vec<float, VEC>(dw_out + col, w);
+        if (db_out != nullptr) store_vec<float, VEC>(db_out + col, b);
+      }
+    }
+    return;
+  }
+  // Several rows per CTA: add the row groups' sums in group order, then write them.
+  float* const buf = after_params + blockDim.x * Partials<CHUNKS, VEC, kSmem>::kSmemFloats;
+  for (int k = 0; k < rl.rows_per_cta; ++k) {
+    if (rl.group == k) {
+#pragma unroll
+      for (int c = 0; c < CHUNKS; ++c) {
+        const int col = rl.col0 + c * rl.stride;
+        if (col < hidden) {
+          float w[VEC], b[VEC];
+          part.get(c, w, b);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            buf[col + i] = k == 0 ? w[i] : buf[col + i] + w[i];
+            buf[hidden + col + i] = k == 0 ? b[i] : buf[hidden + col + i] + b[i];
+          }
         }
       }
     }
-  } else {
-    // Sum the CTA's row groups in a fixed order through shared memory.
-    const int width = rg.stride * CHUNKS;  // columns a row group covers (>= hidden)
-    const int group = threadIdx.x / rg.row_threads;
-    acc_t* const dw_buf = dyn_smem;
-    acc_t* const db_buf = dyn_smem + rg.rows_per_cta * width;
-#pragma unroll
-    for (int c = 0; c < CHUNKS; ++c)
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        dw_buf[group * width + rg.col0 + c * rg.stride + i] = dw_reg[c][i];
-        db_buf[group * width + rg.col0 + c * rg.stride + i] = db_reg[c][i];
-      }
     __syncthreads();
-    for (int col = threadIdx.x; col < hidden; col += blockDim.x) {
-      acc_t dw = dw_buf[col], db = db_buf[col];
-      for (int k = 1; k < rg.rows_per_cta; ++k) {
-        dw += dw_buf[k * width + col];
-        db += db_buf[k * width + col];
-      }
-      if (dw_out != nullptr) dw_out[out_row + col] = dw;
-      if (db_out != nullptr) db_out[out_row + col] = db;
+  }
+  for (int col = threadIdx.x * VEC; col < hidden; col += blockDim.x * VEC) {
+    float w[VEC], b[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      w[i] = buf[col + i];
+      b[i] = buf[hidden + col + i];
     }
+    if (dw_out != nullptr) store_vec<float, VEC>(dw_out + col, w);
+    if (db_out != nullptr) store_vec<float, VEC>(db_out + col, b);
   }
 }
 

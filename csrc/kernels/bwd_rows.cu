@@ -1,42 +1,47 @@
-// Launch plans of the backward rows kernels. Each plan is persistent (as many CTAs as
-// fit at once), so the dweight/dbias workspace has one row per CTA.
+// Launch plans of the backward rows kernels. Each plan is persistent (at most as many
+// CTAs as fit at once), so the dweight/dbias workspace has one row per CTA; CTAs of
+// several rows keep that count near the SM count even for small hidden sizes.
 #include <algorithm>
 
 #include "bwd_kernels.cuh"
 #include "launch.h"
+#include "mixes.h"
 
 namespace residual_fused {
 namespace {
 
-template <int ROW_THREADS, int CHUNKS, int VEC, int MAX_BLOCK>
-LaunchPlan rows_plan(const AddNormBwdParams& p, int block) {
-  const bool whole = ROW_THREADS == kWholeBlock;
-  const int rows_per_cta = whole ? 1 : block / ROW_THREADS;
+// Threads per CTA the plans aim for when a row needs fewer.
+constexpr int kBwdTargetBlock = 512;
+
+template <class MIX, int CHUNKS, int VEC, int MAX_BLOCK>
+LaunchPlan rows_plan(const AddNormBwdParams& p) {
+  const int row_threads = row_threads_for(p.hidden, CHUNKS * VEC);
+  const int rows_per_cta = std::max(1, kBwdTargetBlock / row_threads);
   LaunchPlan plan;
-  plan.kernel = reinterpret_cast<const void*>(&add_norm_bwd_rows_kernel<ROW_THREADS, CHUNKS, VEC, MAX_BLOCK>);
-  plan.block = block;
-  plan.smem = sizeof(float) * 2 * block * (CHUNKS * VEC + (whole ? 1 : 0));
-  plan.grid = std::min<int64_t>(ceil_div(p.rows, rows_per_cta),
-                                int64_t{sm_count()} * max_ctas_per_sm(plan));
+  plan.kernel = reinterpret_cast<const void*>(&add_norm_bwd_rows_kernel<MIX, CHUNKS, VEC, MAX_BLOCK>);
+  plan.block = rows_per_cta * row_threads;
+  plan.smem = bwd_rows_smem<CHUNKS, VEC>(p, plan.block);
+  plan.grid = persistent_grid(plan, ceil_div(p.rows, rows_per_cta));
   return plan;
+}
+
+// The first mix of the list that matches every tensor's dtype, else the generic kernel.
+template <int CHUNKS, int VEC, int MAX_BLOCK, class... MIXES>
+LaunchPlan rows_plan_for_mix(const AddNormBwdParams& p, MixList<MIXES...>) {
+  LaunchPlan plan;
+  const bool fast = (((bwd_mix_matches<MIXES>(p) && (plan = rows_plan<MIXES, CHUNKS, VEC, MAX_BLOCK>(p), true))) || ...);
+  return fast ? plan : rows_plan<AnyMix, CHUNKS, VEC, MAX_BLOCK>(p);
 }
 
 }  // namespace
 
 LaunchPlan plan_bwd_rows_vec8(const AddNormBwdParams& p) {
-  const int h = p.hidden;
-  if (h <= 64) return rows_plan<8, 1, 8, 128>(p, 128);
-  if (h <= 128) return rows_plan<16, 1, 8, 128>(p, 128);
-  if (h <= 256) return rows_plan<32, 1, 8, 128>(p, 128);
-  if (h <= 512) return rows_plan<32, 2, 8, 128>(p, 128);
-  return rows_plan<kWholeBlock, 4, 8, 512>(p, round_up(static_cast<int>(ceil_div(h, 32)), 32));
+  if (p.hidden <= kBwdRegs16MaxVec8) return rows_plan_for_mix<2, 8, 512>(p, FastMixes{});
+  return rows_plan_for_mix<4, 8, 512>(p, FastMixes{});
 }
 
 LaunchPlan plan_bwd_rows_vec1(const AddNormBwdParams& p) {
-  const int h = p.hidden;
-  if (h <= 64) return rows_plan<32, 2, 1, 128>(p, 128);
-  if (h <= 256) return rows_plan<32, 8, 1, 128>(p, 128);
-  return rows_plan<kWholeBlock, 4, 1, 1024>(p, round_up(static_cast<int>(ceil_div(h, 4)), 32));
+  return rows_plan<AnyMix, 4, 1, 1024>(p);
 }
 
 }  // namespace residual_fused

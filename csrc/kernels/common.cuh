@@ -36,8 +36,8 @@ __device__ __forceinline__ P* row_ptr(P* base, int64_t row, int64_t row_stride, 
 float* dynamic_smem();  // tests/emulator: one host buffer, blocks run one at a time
 #else
 __device__ __forceinline__ float* dynamic_smem() {
-  extern __shared__ float dyn_smem[];
-  return dyn_smem;
+  extern __shared__ float4 dyn_smem[];  // float4: the base is 16-byte aligned
+  return reinterpret_cast<float*>(dyn_smem);
 }
 #endif
 
@@ -201,25 +201,6 @@ __device__ __forceinline__ void apply_affine(const void* param, DType t, int col
     }
   });
 }
-
-// ROW_THREADS value of the rows kernels: one row per CTA, spread over all its threads
-// (the block size is chosen at launch to fit the row).
-constexpr int kWholeBlock = 0;
-
-// Where a thread of a rows kernel works: a group of ROW_THREADS lanes owns a row
-// (several rows per CTA), or the whole block does (kWholeBlock). Chunk c of the
-// thread starts at column col0 + c * stride.
-template <int ROW_THREADS, int VEC, int MAX_BLOCK>
-struct RowGroup {
-  static constexpr bool kWhole = ROW_THREADS == kWholeBlock;
-  static_assert(kWhole || (ROW_THREADS <= 32 && MAX_BLOCK % (kWhole ? 1 : ROW_THREADS) == 0),
-                "a row group is a power-of-two part of a warp");
-  const int row_threads = kWhole ? static_cast<int>(blockDim.x) : ROW_THREADS;
-  const int rows_per_cta = kWhole ? 1 : static_cast<int>(blockDim.x) / ROW_THREADS;
-  const int stride = row_threads * VEC;  // columns between a thread's chunks
-  const int lane = threadIdx.x % row_threads;
-  const int col0 = lane * VEC;
-};
 
 // ---- reductions --------------------------------------------------------------------
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 
 #include "common.cuh"
@@ -172,13 +173,32 @@ int max_ctas_per_sm(const LaunchPlan& plan) {
   // A plan that does not fit is discarded by the caller; query nothing for it, so no
   // failed call leaves an error behind for a later, unrelated launch to report.
   if (!fits_on_device(plan) || allow_smem(plan) != cudaSuccess) return 1;
+  // Answers are cached per (kernel, device, block, shared memory): the query costs
+  // microseconds of host time, and a plan's inputs take few distinct values.
+  using Key = std::tuple<const void*, int, int, size_t>;
+  static std::map<Key, int> cache;
+  const Key key{plan.kernel, current_device(), plan.block, plan.smem};
+  {
+    std::lock_guard<std::mutex> lock(kernel_info_mutex());
+    const auto hit = cache.find(key);
+    if (hit != cache.end()) return hit->second;
+  }
   int ctas = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, plan.kernel, plan.block, plan.smem) !=
       cudaSuccess) {
     cudaGetLastError();
-    return 1;
+    return 1;  // not cached: the next call asks again
   }
-  return std::max(ctas, 1);
+  ctas = std::max(ctas, 1);
+  std::lock_guard<std::mutex> lock(kernel_info_mutex());
+  cache[key] = ctas;
+  return ctas;
+}
+
+int64_t persistent_grid(const LaunchPlan& plan, int64_t work) {
+  const int64_t sms = sm_count();
+  if (work <= sms) return work;
+  return std::min<int64_t>(work, sms * max_ctas_per_sm(plan));
 }
 
 cudaError_t launch_add_norm_fwd(const AddNormFwdParams& p, cudaStream_t stream) {

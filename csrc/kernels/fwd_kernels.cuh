@@ -2,94 +2,98 @@
 //
 // Three kernels:
 //  * rows: the whole row in registers; every input read once, every output written
-//    once. A row belongs to a group of ROW_THREADS lanes (several rows per CTA for
-//    small hidden sizes), or to the whole CTA when ROW_THREADS == kWholeBlock (block
-//    size chosen at launch to fit the row).
+//    once, all of a row's loads in flight together (rows.cuh). A row belongs to a
+//    group of threads (several rows per warp for small hidden sizes, several warps
+//    per row for large ones); element types fixed per dtype mix, or read at run time.
 //  * staged: one row per CTA with the fp32 sum parked in shared memory, for rows too
 //    wide for registers; still one trip through HBM.
 //  * streamed: any hidden size: one CTA per row, statistics in a first pass over the
 //    row, outputs in a second (which mostly hits L2).
 #pragma once
 
-#include "common.cuh"
+#include "rows.cuh"
 
 namespace residual_fused {
 
-template <int ROW_THREADS, int CHUNKS, int VEC, int MAX_BLOCK>
-__global__ void __launch_bounds__(MAX_BLOCK, 1)
+// Dynamic shared memory: the staged weight and bias (param_bytes each). Persistent:
+// a CTA loops over rows with its parameters staged once.
+template <class MIX, int CHUNKS, int VEC, int MAX_BLOCK>
+__global__ void __launch_bounds__(MAX_BLOCK, rows_min_ctas(CHUNKS * VEC, MAX_BLOCK))
 add_norm_fwd_rows_kernel(const AddNormFwdParams p) {
-  using acc_t = float;
-  constexpr bool kWhole = ROW_THREADS == kWholeBlock;
-  const RowGroup<ROW_THREADS, VEC, MAX_BLOCK> rg;
+  using X = typename MIX::act_t;
+  using R = typename MIX::res_t;
+  using W = typename MIX::param_t;
   const int hidden = p.hidden;
-  __shared__ acc_t smem[kWhole ? MAX_BLOCK / 32 : 1];
+  const RowLayout<CHUNKS, VEC> rl(hidden);
+  __shared__ float red[MAX_BLOCK / 32];
 
-  // Trip count is uniform across the CTA, so the block-wide reductions are safe.
-  for (int64_t first = static_cast<int64_t>(blockIdx.x) * rg.rows_per_cta; first < p.rows;
-       first += static_cast<int64_t>(gridDim.x) * rg.rows_per_cta) {
-    const int64_t row = first + threadIdx.x / rg.row_threads;
-    const bool active = row < p.rows;  // idle row groups still join the shuffles
+  StagedParam weight, bias;
+  stage_params<VEC>(p.weight, p.weight_dtype, p.bias, p.bias_dtype, hidden, weight, bias);
+  __syncthreads();
 
-    acc_t s[CHUNKS][VEC];
-    if (active) {
-      load_chunks<CHUNKS, VEC>(row_ptr(p.x, row, p.x_row_stride, p.x_dtype), p.x_dtype, rg.col0,
-                               rg.stride, hidden, s);
-      if (p.residual != nullptr) {
-        acc_t r[CHUNKS][VEC];
-        load_chunks<CHUNKS, VEC>(
-            row_ptr(p.residual, row, p.residual_row_stride, p.residual_dtype), p.residual_dtype,
-            rg.col0, rg.stride, hidden, r);
-#pragma unroll
-        for (int c = 0; c < CHUNKS; ++c)
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) s[c][i] += r[c][i];
-      }
-    } else {
+  // Trip count is uniform across the CTA, so the reductions' barriers are safe.
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * rl.rows_per_cta; first < p.rows;
+       first += static_cast<int64_t>(gridDim.x) * rl.rows_per_cta) {
+    const int64_t row = first + rl.group;
+    const bool active = row < p.rows;  // idle row groups still join the reductions
+
+    // Both rows' loads are in flight before either is used.
+    const bool has_residual = p.residual != nullptr;
+    Fetched<X, CHUNKS, VEC> fx;
+    Fetched<R, CHUNKS, VEC> fr;
+    fx.load(row_of<X>(p.x, row, p.x_row_stride, p.x_dtype), p.x_dtype, rl.col0, rl.stride, hidden,
+            active);
+    fr.load(row_of<R>(p.residual, row, p.residual_row_stride, p.residual_dtype), p.residual_dtype,
+            rl.col0, rl.stride, hidden, active && has_residual);
+    float s[CHUNKS][VEC];
+    fx.to(s);
+    if (has_residual) {
+      float r[CHUNKS][VEC];
+      fr.to(r);
 #pragma unroll
       for (int c = 0; c < CHUNKS; ++c)
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) s[c][i] = 0.f;
+        for (int i = 0; i < VEC; ++i) s[c][i] += r[c][i];
     }
 
     // Two-pass statistics on the unrounded fp32 sum held in registers.
-    acc_t mean = 0.f;
+    float mean = 0.f;
     if (!p.is_rms_norm) {
-      acc_t sum[1] = {0.f};
+      float sum[1] = {0.f};
 #pragma unroll
       for (int c = 0; c < CHUNKS; ++c)
 #pragma unroll
         for (int i = 0; i < VEC; ++i) sum[0] += s[c][i];  // chunks past hidden are zero
-      if constexpr (kWhole) block_sum<MAX_BLOCK>(sum, smem); else group_sum<ROW_THREADS>(sum);
+      row_sum<MAX_BLOCK>(rl, sum, red);
       mean = sum[0] / hidden;
     }
-    acc_t sq[1] = {0.f};
+    float sq[1] = {0.f};
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
-      if (rg.col0 + c * rg.stride < hidden) {
+      if (rl.col0 + c * rl.stride < hidden) {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          const acc_t d = s[c][i] - mean;
+          const float d = s[c][i] - mean;
           sq[0] += d * d;
         }
       }
     }
-    if constexpr (kWhole) block_sum<MAX_BLOCK>(sq, smem); else group_sum<ROW_THREADS>(sq);
-    const acc_t rstd = inv_sqrt(sq[0] / hidden + static_cast<acc_t>(p.eps));
+    row_sum<MAX_BLOCK>(rl, sq, red);
+    const float rstd = inv_sqrt(sq[0] / hidden + static_cast<float>(p.eps));
 
     if (active) {
-      if (rg.lane == 0) static_cast<acc_t*>(p.rstd)[row] = rstd;
+      if (rl.col0 == 0) static_cast<float*>(p.rstd)[row] = rstd;
       if (p.residual_out != nullptr) {
-        store_chunks<CHUNKS, VEC>(row_ptr(p.residual_out, row, hidden, p.residual_out_dtype),
-                                  p.residual_out_dtype, rg.col0, rg.stride, hidden, s);
+        store_row<R>(row_of<R>(p.residual_out, row, hidden, p.residual_out_dtype),
+                     p.residual_out_dtype, rl.col0, rl.stride, hidden, s);
       }
 #pragma unroll
       for (int c = 0; c < CHUNKS; ++c)
 #pragma unroll
         for (int i = 0; i < VEC; ++i) s[c][i] = (s[c][i] - mean) * rstd;
-      if (p.weight != nullptr) apply_affine<Affine::kMul>(p.weight, p.weight_dtype, rg.col0, rg.stride, hidden, s);
-      if (p.bias != nullptr) apply_affine<Affine::kAdd>(p.bias, p.bias_dtype, rg.col0, rg.stride, hidden, s);
-      store_chunks<CHUNKS, VEC>(row_ptr(p.y, row, hidden, p.x_dtype), p.x_dtype, rg.col0, rg.stride,
-                                hidden, s);
+      if (weight.ptr != nullptr) apply_param<Affine::kMul, W>(weight, rl.col0, rl.stride, hidden, s);
+      if (bias.ptr != nullptr) apply_param<Affine::kAdd, W>(bias, rl.col0, rl.stride, hidden, s);
+      store_row<X>(row_of<X>(p.y, row, hidden, p.x_dtype), p.x_dtype, rl.col0, rl.stride, hidden, s);
     }
   }
 }

@@ -1,21 +1,36 @@
-// Launch plans of the forward kernels that keep the row on chip: in registers (at most
-// 32 fp32 values per thread) up to kFwdRegsMaxVec8, staged in shared memory beyond.
+// Launch plans of the forward kernels that keep the row on chip: in registers up to
+// kFwdRegsMaxVec8 (16 or 32 elements per thread), staged in shared memory beyond.
 #include <algorithm>
 
 #include "fwd_kernels.cuh"
 #include "launch.h"
+#include "mixes.h"
 
 namespace residual_fused {
 namespace {
 
-template <int ROW_THREADS, int CHUNKS, int VEC, int MAX_BLOCK>
-LaunchPlan rows_plan(const AddNormFwdParams& p, int block) {
-  const int rows_per_cta = ROW_THREADS == kWholeBlock ? 1 : block / ROW_THREADS;
+// Threads per CTA the plans aim for when a row needs fewer: several rows per CTA
+// share one staged copy of the parameters.
+constexpr int kFwdTargetBlock = 256;
+
+template <class MIX, int CHUNKS, int VEC, int MAX_BLOCK>
+LaunchPlan rows_plan(const AddNormFwdParams& p) {
+  const int row_threads = row_threads_for(p.hidden, CHUNKS * VEC);
+  const int rows_per_cta = std::max(1, kFwdTargetBlock / row_threads);
   LaunchPlan plan;
-  plan.kernel = reinterpret_cast<const void*>(&add_norm_fwd_rows_kernel<ROW_THREADS, CHUNKS, VEC, MAX_BLOCK>);
-  plan.block = block;
-  plan.grid = std::min<int64_t>(ceil_div(p.rows, rows_per_cta), int64_t{1} << 30);
+  plan.kernel = reinterpret_cast<const void*>(&add_norm_fwd_rows_kernel<MIX, CHUNKS, VEC, MAX_BLOCK>);
+  plan.block = rows_per_cta * row_threads;
+  plan.smem = param_bytes(p.weight, p.weight_dtype, p.hidden) + param_bytes(p.bias, p.bias_dtype, p.hidden);
+  plan.grid = persistent_grid(plan, ceil_div(p.rows, rows_per_cta));
   return plan;
+}
+
+// The first mix of the list that matches every tensor's dtype, else the generic kernel.
+template <int CHUNKS, int VEC, int MAX_BLOCK, class... MIXES>
+LaunchPlan rows_plan_for_mix(const AddNormFwdParams& p, MixList<MIXES...>) {
+  LaunchPlan plan;
+  const bool fast = (((fwd_mix_matches<MIXES>(p) && (plan = rows_plan<MIXES, CHUNKS, VEC, MAX_BLOCK>(p), true))) || ...);
+  return fast ? plan : rows_plan<AnyMix, CHUNKS, VEC, MAX_BLOCK>(p);
 }
 
 template <int CHUNKS, int VEC, int MAX_BLOCK>
@@ -32,25 +47,16 @@ LaunchPlan staged_plan(const AddNormFwdParams& p, int block) {
 
 LaunchPlan plan_fwd_rows_vec8(const AddNormFwdParams& p) {
   const int h = p.hidden;
-  // Small rows: a row per group of 8-32 lanes, several rows per 128-thread CTA.
-  if (h <= 64) return rows_plan<8, 1, 8, 128>(p, 128);
-  if (h <= 128) return rows_plan<16, 1, 8, 128>(p, 128);
-  if (h <= 256) return rows_plan<32, 1, 8, 128>(p, 128);
-  if (h <= 512) return rows_plan<32, 2, 8, 128>(p, 128);
-  if (h <= 1024) return rows_plan<32, 4, 8, 128>(p, 128);
-  // One row per CTA, four 8-element vectors per thread, just enough warps for the row.
-  if (h <= kFwdRegsMaxVec8) {
-    return rows_plan<kWholeBlock, 4, 8, 256>(p, round_up(static_cast<int>(ceil_div(h, 32)), 32));
-  }
+  // 16 elements per thread: 64 B of each input in flight per thread, registers low
+  // enough for 1024+ threads per SM.
+  if (h <= kFwdRegs16MaxVec8) return rows_plan_for_mix<2, 8, 512>(p, FastMixes{});
+  if (h <= kFwdRegsMaxVec8) return rows_plan_for_mix<4, 8, 512>(p, FastMixes{});
   // Wider rows: sixteen vectors per thread, parked in shared memory.
   return staged_plan<16, 8, 512>(p, round_up(static_cast<int>(ceil_div(h, 128)), 32));
 }
 
 LaunchPlan plan_fwd_rows_vec1(const AddNormFwdParams& p) {
-  const int h = p.hidden;
-  if (h <= 64) return rows_plan<32, 2, 1, 128>(p, 128);
-  if (h <= 256) return rows_plan<32, 8, 1, 128>(p, 128);
-  return rows_plan<kWholeBlock, 4, 1, 1024>(p, round_up(static_cast<int>(ceil_div(h, 4)), 32));
+  return rows_plan<AnyMix, 4, 1, 1024>(p);
 }
 
 }  // namespace residual_fused

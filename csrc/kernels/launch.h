@@ -23,12 +23,21 @@ bool fits_on_device(const LaunchPlan& plan);
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int round_up(int a, int b) { return static_cast<int>(ceil_div(a, b) * b); }
 
-// Hidden-size limits of the on-chip kernels; larger rows are streamed. The forward
-// keeps rows up to kFwdRegsMaxVec8 in registers and stages wider ones in shared memory
-// (when the device has enough of it); the backward keeps the row in registers.
-constexpr int kFwdRegsMaxVec8 = 8192;     // 256 threads x 4 x 8 elements
+// CTAs for `work` independent units (rows or row groups): all of them when they fit
+// in one wave of the device, else as many as are resident at once (persistent CTAs
+// loop over the rest). One wave or fewer skips the occupancy query.
+int64_t persistent_grid(const LaunchPlan& plan, int64_t work);
+
+// Hidden-size limits of the on-chip kernels; larger rows are streamed. The rows
+// kernels hold 16 elements per thread up to k*Regs16MaxVec8 and 32 beyond, with at
+// most 512 threads per row; the forward stages still wider rows in shared memory
+// (when the device has enough of it). Element-wise rows hold 4 per thread, 1024
+// threads at most.
+constexpr int kFwdRegs16MaxVec8 = 8192;   // 512 threads x 2 x 8
+constexpr int kFwdRegsMaxVec8 = 16384;    // 512 threads x 4 x 8
 constexpr int kFwdRowsMaxVec8 = 49152;    // staged: 384 threads x 16 x 8, 192 KB of fp32
 constexpr int kFwdRowsMaxVec1 = 4096;     // 1024 threads x 4 x 1
+constexpr int kBwdRegs16MaxVec8 = 8192;   // 512 threads x 2 x 8
 constexpr int kBwdRowsMaxVec8 = 16384;    // 512 threads x 4 x 8
 constexpr int kBwdRowsMaxVec1 = 4096;     // 1024 threads x 4 x 1
 
