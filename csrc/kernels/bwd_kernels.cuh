@@ -19,9 +19,10 @@
 namespace residual_fused {
 
 // The CTA's column sums of dy * xhat and dy over the rows it handles: in registers
-// when a thread holds at most 16 elements, otherwise in dynamic shared memory (each
-// thread only touches its own slots, at a pitch of 4 extra words: 16-byte accesses,
-// conflict-free, no barrier needed).
+// when a thread holds at most 16 elements, otherwise in dynamic shared memory. There
+// slot k of thread t is float4 number k * blockDim.x + t of its array: consecutive
+// threads touch consecutive 16 bytes (conflict-free), no padding is needed, the size
+// follows the block, and each thread only touches its own slots (no barrier).
 template <int CHUNKS, int VEC, bool IN_SMEM>
 struct Partials;
 
@@ -55,39 +56,43 @@ struct Partials<CHUNKS, VEC, false> {
 template <int CHUNKS, int VEC>
 struct Partials<CHUNKS, VEC, true> {
   static_assert(VEC % 4 == 0, "shared-memory partials move as float4");
-  static constexpr int kPitch = CHUNKS * VEC + 4;
-  static constexpr int kSmemFloats = 2 * kPitch;  // per thread
-  float4* dw;  // this thread's CHUNKS * VEC / 4 slots
+  static constexpr int kSlots = CHUNKS * VEC / 4;  // float4 per thread and array
+  static constexpr int kSmemFloats = 2 * kSlots * 4;  // per thread
+  float4* dw;  // this thread's slot 0; slot k is dw[k * stride]
   float4* db;
+  int stride;  // blockDim.x
 
   __device__ __forceinline__ explicit Partials(float* smem)
-      : dw(reinterpret_cast<float4*>(smem + threadIdx.x * kPitch)),
-        db(reinterpret_cast<float4*>(smem + (blockDim.x + threadIdx.x) * kPitch)) {
+      : dw(reinterpret_cast<float4*>(smem) + threadIdx.x),
+        db(reinterpret_cast<float4*>(smem) + kSlots * blockDim.x + threadIdx.x),
+        stride(static_cast<int>(blockDim.x)) {
 #pragma unroll
-    for (int k = 0; k < CHUNKS * VEC / 4; ++k) dw[k] = db[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k = 0; k < kSlots; ++k) dw[k * stride] = db[k * stride] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
   __device__ __forceinline__ void add(int c, const float (&g)[VEC], const float (&v)[VEC]) {
 #pragma unroll
-    for (int k = 0; k < VEC / 4; ++k) {
-      float4 w = dw[c * VEC / 4 + k], b = db[c * VEC / 4 + k];
-      w.x += g[4 * k] * v[4 * k];
-      w.y += g[4 * k + 1] * v[4 * k + 1];
-      w.z += g[4 * k + 2] * v[4 * k + 2];
-      w.w += g[4 * k + 3] * v[4 * k + 3];
-      b.x += g[4 * k];
-      b.y += g[4 * k + 1];
-      b.z += g[4 * k + 2];
-      b.w += g[4 * k + 3];
-      dw[c * VEC / 4 + k] = w;
-      db[c * VEC / 4 + k] = b;
+    for (int q = 0; q < VEC / 4; ++q) {
+      const int k = (c * VEC / 4 + q) * stride;
+      float4 w = dw[k], b = db[k];
+      w.x += g[4 * q] * v[4 * q];
+      w.y += g[4 * q + 1] * v[4 * q + 1];
+      w.z += g[4 * q + 2] * v[4 * q + 2];
+      w.w += g[4 * q + 3] * v[4 * q + 3];
+      b.x += g[4 * q];
+      b.y += g[4 * q + 1];
+      b.z += g[4 * q + 2];
+      b.w += g[4 * q + 3];
+      dw[k] = w;
+      db[k] = b;
     }
   }
   __device__ __forceinline__ void get(int c, float (&w)[VEC], float (&b)[VEC]) const {
 #pragma unroll
-    for (int k = 0; k < VEC / 4; ++k) {
-      const float4 a = dw[c * VEC / 4 + k], d = db[c * VEC / 4 + k];
-      w[4 * k] = a.x; w[4 * k + 1] = a.y; w[4 * k + 2] = a.z; w[4 * k + 3] = a.w;
-      b[4 * k] = d.x; b[4 * k + 1] = d.y; b[4 * k + 2] = d.z; b[4 * k + 3] = d.w;
+    for (int q = 0; q < VEC / 4; ++q) {
+      const int k = (c * VEC / 4 + q) * stride;
+      const float4 a = dw[k], d = db[k];
+      w[4 * q] = a.x; w[4 * q + 1] = a.y; w[4 * q + 2] = a.z; w[4 * q + 3] = a.w;
+      b[4 * q] = d.x; b[4 * q + 1] = d.y; b[4 * q + 2] = d.z; b[4 * q + 3] = d.w;
     }
   }
 };
