@@ -161,44 +161,56 @@ __device__ __forceinline__ void load_chunks(const void* row, DType t, int col0, 
   });
 }
 
+// store_chunks and apply_affine for a known element type T; the run-time versions
+// below dispatch to them.
+template <typename T, int CHUNKS, int VEC, typename acc_t>
+__device__ __forceinline__ void store_chunks_of(T* dst, int col0, int stride, int hidden,
+                                                const acc_t (&in)[CHUNKS][VEC]) {
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int col = col0 + c * stride;
+    if (col < hidden) store_vec<T, VEC>(dst + col, in[c]);
+  }
+}
+
+// Combines the row with a [hidden] parameter vector, elementwise: v = v (op) param.
+enum class Affine { kMul, kAdd, kSub, kDiv };
+
+template <Affine OP, typename T, int CHUNKS, int VEC, typename acc_t>
+__device__ __forceinline__ void apply_affine_of(const T* src, int col0, int stride, int hidden,
+                                                acc_t (&v)[CHUNKS][VEC]) {
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int col = col0 + c * stride;
+    if (col < hidden) {
+      acc_t q[VEC];
+      load_vec<T, VEC>(src + col, q);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        if constexpr (OP == Affine::kMul) v[c][i] *= q[i];
+        if constexpr (OP == Affine::kAdd) v[c][i] += q[i];
+        if constexpr (OP == Affine::kSub) v[c][i] -= q[i];
+        if constexpr (OP == Affine::kDiv) v[c][i] /= q[i];
+      }
+    }
+  }
+}
+
 template <int CHUNKS, int VEC, typename acc_t>
 __device__ __forceinline__ void store_chunks(void* row, DType t, int col0, int stride, int hidden,
                                              const acc_t (&in)[CHUNKS][VEC]) {
   dispatch_dtype(t, [&](auto tag) {
     using T = decltype(tag);
-    T* dst = static_cast<T*>(row);
-#pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-      const int col = col0 + c * stride;
-      if (col < hidden) store_vec<T, VEC>(dst + col, in[c]);
-    }
+    store_chunks_of<T>(static_cast<T*>(row), col0, stride, hidden, in);
   });
 }
-
-// Combines the row with a [hidden] parameter vector, elementwise: v = v (op) param.
-enum class Affine { kMul, kAdd, kSub, kDiv };
 
 template <Affine OP, int CHUNKS, int VEC, typename acc_t>
 __device__ __forceinline__ void apply_affine(const void* param, DType t, int col0, int stride,
                                              int hidden, acc_t (&v)[CHUNKS][VEC]) {
   dispatch_dtype(t, [&](auto tag) {
     using T = decltype(tag);
-    const T* src = static_cast<const T*>(param);
-#pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-      const int col = col0 + c * stride;
-      if (col < hidden) {
-        acc_t q[VEC];
-        load_vec<T, VEC>(src + col, q);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          if constexpr (OP == Affine::kMul) v[c][i] *= q[i];
-          if constexpr (OP == Affine::kAdd) v[c][i] += q[i];
-          if constexpr (OP == Affine::kSub) v[c][i] -= q[i];
-          if constexpr (OP == Affine::kDiv) v[c][i] /= q[i];
-        }
-      }
-    }
+    apply_affine_of<OP>(static_cast<const T*>(param), col0, stride, hidden, v);
   });
 }
 

@@ -135,12 +135,7 @@ __device__ __forceinline__ void store_row(void* row, DType t, int col0, int stri
   if constexpr (std::is_same<T, AnyType>::value) {
     store_chunks<CHUNKS, VEC>(row, t, col0, stride, hidden, in);
   } else {
-    T* dst = static_cast<T*>(row);
-#pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-      const int col = col0 + c * stride;
-      if (col < hidden) store_vec<T, VEC>(dst + col, in[c]);
-    }
+    store_chunks_of<T>(static_cast<T*>(row), col0, stride, hidden, in);
   }
 }
 
@@ -201,22 +196,7 @@ __device__ __forceinline__ void apply_param(const StagedParam& param, int col0, 
   if constexpr (std::is_same<T, AnyType>::value) {
     apply_affine<OP>(param.ptr, param.dtype, col0, stride, hidden, v);
   } else {
-    const T* src = static_cast<const T*>(param.ptr);
-#pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-      const int col = col0 + c * stride;
-      if (col < hidden) {
-        float q[VEC];
-        load_vec<T, VEC>(src + col, q);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          if constexpr (OP == Affine::kMul) v[c][i] *= q[i];
-          if constexpr (OP == Affine::kAdd) v[c][i] += q[i];
-          if constexpr (OP == Affine::kSub) v[c][i] -= q[i];
-          if constexpr (OP == Affine::kDiv) v[c][i] /= q[i];
-        }
-      }
-    }
+    apply_affine_of<OP>(static_cast<const T*>(param.ptr), col0, stride, hidden, v);
   }
 }
 
