@@ -37,7 +37,7 @@ add_norm_fwd_rows_kernel(const AddNormFwdParams p) {
     const int64_t row = first + rl.group;
     const bool active = row < p.rows;  // idle row groups still join the reductions
 
-    // Both rows' loads are in flight before either is used.
+    // x's and the residual's loads are all in flight before either is converted.
     const bool has_residual = p.residual != nullptr;
     Fetched<X, CHUNKS, VEC> fx;
     Fetched<R, CHUNKS, VEC> fr;
