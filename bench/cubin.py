@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 KERNEL_DIR = os.path.join(ROOT, "csrc", "kernels")
-SOURCES = ("fwd_rows.cu", "fwd_streamed.cu", "bwd_rows.cu", "bwd_streamed.cu")
+SOURCES = ("fwd_rows.cu", "fwd_streamed.cu", "bwd_rows.cu", "bwd_streamed.cu", "cluster_rows.cu")
 ARCHS = ("80", "90")
 FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Xptxas=-v"]
 CACHE_DIR = os.path.join(ROOT, "build", "kernel-audit")

@@ -484,10 +484,12 @@ computes them. The model ranks designs; it is not a measurement.
 """
 
 
-def predict(gpu: Gpu, a: KernelAudit, block: int, ctas: int, rows_per_iter: int, bytes_per_row: float,
-            inner_iters: int, grid: int) -> float:
-    """Predicted % of copy bandwidth for one kernel launch."""
-    trips = a.trips + sum(t * max(inner_iters - 1, 0) for t in a.inner_trips)
+def predict(gpu: Gpu, a: KernelAudit, block: int, ctas: int, rows_per_iter: float, bytes_per_row: float,
+            inner_iters: int, grid: int, exchange_trips: int = 0) -> float:
+    """Predicted % of copy bandwidth for one kernel launch. A cluster kernel's CTA
+    moves 1/cluster of a row per iteration (rows_per_iter) and waits one more round
+    trip for the cluster barrier and the peers' shared memory (exchange_trips)."""
+    trips = a.trips + exchange_trips + sum(t * max(inner_iters - 1, 0) for t in a.inner_trips)
     resident = max(1, min(ctas, math.ceil(grid / gpu.sms)))
     warps = max(1, block // 32)
     instructions = a.instructions * max(1, inner_iters if a.inner_trips else 1)
@@ -498,7 +500,7 @@ def predict(gpu: Gpu, a: KernelAudit, block: int, ctas: int, rows_per_iter: int,
 
 # ---- per hidden size: plans from the real dispatch code -----------------------------------
 
-TABLE_HIDDEN = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 262144)
+TABLE_HIDDEN = (512, 1024, 2048, 4096, 8192, 12288, 16384, 32768, 65536, 131072, 262144)
 ELEMENTS = 1 << 26  # rows * H, as in the benchmark sweep
 
 
@@ -517,12 +519,13 @@ def row_threads_for(hidden: int, per_thread: int) -> int:
     return p
 
 
-def rows_per_iteration(mangled: str, block: int, hidden: int) -> int:
-    """Rows a CTA handles per iteration of its row loop."""
+def rows_per_iteration(mangled: str, block: int, hidden: int, cluster: int = 1) -> float:
+    """Rows a CTA handles per iteration of its row loop (1/cluster: a cluster kernel's
+    CTA holds one slice of the row)."""
     if "_rows_kernel" in mangled:
         chunks, vec = _args(mangled)[:2]
         return max(1, block // row_threads_for(hidden, chunks * vec))
-    return 1
+    return 1 / cluster
 
 
 def inner_iterations(mangled: str, block: int, hidden: int) -> int:
@@ -586,20 +589,22 @@ def table(build: cubin.Build, emu, arch: str = "90", measured_csv: str = MEASURE
                     continue
                 a = audits[plan["kernel"]]
                 block, ctas = plan["block"], plan["ctas_per_sm"]
-                per_iter = rows_per_iteration(a.name, block, hidden)
+                cluster = plan["cluster"]
+                exchange = 1 if cluster > 1 else 0
+                per_iter = rows_per_iteration(a.name, block, hidden, cluster)
                 inner = inner_iterations(a.name, block, hidden)
                 read, total = bytes_per_row(hidden, backward)
-                trips = a.trips + sum(t * max(inner - 1, 0) for t in a.inner_trips)
+                trips = a.trips + exchange + sum(t * max(inner - 1, 0) for t in a.inner_trips)
                 resident = max(1, min(ctas, math.ceil(plan["grid"] / 132)))
                 inflight = resident * per_iter * read / max(trips, 1) / 1024
-                trip_text = f"{a.trips}"
+                trip_text = f"{a.trips}" + (" + 1 exchange" if exchange else "")
                 if a.inner_trips and inner > 1:
                     trip_text += f" + {inner - 1}x{'+'.join(map(str, a.inner_trips))}"
                 direction = "bwd" if backward else "fwd"
                 rows.append(Row(direction, hidden, a.short, block, a.registers, ctas, ctas * block // 32,
                                 inflight, trip_text,
-                                {g: predict(GPUS[g], a, block, ctas, per_iter, total, inner, plan["grid"])
-                                 for g in GPUS},
+                                {g: predict(GPUS[g], a, block, ctas, per_iter, total, inner, plan["grid"],
+                                            exchange) for g in GPUS},
                                 got.get((direction, hidden))))
     finally:
         emu.configure()

@@ -57,8 +57,10 @@ sanitizer() {
     local tool rc=0
     for tool in memcheck racecheck synccheck initcheck; do
         echo "--- $tool"
-        timeout -k 5 60 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
-            "$PY" scripts/gpu_sanitize_cases.py >"$DIR/sanitizer-$tool.log" 2>&1 || rc=1
+        local sizes=()  # every size; racecheck (slowest): one per kernel family
+        [ "$tool" = racecheck ] && sizes=(64 1536 5120 16384 16392 3001)
+        timeout -k 5 90 compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
+            "$PY" scripts/gpu_sanitize_cases.py ${sizes[@]+"${sizes[@]}"} >"$DIR/sanitizer-$tool.log" 2>&1 || rc=1
         grep -E "sanitizer cases|SUMMARY" "$DIR/sanitizer-$tool.log" || tail -n 5 "$DIR/sanitizer-$tool.log"
     done
     return $rc
@@ -66,7 +68,7 @@ sanitizer() {
 
 # The sweep (bf16, eager and ours), then its results page, ready to copy into bench/results.
 bench() {
-    local args=(--providers eager residual_fused --hidden 1024 4096 8192 16384 32768 65536 --repeats 30)
+    local args=(--providers eager residual_fused --hidden 1024 4096 8192 12288 16384 32768 65536 131072 262144 --repeats 30)
     "$PY" bench/bench_add_norm.py "${args[@]}" --out "$DIR/bench" &&
         "$PY" bench/bench_add_norm.py --page-from "$DIR/bench" --results-dir "$DIR/results" \
             --command "python bench/bench_add_norm.py ${args[*]} --out DIR  (scripts/gpu_check.sh bench)"
@@ -81,7 +83,7 @@ for stage in "${STAGES[@]}"; do
         kernel-tests) run_stage kernel-tests 150 "$PY" -m pytest tests/test_cuda_kernels.py -q -p no:cacheprovider ;;
         bench) run_stage bench 200 bash -c bench ;;
         tests) run_stage tests 170 "$PY" -m pytest tests -m cuda -q -p no:cacheprovider -n 8 ;;
-        sanitizer) run_stage sanitizer 250 bash -c sanitizer ;;
+        sanitizer) run_stage sanitizer 330 bash -c sanitizer ;;
         ncu) run_stage ncu 120 ncu --clock-control none --kernel-name regex:"add_norm|reduce_partials" \
                  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
                  --section MemoryWorkloadAnalysis "$PY" scripts/gpu_profile_cases.py ;;

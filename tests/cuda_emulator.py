@@ -26,7 +26,8 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 KERNELS = os.path.join(ROOT, "csrc", "kernels")
 EMULATOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "emulator")
-KERNEL_SOURCES = ["fwd_rows.cu", "fwd_streamed.cu", "bwd_rows.cu", "bwd_streamed.cu", "dispatch.cu"]
+KERNEL_SOURCES = ["fwd_rows.cu", "fwd_streamed.cu", "bwd_rows.cu", "bwd_streamed.cu", "cluster_rows.cu",
+                  "dispatch.cu"]
 RUNTIME_SOURCES = ["scheduler.cpp", "device.cpp", "memory.cpp", "api.cpp"]
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 SCHEDULES = {"round_robin": 0, "reverse": 1, "random": 2, "warp_greedy": 3}
@@ -216,7 +217,8 @@ class Emulator:
         L.emu_free.argtypes = [ptr]
         L.emu_sweep.argtypes = [i32, i32, i64, i32, i32, ctypes.c_char_p, i32]
         L.emu_plan.argtypes = [i32, i32, i64, i32, i32, ctypes.c_char_p, i32, ctypes.POINTER(i64),
-                               ctypes.POINTER(i32), ctypes.POINTER(i64), ctypes.POINTER(i32)]
+                               ctypes.POINTER(i32), ctypes.POINTER(i64), ctypes.POINTER(i32),
+                               ctypes.POINTER(i32)]
         self.static_shared = static_shared_arrays(lib_path)
         for kernel, arrays in self.static_shared.items():
             for sym, size in arrays:
@@ -257,16 +259,18 @@ class Emulator:
 
     def plan(self, backward: bool, hidden: int, rows: int, aligned: bool = True, dtype=torch.bfloat16):
         """The main kernel a call launches on the configured device: a dict with its
-        symbol, grid, block, dynamic shared memory and CTAs per SM (None if refused)."""
+        symbol, grid, block, dynamic shared memory, CTAs per SM and CTAs per cluster
+        (None if refused)."""
         name = ctypes.create_string_buffer(512)
         grid, block, smem, ctas = ctypes.c_int64(), ctypes.c_int(), ctypes.c_int64(), ctypes.c_int()
+        cluster = ctypes.c_int()
         status = self.lib.emu_plan(int(backward), hidden, rows, int(aligned), DTYPE_CODE[dtype], name,
                                    len(name), ctypes.byref(grid), ctypes.byref(block), ctypes.byref(smem),
-                                   ctypes.byref(ctas))
+                                   ctypes.byref(ctas), ctypes.byref(cluster))
         if status != 0:
             return None
         return {"kernel": name.value.decode(), "grid": grid.value, "block": block.value,
-                "smem": smem.value, "ctas_per_sm": ctas.value}
+                "smem": smem.value, "ctas_per_sm": ctas.value, "cluster": cluster.value}
 
     # ---- failures ------------------------------------------------------------------
     def _where(self) -> str:

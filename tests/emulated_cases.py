@@ -87,11 +87,18 @@ PATHS = [
     (1000, 10, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp16_plain", "ln_bf16_f32w"], "contiguous"),
     (1536, 11, ["ln_bf16_pre", "rms_fp32"], "contiguous"),  # 3 warps per row, several rows per CTA
     (5120, 4, ["ln_mixed_pre", "rms_bf16_mem", "rms_fp16_mixed"], "contiguous"),  # 10 warps per row
-    # 32 elements per thread
-    (8200, 3, ["ln_mixed_pre", "rms_bf16_mem", "ln_bf16_f32w"], "strided"),
-    (16384, 3, ["ln_bf16_pre", "rms_bf16_mem"], "contiguous"),  # 512 threads per row
-    (16392, 3, ["ln_mixed_pre"], "contiguous"),                 # fwd staged, bwd streamed (vec8)
-    (49160, 2, ["rms_bf16_mem"], "contiguous"),                 # fwd streamed (vec8)
+    # thread-block clusters (sm_90): 2 CTAs; 3 of 352 threads with a short last slice;
+    # 8; 16 CTAs of 32 elements per thread (the generic mix's backward streams there)
+    (12288, 3, ["ln_bf16_pre", "rms_fp16_mixed", "ln_bf16_f32w"], "strided"),
+    (16392, 3, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),
+    (65536, 2, ["ln_bf16_pre", "rms_bf16_mem"], "contiguous", "h100", 8),
+    (262144, 2, ["ln_mixed_pre", "rms_fp16_mixed", "ln_bf16_f32w"], "contiguous", "h100", 16),
+    # without clusters (A100): 32 elements per thread in a CTA; fwd staged and bwd
+    # streamed (vec8); fwd streamed (vec8)
+    (8200, 3, ["ln_mixed_pre", "rms_bf16_mem", "ln_bf16_f32w"], "strided", "a100"),
+    (16384, 3, ["ln_bf16_pre", "rms_bf16_mem"], "contiguous", "a100"),  # 512 threads per row
+    (16392, 3, ["ln_mixed_pre"], "contiguous", "a100"),
+    (49160, 2, ["rms_bf16_mem"], "contiguous", "a100"),
     # element-wise (odd sizes, misaligned rows): generic kernel, 4 elements per thread
     (1, 10, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),
     (41, 37, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp16_plain"], "contiguous"),
@@ -106,7 +113,8 @@ PATHS = [
 
 
 def path_id(path) -> str:
-    return f"H{path[0]}-{path[3]}"
+    profile = f"-{path[4]}" if len(path) > 4 else ""
+    return f"H{path[0]}-{path[3]}{profile}"
 
 
 def _tensor(rows, hidden, dtype, gen, layout, mean=0.0):
@@ -202,9 +210,15 @@ def check_schedules(emu, rows, hidden, flags: Flags, layout="contiguous", seed=0
 
 
 def check_path(emu, path, schedules=SCHEDULES):
-    hidden, rows, names, layout = path
-    for name in names:
-        check_schedules(emu, rows, hidden, FLAGS[name], layout, seed=hidden, schedules=schedules)
+    """A PATHS entry: (hidden, rows, flags, layout[, profile[, SMs]]), 3 SMs by default
+    (persistent CTAs loop); clusters of 8 or 16 CTAs need as many SMs."""
+    hidden, rows, names, layout = path[:4]
+    emu.configure(*path[4:])
+    try:
+        for name in names:
+            check_schedules(emu, rows, hidden, FLAGS[name], layout, seed=hidden, schedules=schedules)
+    finally:
+        emu.configure()
 
 
 def check_fallback_and_persistence(emu):
@@ -342,8 +356,8 @@ def run_all(emu, quick=False) -> None:
             for aligned in (True, False):
                 sweep(emu, profile, aligned, hi=hi)
     if quick:  # one flag set per path, the two orders that differ most
-        for hidden, rows, names, layout in PATHS:
-            check_path(emu, (hidden, rows, names[:1], layout), ("warp_greedy", "round_robin"))
+        for path in PATHS:
+            check_path(emu, (*path[:2], path[2][:1], *path[3:]), ("warp_greedy", "round_robin"))
     else:
         for path in PATHS:
             check_path(emu, path)

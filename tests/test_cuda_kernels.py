@@ -20,14 +20,18 @@ pytestmark = [
 ]
 
 # One hidden size per launch path of csrc/kernels (vec8: hidden % 8 == 0 and aligned).
+# Above 8192, sm_90 splits rows across a thread-block cluster; other GPUs take the
+# rows (32 elements per thread), staged and streamed kernels.
 PATH_SIZES = {
     "rows, 4 threads per row (vec8)": 64,
     "rows, 2 warps per row (vec8)": 1024,
     "rows, 3 warps per row, several rows per CTA (vec8)": 1536,
     "rows, 10 warps per row (vec8)": 5120,
-    "rows, 32 elements per thread (vec8)": 16384,
-    "fwd staged / bwd streamed (vec8)": 32768,
-    "streamed (vec8)": 65536,
+    "cluster of 2 / rows, 32 elements per thread (vec8)": 16384,
+    "cluster of 3, short last slice / fwd staged, bwd streamed (vec8)": 16392,
+    "cluster of 5 / fwd staged, bwd streamed (vec8)": 40000,
+    "cluster of 8 / streamed (vec8)": 65536,
+    "cluster of 16, 32 elements per thread / streamed (vec8)": 262144,
     "rows (element-wise)": 41,
     "rows, many warps (element-wise)": 3001,
     "streamed (element-wise)": 5125,
@@ -53,12 +57,12 @@ def test_every_launch_path(hidden, rms, prenorm):
         check_against_reference(case, "cuda", seed=hidden)
 
 
-@pytest.mark.parametrize("hidden", [128, 1024, 4096, 16384, 3001])
+@pytest.mark.parametrize("hidden", [128, 1024, 4096, 16384, 3001, 24576, 131072])
 @pytest.mark.parametrize("param", [torch.bfloat16, torch.float32])
 def test_rows_are_batch_invariant(hidden, param):
     """A row's outputs and input gradients are bitwise the same alone or in any batch."""
     torch.manual_seed(hidden)
-    n = 4096
+    n = min(4096, (1 << 26) // hidden)
     x = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16)
     r = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16)
@@ -82,6 +86,22 @@ def test_largest_hidden_sizes(hidden):
     check_against_reference(Case(shape=(3, hidden), prenorm=True), "cuda")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="thread-block clusters need sm_90")
+@pytest.mark.parametrize("hidden", [16384, 65536, 262144])
+def test_wide_rows_use_clusters_on_sm90(hidden):
+    """On sm_90 wide rows run the cluster kernels, not a silent fallback."""
+    x = torch.randn(64, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.randn_like(x, requires_grad=True)
+    norm = rf.FusedAddNorm(hidden, prenorm=True).to("cuda", torch.bfloat16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y, res = norm(x, r)
+        torch.autograd.backward([y, res], [torch.ones_like(y), torch.ones_like(res)])
+        torch.cuda.synchronize()
+    names = " ".join(e.name for e in prof.events())
+    assert "add_norm_fwd_cluster_kernel" in names and "add_norm_bwd_cluster_kernel" in names, names[:2000]
+
+
 def test_hidden_size_limit_is_an_error():
     x = torch.randn(2, 262145, device="cuda")
     with pytest.raises(RuntimeError, match="outside the CUDA kernels' range"):
@@ -102,7 +122,7 @@ def test_misaligned_and_strided_rows(hidden):
     torch.testing.assert_close(y.double(), y_ref, rtol=2e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("hidden", [64, 1024, 5120, 16384, 65536, 5125])
+@pytest.mark.parametrize("hidden", [64, 1024, 5120, 16384, 65536, 5125, 24576, 262144])
 @pytest.mark.parametrize("rms", [False, True])
 def test_weight_gradients_are_bitwise_deterministic(hidden, rms):
     case = Case(rms=rms, shape=(517, hidden), x=torch.bfloat16, residual=torch.bfloat16,

@@ -83,6 +83,7 @@ struct LaunchPlan {
   int64_t grid = 0;
   int block = 0;
   size_t smem = 0;  // dynamic shared memory, bytes
+  int cluster = 1;  // CTAs per thread-block cluster (1: launched without clusters)
 };
 
 // The backward of one call, planned once: the caller sizes the workspace from it and
@@ -90,8 +91,8 @@ struct LaunchPlan {
 // (a second planning could see a different occupancy, e.g. after a failed attribute
 // call, and launch more CTAs than there are workspace rows).
 struct AddNormBwdPlan {
-  LaunchPlan main;           // the backward kernel (persistent: one partial row per CTA)
-  int64_t partial_rows = 0;  // workspace rows: main.grid, or 0 without weight and bias
+  LaunchPlan main;           // the backward kernel (persistent: one partial row per CTA or cluster)
+  int64_t partial_rows = 0;  // workspace rows: main.grid / main.cluster, or 0 without weight and bias
 };
 
 // Launch the forward on `stream`. Returns the launch status; never synchronises.

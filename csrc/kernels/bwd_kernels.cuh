@@ -288,7 +288,8 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
 // ---- streamed: any hidden size --------------------------------------------------
 // One CTA per row, three passes over the row (they mostly hit L2): the mean of the
 // rebuilt values (LayerNorm), then sum(g) and sum(g * xhat), then the outputs. The
-// partial sums are read-modify-written in this CTA's own row of the workspace.
+// partial sums are read-modify-written in this CTA's own row of the workspace, a
+// vector at a time (one round trip per VEC columns, not one per column).
 
 template <int VEC, typename acc_t>
 struct StreamedRow {
@@ -320,8 +321,10 @@ template <int VEC, typename acc_t, int BLOCK>
 __global__ void __launch_bounds__(BLOCK, 1) add_norm_bwd_streamed_kernel(const AddNormBwdParams p) {
   __shared__ acc_t red[2 * (BLOCK / 32)];
   const int hidden = p.hidden;
-  acc_t* const dw_out = static_cast<acc_t*>(p.dweight_partial);
-  acc_t* const db_out = static_cast<acc_t*>(p.dbias_partial);
+  // Each CTA owns its partial row: no other pointer aliases it, so the compiler may
+  // move a vector's loads ahead of the stores before it.
+  acc_t* __restrict__ const dw_out = static_cast<acc_t*>(p.dweight_partial);
+  acc_t* __restrict__ const db_out = static_cast<acc_t*>(p.dbias_partial);
   const int64_t out_row = static_cast<int64_t>(blockIdx.x) * hidden;
   bool first = true;
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x, first = false) {
@@ -364,16 +367,29 @@ __global__ void __launch_bounds__(BLOCK, 1) add_norm_bwd_streamed_kernel(const A
     for (int col = threadIdx.x * VEC; col < hidden; col += BLOCK * VEC) {
       acc_t v[1][VEC], g[1][VEC];
       r.xhat_and_dy(col, mean_v, v, g);
+      if (dw_out != nullptr) {
+        acc_t w[VEC];
+        if (first) {
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        if (dw_out != nullptr) {
-          const acc_t prev = first ? acc_t(0) : dw_out[out_row + col + i];
-          dw_out[out_row + col + i] = prev + g[0][i] * v[0][i];
+          for (int i = 0; i < VEC; ++i) w[i] = acc_t(0);
+        } else {
+          load_vec<acc_t, VEC>(dw_out + out_row + col, w);
         }
-        if (db_out != nullptr) {
-          const acc_t prev = first ? acc_t(0) : db_out[out_row + col + i];
-          db_out[out_row + col + i] = prev + g[0][i];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) w[i] += g[0][i] * v[0][i];
+        store_vec<acc_t, VEC>(dw_out + out_row + col, w);
+      }
+      if (db_out != nullptr) {
+        acc_t b[VEC];
+        if (first) {
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) b[i] = acc_t(0);
+        } else {
+          load_vec<acc_t, VEC>(db_out + out_row + col, b);
         }
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) b[i] += g[0][i];
+        store_vec<acc_t, VEC>(db_out + out_row + col, b);
       }
       if (p.weight != nullptr) apply_affine<Affine::kMul>(p.weight, p.weight_dtype, col, 0, hidden, g);
 #pragma unroll

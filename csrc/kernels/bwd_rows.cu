@@ -25,19 +25,16 @@ LaunchPlan rows_plan(const AddNormBwdParams& p) {
   return plan;
 }
 
-// The first mix of the list that matches every tensor's dtype, else the generic kernel.
-template <int CHUNKS, int VEC, int MAX_BLOCK, class... MIXES>
-LaunchPlan rows_plan_for_mix(const AddNormBwdParams& p, MixList<MIXES...>) {
-  LaunchPlan plan;
-  const bool fast = (((bwd_mix_matches<MIXES>(p) && (plan = rows_plan<MIXES, CHUNKS, VEC, MAX_BLOCK>(p), true))) || ...);
-  return fast ? plan : rows_plan<AnyMix, CHUNKS, VEC, MAX_BLOCK>(p);
+template <int CHUNKS, int VEC, int MAX_BLOCK>
+LaunchPlan rows_plan_for_mix(const AddNormBwdParams& p) {
+  return plan_for_mix(p, FastMixes{}, [&](auto mix) { return rows_plan<decltype(mix), CHUNKS, VEC, MAX_BLOCK>(p); });
 }
 
 }  // namespace
 
 LaunchPlan plan_bwd_rows_vec8(const AddNormBwdParams& p) {
-  if (p.hidden <= kBwdRegs16MaxVec8) return rows_plan_for_mix<2, 8, 512>(p, FastMixes{});
-  return rows_plan_for_mix<4, 8, 512>(p, FastMixes{});
+  if (p.hidden <= kBwdRegs16MaxVec8) return rows_plan_for_mix<2, 8, 512>(p);
+  return rows_plan_for_mix<4, 8, 512>(p);
 }
 
 LaunchPlan plan_bwd_rows_vec1(const AddNormBwdParams& p) {

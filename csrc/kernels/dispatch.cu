@@ -46,6 +46,12 @@ int max_smem_per_block() {
   return cached_attribute(cache, cudaDevAttrMaxSharedMemoryPerBlockOptin);
 }
 
+// Whether the device can launch thread-block clusters (compute capability 9.0+).
+bool device_has_clusters() {
+  static std::atomic<int> cache[kMaxDevices];
+  return cached_attribute(cache, cudaDevAttrClusterLaunch) == 1;
+}
+
 // A [rows, hidden] tensor (or a [hidden] vector, row_stride 0) can use 16-byte vectors.
 bool aligned16(const void* ptr, int64_t row_stride, DType t) {
   return ptr == nullptr ||
@@ -59,7 +65,9 @@ bool aligned16(const void* ptr, int64_t row_stride, DType t) {
 struct KernelInfo {
   bool valid = false;  // the attribute query succeeded; a failed one is not cached
   int static_smem = 0;
+  int ptx_version = 0;  // the PTX target its code came from (90: sm_90, with clusters)
   bool opted_in = false;
+  bool non_portable_cluster = false;  // clusters of more than 8 CTAs allowed
 };
 
 std::mutex& kernel_info_mutex() {
@@ -78,6 +86,7 @@ KernelInfo& kernel_info_locked(const void* kernel) {
     if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess) {
       info.valid = true;
       info.static_smem = static_cast<int>(attr.sharedSizeBytes);
+      info.ptx_version = attr.ptxVersion;
     } else {
       cudaGetLastError();  // consumed here; the caller treats the kernel as unusable for now
     }
@@ -115,13 +124,50 @@ cudaError_t allow_smem(const LaunchPlan& plan) {
   return err;
 }
 
+// Clusters of more than 8 CTAs need the non-portable size allowed, once per kernel.
+cudaError_t allow_cluster(const LaunchPlan& plan) {
+  if (plan.cluster <= 8) return cudaSuccess;
+  std::lock_guard<std::mutex> lock(kernel_info_mutex());
+  KernelInfo& info = kernel_info_locked(plan.kernel);
+  if (info.non_portable_cluster) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(plan.kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  info.non_portable_cluster = err == cudaSuccess;
+  if (err != cudaSuccess) cudaGetLastError();
+  return err;
+}
+
+// The launch configuration of a cluster plan (attr: storage for its one attribute).
+cudaLaunchConfig_t cluster_config(const LaunchPlan& plan, int64_t grid, cudaStream_t stream,
+                                  cudaLaunchAttribute& attr) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(grid));
+  config.blockDim = dim3(plan.block);
+  config.dynamicSmemBytes = plan.smem;
+  config.stream = stream;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = static_cast<unsigned>(plan.cluster);
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  return config;
+}
+
 template <typename Params>
 cudaError_t launch(const LaunchPlan& plan, const Params& params, cudaStream_t stream) {
-  const cudaError_t err = allow_smem(plan);
+  cudaError_t err = allow_smem(plan);
+  if (err == cudaSuccess) err = allow_cluster(plan);
   if (err != cudaSuccess) return err;
   void* args[] = {const_cast<Params*>(&params)};
-  const cudaError_t launched = cudaLaunchKernel(plan.kernel, dim3(static_cast<unsigned>(plan.grid)),
-                                                dim3(plan.block), args, plan.smem, stream);
+  cudaError_t launched;
+  if (plan.cluster > 1) {
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t config = cluster_config(plan, plan.grid, stream, attr);
+    launched = cudaLaunchKernelExC(&config, plan.kernel, args);
+  } else {
+    launched = cudaLaunchKernel(plan.kernel, dim3(static_cast<unsigned>(plan.grid)), dim3(plan.block), args,
+                                plan.smem, stream);
+  }
   // A refused launch also sets the runtime's last error; clear it so that it is
   // reported once, by our caller, and not again by an unrelated later call.
   if (launched != cudaSuccess) cudaGetLastError();
@@ -136,6 +182,10 @@ LaunchPlan fwd_plan(const AddNormFwdParams& p) {
                     aligned16(p.weight, 0, p.weight_dtype) && aligned16(p.bias, 0, p.bias_dtype) &&
                     aligned16(p.y, h, p.x_dtype) &&
                     aligned16(p.residual_out, h, p.residual_out_dtype);
+  if (vec8 && h > kClusterMinHidden) {
+    const LaunchPlan plan = plan_fwd_cluster(p);
+    if (plan.grid > 0) return plan;  // else: no clusters here
+  }
   if (h <= (vec8 ? kFwdRowsMaxVec8 : kFwdRowsMaxVec1)) {
     const LaunchPlan plan = vec8 ? plan_fwd_rows_vec8(p) : plan_fwd_rows_vec1(p);
     // Staged rows need hidden fp32 values of shared memory per CTA.
@@ -153,6 +203,10 @@ LaunchPlan bwd_plan(const AddNormBwdParams& p) {
       aligned16(p.saved, p.saved_row_stride, p.saved_dtype) &&
       aligned16(p.weight, 0, p.weight_dtype) && aligned16(p.bias, 0, p.bias_dtype) &&
       aligned16(p.dx, h, p.dy_dtype) && aligned16(p.dresidual, h, p.dresidual_dtype);
+  if (vec8 && h > kClusterMinHidden) {
+    const LaunchPlan plan = plan_bwd_cluster(p);
+    if (plan.grid > 0) return plan;  // else: no clusters here
+  }
   if (h <= (vec8 ? kBwdRowsMaxVec8 : kBwdRowsMaxVec1)) {
     const LaunchPlan plan = vec8 ? plan_bwd_rows_vec8(p) : plan_bwd_rows_vec1(p);
     // Whole-block rows keep about 2 * hidden fp32 partials in shared memory; GPUs with
@@ -195,6 +249,34 @@ int max_ctas_per_sm(const LaunchPlan& plan) {
   return ctas;
 }
 
+int max_active_clusters(const LaunchPlan& plan) {
+  if (!device_has_clusters()) return 0;
+  {
+    std::lock_guard<std::mutex> lock(kernel_info_mutex());
+    const KernelInfo& info = kernel_info_locked(plan.kernel);
+    if (!info.valid || info.ptx_version < 90) return 0;  // e.g. a build without sm_90
+  }
+  if (allow_smem(plan) != cudaSuccess || allow_cluster(plan) != cudaSuccess) return 0;
+  using Key = std::tuple<const void*, int, int, size_t, int>;
+  static std::map<Key, int> cache;
+  const Key key{plan.kernel, current_device(), plan.block, plan.smem, plan.cluster};
+  {
+    std::lock_guard<std::mutex> lock(kernel_info_mutex());
+    const auto hit = cache.find(key);
+    if (hit != cache.end()) return hit->second;
+  }
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t config = cluster_config(plan, plan.cluster, nullptr, attr);
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, plan.kernel, &config) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;  // not cached: the next call asks again
+  }
+  std::lock_guard<std::mutex> lock(kernel_info_mutex());
+  cache[key] = clusters;
+  return clusters;
+}
+
 int64_t persistent_grid(const LaunchPlan& plan, int64_t work) {
   const int64_t sms = sm_count();
   if (work <= sms) return work;
@@ -210,7 +292,7 @@ AddNormBwdPlan plan_add_norm_bwd(const AddNormBwdParams& p) {
   AddNormBwdPlan plan;
   if (p.rows == 0) return plan;
   plan.main = bwd_plan(p);
-  if (p.weight != nullptr || p.bias != nullptr) plan.partial_rows = plan.main.grid;
+  if (p.weight != nullptr || p.bias != nullptr) plan.partial_rows = plan.main.grid / plan.main.cluster;
   return plan;
 }
 
@@ -218,9 +300,9 @@ cudaError_t launch_add_norm_bwd(const AddNormBwdParams& p, const AddNormBwdPlan&
                                 cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   const bool partials = p.dweight != nullptr || p.dbias != nullptr;
-  // Launch only the plan the workspace was sized for: one partial row per CTA.
-  if (plan.main.kernel == nullptr || p.partial_rows != plan.partial_rows ||
-      (partials && (plan.partial_rows != plan.main.grid ||
+  // Launch only the plan the workspace was sized for: one partial row per CTA (cluster).
+  if (plan.main.kernel == nullptr || plan.main.cluster < 1 || p.partial_rows != plan.partial_rows ||
+      (partials && (plan.partial_rows != plan.main.grid / plan.main.cluster ||
                     (p.dweight != nullptr && p.dweight_partial == nullptr) ||
                     (p.dbias != nullptr && p.dbias_partial == nullptr)))) {
     return cudaErrorInvalidValue;

@@ -25,12 +25,9 @@ LaunchPlan rows_plan(const AddNormFwdParams& p) {
   return plan;
 }
 
-// The first mix of the list that matches every tensor's dtype, else the generic kernel.
-template <int CHUNKS, int VEC, int MAX_BLOCK, class... MIXES>
-LaunchPlan rows_plan_for_mix(const AddNormFwdParams& p, MixList<MIXES...>) {
-  LaunchPlan plan;
-  const bool fast = (((fwd_mix_matches<MIXES>(p) && (plan = rows_plan<MIXES, CHUNKS, VEC, MAX_BLOCK>(p), true))) || ...);
-  return fast ? plan : rows_plan<AnyMix, CHUNKS, VEC, MAX_BLOCK>(p);
+template <int CHUNKS, int VEC, int MAX_BLOCK>
+LaunchPlan rows_plan_for_mix(const AddNormFwdParams& p) {
+  return plan_for_mix(p, FastMixes{}, [&](auto mix) { return rows_plan<decltype(mix), CHUNKS, VEC, MAX_BLOCK>(p); });
 }
 
 template <int CHUNKS, int VEC, int MAX_BLOCK>
@@ -49,8 +46,8 @@ LaunchPlan plan_fwd_rows_vec8(const AddNormFwdParams& p) {
   const int h = p.hidden;
   // 16 elements per thread: 64 B of each input in flight per thread, registers low
   // enough for 1024+ threads per SM.
-  if (h <= kFwdRegs16MaxVec8) return rows_plan_for_mix<2, 8, 512>(p, FastMixes{});
-  if (h <= kFwdRegsMaxVec8) return rows_plan_for_mix<4, 8, 512>(p, FastMixes{});
+  if (h <= kFwdRegs16MaxVec8) return rows_plan_for_mix<2, 8, 512>(p);
+  if (h <= kFwdRegsMaxVec8) return rows_plan_for_mix<4, 8, 512>(p);
   // Wider rows: sixteen vectors per thread, parked in shared memory.
   return staged_plan<16, 8, 512>(p, round_up(static_cast<int>(ceil_div(h, 128)), 32));
 }

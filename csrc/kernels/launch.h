@@ -19,6 +19,10 @@ int sm_count();
 int max_ctas_per_sm(const LaunchPlan& plan);
 // Whether the plan's dynamic plus the kernel's static shared memory fit in one block.
 bool fits_on_device(const LaunchPlan& plan);
+// Clusters of plan.cluster CTAs of the plan that can be resident at once: 0 when the
+// device cannot launch clusters, the kernel's code was compiled for a target without
+// them (PTX version below 9.0), or one cluster does not fit.
+int max_active_clusters(const LaunchPlan& plan);
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int round_up(int a, int b) { return static_cast<int>(ceil_div(a, b) * b); }
@@ -40,6 +44,12 @@ constexpr int kFwdRowsMaxVec1 = 4096;     // 1024 threads x 4 x 1
 constexpr int kBwdRegs16MaxVec8 = 8192;   // 512 threads x 2 x 8
 constexpr int kBwdRowsMaxVec8 = 16384;    // 512 threads x 4 x 8
 constexpr int kBwdRowsMaxVec1 = 4096;     // 1024 threads x 4 x 1
+
+// Rows wider than kClusterMinHidden, split across a thread-block cluster (sm_90).
+// A plan with grid 0 when the device or the build has no clusters, or none fits.
+constexpr int kClusterMinHidden = kFwdRegsMaxVec8;
+LaunchPlan plan_fwd_cluster(const AddNormFwdParams& p);
+LaunchPlan plan_bwd_cluster(const AddNormBwdParams& p);
 
 LaunchPlan plan_fwd_rows_vec8(const AddNormFwdParams& p);
 LaunchPlan plan_fwd_rows_vec1(const AddNormFwdParams& p);

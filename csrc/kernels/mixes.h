@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "add_norm.h"
 #include "rows.cuh"
 
 namespace residual_fused {
@@ -46,6 +47,20 @@ bool bwd_mix_matches(const AddNormBwdParams& p) {
          type_matches<R>(p.dresidual != nullptr, p.dresidual_dtype) &&
          type_matches<W>(p.weight != nullptr, p.weight_dtype) &&
          type_matches<W>(p.bias != nullptr, p.bias_dtype);
+}
+
+template <class MIX>
+bool mix_matches(const AddNormFwdParams& p) { return fwd_mix_matches<MIX>(p); }
+template <class MIX>
+bool mix_matches(const AddNormBwdParams& p) { return bwd_mix_matches<MIX>(p); }
+
+// make(MIX{}) for the first mix of the list that matches every tensor of p, else
+// make(AnyMix{}): the plan of the dtype-specialised kernel, or of the generic one.
+template <class Params, class Make, class... MIXES>
+LaunchPlan plan_for_mix(const Params& p, MixList<MIXES...>, Make&& make) {
+  LaunchPlan plan;
+  const bool fast = ((mix_matches<MIXES>(p) && (plan = make(MIXES{}), true)) || ...);
+  return fast ? plan : make(AnyMix{});
 }
 
 }  // namespace residual_fused

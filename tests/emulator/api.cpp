@@ -247,10 +247,10 @@ int emu_bwd(int64_t rows, int hidden, int is_rms_norm, int memory_efficient, con
 }
 
 // The launch plan of one call on the configured device, found by a dry run of the
-// real launch code: the main kernel's symbol, grid, block, dynamic shared memory and
-// CTAs per SM. Returns the launch status.
+// real launch code: the main kernel's symbol, grid, block, dynamic shared memory, CTAs
+// per SM and CTAs per cluster. Returns the launch status.
 int emu_plan(int backward, int hidden, int64_t rows, int aligned, int dtype, char* name, int name_len,
-             int64_t* grid, int* block, int64_t* smem, int* ctas_per_sm) {
+             int64_t* grid, int* block, int64_t* smem, int* ctas_per_sm, int* cluster) {
   emu::clear_message();
   emu::recorded_launches().clear();
   emu::set_dry_run(true);
@@ -270,6 +270,7 @@ int emu_plan(int backward, int hidden, int64_t rows, int aligned, int dtype, cha
     *block = r.block;
     *smem = static_cast<int64_t>(r.smem);
     *ctas_per_sm = emu::ctas_per_sm(r.func, r.block, r.smem);
+    *cluster = r.cluster;
   }
   return static_cast<int>(err);
 }
@@ -293,7 +294,7 @@ int emu_sweep(int lo, int hi, int64_t rows, int aligned, int dtype, char* out, i
     AddNormBwdParams b = fake_bwd(h, rows, aligned, dtype);
     AddNormBwdPlan plan;
     err = launch_fake_bwd(b, &plan);
-    if (plan.main.grid < 1 || plan.partial_rows != plan.main.grid) {
+    if (plan.main.grid < 1 || plan.partial_rows != plan.main.grid / plan.main.cluster) {
       note("bwd", h, "workspace rows " + std::to_string(plan.partial_rows) + " for a grid of " +
                          std::to_string(plan.main.grid));
     } else if (err != cudaSuccess) {

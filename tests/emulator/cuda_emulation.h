@@ -54,6 +54,24 @@ using emu::blockIdx;
 using emu::gridDim;
 using emu::threadIdx;
 #define __syncthreads() ::emu::syncthreads(::emu::Site{__FILE__, __LINE__})
+
+// Thread-block clusters (csrc/kernels/cluster.cuh): a launch's CTAs come in groups of
+// `cluster` that run together; the cluster barrier is checked like __syncthreads over
+// every thread of the group, and a peer's shared memory is its dynamic shared memory
+// (poisoned when it exits, so a read after its exit shows).
+namespace emu {
+int cluster_rank();
+int cluster_size();
+void cluster_sync(Site site);
+void* cluster_map(const void* p, int rank);
+}  // namespace emu
+inline int cluster_rank() { return ::emu::cluster_rank(); }
+inline int cluster_size() { return ::emu::cluster_size(); }
+template <typename T>
+T* cluster_map(T* p, int rank) {
+  return static_cast<T*>(::emu::cluster_map(p, rank));
+}
+#define cluster_sync() ::emu::cluster_sync(::emu::Site{__FILE__, __LINE__})
 #define __shfl_xor_sync(...) ::emu::shfl_xor_sync(::emu::Site{__FILE__, __LINE__}, __VA_ARGS__)
 
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
@@ -64,18 +82,23 @@ cudaError_t get_device(int* device);
 cudaError_t device_attribute(int* value, cudaDeviceAttr attr, int device);
 cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int value);
 cudaError_t occupancy(int* ctas, const void* func, int block, size_t smem);
+cudaError_t occupancy_clusters(int* clusters, const void* func, const cudaLaunchConfig_t* config);
 cudaError_t func_attributes(cudaFuncAttributes* attr, const void* func);
 cudaError_t get_last_error();
 template <typename Params>
 cudaError_t launch_kernel(const void* func, dim3 grid, dim3 block, void** args, size_t smem);
+template <typename Params>
+cudaError_t launch_kernel_ex(const cudaLaunchConfig_t* config, const void* func, void** args);
 }  // namespace emu
 #define cudaGetDevice(d) ::emu::get_device(d)
 #define cudaDeviceGetAttribute(v, a, d) ::emu::device_attribute(v, a, d)
 #define cudaFuncSetAttribute(f, a, v) ::emu::func_set_attribute(f, a, v)
 #define cudaOccupancyMaxActiveBlocksPerMultiprocessor(c, f, b, s) ::emu::occupancy(c, f, b, s)
+#define cudaOccupancyMaxActiveClusters(n, f, c) ::emu::occupancy_clusters(n, f, c)
 #define cudaFuncGetAttributes(a, f) ::emu::func_attributes(a, f)
 #define cudaGetLastError() ::emu::get_last_error()
 // Expands inside dispatch.cu's `template <typename Params> launch(...)`.
 #define cudaLaunchKernel(f, g, b, a, s, st) ::emu::launch_kernel<Params>(f, g, b, a, s)
+#define cudaLaunchKernelExC(c, f, a) ::emu::launch_kernel_ex<Params>(c, f, a)
 
 #include "emulator_launch.h"

@@ -7,7 +7,10 @@
 //     memory unless cudaFuncSetAttribute raised it, which may not exceed the
 //     device's opt-in maximum less the static part;
 //   - occupancy from registers, shared memory (plus the driver's per-CTA reserve),
-//     threads and CTAs per SM, as the occupancy API computes it.
+//     threads and CTAs per SM, as the occupancy API computes it;
+//   - thread-block clusters only on sm_90 profiles: at most 8 CTAs, or 16 once the
+//     kernel allows the non-portable size; the grid a multiple of the cluster; a
+//     cluster lives in one processing cluster (GPC) of kSmsPerGpc SMs.
 // Any runtime call can be made to fail on request (fault injection); a failed call
 // sets the runtime's last error, which cudaGetLastError returns and clears.
 #include <algorithm>
@@ -48,6 +51,30 @@ bool g_table_loaded = false;
 
 // cudaFuncAttributeMaxDynamicSharedMemorySize per (device, kernel).
 std::map<std::pair<int, const void*>, int> g_max_dynamic;
+// cudaFuncAttributeNonPortableClusterSizeAllowed per (device, kernel).
+std::map<std::pair<int, const void*>, int> g_non_portable;
+
+// SMs per GPC the cluster occupancy assumes (H100 SXM: 132 SMs in GPCs of up to 18;
+// counting 16 is the conservative whole-GPC figure).
+constexpr int kSmsPerGpc = 16;
+
+bool has_clusters() { return profile().arch == "90"; }
+
+int max_cluster(const void* func) {
+  const auto it = g_non_portable.find({g_device, func});
+  return it != g_non_portable.end() && it->second != 0 ? 16 : 8;
+}
+
+int sm_total() { return g_sm_override > 0 ? g_sm_override : profile().sm_count; }
+
+// Clusters of `cluster` CTAs resident at once: each GPC holds whole clusters.
+int64_t resident_clusters(int ctas_per_sm_fit, int cluster) {
+  const int sms = sm_total();
+  const int full_gpcs = sms / kSmsPerGpc;
+  const int rest = sms % kSmsPerGpc;
+  return static_cast<int64_t>(full_gpcs) * (ctas_per_sm_fit * kSmsPerGpc / cluster) +
+         ctas_per_sm_fit * rest / cluster;
+}
 
 // Fault injection: kind -> calls to let through before failing one, and the error.
 struct Injection {
@@ -124,6 +151,9 @@ cudaError_t device_attribute(int* value, cudaDeviceAttr attr, int) {
     case cudaDevAttrReservedSharedMemoryPerBlock:
       *value = dev.reserved_smem_per_block;
       return cudaSuccess;
+    case cudaDevAttrClusterLaunch:
+      *value = has_clusters() ? 1 : 0;
+      return cudaSuccess;
     default:
       report("device attribute " + std::to_string(static_cast<int>(attr)) + " is not emulated");
       return set_error(cudaErrorInvalidValue);
@@ -132,6 +162,11 @@ cudaError_t device_attribute(int* value, cudaDeviceAttr attr, int) {
 
 cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int value) {
   if (injected(kSetAttribute)) return g_last_error;
+  if (attr == cudaFuncAttributeNonPortableClusterSizeAllowed) {
+    if (!has_clusters() || (value != 0 && value != 1)) return set_error(cudaErrorInvalidValue);
+    g_non_portable[{g_device, func}] = value;
+    return cudaSuccess;
+  }
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) {
     report("function attribute " + std::to_string(static_cast<int>(attr)) + " is not emulated");
     return set_error(cudaErrorInvalidValue);
@@ -157,6 +192,24 @@ cudaError_t func_attributes(cudaFuncAttributes* attr, const void* func) {
   attr->numRegs = r.registers;
   attr->maxThreadsPerBlock = r.max_threads;
   attr->maxDynamicSharedSizeBytes = max_dynamic(func);
+  // Code for the profile's own target (nvcc -gencode arch=compute_XX,code=sm_XX).
+  attr->ptxVersion = attr->binaryVersion = std::stoi(profile().arch);
+  return cudaSuccess;
+}
+
+cudaError_t occupancy_clusters(int* clusters, const void* func, const cudaLaunchConfig_t* config) {
+  if (injected(kOccupancy)) return g_last_error;
+  int cluster = 1;
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    if (config->attrs[i].id == cudaLaunchAttributeClusterDimension) cluster = config->attrs[i].val.clusterDim.x;
+  }
+  if (!has_clusters() || cluster < 1 || cluster > max_cluster(func)) {
+    return set_error(cluster > max_cluster(func) ? cudaErrorInvalidClusterSize : cudaErrorInvalidValue);
+  }
+  const int threads = static_cast<int>(config->blockDim.x);
+  const size_t smem = config->dynamicSmemBytes;
+  const int fit = static_cast<int64_t>(smem) > max_dynamic(func) ? 0 : ctas_per_sm(func, threads, smem);
+  *clusters = static_cast<int>(resident_clusters(fit, cluster));
   return cudaSuccess;
 }
 
@@ -167,7 +220,7 @@ cudaError_t get_last_error() {
 }
 
 cudaError_t launch(const void* func, dim3 grid, dim3 block, size_t smem,
-                   const std::function<void()>& body) {
+                   const std::function<void()>& body, int cluster) {
   if (injected(kLaunch)) return g_last_error;
   const Resources r = resources(func);
   const int threads = static_cast<int>(block.x * block.y * block.z);
@@ -198,18 +251,40 @@ cudaError_t launch(const void* func, dim3 grid, dim3 block, size_t smem,
         << profile().smem_per_block_optin << " on " << profile().name << ")";
     err = cudaErrorInvalidValue;
   }
+  if (err == cudaSuccess && cluster > 1) {
+    const int fit = ctas_per_sm(func, threads, smem);
+    if (!has_clusters()) {
+      why << "clusters of " << cluster << " CTAs on " << profile().name << ", which has none";
+      err = cudaErrorInvalidValue;
+    } else if (cluster > max_cluster(func)) {
+      why << "cluster of " << cluster << " CTAs exceeds " << max_cluster(func)
+          << (max_cluster(func) == 8 ? " (more needs cudaFuncAttributeNonPortableClusterSizeAllowed)" : "");
+      err = cudaErrorInvalidClusterSize;
+    } else if (grid.x % cluster != 0) {
+      why << "grid of " << grid.x << " CTAs is not a multiple of the cluster size " << cluster;
+      err = cudaErrorInvalidValue;
+    } else if (resident_clusters(fit, cluster) < 1) {
+      why << "a cluster of " << cluster << " CTAs (" << fit << " per SM) does not fit in a GPC";
+      err = cudaErrorInvalidClusterSize;
+    } else if (cluster * threads > kMaxFibers) {
+      why << "a cluster of " << cluster * threads << " threads exceeds the emulator's " << kMaxFibers;
+      err = cudaErrorInvalidValue;
+    }
+  }
   if (err != cudaSuccess) {
     report("launch of " + kernel_name(func) + " refused: " + why.str());
     return set_error(err);
   }
   if (g_dry_run) {
-    g_recorded.push_back({func, grid.x, threads, smem});
+    g_recorded.push_back({func, grid.x, threads, smem, cluster});
     return cudaSuccess;
   }
   const int fit = std::max(1, ctas_per_sm(func, threads, smem));
-  const int64_t resident = static_cast<int64_t>(fit) * (g_sm_override > 0 ? g_sm_override : profile().sm_count);
-  const int wave = static_cast<int>(std::min<int64_t>({resident, grid.x, kMaxFibers / threads}));
-  const cudaError_t ran = execute(func, grid, block, smem, std::max(wave, 1), body);
+  int64_t resident = static_cast<int64_t>(fit) * sm_total();
+  if (cluster > 1) resident = resident_clusters(fit, cluster) * cluster;
+  int64_t wave = std::min<int64_t>({resident, grid.x, kMaxFibers / threads});
+  wave = std::max<int64_t>(cluster, wave / cluster * cluster);  // whole clusters
+  const cudaError_t ran = execute(func, grid, block, smem, static_cast<int>(wave), body, cluster);
   if (ran != cudaSuccess) set_error(ran);
   return ran;
 }

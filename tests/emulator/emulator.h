@@ -55,6 +55,7 @@ struct LaunchRecord {
   int64_t grid;
   int block;
   size_t smem;
+  int cluster;  // CTAs per cluster (1: none)
 };
 std::vector<LaunchRecord>& recorded_launches();  // by dry runs, in order
 void set_resources(const std::string& name, const std::string& arch, int registers,
@@ -73,10 +74,10 @@ constexpr int kMaxFibers = 8192;
 // ---- scheduler.cpp ----------------------------------------------------------------
 enum class Schedule { kRoundRobin = 0, kReverse = 1, kRandom = 2, kWarpGreedy = 3 };
 void set_schedule(Schedule schedule, uint64_t seed);
-// Runs the grid, `wave` CTAs interleaved at a time. Returns cudaSuccess, or an error
-// with report() called.
+// Runs the grid, `wave` CTAs interleaved at a time (whole clusters of `cluster` CTAs,
+// started together). Returns cudaSuccess, or an error with report() called.
 cudaError_t execute(const void* func, dim3 grid, dim3 block, size_t dynamic_smem, int wave,
-                    const std::function<void()>& body);
+                    const std::function<void()>& body, int cluster);
 // The static __shared__ arrays of each kernel (registered by the test harness from
 // the library's symbol table): every CTA gets its own copy of these.
 void register_static_shared(const std::string& kernel, void* address, size_t bytes);

@@ -10,8 +10,14 @@
 // Checked on every barrier and shuffle, reported with the kernel, block, thread and
 // call site instead of hanging: all threads of a block reach the same __syncthreads;
 // all lanes named in a shuffle's mask reach the same shuffle with the same mask and
-// width, and read only lanes inside the mask; no thread exits while others wait for
-// it; no deadlock.
+// width, and read only lanes inside the mask; all threads of a cluster reach the same
+// cluster barrier; a CTA maps only its own dynamic shared memory to a peer's, and
+// never that of a peer that has exited; no thread exits while others wait for it; no
+// deadlock.
+//
+// The CTAs of a cluster occupy consecutive slots and start together; a new cluster
+// starts there once all of them have exited. An exited CTA's dynamic shared memory is
+// poisoned at once, so a peer reading it afterwards reads NaN.
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -108,7 +114,7 @@ namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
 
-enum class State : uint8_t { kReady, kBarrier, kShuffle, kDone };
+enum class State : uint8_t { kReady, kBarrier, kShuffle, kCluster, kDone };
 
 struct Fiber {
   Context context;
@@ -140,6 +146,12 @@ struct Slot {
   void* dynamic = nullptr;             // guarded dynamic shared memory
 };
 
+// A cluster's barrier in progress (one per group of `cluster` slots).
+struct ClusterBarrier {
+  int arrived = 0;
+  Site site{nullptr, 0};
+};
+
 struct StaticArray {
   unsigned char* address;
   size_t bytes;
@@ -163,7 +175,9 @@ struct Launch {
   const std::function<void()>* body = nullptr;
   const std::vector<StaticArray>* statics = nullptr;
   size_t statics_bytes = 0;
+  int cluster = 1;            // CTAs per cluster; slots come in groups of this many
   std::vector<Slot> slots;
+  std::vector<ClusterBarrier> clusters;  // per group of slots
   std::vector<Fiber> fibers;  // slot-major: fibers[slot * threads + tid]
   int owner = -1;             // slot whose __shared__ arrays are in place
   int64_t next_block = 0;
@@ -323,6 +337,11 @@ void on_exit() {
     fail("exits while lanes of its warp wait for it at __shfl_xor_sync (" +
          site_text(w.site.file, w.site.line) + ")");
   }
+  const ClusterBarrier& cb = L.clusters[f.slot / L.cluster];
+  if (cb.arrived > 0) {
+    fail("exits while " + std::to_string(cb.arrived) + " thread(s) of its cluster wait at cluster_sync (" +
+         site_text(cb.site.file, cb.site.line) + ")");
+  }
 }
 
 int pick(Launch& L) {
@@ -383,6 +402,12 @@ std::string deadlock_text(const Launch& L) {
     }
     out << ";";
   }
+  for (size_t c = 0; c < L.clusters.size(); ++c) {
+    if (L.clusters[c].arrived > 0) {
+      out << " cluster " << c << ": " << L.clusters[c].arrived << " at cluster_sync ("
+          << site_text(L.clusters[c].site.file, L.clusters[c].site.line) << ");";
+    }
+  }
   return out.str();
 }
 
@@ -414,9 +439,24 @@ void run(Launch& L) {
         L.aborted = true;
         return;
       }
-      if (!start_block(L, f.slot)) {
-        L.aborted = true;
-        return;
+      if (L.cluster == 1) {
+        if (!start_block(L, f.slot)) {
+          L.aborted = true;
+          return;
+        }
+        continue;
+      }
+      // Peers may still run: what they read of this CTA from now on is poison.
+      if (s.dynamic != nullptr) std::memset(s.dynamic, 0xFF, L.dynamic_bytes);
+      s.active = false;
+      const int first = f.slot / L.cluster * L.cluster;
+      bool all_done = true;
+      for (int k = first; k < first + L.cluster; ++k) all_done = all_done && L.slots[k].live == 0;
+      for (int k = first; all_done && k < first + L.cluster; ++k) {
+        if (!start_block(L, k)) {
+          L.aborted = true;
+          return;
+        }
       }
     }
   }
@@ -444,8 +484,9 @@ std::string current_thread_text() {
 }
 
 cudaError_t execute(const void* func, dim3 grid, dim3 block, size_t dynamic_smem, int wave,
-                    const std::function<void()>& body) {
+                    const std::function<void()>& body, int cluster) {
   Launch L;
+  L.cluster = cluster;
   L.func = func;
   L.name = kernel_name(func);
   L.threads = static_cast<int>(block.x);
@@ -459,6 +500,7 @@ cudaError_t execute(const void* func, dim3 grid, dim3 block, size_t dynamic_smem
   for (const StaticArray& a : *L.statics) L.statics_bytes += a.bytes;
   const int slots = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wave, L.blocks)));
   L.slots.resize(slots);
+  L.clusters.resize((slots + cluster - 1) / cluster);
   L.fibers.resize(static_cast<size_t>(slots) * L.threads);
   L.warp_ready.assign(L.fibers.size() / 32, 0);
   L.ready_pos.assign(L.fibers.size(), -1);
@@ -565,6 +607,63 @@ double shfl_xor(Site site, unsigned mask, double v, int lane_mask, int width) {
   }
   w.arrived = 0;
   return mine;
+}
+
+// ---- clusters ------------------------------------------------------------------------
+
+int cluster_rank() {
+  const Launch& L = *g;
+  return static_cast<int>(L.slots[L.fibers[L.current].slot].block % L.cluster);
+}
+
+int cluster_size() { return g->cluster; }
+
+void(cluster_sync)(Site site) {  // parenthesised: cluster_sync() is a macro
+  Launch& L = *g;
+  const int i = L.current;
+  const int group = L.fibers[i].slot / L.cluster;
+  ClusterBarrier& cb = L.clusters[group];
+  const std::string at = "cluster_sync (" + site_text(site.file, site.line) + ")";
+  for (int k = group * L.cluster; k < (group + 1) * L.cluster; ++k) {
+    if (L.slots[k].live < L.threads) {
+      fail("reaches " + at + " after " + std::to_string(L.threads - L.slots[k].live) +
+           " thread(s) of block " + std::to_string(L.slots[k].block) + " of its cluster exited");
+    }
+  }
+  if (cb.arrived == 0) {
+    cb.site = site;
+  } else if (!same_site(site, cb.site)) {
+    fail("reaches " + at + " while " + std::to_string(cb.arrived) +
+         " thread(s) of its cluster wait at another one, " + site_text(cb.site.file, cb.site.line));
+  }
+  if (++cb.arrived == L.cluster * L.threads) {  // the last to arrive releases the cluster
+    cb.arrived = 0;
+    const int base = group * L.cluster * L.threads;
+    for (int t = 0; t < L.cluster * L.threads; ++t) {
+      if (L.fibers[base + t].state == State::kCluster) set_ready(L, base + t);
+    }
+    return;
+  }
+  block_until_released(State::kCluster);
+}
+
+void* cluster_map(const void* p, int rank) {
+  Launch& L = *g;
+  const int slot = L.fibers[L.current].slot;
+  const unsigned char* const own = static_cast<const unsigned char*>(L.slots[slot].dynamic);
+  const unsigned char* const q = static_cast<const unsigned char*>(p);
+  if (own == nullptr || q < own || q >= own + L.dynamic_bytes) {
+    fail("maps an address that is not in its dynamic shared memory to a peer CTA");
+  }
+  if (rank < 0 || rank >= L.cluster) {
+    fail("maps shared memory of cluster rank " + std::to_string(rank) + " in a cluster of " +
+         std::to_string(L.cluster));
+  }
+  const Slot& peer = L.slots[slot / L.cluster * L.cluster + rank];
+  if (peer.live == 0) {
+    fail("maps shared memory of cluster rank " + std::to_string(rank) + ", which has exited");
+  }
+  return static_cast<unsigned char*>(peer.dynamic) + (q - own);
 }
 
 }  // namespace emu
