@@ -41,14 +41,40 @@ template <typename T, typename P>
 __device__ __forceinline__ P* slice_of(P* base, int64_t row, int64_t row_stride, int col, DType t) {
   using Byte = typename std::conditional<std::is_const<P>::value, const char, char>::type;
   P* const r = row_of<T>(base, row, row_stride, t);
-  int64_t size;
-  if constexpr (std::is_same<T, AnyType>::value) {
-    size = dtype_size(t);
-  } else {
-    size = sizeof(T);
-  }
-  return r == nullptr ? r : reinterpret_cast<P*>(reinterpret_cast<Byte*>(r) + col * size);
+  return r == nullptr ? r : reinterpret_cast<P*>(reinterpret_cast<Byte*>(r) + int64_t{col} * elem_size<T>(t));
 }
+
+// ---- the next row's slice, fetched while this one is computed ---------------------
+// With 16 elements per thread, a CTA double-buffers its inputs in shared memory: the
+// copies of row r + 1 (cp.async) are in flight through row r's reductions, cluster
+// barrier and stores, so the barrier's wait no longer idles the memory system. Each
+// thread copies exactly the vectors it later reads (the register layout's chunks,
+// laid out as in global memory), so it only waits for its own copies: no barrier.
+
+template <int CHUNKS, int VEC>
+constexpr bool kClusterPipelined = CHUNKS * VEC <= 16;
+
+// Bytes of one tensor's slice in a buffer (16-byte aligned; null tensor: none).
+__host__ __device__ inline int slice_buffer_bytes(const void* ptr, DType t, int slice) {
+  return ptr == nullptr ? 0 : (slice * dtype_size(t) + 15) / 16 * 16;
+}
+
+#if RESIDUAL_FUSED_HAS_CLUSTERS
+// Starts copying this thread's chunks of one tensor's slice (elements of `size` bytes,
+// VEC * size a multiple of 16) from `src` to `dst`.
+template <int CHUNKS, int VEC>
+__device__ __forceinline__ void fetch_slice(unsigned char* dst, const void* src, int size,
+                                            const RowLayout<CHUNKS, VEC>& rl, int len) {
+  const unsigned char* const from = static_cast<const unsigned char*>(src);
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int col = rl.col0 + c * rl.stride;
+    if (col < len) {
+      for (int b = 0; b < VEC * size; b += 16) async_copy16(dst + col * size + b, from + col * size + b);
+    }
+  }
+}
+#endif
 
 #if RESIDUAL_FUSED_HAS_CLUSTERS
 // Where this CTA sits in its cluster and which columns it owns.
@@ -96,10 +122,32 @@ __device__ __forceinline__ void cluster_gather(float* slots, int parity, const f
 // Bytes of exchange slots after the staged parameters: 2 parities x 4 floats.
 constexpr int kClusterSlotBytes = 2 * 4 * static_cast<int>(sizeof(float));
 
+// Dynamic shared memory of the forward cluster kernel: the CTA's slices of weight and
+// bias, the exchange slots, and (pipelined) two buffers of the x and residual slices.
+template <int CHUNKS, int VEC>
+__host__ __device__ inline int fwd_cluster_smem(const AddNormFwdParams& p, int slice) {
+  const int buffers = kClusterPipelined<CHUNKS, VEC>
+                          ? 2 * (slice_buffer_bytes(p.x, p.x_dtype, slice) +
+                                 slice_buffer_bytes(p.residual, p.residual_dtype, slice))
+                          : 0;
+  return param_bytes(p.weight, p.weight_dtype, slice) + param_bytes(p.bias, p.bias_dtype, slice) +
+         kClusterSlotBytes + buffers;
+}
+
 // ---- forward -----------------------------------------------------------------------
 // Dynamic shared memory: the CTA's slices of weight and bias, then the exchange slots.
+// Two CTAs per SM (64 registers) only where two CTAs' buffers and parameters fit in
+// shared memory: 16-bit residual stream and parameters (about 96 KB per CTA at 8192
+// columns). fp32 ones need about 160 KB: one CTA, and registers to match.
 template <class MIX, int CHUNKS, int VEC, int MAX_BLOCK>
-__global__ void __launch_bounds__(MAX_BLOCK, rows_min_ctas(CHUNKS * VEC, MAX_BLOCK))
+constexpr int fwd_cluster_min_ctas() {
+  return sizeof(typename MIX::res_t) <= 2 && sizeof(typename MIX::param_t) <= 2
+             ? rows_min_ctas(CHUNKS * VEC, MAX_BLOCK)
+             : 1;
+}
+
+template <class MIX, int CHUNKS, int VEC, int MAX_BLOCK>
+__global__ void __launch_bounds__(MAX_BLOCK, (fwd_cluster_min_ctas<MIX, CHUNKS, VEC, MAX_BLOCK>()))
 add_norm_fwd_cluster_kernel(const AddNormFwdParams p) {
 #if RESIDUAL_FUSED_HAS_CLUSTERS
   using X = typename MIX::act_t;
@@ -112,24 +160,49 @@ add_norm_fwd_cluster_kernel(const AddNormFwdParams p) {
   __shared__ float red[MAX_BLOCK / 32];
   __shared__ float all[kMaxCluster][2];
 
+  constexpr bool kPipelined = kClusterPipelined<CHUNKS, VEC>;
   StagedParam weight, bias;
   stage_params<VEC>(slice_of<W>(p.weight, 0, 0, cs.begin, p.weight_dtype), p.weight_dtype,
                     slice_of<W>(p.bias, 0, 0, cs.begin, p.bias_dtype), p.bias_dtype, len, weight, bias);
   float* const slots = dynamic_smem() + (param_bytes(p.weight, p.weight_dtype, cs.slice) +
                                          param_bytes(p.bias, p.bias_dtype, cs.slice)) / 4;
+  unsigned char* const buffers = reinterpret_cast<unsigned char*>(slots) + kClusterSlotBytes;
+  const bool has_residual = p.residual != nullptr;
+  const int x_bytes = slice_buffer_bytes(p.x, p.x_dtype, cs.slice);
+  const int stage_bytes = x_bytes + slice_buffer_bytes(p.residual, p.residual_dtype, cs.slice);
+  const auto fetch = [&](int64_t row, int buf) {  // one committed group per row
+    unsigned char* const b = buffers + buf * stage_bytes;
+    fetch_slice(b, slice_of<X>(p.x, row, p.x_row_stride, cs.begin, p.x_dtype), elem_size<X>(p.x_dtype), rl, len);
+    if (has_residual) {
+      fetch_slice(b + x_bytes, slice_of<R>(p.residual, row, p.residual_row_stride, cs.begin, p.residual_dtype),
+                  elem_size<R>(p.residual_dtype), rl, len);
+    }
+    async_commit();
+  };
   __syncthreads();
 
   const int64_t clusters = gridDim.x / cs.cluster;
+  const int64_t first = blockIdx.x / cs.cluster;
+  if (kPipelined && first < p.rows) fetch(first, 0);
   int parity = 0;
   // Every CTA of a cluster runs the same rows: the barriers inside are uniform.
-  for (int64_t row = blockIdx.x / cs.cluster; row < p.rows; row += clusters, parity ^= 1) {
+  for (int64_t row = first; row < p.rows; row += clusters, parity ^= 1) {
+    const void* x_src = slice_of<X>(p.x, row, p.x_row_stride, cs.begin, p.x_dtype);
+    const void* r_src = slice_of<R>(p.residual, row, p.residual_row_stride, cs.begin, p.residual_dtype);
+    if (kPipelined) {
+      if (row + clusters < p.rows) {
+        fetch(row + clusters, parity ^ 1);
+      } else {
+        async_commit();  // an empty group keeps "all but the newest" meaning this row
+      }
+      async_wait<1>();
+      x_src = buffers + parity * stage_bytes;
+      r_src = buffers + parity * stage_bytes + x_bytes;
+    }
     Fetched<X, CHUNKS, VEC> fx;
     Fetched<R, CHUNKS, VEC> fr;
-    const bool has_residual = p.residual != nullptr;
-    fx.load(slice_of<X>(p.x, row, p.x_row_stride, cs.begin, p.x_dtype), p.x_dtype, rl.col0, rl.stride,
-            len, true);
-    fr.load(slice_of<R>(p.residual, row, p.residual_row_stride, cs.begin, p.residual_dtype),
-            p.residual_dtype, rl.col0, rl.stride, len, has_residual);
+    fx.load(x_src, p.x_dtype, rl.col0, rl.stride, len, true);
+    fr.load(r_src, p.residual_dtype, rl.col0, rl.stride, len, has_residual);
     float s[CHUNKS][VEC];
     fx.to(s);
     if (has_residual) {
@@ -200,13 +273,19 @@ add_norm_fwd_cluster_kernel(const AddNormFwdParams p) {
 // ---- backward ----------------------------------------------------------------------
 
 // Dynamic shared memory of the backward cluster kernel: the CTA's slices of weight
-// (and bias when xhat is rebuilt from y), the exchange slots, then the partials
-// (shared memory when a thread holds 32 elements).
+// (and bias when xhat is rebuilt from y), the exchange slots, then either the partials
+// (32 elements per thread) or two buffers of the saved, dy and d(residual_out) slices
+// (16 elements per thread: pipelined, partials in registers).
 template <int CHUNKS, int VEC>
 __host__ __device__ inline int bwd_cluster_smem(const AddNormBwdParams& p, int slice, int block) {
   const int params = param_bytes(p.weight, p.weight_dtype, slice) +
                      (p.memory_efficient ? param_bytes(p.bias, p.bias_dtype, slice) : 0);
-  return params + kClusterSlotBytes +
+  const int buffers = kClusterPipelined<CHUNKS, VEC>
+                          ? 2 * (slice_buffer_bytes(p.saved, p.saved_dtype, slice) +
+                                 slice_buffer_bytes(p.dy, p.dy_dtype, slice) +
+                                 slice_buffer_bytes(p.dresidual_out, p.dresidual_out_dtype, slice))
+                          : 0;
+  return params + kClusterSlotBytes + buffers +
          static_cast<int>(sizeof(float)) * block * Partials<CHUNKS, VEC, kSmemPartials<CHUNKS, VEC>>::kSmemFloats;
 }
 
@@ -236,23 +315,63 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1) add_norm_bwd_cluster_kernel(cons
   float* const slots = dynamic_smem() + (param_bytes(weight.ptr, p.weight_dtype, cs.slice) +
                                          param_bytes(bias.ptr, p.bias_dtype, cs.slice)) / 4;
   Partials<CHUNKS, VEC, kSmem> part(slots + kClusterSlotBytes / 4);
+  constexpr bool kPipelined = kClusterPipelined<CHUNKS, VEC>;
+  static_assert(!(kPipelined && kSmem), "the buffers take the partials' place");
+  unsigned char* const buffers = reinterpret_cast<unsigned char*>(slots) + kClusterSlotBytes;
+  const bool has_dres_out = p.dresidual_out != nullptr;
+  const int saved_bytes = slice_buffer_bytes(p.saved, p.saved_dtype, cs.slice);
+  const int dy_bytes = slice_buffer_bytes(p.dy, p.dy_dtype, cs.slice);
+  const int stage_bytes =
+      saved_bytes + dy_bytes + slice_buffer_bytes(p.dresidual_out, p.dresidual_out_dtype, cs.slice);
+  const float* const rstd_of = static_cast<const float*>(p.rstd);
+  float rstd_next = 0.f;
+  const auto fetch = [&](int64_t row, int buf) {  // one committed group per row, and its rstd
+    unsigned char* const b = buffers + buf * stage_bytes;
+    fetch_slice(b, slice_of<S>(p.saved, row, p.saved_row_stride, cs.begin, p.saved_dtype),
+                elem_size<S>(p.saved_dtype), rl, len);
+    fetch_slice(b + saved_bytes, slice_of<X>(p.dy, row, p.dy_row_stride, cs.begin, p.dy_dtype),
+                elem_size<X>(p.dy_dtype), rl, len);
+    if (has_dres_out) {
+      fetch_slice(b + saved_bytes + dy_bytes,
+                  slice_of<R>(p.dresidual_out, row, p.dresidual_out_row_stride, cs.begin, p.dresidual_out_dtype),
+                  elem_size<R>(p.dresidual_out_dtype), rl, len);
+    }
+    async_commit();
+    rstd_next = rstd_of[row];
+  };
   __syncthreads();
 
   const int64_t clusters = gridDim.x / cs.cluster;
+  const int64_t first = blockIdx.x / cs.cluster;
+  if (kPipelined && first < p.rows) fetch(first, 0);
   int parity = 0;
-  for (int64_t row = blockIdx.x / cs.cluster; row < p.rows; row += clusters, parity ^= 1) {
-    const bool has_dres_out = p.dresidual_out != nullptr;
+  for (int64_t row = first; row < p.rows; row += clusters, parity ^= 1) {
     const void* const dres_out_row =
         slice_of<R>(p.dresidual_out, row, p.dresidual_out_row_stride, cs.begin, p.dresidual_out_dtype);
-    const float rstd = static_cast<const float*>(p.rstd)[row];
+    const void* saved_src = slice_of<S>(p.saved, row, p.saved_row_stride, cs.begin, p.saved_dtype);
+    const void* dy_src = slice_of<X>(p.dy, row, p.dy_row_stride, cs.begin, p.dy_dtype);
+    const void* dres_out_src = dres_out_row;
+    float rstd;
+    if (kPipelined) {
+      rstd = rstd_next;
+      if (row + clusters < p.rows) {
+        fetch(row + clusters, parity ^ 1);
+      } else {
+        async_commit();  // an empty group keeps "all but the newest" meaning this row
+      }
+      async_wait<1>();
+      saved_src = buffers + parity * stage_bytes;
+      dy_src = buffers + parity * stage_bytes + saved_bytes;
+      dres_out_src = buffers + parity * stage_bytes + saved_bytes + dy_bytes;
+    } else {
+      rstd = rstd_of[row];
+    }
     Fetched<S, CHUNKS, VEC> fs;
     Fetched<X, CHUNKS, VEC> fdy;
     Fetched<R, CHUNKS, VEC> fdo;
-    fs.load(slice_of<S>(p.saved, row, p.saved_row_stride, cs.begin, p.saved_dtype), p.saved_dtype,
-            rl.col0, rl.stride, len, true);
-    fdy.load(slice_of<X>(p.dy, row, p.dy_row_stride, cs.begin, p.dy_dtype), p.dy_dtype, rl.col0,
-             rl.stride, len, true);
-    if (kEarlyDresOut) fdo.load(dres_out_row, p.dresidual_out_dtype, rl.col0, rl.stride, len, has_dres_out);
+    fs.load(saved_src, p.saved_dtype, rl.col0, rl.stride, len, true);
+    fdy.load(dy_src, p.dy_dtype, rl.col0, rl.stride, len, true);
+    if (kEarlyDresOut) fdo.load(dres_out_src, p.dresidual_out_dtype, rl.col0, rl.stride, len, has_dres_out);
 
     float v[CHUNKS][VEC], dy[CHUNKS][VEC];
     fs.to(v);

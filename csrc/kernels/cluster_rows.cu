@@ -2,11 +2,13 @@
 // holds in registers, split across a thread-block cluster on sm_90.
 //
 // The shape rule: a CTA holds 16 elements per thread and up to 512 threads (8192
-// columns, the rows kernels' most efficient layout) on clusters of up to 8 CTAs, the
-// portable cluster size: hidden <= 65536. Wider rows hold 32 elements per thread on
-// up to 16 CTAs (hidden <= 262144), the non-portable size sm_90 allows. The cluster is
-// the fewest CTAs whose slices hold the row, so the exchange stays small and clusters
-// pack into the GPU's processing clusters.
+// columns, the rows kernels' most efficient layout) and double-buffers its inputs in
+// shared memory, on clusters of up to 8 CTAs, the portable cluster size: hidden <=
+// 65536. Wider rows, or rows whose buffers do not fit in shared memory (fp32 tensors),
+// hold 32 elements per thread without buffers, on up to 16 CTAs (hidden <= 262144),
+// the non-portable size sm_90 allows. The cluster is the fewest CTAs whose slices
+// hold the row, so the exchange stays small and clusters pack into the GPU's
+// processing clusters.
 #include <algorithm>
 #include <type_traits>
 
@@ -27,8 +29,7 @@ struct ClusterShape {
   int block;       // threads per CTA
 };
 
-ClusterShape cluster_shape(int hidden) {
-  const int per_thread = hidden <= kPortableCluster * kClusterBlock * 16 ? 16 : 32;
+ClusterShape cluster_shape(int hidden, int per_thread) {
   const int cluster = static_cast<int>(ceil_div(hidden, kClusterBlock * per_thread));
   const int slice = cluster_slice(hidden, cluster);
   return {per_thread, cluster, slice, row_threads_for(slice, per_thread)};
@@ -47,8 +48,7 @@ LaunchPlan fwd_plan_of(const AddNormFwdParams& p, const ClusterShape& shape) {
   plan.kernel = reinterpret_cast<const void*>(&add_norm_fwd_cluster_kernel<MIX, CHUNKS, 8, kClusterBlock>);
   plan.block = shape.block;
   plan.cluster = shape.cluster;
-  plan.smem = param_bytes(p.weight, p.weight_dtype, shape.slice) +
-              param_bytes(p.bias, p.bias_dtype, shape.slice) + kClusterSlotBytes;
+  plan.smem = fwd_cluster_smem<CHUNKS, 8>(p, shape.slice);
   finish_plan(plan, p.rows);
   return plan;
 }
@@ -67,23 +67,31 @@ LaunchPlan bwd_plan_of(const AddNormBwdParams& p, const ClusterShape& shape) {
 }  // namespace
 
 LaunchPlan plan_fwd_cluster(const AddNormFwdParams& p) {
-  const ClusterShape shape = cluster_shape(p.hidden);
+  const ClusterShape narrow = cluster_shape(p.hidden, 16), wide = cluster_shape(p.hidden, 32);
   return plan_for_mix(p, FastMixes{}, [&](auto mix) {
     using MIX = decltype(mix);
-    return shape.per_thread == 16 ? fwd_plan_of<MIX, 2>(p, shape) : fwd_plan_of<MIX, 4>(p, shape);
+    if (narrow.cluster <= kPortableCluster) {
+      const LaunchPlan plan = fwd_plan_of<MIX, 2>(p, narrow);
+      if (plan.grid > 0) return plan;
+    }
+    return fwd_plan_of<MIX, 4>(p, wide);
   });
 }
 
 LaunchPlan plan_bwd_cluster(const AddNormBwdParams& p) {
-  const ClusterShape shape = cluster_shape(p.hidden);
+  const ClusterShape narrow = cluster_shape(p.hidden, 16), wide = cluster_shape(p.hidden, 32);
   return plan_for_mix(p, FastMixes{}, [&](auto mix) {
     using MIX = decltype(mix);
+    if (narrow.cluster <= kPortableCluster) {
+      const LaunchPlan plan = bwd_plan_of<MIX, 2>(p, narrow);
+      if (plan.grid > 0) return plan;
+    }
     if constexpr (std::is_same<MIX, AnyMix>::value) {
       // The run-time-dtype kernel would spill at 32 elements per thread: such mixes
-      // stream rows wider than 8 x 8192.
-      return shape.per_thread == 16 ? bwd_plan_of<MIX, 2>(p, shape) : LaunchPlan{};
+      // stream what 16 elements per thread cannot hold.
+      return LaunchPlan{};
     } else {
-      return shape.per_thread == 16 ? bwd_plan_of<MIX, 2>(p, shape) : bwd_plan_of<MIX, 4>(p, shape);
+      return bwd_plan_of<MIX, 4>(p, wide);
     }
   });
 }

@@ -54,16 +54,19 @@ using AnyMix = Mix<AnyType, AnyType, AnyType, AnyType>;
 // row's loads. `base` may be null for an absent tensor (its loads are then switched
 // off): it stays null rather than being offset. Pointer arithmetic on the kernel's
 // own pointer arguments keeps them known as global memory (LDG, not generic loads).
+template <typename T>
+__device__ __forceinline__ int elem_size(DType t) {
+  if constexpr (std::is_same<T, AnyType>::value) {
+    return dtype_size(t);
+  } else {
+    return static_cast<int>(sizeof(T));
+  }
+}
+
 template <typename T, typename P>
 __device__ __forceinline__ P* row_of(P* base, int64_t row, int64_t row_stride, DType t) {
   using Byte = typename std::conditional<std::is_const<P>::value, const char, char>::type;
-  int64_t size;
-  if constexpr (std::is_same<T, AnyType>::value) {
-    size = dtype_size(t);
-  } else {
-    size = sizeof(T);
-  }
-  const int64_t offset = base == nullptr ? 0 : row * row_stride * size;
+  const int64_t offset = base == nullptr ? 0 : row * row_stride * elem_size<T>(t);
   return reinterpret_cast<P*>(reinterpret_cast<Byte*>(base) + offset);
 }
 

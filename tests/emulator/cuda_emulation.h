@@ -72,6 +72,21 @@ T* cluster_map(T* p, int rank) {
   return static_cast<T*>(::emu::cluster_map(p, rank));
 }
 #define cluster_sync() ::emu::cluster_sync(::emu::Site{__FILE__, __LINE__})
+
+// cp.async: a copy is recorded when issued (its destination poisoned at once) and
+// performed when a wait retires its group, so a read that does not wait for it reads
+// poison. Only 16-byte copies into the thread's own dynamic shared memory.
+namespace emu {
+void async_copy16(void* dst, const void* src);
+void async_commit();
+void async_wait(int n);
+}  // namespace emu
+inline void async_copy16(void* dst, const void* src) { ::emu::async_copy16(dst, src); }
+inline void async_commit() { ::emu::async_commit(); }
+template <int N>
+void async_wait() {
+  ::emu::async_wait(N);
+}
 #define __shfl_xor_sync(...) ::emu::shfl_xor_sync(::emu::Site{__FILE__, __LINE__}, __VA_ARGS__)
 
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }

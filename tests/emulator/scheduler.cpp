@@ -116,12 +116,20 @@ constexpr size_t kStackBytes = 256 * 1024;
 
 enum class State : uint8_t { kReady, kBarrier, kShuffle, kCluster, kDone };
 
+// A cp.async copy not yet performed.
+struct PendingCopy {
+  void* dst;
+  const void* src;
+};
+
 struct Fiber {
   Context context;
   State state = State::kDone;
   int slot = 0;
   int tid = 0;
   double shuffled = 0;  // this lane's result of the shuffle it waits in
+  std::vector<std::vector<PendingCopy>> async_groups;  // committed, oldest first
+  std::vector<PendingCopy> async_open;                 // issued, not yet committed
 };
 
 // A warp's shuffle in progress: the lanes that arrived and what they brought.
@@ -310,6 +318,8 @@ bool start_block(Launch& L, int slot) {
     f.slot = slot;
     f.tid = t;
     f.state = State::kDone;
+    f.async_groups.clear();
+    f.async_open.clear();
     char* stack = fiber_stack(i);
     if (stack == nullptr) {
       report(L.name + ": out of memory for fiber stacks");
@@ -664,6 +674,37 @@ void* cluster_map(const void* p, int rank) {
     fail("maps shared memory of cluster rank " + std::to_string(rank) + ", which has exited");
   }
   return static_cast<unsigned char*>(peer.dynamic) + (q - own);
+}
+
+// ---- cp.async ------------------------------------------------------------------------
+
+void async_copy16(void* dst, const void* src) {
+  Launch& L = *g;
+  Fiber& f = L.fibers[L.current];
+  unsigned char* const own = static_cast<unsigned char*>(L.slots[f.slot].dynamic);
+  unsigned char* const d = static_cast<unsigned char*>(dst);
+  if (own == nullptr || d < own || d + 16 > own + L.dynamic_bytes) {
+    fail("cp.async to an address that is not in its dynamic shared memory");
+  }
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    fail("cp.async of 16 bytes with a source or destination not 16-byte aligned");
+  }
+  std::memset(dst, 0xFF, 16);  // what a read before the wait would see
+  f.async_open.push_back({dst, src});
+}
+
+void async_commit() {
+  Fiber& f = g->fibers[g->current];
+  f.async_groups.push_back(std::move(f.async_open));
+  f.async_open.clear();
+}
+
+void async_wait(int n) {
+  Fiber& f = g->fibers[g->current];
+  while (static_cast<int>(f.async_groups.size()) > n) {
+    for (const PendingCopy& c : f.async_groups.front()) std::memcpy(c.dst, c.src, 16);
+    f.async_groups.erase(f.async_groups.begin());
+  }
 }
 
 }  // namespace emu
