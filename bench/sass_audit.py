@@ -495,7 +495,8 @@ def predict(gpu: Gpu, a: KernelAudit, block: int, ctas: int, rows_per_iter: floa
     instructions = a.instructions * max(1, inner_iters if a.inner_trips else 1)
     t_ns = max(trips * gpu.latency_ns, resident * warps * instructions / (gpu.issue_per_clock * gpu.clock_ghz))
     per_sm = resident * rows_per_iter * bytes_per_row / max(t_ns, 1e-9)  # bytes/ns = GB/s
-    return 100.0 * min(1.0, gpu.sms * per_sm / gpu.copy_gbs)
+    busy_sms = min(gpu.sms, grid)  # e.g. 7 clusters of 16 CTAs leave 20 of 132 SMs idle
+    return 100.0 * min(1.0, busy_sms * per_sm / gpu.copy_gbs)
 
 
 # ---- per hidden size: plans from the real dispatch code -----------------------------------

@@ -30,7 +30,7 @@ KERNEL_SOURCES = ["fwd_rows.cu", "fwd_streamed.cu", "bwd_rows.cu", "bwd_streamed
                   "dispatch.cu"]
 RUNTIME_SOURCES = ["scheduler.cpp", "device.cpp", "memory.cpp", "api.cpp"]
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-SCHEDULES = {"round_robin": 0, "reverse": 1, "random": 2, "warp_greedy": 3}
+SCHEDULES = {"round_robin": 0, "reverse": 1, "random": 2, "warp_greedy": 3, "cta_greedy": 4}
 PROFILES = ("h100", "a100", "sm86")
 INJECT = {"set_attribute": 0, "occupancy": 1, "func_attributes": 2, "launch": 3}
 SANITIZE = ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fsanitize-undefined-trap-on-error"]

@@ -90,7 +90,7 @@ PATHS = [
     # thread-block clusters (sm_90): 2 CTAs; 3 of 352 threads with a short last slice;
     # 8; 16 CTAs of 32 elements per thread (the generic mix's backward streams there)
     (12288, 3, ["ln_bf16_pre", "rms_fp16_mixed", "ln_bf16_f32w"], "strided"),
-    (16392, 3, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),
+    (16392, 3, ["rms_fp16_mixed", "ln_mixed_pre", "rms_bf16_mem"], "contiguous"),
     (65536, 2, ["ln_bf16_pre", "rms_bf16_mem"], "contiguous", "h100", 8),
     (262144, 2, ["ln_mixed_pre", "rms_fp16_mixed", "ln_bf16_f32w"], "contiguous", "h100", 16),
     # without clusters (A100): 32 elements per thread in a CTA; fwd staged and bwd
@@ -221,6 +221,13 @@ def check_path(emu, path, schedules=SCHEDULES):
         emu.configure()
 
 
+def uses_clusters(path) -> bool:
+    """Whether a PATHS entry runs the cluster kernels (H100 profile, rows wider than
+    16384, 16-byte vectors)."""
+    hidden, layout = path[0], path[3]
+    return hidden > 16384 and hidden % 8 == 0 and layout != "offset" and (len(path) < 5 or path[4] == "h100")
+
+
 def check_fallback_and_persistence(emu):
     # 99 KB GPUs (sm_86/89) cannot stage H = 16384's backward in shared memory: the
     # streamed kernels take over.
@@ -230,6 +237,10 @@ def check_fallback_and_persistence(emu):
     emu.configure("h100", sm_count=1)
     check_schedules(emu, 23, 2048, FLAGS["rms_bf16_mem"], schedules=("random", "warp_greedy"))
     check_schedules(emu, 9, 4097, FLAGS["ln_mixed_pre"], schedules=("reverse", "warp_greedy"))
+    # More partial rows (40 streamed CTAs) than the column reduction takes: the sliced
+    # reduction of the weight gradients.
+    emu.configure("h100", sm_count=40)
+    check_schedules(emu, 40, 5125, FLAGS["ln_mixed_pre"], schedules=("round_robin", "warp_greedy"))
     emu.configure()
 
 
@@ -346,6 +357,50 @@ def sweep(emu, profile, aligned, dtype=torch.bfloat16, rows=4096, hi=MAX_SWEEP_H
                            f"({'aligned' if aligned else 'misaligned'} {dtype}):\n{text}")
 
 
+# ---- wide rows: the grid of hidden sizes the cluster kernels and their fallbacks see ----
+# (hidden, flags): every dtype mix appears; H % 8 != 0 takes the element-wise kernels.
+WIDE_GRID = [
+    (12288, "ln_bf16_pre"), (16384, "rms_fp16_mixed"), (24576, "ln_mixed_pre"),
+    (32768, "ln_bf16_f32w"), (49152, "rms_bf16_mem"), (65536, "ln_fp16_plain"),
+    (131072, "rms_fp32"), (262144, "ln_bf16_pre"),
+    (16385, "ln_mixed_pre"), (40000, "rms_fp16_mixed"), (99999, "ln_bf16_f32w"),
+]
+
+
+def check_wide(emu, hidden, name, layout):
+    """One wide case on an H100 with one full GPC (clusters of up to 16 fit), against
+    the reference under two schedules."""
+    emu.configure("h100", sm_count=16)
+    try:
+        check_schedules(emu, 2, hidden, FLAGS[name], layout, seed=hidden,
+                        schedules=("random", "warp_greedy"))
+    finally:
+        emu.configure()
+
+
+# hidden -> CTAs per cluster on an H100 with one 16-SM GPC, forward and backward (bf16)
+CLUSTER_PLANS = {16384: 1, 16392: 3, 65536: 8, 131072: 8, 262144: 16}
+
+
+def check_cluster_plans(emu):
+    """Wide rows take the cluster kernels where clusters exist (and fit), with the
+    documented shape; never on a GPU without them."""
+    try:
+        emu.configure("h100", sm_count=16)
+        for hidden, cluster in CLUSTER_PLANS.items():
+            for backward in (False, True):
+                plan = emu.plan(backward, hidden, 64)
+                assert plan is not None, f"H={hidden}: refused"
+                assert plan["cluster"] == cluster and ("cluster_kernel" in plan["kernel"]) == (cluster > 1), (
+                    f"H={hidden} {'bwd' if backward else 'fwd'}: {plan}")
+        emu.configure("a100", sm_count=16)
+        for hidden in CLUSTER_PLANS:
+            plan = emu.plan(True, hidden, 64)
+            assert plan["cluster"] == 1 and "cluster_kernel" not in plan["kernel"], plan
+    finally:
+        emu.configure()
+
+
 def run_all(emu, quick=False) -> None:
     """Everything, stopping at the first failure. `quick`: one flag set and two
     schedules per path, and the sweep only up to H = 20000 (where the shared-memory
@@ -357,12 +412,15 @@ def run_all(emu, quick=False) -> None:
                 sweep(emu, profile, aligned, hi=hi)
     if quick:  # one flag set per path, the two orders that differ most
         for path in PATHS:
-            check_path(emu, (*path[:2], path[2][:1], *path[3:]), ("warp_greedy", "round_robin"))
+            # a CTA running ahead of its cluster peers shows a missing cluster barrier
+            first = "cta_greedy" if uses_clusters(path) else "warp_greedy"
+            check_path(emu, (*path[:2], path[2][:1], *path[3:]), (first, "round_robin"))
     else:
         for path in PATHS:
             check_path(emu, path)
     check_fallback_and_persistence(emu)
     if emu.resources_loaded:
+        check_cluster_plans(emu)
         check_failed_queries(emu)
     check_failed_launch_is_cleared(emu)
 

@@ -9,11 +9,15 @@ mutation is mechanical:
   bound   every `< hidden` row bound made `<= hidden` (off by one), except the
           kernel-level bounds listed in EQUIVALENT_BOUNDS: there the row accessors
           of common.cuh check the bound again, so the mutant computes the same thing
-  idle    idle row groups skipping their row reduction
-and a fixed list for the launch code: the shared-memory opt-in dropped, the fit
-check without the kernel's static shared memory, the alignment check dropped (a
-misaligned 16-byte access), the dtype-mix check dropped (a fast path reading the
-wrong element type). Each mutant is built from the baseline objects plus the
+  idle    idle row groups skipping their row reduction (rows kernels)
+  cluster every cluster barrier removed in turn
+and a fixed list: the shared-memory opt-in dropped, the fit check without the
+kernel's static shared memory, the alignment check dropped (a misaligned 16-byte
+access), the dtype-mix check dropped (a fast path reading the wrong element type);
+for the cluster kernels, the exchange slots not double-buffered, a CTA's slice not
+offset by its rank, a wait that leaves the current row's copies in flight, the next
+row fetched into the buffer being read, and the non-portable cluster size not
+allowed (the widest rows silently leave the cluster path). Each mutant is built from the baseline objects plus the
 translation units that include the mutated file and run in a subprocess with a time
 limit; mutants run two at a time.
 """
@@ -71,11 +75,14 @@ EQUIVALENT_BOUNDS = {
 
 
 def catalogue() -> List[Mutation]:
+    # (family, pattern, replacement, files: None for every kernel file)
     families = [
-        ("sync", r"__syncthreads\(\);", ""),
-        ("mask", r"__shfl_xor_sync\(0xffffffffu", "__shfl_xor_sync(0x0000ffffu"),
-        ("bound", r"(?<![<=])< hidden\b", "<= hidden"),
-        ("idle", r"row_sum<MAX_BLOCK>\(rl, ", "if (active) row_sum<MAX_BLOCK>(rl, "),
+        ("sync", r"__syncthreads\(\);", "", None),
+        ("mask", r"__shfl_xor_sync\(0xffffffffu", "__shfl_xor_sync(0x0000ffffu", None),
+        ("bound", r"(?<![<=])< hidden\b", "<= hidden", None),
+        ("idle", r"row_sum<MAX_BLOCK>\(rl, ", "if (active) row_sum<MAX_BLOCK>(rl, ",
+         ("fwd_kernels.cuh", "bwd_kernels.cuh")),
+        ("cluster", r"cluster_sync\(\);", "", ("cluster_kernels.cuh",)),
     ]
     fixed = [
         ("opt-in dropped", "dispatch.cu", r"cudaFuncSetAttribute\([^;]*\)", "cudaSuccess"),
@@ -89,18 +96,31 @@ def catalogue() -> List[Mutation]:
         ("dtype mix check dropped", "rows.cuh", r"return !present \|\| t == DTypeOf<T>::value;", "return true;"),
         ("host and kernel disagree on threads per row", "bwd_rows.cu",
          r"row_threads_for\(p\.hidden, CHUNKS \* VEC\)", "row_threads_for(p.hidden, 2 * CHUNKS * VEC)"),
+        ("exchange slots not double-buffered", "cluster_kernels.cuh",
+         r"float\* const slot = slots \+ parity \* N;", "float* const slot = slots;"),
+        ("slice not offset by the CTA's rank", "cluster_kernels.cuh", r"begin\(rank \* slice\)", "begin(0)"),
+        ("forward waits for the next row only", "cluster_kernels.cuh", r"async_wait<1>\(\);", "async_wait<2>();"),
+        ("backward waits for the next row only", "cluster_kernels.cuh", r"async_wait<1>\(\);", "async_wait<2>();", 1),
+        ("next row fetched into the buffer being read", "cluster_kernels.cuh",
+         r"fetch\(row \+ clusters, parity \^ 1\);", "fetch(row + clusters, parity);"),
+        ("backward fetches into the buffer being read", "cluster_kernels.cuh",
+         r"fetch\(row \+ clusters, parity \^ 1\);", "fetch(row + clusters, parity);", 1),
+        ("non-portable cluster size not allowed", "dispatch.cu",
+         r"cudaFuncAttributeNonPortableClusterSizeAllowed, 1\)", "cudaFuncAttributeNonPortableClusterSizeAllowed, 0)"),
     ]
     out = []
     for f in KERNEL_FILES:
         with open(os.path.join(cuda_emulator.KERNELS, f)) as fh:
             text = fh.read()
-        for family, pattern, repl in families:
+        for family, pattern, repl, files in families:
+            if files is not None and f not in files:
+                continue
             for k, m in enumerate(re.finditer(pattern, text)):
                 if family == "bound" and k in EQUIVALENT_BOUNDS.get(f, (set(), 0))[0]:
                     continue
                 out.append(Mutation(f"{family} {f}:{_line(text, m.start())}", f, pattern, repl, k))
-    for name, f, pattern, repl in fixed:
-        out.append(Mutation(name, f, pattern, repl, 0))
+    for name, f, pattern, repl, *occurrence in fixed:  # occurrence: the first match by default
+        out.append(Mutation(name, f, pattern, repl, occurrence[0] if occurrence else 0))
     return out
 
 
@@ -153,7 +173,9 @@ def results(tmp_path_factory, kernel_build):
 def test_catalogue_covers_every_family():
     names = " ".join(m.name for m in MUTATIONS)
     for family in ("sync ", "mask ", "bound ", "idle ", "opt-in dropped", "fit check", "alignment",
-                   "planned again", "left pending", "dtype mix", "threads per row"):
+                   "planned again", "left pending", "dtype mix", "threads per row", "cluster ",
+                   "exchange slots", "rank", "waits for the next row", "buffer being read",
+                   "non-portable"):
         assert family in names, f"no mutation of family {family!r}: did a pattern stop matching?"
     for m in MUTATIONS:  # every fixed mutation still applies to today's sources
         with open(os.path.join(cuda_emulator.KERNELS, m.file)) as fh:

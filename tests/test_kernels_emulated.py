@@ -2,7 +2,7 @@
 
 No GPU is needed: the kernel sources and their launch plans are compiled by the host
 compiler with an emulation of threads, barriers, warp shuffles and shared memory
-(tests/cuda_emulator.py). Every launch path runs under four thread orders with
+(tests/cuda_emulator.py). Every launch path runs under five thread orders with
 bitwise-identical outputs required (tests/emulated_cases.py), in guarded memory
 with poisoned outputs and shared memory, under the launch rules of an H100, an A100
 and a 99 KB sm_86 part with the kernels' real registers and shared memory. This
@@ -55,6 +55,19 @@ def test_every_path_under_every_schedule(emu, path):
 
 def test_fallback_and_persistent_ctas(emu):
     cases.check_fallback_and_persistence(emu)
+
+
+def test_wide_rows_take_the_cluster_kernels(with_resources):
+    cases.check_cluster_plans(with_resources)
+
+
+WIDE_CASES = [(h, name, "contiguous") for h, name in cases.WIDE_GRID] + [
+    (24576, "ln_mixed_pre", "offset"), (65536, "rms_bf16_mem", "offset")]
+
+
+@pytest.mark.parametrize("hidden,name,layout", WIDE_CASES, ids=[f"H{h}-{n}-{l}" for h, n, l in WIDE_CASES])
+def test_wide_rows(emu, hidden, name, layout):
+    cases.check_wide(emu, hidden, name, layout)
 
 
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "misaligned"])

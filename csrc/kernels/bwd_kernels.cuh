@@ -440,4 +440,25 @@ __global__ void __launch_bounds__(kReduceBlock, 1) reduce_partials_kernel(const 
   }
 }
 
+// Few partial rows (the cluster and streamed backward kernels write one per cluster or
+// CTA, often under 32): one thread per column adds them in row order. Every thread is
+// busy and every load is coalesced; the sliced kernel above would launch 16 idle
+// slices per column. Even blocks reduce dweight, odd blocks dbias.
+constexpr int kReduceColumnsBlock = 256;
+constexpr int64_t kReduceColumnsMaxRows = 32;
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kReduceColumnsBlock) reduce_partial_columns_kernel(const AddNormBwdParams p) {
+  const bool bias = blockIdx.x % 2 == 1;
+  const acc_t* __restrict__ partial = static_cast<const acc_t*>(bias ? p.dbias_partial : p.dweight_partial);
+  void* out = bias ? p.dbias : p.dweight;
+  const int col = static_cast<int>(blockIdx.x / 2) * kReduceColumnsBlock + static_cast<int>(threadIdx.x);
+  if (partial == nullptr || out == nullptr || col >= p.hidden) return;  // no barriers follow
+  acc_t sum = 0;
+#pragma unroll 4
+  for (int64_t k = 0; k < p.partial_rows; ++k) sum += partial[k * p.hidden + col];
+  acc_t v[1][1] = {{sum}};
+  store_chunks<1, 1>(out, bias ? p.bias_dtype : p.weight_dtype, col, 0, p.hidden, v);
+}
+
 }  // namespace residual_fused

@@ -30,6 +30,14 @@ LaunchPlan plan_bwd_streamed(const AddNormBwdParams& p, int vec) {
 
 LaunchPlan plan_reduce_partials(const AddNormBwdParams& p) {
   LaunchPlan plan;
+  if (p.partial_rows <= kReduceColumnsMaxRows) {
+    plan.kernel = p.dy_dtype == DType::kFloat64
+                      ? reinterpret_cast<const void*>(&reduce_partial_columns_kernel<double>)
+                      : reinterpret_cast<const void*>(&reduce_partial_columns_kernel<float>);
+    plan.grid = 2 * ceil_div(p.hidden, kReduceColumnsBlock);
+    plan.block = kReduceColumnsBlock;
+    return plan;
+  }
   plan.kernel = p.dy_dtype == DType::kFloat64
                     ? reinterpret_cast<const void*>(&reduce_partials_kernel<double>)
                     : reinterpret_cast<const void*>(&reduce_partials_kernel<float>);

@@ -7,6 +7,8 @@
 // CTA publishes its slice's partial statistics, one cluster barrier, and every CTA
 // reads all of them and combines them in rank order (so every CTA gets bitwise the
 // same result). Each input byte is read from HBM once and each output written once.
+// At 16 elements per thread each thread also fetches its part of the next row into
+// shared memory (cp.async) while the current row is computed.
 //
 // Exchange slots are double-buffered by row parity: a CTA overwrites slot[parity]
 // two rows later, after the barrier of the row between, which every peer reaches
@@ -135,8 +137,7 @@ __host__ __device__ inline int fwd_cluster_smem(const AddNormFwdParams& p, int s
 }
 
 // ---- forward -----------------------------------------------------------------------
-// Dynamic shared memory: the CTA's slices of weight and bias, then the exchange slots.
-// Two CTAs per SM (64 registers) only where two CTAs' buffers and parameters fit in
+// Dynamic shared memory: fwd_cluster_smem. Two CTAs per SM (64 registers) only where two CTAs' buffers and parameters fit in
 // shared memory: 16-bit residual stream and parameters (about 96 KB per CTA at 8192
 // columns). fp32 ones need about 160 KB: one CTA, and registers to match.
 template <class MIX, int CHUNKS, int VEC, int MAX_BLOCK>
@@ -179,7 +180,8 @@ add_norm_fwd_cluster_kernel(const AddNormFwdParams p) {
     }
     async_commit();
   };
-  __syncthreads();
+  // No barrier after staging: the parameters are first read after the row's cluster
+  // barrier, which every thread of the CTA passes.
 
   const int64_t clusters = gridDim.x / cs.cluster;
   const int64_t first = blockIdx.x / cs.cluster;

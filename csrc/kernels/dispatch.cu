@@ -2,7 +2,9 @@
 //
 // Vectorised (8-element, 16-byte) kernels need hidden % 8 == 0 and every row start
 // 16-byte aligned; anything else (odd hidden sizes, odd offsets or strides) takes the
-// element-wise kernels of the same design. Rows too wide to keep on chip are streamed.
+// element-wise kernels of the same design. On sm_90, vectorised rows wider than
+// kClusterMinHidden are split across a thread-block cluster; elsewhere, rows too wide
+// to keep on chip are staged in shared memory or streamed.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>

@@ -72,7 +72,7 @@ bool dry_run();
 constexpr int kMaxFibers = 8192;
 
 // ---- scheduler.cpp ----------------------------------------------------------------
-enum class Schedule { kRoundRobin = 0, kReverse = 1, kRandom = 2, kWarpGreedy = 3 };
+enum class Schedule { kRoundRobin = 0, kReverse = 1, kRandom = 2, kWarpGreedy = 3, kCtaGreedy = 4 };
 void set_schedule(Schedule schedule, uint64_t seed);
 // Runs the grid, `wave` CTAs interleaved at a time (whole clusters of `cluster` CTAs,
 // started together). Returns cudaSuccess, or an error with report() called.

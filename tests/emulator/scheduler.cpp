@@ -4,6 +4,9 @@
 //   reverse      the same, last thread first
 //   random       a seeded random ready thread each time
 //   warp greedy  one warp runs until all its threads block, then the next warp
+//   CTA greedy   one CTA runs until all its threads block or exit, then the next CTA
+//                (a CTA races ahead of its cluster peers: a missing cluster barrier
+//                shows)
 // A correct kernel gives bitwise the same outputs under every order; a missing
 // barrier shows as a difference or as poison (NaN) read back.
 //
@@ -197,6 +200,7 @@ struct Launch {
   std::vector<int> ready_list, ready_pos;
   int cursor = 0;
   int warp_cursor = 0;
+  int cta_cursor = 0;
   std::mt19937_64 rng;
 };
 Launch* g = nullptr;
@@ -377,6 +381,19 @@ int pick(Launch& L) {
         L.warp_cursor = w;  // stay on this warp until none of its threads is ready
         for (int lane = 0; lane < 32; ++lane) {
           if (L.fibers[w * 32 + lane].state == State::kReady) return w * 32 + lane;
+        }
+      }
+      return -1;
+    }
+    case Schedule::kCtaGreedy: {
+      const int slots = static_cast<int>(L.slots.size());
+      for (int k = 0; k < slots; ++k) {
+        const int slot = (L.cta_cursor + k) % slots;
+        for (int t = 0; t < L.threads; ++t) {
+          if (L.fibers[slot * L.threads + t].state == State::kReady) {
+            L.cta_cursor = slot;  // stay on this CTA until none of its threads is ready
+            return slot * L.threads + t;
+          }
         }
       }
       return -1;
