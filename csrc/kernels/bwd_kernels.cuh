@@ -170,18 +170,11 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
     fdy.to(g);
 
     // v -> xhat (zero past the end of the row).
-    if (p.memory_efficient) {
-      if (bias.ptr != nullptr) apply_param<Affine::kSub, W>(bias, rl.col0, rl.stride, hidden, v);
-      if (weight.ptr != nullptr) apply_param<Affine::kDiv, W>(weight, rl.col0, rl.stride, hidden, v);
-    }
+    if (p.memory_efficient) undo_affine<W>(weight, bias, rl.col0, rl.stride, hidden, v);
     const float scale = p.memory_efficient ? 1.f : rstd;
     float mean_v = 0.f;
     if (!p.is_rms_norm) {
-      float sum[1] = {0.f};
-#pragma unroll
-      for (int c = 0; c < CHUNKS; ++c)
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) sum[0] += v[c][i];
+      float sum[1] = {chunk_sum(v)};
       row_sum<MAX_BLOCK>(rl, sum, red);
       mean_v = sum[0] / hidden;
     }
@@ -223,10 +216,7 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
         if (!kEarlyDresOut) fdo.load(dres_out_row, p.dresidual_out_dtype, rl.col0, rl.stride, hidden, true);
         float d[CHUNKS][VEC];
         fdo.to(d);
-#pragma unroll
-        for (int c = 0; c < CHUNKS; ++c)
-#pragma unroll
-          for (int i = 0; i < VEC; ++i) g[c][i] += d[c][i];
+        add_chunks(g, d);
       }
       store_row<X>(row_of<X>(p.dx, row, hidden, p.dy_dtype), p.dy_dtype, rl.col0, rl.stride, hidden, g);
       if (p.dresidual != nullptr) {

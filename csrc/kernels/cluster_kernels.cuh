@@ -210,20 +210,13 @@ add_norm_fwd_cluster_kernel(const AddNormFwdParams p) {
     if (has_residual) {
       float r[CHUNKS][VEC];
       fr.to(r);
-#pragma unroll
-      for (int c = 0; c < CHUNKS; ++c)
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) s[c][i] += r[c][i];
+      add_chunks(s, r);
     }
 
     // The slice's statistics, around its own mean (LayerNorm).
     float local_mean = 0.f;
     if (!p.is_rms_norm) {
-      float sum[1] = {0.f};
-#pragma unroll
-      for (int c = 0; c < CHUNKS; ++c)
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) sum[0] += s[c][i];  // zero past the slice
+      float sum[1] = {chunk_sum(s)};  // zero past the slice
       row_sum<MAX_BLOCK>(rl, sum, red);
       local_mean = sum[0] / len;
     }
@@ -378,20 +371,13 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1) add_norm_bwd_cluster_kernel(cons
     float v[CHUNKS][VEC], dy[CHUNKS][VEC];
     fs.to(v);
     fdy.to(dy);
-    if (p.memory_efficient) {
-      if (bias.ptr != nullptr) apply_param<Affine::kSub, W>(bias, rl.col0, rl.stride, len, v);
-      if (weight.ptr != nullptr) apply_param<Affine::kDiv, W>(weight, rl.col0, rl.stride, len, v);
-    }
+    if (p.memory_efficient) undo_affine<W>(weight, bias, rl.col0, rl.stride, len, v);
     const float scale = p.memory_efficient ? 1.f : rstd;
 
     // v centred on the slice's mean (LayerNorm), zero past the slice.
     float local_mean = 0.f;
     if (!p.is_rms_norm) {
-      float sum[1] = {0.f};
-#pragma unroll
-      for (int c = 0; c < CHUNKS; ++c)
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) sum[0] += v[c][i];
+      float sum[1] = {chunk_sum(v)};
       row_sum<MAX_BLOCK>(rl, sum, red);
       local_mean = sum[0] / len;
 #pragma unroll
@@ -454,10 +440,7 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1) add_norm_bwd_cluster_kernel(cons
       if (!kEarlyDresOut) fdo.load(dres_out_row, p.dresidual_out_dtype, rl.col0, rl.stride, len, true);
       float d[CHUNKS][VEC];
       fdo.to(d);
-#pragma unroll
-      for (int c = 0; c < CHUNKS; ++c)
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) dy[c][i] += d[c][i];
+      add_chunks(dy, d);
     }
     store_row<X>(slice_of<X>(p.dx, row, hidden, cs.begin, p.dy_dtype), p.dy_dtype, rl.col0, rl.stride,
                  len, dy);

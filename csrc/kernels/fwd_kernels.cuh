@@ -50,20 +50,13 @@ add_norm_fwd_rows_kernel(const AddNormFwdParams p) {
     if (has_residual) {
       float r[CHUNKS][VEC];
       fr.to(r);
-#pragma unroll
-      for (int c = 0; c < CHUNKS; ++c)
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) s[c][i] += r[c][i];
+      add_chunks(s, r);
     }
 
     // Two-pass statistics on the unrounded fp32 sum held in registers.
     float mean = 0.f;
     if (!p.is_rms_norm) {
-      float sum[1] = {0.f};
-#pragma unroll
-      for (int c = 0; c < CHUNKS; ++c)
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) sum[0] += s[c][i];  // chunks past hidden are zero
+      float sum[1] = {chunk_sum(s)};  // chunks past hidden are zero
       row_sum<MAX_BLOCK>(rl, sum, red);
       mean = sum[0] / hidden;
     }

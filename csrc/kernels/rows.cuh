@@ -203,6 +203,36 @@ __device__ __forceinline__ void apply_param(const StagedParam& param, int col0, 
   }
 }
 
+// ---- elementwise steps shared by the rows and cluster kernels ------------------------
+
+// The sum of every element a thread holds (chunks past the row end hold zeros).
+template <int CHUNKS, int VEC>
+__device__ __forceinline__ float chunk_sum(const float (&v)[CHUNKS][VEC]) {
+  float sum = 0.f;
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) sum += v[c][i];
+  return sum;
+}
+
+// v += w, elementwise.
+template <int CHUNKS, int VEC>
+__device__ __forceinline__ void add_chunks(float (&v)[CHUNKS][VEC], const float (&w)[CHUNKS][VEC]) {
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[c][i] += w[c][i];
+}
+
+// Memory-efficient backward: y back to the normalised value, v = (y - bias) / weight.
+template <typename W, int CHUNKS, int VEC>
+__device__ __forceinline__ void undo_affine(const StagedParam& weight, const StagedParam& bias, int col0,
+                                            int stride, int bound, float (&v)[CHUNKS][VEC]) {
+  if (bias.ptr != nullptr) apply_param<Affine::kSub, W>(bias, col0, stride, bound, v);
+  if (weight.ptr != nullptr) apply_param<Affine::kDiv, W>(weight, col0, stride, bound, v);
+}
+
 // Resident CTAs per SM the rows kernels ask nvcc to fit (it caps registers to match):
 // two CTAs of up to 512 threads when a thread holds at most 16 elements (at most 64
 // registers: 32 warps per SM), else one.
