@@ -1,16 +1,22 @@
-"""Build residual_fused: always the Python package; the CUDA extension when possible.
+"""Build residual_fused: always the Python package; the compiled kernels when possible.
 
-The extension ``residual_fused._C`` is compiled only when the torch visible to the
-build has CUDA and an ``nvcc`` is found. That torch must be the one you run with,
-so CUDA builds need ``pip install --no-build-isolation``: with build isolation pip
-builds in a fresh environment without your torch, and the result is the
-pure-Python package. ``RESIDUAL_FUSED_BUILD_CUDA=1`` makes a missing prerequisite
-an error; ``RESIDUAL_FUSED_BUILD_CUDA=0`` skips the extension.
+The extension ``residual_fused._C`` holds the CPU kernels, built whenever torch is
+importable and a C++ compiler is found, and the CUDA kernels, added when that torch
+has CUDA and an ``nvcc`` is found. It must be built against the torch you run
+with, so use ``pip install --no-build-isolation``: with build isolation pip builds
+in a fresh environment without your torch, and the result is the pure-Python
+package (the PyTorch reference on every device).
+
+``RESIDUAL_FUSED_BUILD_EXT=0`` skips the extension (``=1`` makes a missing
+prerequisite an error); ``RESIDUAL_FUSED_BUILD_CUDA=0`` skips only the CUDA kernels
+(``=1`` makes a missing CUDA prerequisite an error).
 """
 
+import concurrent.futures
 import glob
 import importlib.util
 import os
+import platform
 import shutil
 import site
 import sys
@@ -18,7 +24,9 @@ import sys
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD_EXT = os.environ.get("RESIDUAL_FUSED_BUILD_EXT", "auto").lower()
 BUILD_CUDA = os.environ.get("RESIDUAL_FUSED_BUILD_CUDA", "auto").lower()
+_YES, _NO = ("1", "true", "yes"), ("0", "false", "no")
 
 
 def _log(msg):
@@ -26,10 +34,20 @@ def _log(msg):
 
 
 def _skip(reason):
-    if BUILD_CUDA in ("1", "true", "yes"):
-        raise RuntimeError(f"RESIDUAL_FUSED_BUILD_CUDA=1 but {reason}")
-    _log(f"building the pure-Python package only ({reason})")
+    if BUILD_EXT in _YES or BUILD_CUDA in _YES:
+        raise RuntimeError(f"the extension was required (RESIDUAL_FUSED_BUILD_*=1) but {reason}")
+    _log(f"building the pure-Python package only ({reason}); "
+         f"every op runs the PyTorch reference")
     return {}
+
+
+def _build_env():
+    """residual_fused/_build_env.py, loaded without importing the package (and torch)."""
+    spec = importlib.util.spec_from_file_location(
+        "_build_env", os.path.join(HERE, "residual_fused", "_build_env.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _nvidia_wheel_dirs():
@@ -45,40 +63,96 @@ def _nvidia_wheel_dirs():
     return includes, libs
 
 
-def _use_safe_cxx():
-    """Build with a C++ compiler that links libstdc++ dynamically (residual_fused/_build_env.py).
-    Returns why no such compiler was found, or None."""
-    spec = importlib.util.spec_from_file_location(
-        "_build_env", os.path.join(HERE, "residual_fused", "_build_env.py"))
-    build_env = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_env)
+def _pick_cxx(build_env):
+    """The C++ compiler to build with (also set as CXX), or (None, why not).
+
+    One that links libstdc++ dynamically (see residual_fused/_build_env.py)."""
     current = os.environ.get("CXX", "c++")  # what torch's build helper would use
+    if shutil.which(current) is None:
+        return None, f"no C++ compiler was found (CXX={current})"
     try:
         cxx, message = build_env.pick_cxx(current)
     except RuntimeError as err:
-        return str(err)
+        return None, str(err)
     if message:
         _log(message)
         os.environ["CXX"] = cxx
+    return cxx, None
+
+
+def _cpu_kernels(build_env, cxx):
+    """(sources, flags for every C++ file, extra flags per source, link flags) of the
+    CPU kernels.
+
+    csrc/cpu/add_norm_kernel.h is compiled once per CPU capability, each file with its
+    own instruction-set flags, and the extension picks one at run time as ATen does,
+    so a binary built here runs on any CPU of its architecture.
+    """
+    sources, defines, flags = ["csrc/cpu/kernel_default.cpp"], [], {}
+    if platform.machine().lower() in ("x86_64", "amd64") and sys.platform != "win32":
+        sources.append("csrc/cpu/kernel_avx2.cpp")
+        flags["csrc/cpu/kernel_avx2.cpp"] = ["-mavx2", "-mfma", "-mf16c"]
+        defines.append("-DRESIDUAL_FUSED_CPU_AVX2")
+    # at::parallel_for is OpenMP in torch's Linux builds, inlined into the caller:
+    # without -fopenmp it runs on one thread. Linking it reuses the libgomp torch loads.
+    openmp = ["-fopenmp"] if build_env.compiler_accepts(cxx, ["-fopenmp"]) else []
+    if not openmp:
+        _log(f"{cxx} does not accept -fopenmp: the CPU kernels will run on one thread")
+    return sources, defines + openmp, flags, openmp
+
+
+def _grouped_build_ext(base, per_source_flags):
+    """``base`` (torch's BuildExtension) compiling each source in ``per_source_flags``
+    with those extra flags, since setuptools has one flag set per extension. Each such
+    source builds in its own folder, beside and at the same time as the others."""
+
+    def rel(source):
+        return os.path.relpath(os.path.abspath(source), HERE).replace(os.sep, "/")
+
+    def with_flags(extra_postargs, extra):
+        if isinstance(extra_postargs, dict):  # torch's {"cxx": [...], "nvcc": [...]}
+            return {**extra_postargs, "cxx": list(extra_postargs.get("cxx", [])) + extra}
+        return list(extra_postargs or []) + extra
+
+    class BuildExt(base):
+        def build_extension(self, ext):
+            compile_all = self.compiler.compile
+
+            def compile_grouped(sources, output_dir=None, extra_postargs=None, **kwargs):
+                flagged = [s for s in sources if rel(s) in per_source_flags]
+                plain = [s for s in sources if s not in flagged]
+                with concurrent.futures.ThreadPoolExecutor(max_workers=1 + len(flagged)) as pool:
+                    jobs = [pool.submit(compile_all, plain, output_dir=output_dir,
+                                        extra_postargs=extra_postargs, **kwargs)]
+                    for i, source in enumerate(flagged):
+                        folder = os.path.join(output_dir or ".", f"flags{i}")
+                        jobs.append(pool.submit(
+                            compile_all, [source], output_dir=folder,
+                            extra_postargs=with_flags(extra_postargs, per_source_flags[rel(source)]),
+                            **kwargs))
+                    return [obj for job in jobs for obj in job.result()]
+
+            self.compiler.compile = compile_grouped
+            try:
+                super().build_extension(ext)
+            finally:
+                self.compiler.compile = compile_all
+
+    return BuildExt
+
+
+def _cuda_reason_to_skip(torch, cpp_extension):
+    """Why the CUDA kernels are not built here, or None if they are."""
+    if BUILD_CUDA in _NO:
+        return "RESIDUAL_FUSED_BUILD_CUDA=0"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} has no CUDA"
+    if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
+        return "nvcc was not found (set CUDA_HOME)"
     return None
 
 
-def _cuda_extension_kwargs():
-    if BUILD_CUDA in ("0", "false", "no"):
-        return _skip("RESIDUAL_FUSED_BUILD_CUDA=0")
-    try:
-        import torch
-        from torch.utils import cpp_extension
-    except ImportError:
-        return _skip("torch is not importable here; use pip install --no-build-isolation")
-    if torch.version.cuda is None:
-        return _skip(f"torch {torch.__version__} has no CUDA")
-    if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
-        return _skip("nvcc was not found (set CUDA_HOME)")
-
-    bad_cxx = _use_safe_cxx()
-    if bad_cxx:
-        return _skip(bad_cxx)
+def _cuda_extension(torch, cpp_extension, sources, cxx_flags, link_flags):
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # With no GPU to detect, torch would build for every architecture its CUDA
         # knows; the kernels target sm_80 and newer (PTX covers later GPUs).
@@ -89,7 +163,7 @@ def _cuda_extension_kwargs():
     # without crt/) never shadows the toolkit nvcc belongs to; only the C++ glue needs
     # them (the kernels include no torch headers).
     after = [flag for d in includes for flag in ("-idirafter", d)]
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/kernels/*.cu"))
+    sources = sources + sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/kernels/*.cu"))
     nvcc_flags = [
         # No -std: torch's build helper picks the standard its headers need (C++17 for
         # older torch, C++20 for newer); the kernels need C++17 or later.
@@ -101,19 +175,53 @@ def _cuda_extension_kwargs():
     ]
     if os.environ.get("RESIDUAL_FUSED_PTXAS_VERBOSE"):
         nvcc_flags.append("-Xptxas=-v")
-    extension = cpp_extension.CUDAExtension(
+    _log(f"building the CPU and CUDA kernels from {len(sources)} sources "
+         f"(TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<torch default>')})")
+    return cpp_extension.CUDAExtension(
         name="residual_fused._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         library_dirs=libs,
-        extra_compile_args={"cxx": ["-O3"] + after, "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": cxx_flags + after, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
-    _log(f"building the CUDA extension from {len(sources)} sources "
-         f"(TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<torch default>')})")
-    return {
-        "ext_modules": [extension],
-        "cmdclass": {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    }
 
 
-setup(**_cuda_extension_kwargs())
+def _extension_kwargs():
+    if BUILD_EXT in _NO:
+        _log("RESIDUAL_FUSED_BUILD_EXT=0: building the pure-Python package only")
+        return {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        return _skip("torch is not importable here; use pip install --no-build-isolation")
+    build_env = _build_env()
+    cxx, why_not = _pick_cxx(build_env)
+    if cxx is None:
+        return _skip(why_not)
+
+    cpu_sources, cpu_flags, per_source_flags, link_flags = _cpu_kernels(build_env, cxx)
+    sources = sorted(glob.glob("csrc/*.cpp")) + cpu_sources
+    # torch's headers carry #pragma unroll, which g++ warns about on every file.
+    cxx_flags = ["-O3", "-Wno-unknown-pragmas"] + cpu_flags
+    cuda_skip = _cuda_reason_to_skip(torch, cpp_extension)
+    if cuda_skip is None:
+        extension = _cuda_extension(torch, cpp_extension, sources, cxx_flags, link_flags)
+    elif BUILD_CUDA in _YES:
+        raise RuntimeError(f"RESIDUAL_FUSED_BUILD_CUDA=1 but {cuda_skip}")
+    else:
+        _log(f"building the CPU kernels only ({cuda_skip})")
+        extension = cpp_extension.CppExtension(
+            name="residual_fused._C",
+            sources=sources,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
+        )
+    build_ext = _grouped_build_ext(cpp_extension.BuildExtension, per_source_flags)
+    return {"ext_modules": [extension],
+            "cmdclass": {"build_ext": build_ext.with_options(use_ninja=True)}}
+
+
+setup(**_extension_kwargs())

@@ -9,15 +9,22 @@
 
 Each row reports:
 
-- the median time, with the L2 cache flushed before every repeat on CUDA;
+- the median time and its spread (interquartile range / median), with the L2 cache
+  flushed before every repeat on CUDA;
 - GB/s of the bytes that variant must move (bench/byte_model.py);
-- the % of the device-to-device copy bandwidth measured in the same run;
+- the % of the copy bandwidth measured in the same run: on CUDA a 1 GiB
+  device-to-device clone; on CPU a clone of the row's own tensor size and dtype
+  with the same threads, so both sides of the ratio see the same cache level;
 - the speedups over eager and over torch.compile.
 
 Every provider's forward is checked against the float64 reference before it is
 timed. Peers (flash-attn, Liger, Apex, QuACK, TransformerEngine) run when they
-import and are skipped with a reason otherwise. Without a GPU, a small sweep times
-the PyTorch reference path; CUDA numbers need a GPU.
+import and are skipped with a reason otherwise.
+
+On CPU, torch's thread count is fixed (``--threads``) and printed, and glibc is
+told to keep freed memory (``--malloc reuse``, the default): otherwise every
+tensor above 32 MiB is a fresh mapping whose page faults cost more than the
+kernel, for every provider and for the copy alike.
 """
 
 import argparse
@@ -27,6 +34,7 @@ import os
 import platform
 import re
 import shlex
+import statistics
 import sys
 
 import torch
@@ -37,14 +45,16 @@ import residual_fused as rf  # noqa: E402
 import providers  # noqa: E402
 import report  # noqa: E402
 from byte_model import MODES, Config, eager_bytes, fused_bytes  # noqa: E402
-from timing import copy_bandwidth_gbs, host_overhead_us, time_ms  # noqa: E402
+from timing import copy_bandwidth_gbs, host_overhead_us, time_stats  # noqa: E402
 
 DTYPES = {"bf16": (torch.bfloat16, torch.bfloat16), "fp16": (torch.float16, torch.float16),
           "fp32": (torch.float32, torch.float32),
           "bf16-fp32res": (torch.bfloat16, torch.float32)}  # x dtype, residual dtype
 SWEEP_HIDDEN = {"cuda": [512, 768, 1024, 2048, 4096, 5120, 8192, 12288, 16384, 32768, 65536],
                 "cpu": [1024, 4096]}
-SWEEP_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 18}
+SWEEP_ELEMENTS = {"cuda": [1 << 26], "cpu": [1 << 22, 1 << 24]}  # rows * hidden
+SWEEP_DTYPES = {"cuda": ["bf16"], "cpu": ["bf16", "fp32"]}
+SPREAD_WARNING = 25.0  # % (interquartile range / median) above which a row is flagged
 DECODE_ROWS = (1, 8, 32, 128)
 DECODE_HIDDEN = {"cuda": (4096, 8192), "cpu": (4096,)}
 TOLERANCE = {torch.bfloat16: 6e-2, torch.float16: 1e-2, torch.float32: 1e-4}
@@ -56,11 +66,19 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true",
                    help="all dtypes (bf16, fp16, fp32, bf16 x with fp32 residual) and "
                         "memory-efficient rows too")
-    p.add_argument("--dtypes", nargs="+", choices=DTYPES, help="default: bf16 (--full: all)")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES,
+                   help="default: bf16 on CUDA, bf16 and fp32 on CPU (--full: all)")
     p.add_argument("--memory-efficient", choices=["off", "on", "both"],
                    help="default: off (--full: both)")
     p.add_argument("--hidden", type=int, nargs="+", help="hidden sizes (default: per device)")
-    p.add_argument("--elements", type=int, help="rows * hidden per config (default: per device)")
+    p.add_argument("--elements", type=int, nargs="+",
+                   help="rows * hidden per config (default: 2^26 on CUDA, 2^22 and 2^24 on CPU)")
+    p.add_argument("--threads", type=int,
+                   help="CPU: torch threads (default: torch's default, the physical cores)")
+    p.add_argument("--malloc", choices=["reuse", "system"], default="reuse",
+                   help="CPU: reuse keeps freed memory in the process (glibc mallopt) so "
+                        "large tensors do not page-fault on every call; system leaves "
+                        "glibc's defaults")
     p.add_argument("--norms", nargs="+", default=["layer", "rms"], choices=["layer", "rms"])
     p.add_argument("--forms", nargs="+", default=["post", "pre"], choices=["post", "pre"])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -99,9 +117,38 @@ def environment(device: str) -> dict:
         except Exception:
             env["driver"] = None
     else:
-        env["cpu"] = platform.processor() or platform.machine()
+        env["cpu"] = cpu_name()
         env["threads"] = torch.get_num_threads()
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        env["cpu_kernels"] = rf.cpu_kernels_available()
     return env
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def keep_freed_memory() -> str:
+    """Tell glibc to keep freed memory for reuse (what jemalloc and tcmalloc do by
+    default). Returns what was done, for the log."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "not glibc: allocator left as it is"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    one_gib = ctypes.c_int(1 << 30)
+    if libc.mallopt(m_mmap_threshold, one_gib) != 1 or libc.mallopt(m_trim_threshold, one_gib) != 1:
+        return "glibc refused mallopt: allocator left as it is"
+    return "glibc keeps freed memory (mmap and trim thresholds 1 GiB)"
 
 
 def make_inputs(cfg: Config, device: str, seed: int = 0):
@@ -156,20 +203,21 @@ def step(fn, mode: str, inputs, grads, prenorm: bool):
 
 def sweep_configs(args, kind: str):
     full = args.full
-    dtypes = args.dtypes or (list(DTYPES) if full else ["bf16"])
+    dtypes = args.dtypes or (list(DTYPES) if full else SWEEP_DTYPES[kind])
     mem = args.memory_efficient or ("both" if full else "off")
     mems = {"off": [False], "on": [True], "both": [False, True]}[mem]
-    elements = args.elements or SWEEP_ELEMENTS[kind]
-    for name in dtypes:
-        x_dtype, res_dtype = DTYPES[name]
-        for hidden in args.hidden or SWEEP_HIDDEN[kind]:
-            for norm in args.norms:
-                for form in args.forms:
-                    for me in mems:
-                        yield Config(norm=norm, prenorm=form == "pre", rows=max(1, elements // hidden),
-                                     hidden=hidden, x_dtype=x_dtype, residual_dtype=res_dtype,
-                                     weight_dtype=torch.float32 if res_dtype == torch.float32 else x_dtype,
-                                     memory_efficient=me)
+    for elements in args.elements or SWEEP_ELEMENTS[kind]:
+        for name in dtypes:
+            x_dtype, res_dtype = DTYPES[name]
+            for hidden in args.hidden or SWEEP_HIDDEN[kind]:
+                for norm in args.norms:
+                    for form in args.forms:
+                        for me in mems:
+                            yield Config(
+                                norm=norm, prenorm=form == "pre", rows=max(1, elements // hidden),
+                                hidden=hidden, x_dtype=x_dtype, residual_dtype=res_dtype,
+                                weight_dtype=torch.float32 if res_dtype == torch.float32 else x_dtype,
+                                memory_efficient=me)
 
 
 def decode_configs(kind: str):
@@ -185,18 +233,20 @@ def _row(table, cfg, mode, provider, **extra):
                dtype=dtype if cfg.residual_dtype == cfg.x_dtype else f"{dtype}+fp32res",
                residual=str(cfg.residual_dtype).replace("torch.", ""),
                memory_efficient=cfg.memory_efficient, rows=cfg.rows, hidden=cfg.hidden,
-               provider=provider, fused_add=None, ms=None, host_us=None, bytes=None, gbs=None,
-               pct_copy=None, vs_eager=None, vs_compile=None, note="")
+               provider=provider, fused_add=None, ms=None, spread=None, host_us=None, bytes=None,
+               gbs=None, copy_gbs=None, pct_copy=None, vs_eager=None, vs_compile=None, note="")
     row.update(extra)
     return row
 
 
 def run_table(table, configs, modes, args, copy_gbs, progress):
+    """``copy_gbs(cfg)``: the copy bandwidth a config's rows are compared with."""
     device = args.device
     repeats = args.repeats or (100 if device.startswith("cuda") else 20)
     rows = []
     for cfg in configs:
         inputs, grads = make_inputs(cfg, device)
+        copy = copy_gbs(cfg)
         fns = {}
         for name in args.providers:
             try:
@@ -214,17 +264,64 @@ def run_table(table, configs, modes, args, copy_gbs, progress):
             for name, fn in fns.items():
                 if table == "decode":
                     with torch.no_grad():  # serving: no autograd
-                        ms = time_ms(lambda: fn(*inputs), device, repeats=repeats)
+                        timing = time_stats(lambda: fn(*inputs), device, repeats=repeats)
                         host = host_overhead_us(lambda: fn(*inputs), repeats=400)
                 else:
-                    ms = time_ms(step(fn, mode, inputs, grads, cfg.prenorm), device, repeats=repeats)
+                    timing = time_stats(step(fn, mode, inputs, grads, cfg.prenorm), device,
+                                        repeats=repeats)
                     host = None
                 fused = providers.fuses_add(name, cfg)
                 nbytes = (fused_bytes if fused else eager_bytes)(cfg, mode)
-                gbs = nbytes / (ms * 1e-3) / 1e9
-                rows.append(_row(table, cfg, mode, name, fused_add=fused, ms=ms, host_us=host,
-                                 bytes=nbytes, gbs=gbs, pct_copy=100 * gbs / copy_gbs))
+                gbs = nbytes / (timing.ms * 1e-3) / 1e9
+                rows.append(_row(table, cfg, mode, name, fused_add=fused, ms=timing.ms,
+                                 spread=timing.spread, host_us=host, bytes=nbytes, gbs=gbs,
+                                 copy_gbs=copy, pct_copy=100 * gbs / copy))
     return rows
+
+
+class CopyBandwidth:
+    """The copy bandwidth each config's rows are compared with: on CUDA one 1 GiB clone
+    for every row; on CPU a clone of the config's x (its element count and dtype, so
+    both sides of the ratio see the same cache level), measured again for every
+    config, right before its rows, because a shared machine's bandwidth drifts."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.measured = {}  # bytes per clone -> [GB/s, ...]
+        if device.startswith("cuda"):
+            self.measured[1 << 30] = [copy_bandwidth_gbs(device, 1 << 30)]
+
+    def __call__(self, cfg: Config) -> float:
+        if self.device.startswith("cuda"):
+            return self.measured[1 << 30][0]
+        nbytes = cfg.rows * cfg.hidden * torch.empty((), dtype=cfg.x_dtype).element_size()
+        gbs = copy_bandwidth_gbs(self.device, nbytes, cfg.x_dtype)
+        self.measured.setdefault(nbytes, []).append(gbs)
+        return gbs
+
+    def largest(self) -> float:
+        """Median over the largest size measured (the CPU sweep's largest if none yet)."""
+        if not self.measured:
+            self.measured[4 << 24] = [copy_bandwidth_gbs(self.device, 4 << 24)]
+        return statistics.median(self.measured[max(self.measured)])
+
+    def summary(self) -> str:
+        return "\n".join(
+            f"copy bandwidth, clone of {n / 2**20:.3g} MiB: median {statistics.median(v):.1f} "
+            f"GB/s over {len(v)} measurement(s), range {min(v):.1f}-{max(v):.1f}"
+            for n, v in sorted(self.measured.items()))
+
+
+def setup_cpu(args) -> None:
+    """Fix torch's threads and the allocator's behaviour, and say so."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    malloc = keep_freed_memory() if args.malloc == "reuse" else "glibc defaults (--malloc system)"
+    kernels = ("compiled CPU kernels" if rf.cpu_kernels_available()
+               else "PyTorch reference (the CPU kernels are not built)")
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads, "
+          f"{torch.backends.cpu.get_cpu_capability()}; residual_fused runs the {kernels}; "
+          f"allocator: {malloc}")
 
 
 def _slug(text: str) -> str:
@@ -237,12 +334,13 @@ def run_overhead(device: str) -> dict:
     r, w, b = torch.randn(1, 64, device=device), torch.ones(64, device=device), torch.zeros(64, device=device)
     results = {}
     with torch.no_grad():
+        results["bare torch.add(x, r) (no grad)"] = host_overhead_us(lambda: torch.add(x, r))
         results["eager x + r; F.layer_norm (no grad)"] = host_overhead_us(
             lambda: torch.nn.functional.layer_norm(x + r, (64,), w, b))
         results["rf.add_layer_norm (no grad)"] = host_overhead_us(lambda: rf.add_layer_norm(x, r, w, b))
         # The op alone: the difference to the line above is the Python call path
         # (argument checks + dispatch); the op itself is the kernel launch, or on CPU
-        # the pure-PyTorch reference math.
+        # the kernel (the PyTorch reference where the CPU kernels are not built).
         results["  of which the forward op alone"] = host_overhead_us(
             lambda: torch.ops.residual_fused.add_norm_fwd(x, r, w, b, 1e-5, False, False, x.dtype))
         results["rf.add_layer_norm prenorm (no grad)"] = host_overhead_us(
@@ -259,7 +357,7 @@ def run_overhead(device: str) -> dict:
 
 def write_results_page(rows, env, command, base=None) -> str:
     """bench/results/<device>.md, with results.csv, env.json and plots in <device>/."""
-    name = _slug(env.get("gpu") or f"cpu_{env.get('cpu', 'unknown')}")
+    name = _slug(env["gpu"]) if env.get("gpu") else "cpu-" + _slug(env.get("cpu", "unknown"))
     base = base or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     folder = os.path.join(base, name)
     os.makedirs(folder, exist_ok=True)
@@ -269,7 +367,8 @@ def write_results_page(rows, env, command, base=None) -> str:
     rel = [os.path.join(name, os.path.basename(p)) for p in images]
     page = os.path.join(base, f"{name}.md")
     with open(page, "w") as f:
-        f.write(report.markdown(rows, env, command, rel, headline_hidden=[4096, 8192, 16384]))
+        headline = [4096, 8192, 16384] if env.get("gpu") else [4096]
+        f.write(report.markdown(rows, env, command, rel, headline_hidden=headline))
     return page
 
 
@@ -288,19 +387,17 @@ def main(argv=None):
         page = page_from(args.page_from, args.command or "(not recorded)", base=args.results_dir)
         print(f"wrote {page}")
         return
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if kind == "cpu":
+        setup_cpu(args)
     if args.overhead:
         run_overhead(device)
         return
-    kind = "cuda" if device.startswith("cuda") else "cpu"
-    if kind == "cpu":
-        print("CPU only: timing the PyTorch reference path at small sizes. "
-              "CUDA kernel numbers need a GPU.")
-    elif not rf.cuda_kernels_available():
+    if kind == "cuda" and not rf.cuda_kernels_available():
         print("warning: the CUDA kernels are not built; residual_fused runs the reference on CUDA.")
-    # GPU: 1 GiB, far beyond L2. CPU: the sweep's own tensor size, so that both sides of
-    # the ratio see the same cache level.
-    copy_gbs = copy_bandwidth_gbs(device, (1 << 30) if kind == "cuda" else 4 * SWEEP_ELEMENTS["cpu"])
-    print(f"device-to-device copy bandwidth: {copy_gbs:.0f} GB/s ({device})")
+    copy_gbs = CopyBandwidth(device)
+    if kind == "cuda":
+        print(f"device-to-device copy bandwidth: {copy_gbs.largest():.0f} GB/s ({device}, 1 GiB clone)")
 
     sweep = [] if args.decode_only else list(sweep_configs(args, kind))
     decode = [] if args.no_decode else list(decode_configs(kind))
@@ -309,15 +406,24 @@ def main(argv=None):
     rows += run_table("decode", decode, ["fwd"], args, copy_gbs, progress)
     progress.close()
     report.add_speedups(rows)
+    if kind == "cpu":
+        print(copy_gbs.summary())
     print(report.format_table(rows))
+    print(report.LEGEND)
+    noisy = [r for r in rows if r["spread"] is not None and r["spread"] > SPREAD_WARNING]
+    if noisy:
+        print(f"warning: {len(noisy)} of {sum(r['ms'] is not None for r in rows)} timed rows "
+              f"vary by more than {SPREAD_WARNING:.0f}% between repeats (column 'spread'); "
+              f"another load on this machine is likely. Compare ratios within one run, or "
+              f"rerun with more --repeats.")
 
-    env = {**environment(device), "copy_gbs": copy_gbs}
+    env = {**environment(device), "copy_gbs": copy_gbs.largest()}
     command = "python bench/bench_add_norm.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         report.write_csv(rows, os.path.join(args.out, "results.csv"))
         report.write_json(env, os.path.join(args.out, "env.json"))
-        images = report.plot(rows, copy_gbs, args.out, env.get("gpu") or device)
+        images = report.plot(rows, copy_gbs.largest(), args.out, env.get("gpu") or device)
         print(f"wrote {args.out}: results.csv, env.json, {len(images)} plot(s)")
     if args.results:
         page = write_results_page(rows, env, command)

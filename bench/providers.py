@@ -61,6 +61,11 @@ def _compiled(cfg: Config) -> Callable:
     # Each config compiles its own closure of the same code object; start from a clean
     # cache so earlier configs do not count towards dynamo's recompile limit.
     torch._dynamo.reset()
+    # The "bwd" rows replay one graph's backward (retain_graph=True), which a backward
+    # compiled with donated buffers refuses; donation only saves memory, not time.
+    functorch_config = getattr(getattr(torch, "_functorch", None), "config", None)
+    if functorch_config is not None and hasattr(functorch_config, "donated_buffer"):
+        functorch_config.donated_buffer = False
     return torch.compile(_eager(cfg), fullgraph=True, dynamic=False)
 
 

@@ -12,8 +12,14 @@ from collections import defaultdict
 from typing import Dict, List, Optional
 
 FIELDS = ("table", "norm", "form", "mode", "dtype", "residual", "memory_efficient", "rows",
-          "hidden", "provider", "fused_add", "ms", "host_us", "bytes", "gbs", "pct_copy",
-          "vs_eager", "vs_compile", "note")
+          "hidden", "provider", "fused_add", "ms", "spread", "host_us", "bytes", "gbs",
+          "copy_gbs", "pct_copy", "vs_eager", "vs_compile", "note")
+
+LEGEND = """columns: time = median of the repeats; spread = interquartile range / median;
+host = host time per call (decode rows, no synchronisation); GB/s = the bytes the
+variant must move (bench/byte_model.py) per second; %copy = GB/s over the copy
+bandwidth measured in this run (CPU: a clone of the row's tensor size and dtype);
+vs eager / vs compile = their time over this row's time (> 1: this row is faster)."""
 
 
 class Progress:
@@ -56,7 +62,7 @@ def format_table(rows: List[dict]) -> str:
     """Rows that ran, as a fixed-width table; unavailable providers listed once below."""
     lines = []
     header = (f"{'norm':5} {'form':4} {'mode':7} {'dtype':8} {'rows':>6} {'H':>6} "
-              f"{'provider':18} {'time':>10} {'host':>8} {'GB/s':>7} {'%copy':>6} "
+              f"{'provider':18} {'time':>10} {'spread':>6} {'host':>8} {'GB/s':>7} {'%copy':>6} "
               f"{'vs eager':>8} {'vs compile':>10}")
     lines += [header, "-" * len(header)]
     unavailable = {}
@@ -69,7 +75,8 @@ def format_table(rows: List[dict]) -> str:
         lines.append(
             f"{r['norm']:5} {r['form']:4} {r['mode']:7} {r['dtype']:8} {r['rows']:>6} "
             f"{r['hidden']:>6} {name:18} {_fmt(r['ms'] * 1e3, '8.1f', 'us'):>10} "
-            f"{_fmt(r['host_us'], '6.1f', 'us'):>8} {_fmt(r['gbs'], '7.0f'):>7} "
+            f"{_fmt(r.get('spread'), '5.0f', '%'):>6} "
+            f"{_fmt(r['host_us'], '6.1f', 'us'):>8} {_fmt(r['gbs'], '7.1f'):>7} "
             f"{_fmt(r['pct_copy'], '5.0f', '%'):>6} {_fmt(r['vs_eager'], '.2f', 'x'):>8} "
             f"{_fmt(r['vs_compile'], '.2f', 'x'):>10}")
     for (provider, note), count in sorted(unavailable.items()):
@@ -85,7 +92,7 @@ def write_csv(rows: List[dict], path: str) -> None:
 
 
 _INT_FIELDS = ("rows", "hidden", "bytes")
-_FLOAT_FIELDS = ("ms", "host_us", "gbs", "pct_copy", "vs_eager", "vs_compile")
+_FLOAT_FIELDS = ("ms", "spread", "host_us", "gbs", "copy_gbs", "pct_copy", "vs_eager", "vs_compile")
 _BOOL_FIELDS = ("memory_efficient", "fused_add")
 
 
@@ -114,6 +121,10 @@ def write_json(obj: dict, path: str) -> None:
         json.dump(obj, f, indent=2, default=str)
 
 
+def _near(a: int, b: int) -> bool:
+    return a == b
+
+
 def plot(rows: List[dict], copy_gbs: float, out_dir: str, title: str) -> List[str]:
     """One PNG per (mode, dtype) of the sweep: achieved GB/s against H, a line per
     provider and a panel per norm/form, with the copy bandwidth as a ceiling.
@@ -127,9 +138,13 @@ def plot(rows: List[dict], copy_gbs: float, out_dir: str, title: str) -> List[st
         print("plots skipped: matplotlib is not installed", file=sys.stderr)
         return []
     sweep = [r for r in rows if r["table"] == "sweep" and r["gbs"] is not None]
+    sizes = sorted({r["rows"] * r["hidden"] for r in sweep})
+    sized = len(sizes) > 1  # then a plot per size too (rows * hidden is the same within a plot)
     written = []
-    for mode, dtype in sorted({(r["mode"], r["dtype"]) for r in sweep}):
-        sel = [r for r in sweep if r["mode"] == mode and r["dtype"] == dtype]
+    for mode, dtype, size in sorted({(r["mode"], r["dtype"], r["rows"] * r["hidden"] if sized else 0)
+                                     for r in sweep}):
+        sel = [r for r in sweep if r["mode"] == mode and r["dtype"] == dtype
+               and (not sized or _near(r["rows"] * r["hidden"], size))]
         panels = sorted({(r["norm"], r["form"], r["memory_efficient"]) for r in sel})
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
         for ax, (norm, form, mem) in zip(axes[0], panels):
@@ -147,13 +162,44 @@ def plot(rows: List[dict], copy_gbs: float, out_dir: str, title: str) -> List[st
             ax.set_title(f"{norm} {form}-norm{' mem-eff' if mem else ''}")
             ax.grid(True, alpha=0.3)
         axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"{title}: {mode}, {dtype}")
+        suffix = f"_2e{size.bit_length() - 1}" if sized else ""
+        fig.suptitle(f"{title}: {mode}, {dtype}" + (f", rows * H = {size}" if sized else ""))
         fig.tight_layout()
-        path = os.path.join(out_dir, f"gbs_{mode.replace('+', '_')}_{dtype}.png")
+        path = os.path.join(out_dir, f"gbs_{mode.replace('+', '_')}_{dtype}{suffix}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
+
+
+def summary(rows: List[dict], provider: str = "residual_fused") -> List[str]:
+    """One line per sweep config for ``provider``: per mode, % of copy bandwidth and the
+    speedups over eager / torch.compile (markdown lines; none if it did not run)."""
+    ran = [r for r in rows if r["table"] == "sweep" and r["provider"] == provider
+           and r["ms"] is not None]
+    modes = [m for m in ("fwd", "bwd", "fwd+bwd") if any(r["mode"] == m for r in ran)]
+    if not ran:
+        return []
+    configs = {}
+    for r in ran:
+        key = (r["rows"] * r["hidden"], r["dtype"], r["hidden"], r["norm"], r["form"])
+        configs.setdefault(key, {})[r["mode"]] = r
+    out = [f"## Summary: {provider}", "",
+           "Per mode: % of the copy bandwidth (vs eager, vs torch.compile).", "",
+           "| rows * H | dtype | H | norm | form | " + " | ".join(modes) + " |",
+           "|" + "---|" * (5 + len(modes))]
+    for (elements, dtype, hidden, norm, form), by_mode in configs.items():
+        cells = []
+        for m in modes:
+            r = by_mode.get(m)
+            if r is None:
+                cells.append("")
+                continue
+            speed = ", ".join(_fmt(r[k], ".2f", "x") or "-" for k in ("vs_eager", "vs_compile"))
+            cells.append(f"{r['pct_copy']:.0f}% ({speed})")
+        out.append(f"| 2^{elements.bit_length() - 1} | {dtype} | {hidden} | {norm} | {form} | "
+                   + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def markdown(rows: List[dict], env: dict, command: str, images: List[str],
@@ -162,8 +208,8 @@ def markdown(rows: List[dict], env: dict, command: str, images: List[str],
     relative to the page), full tables."""
     out = [f"# Add & Norm benchmark: {env.get('gpu') or env.get('cpu') or env['device']}", ""]
     out += ["| environment | |", "|---|---|"]
-    for k in ("date", "gpu", "driver", "cuda", "torch", "python", "device", "cuda_kernels",
-              "copy_gbs"):
+    for k in ("date", "gpu", "driver", "cuda", "cpu", "threads", "cpu_capability", "torch",
+              "python", "device", "cuda_kernels", "cpu_kernels", "copy_gbs"):
         if env.get(k) is not None:
             value = f"{env[k]:.0f} GB/s" if k == "copy_gbs" else env[k]
             out.append(f"| {k} | {value} |")
@@ -171,8 +217,8 @@ def markdown(rows: List[dict], env: dict, command: str, images: List[str],
     ran = [r for r in rows if r["ms"] is not None]
     heads = [r for r in ran if r["table"] == "sweep"
              and (headline_hidden is None or r["hidden"] in headline_hidden)]
-    cols = ("norm", "form", "mode", "dtype", "rows", "hidden", "provider", "ms", "gbs",
-            "pct_copy", "vs_eager", "vs_compile")
+    cols = ("norm", "form", "mode", "dtype", "rows", "hidden", "provider", "ms", "spread",
+            "gbs", "pct_copy", "vs_eager", "vs_compile")
 
     def table(sel):
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -182,8 +228,10 @@ def markdown(rows: List[dict], env: dict, command: str, images: List[str],
                 v = r[c]
                 if c == "ms":
                     v = f"{v * 1e3:.1f} us"
-                elif c in ("gbs",):
-                    v = f"{v:.0f}"
+                elif c == "gbs":
+                    v = f"{v:.1f}" if v < 100 else f"{v:.0f}"
+                elif c == "spread":
+                    v = "" if v is None else f"{v:.0f}%"
                 elif c == "pct_copy":
                     v = f"{v:.0f}%"
                 elif c in ("vs_eager", "vs_compile"):
@@ -194,6 +242,7 @@ def markdown(rows: List[dict], env: dict, command: str, images: List[str],
             lines.append("| " + " | ".join(cells) + " |")
         return lines
 
+    out += summary(rows)
     if heads:
         out += ["## Headline", ""] + table(heads) + [""]
     if images:

@@ -1,6 +1,7 @@
 // The Python module residual_fused._C. Importing it loads this library, whose static
-// initialisers (TORCH_LIBRARY_IMPL in add_norm_cuda.cpp) register the CUDA kernels
-// with the dispatcher; it exposes nothing else.
+// initialisers (TORCH_LIBRARY_IMPL in add_norm_cpu.cpp and, in CUDA builds,
+// cuda/add_norm_cuda.cpp) register the kernels with the dispatcher; it exposes
+// nothing else.
 #include <Python.h>
 
 static PyModuleDef residual_fused_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

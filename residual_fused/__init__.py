@@ -8,7 +8,7 @@ through) and ``reference`` (plain differentiable PyTorch, the oracle).
 from . import reference
 from .functional import add_layer_norm, add_rms_norm
 from .modules import FusedAddNorm, FusedAddRMSNorm
-from .ops import AddNormFunction, cuda_kernels_available
+from .ops import AddNormFunction, cpu_kernels_available, cuda_kernels_available
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ __all__ = [
     "FusedAddRMSNorm",
     "add_layer_norm",
     "add_rms_norm",
+    "cpu_kernels_available",
     "cuda_kernels_available",
     "reference",
 ]

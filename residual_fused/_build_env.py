@@ -86,3 +86,18 @@ def pick_cxx(current: str, path: Optional[str] = None,
         f"every C++ compiler found ({', '.join(rejected)}) links libstdc++ statically into "
         "shared libraries; an extension built that way crashes on its first error. Set CXX "
         "to a g++ or clang++ that links it dynamically (the default for both).")
+
+
+def compiler_accepts(cxx: str, flags: List[str]) -> bool:
+    """True if ``cxx`` compiles and links a shared library with ``flags`` (for
+    example ``-fopenmp``, which some compilers lack)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
+        with open(src, "w") as f:
+            f.write("int residual_fused_probe() { return 0; }\n")
+        try:
+            built = subprocess.run([cxx, "-shared", "-fPIC", *flags, src, "-o", lib],
+                                   capture_output=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return built.returncode == 0

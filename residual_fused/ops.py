@@ -1,9 +1,10 @@
 """The library's two PyTorch ops, their fake kernels, and their autograd.
 
 Schemas are defined here and only here. The pure-PyTorch reference is registered
-as the ``CompositeExplicitAutograd`` kernel, so it runs on CPU and on any device
-the compiled extension does not cover; the extension (``residual_fused._C``), when
-built, adds ``CUDA`` kernels for the same schemas, which take precedence on CUDA.
+as the ``CompositeExplicitAutograd`` kernel, so it runs on any device the compiled
+extension does not cover; the extension (``residual_fused._C``), when built, adds
+``CPU`` kernels and, in CUDA builds, ``CUDA`` kernels for the same schemas, which
+take precedence on their devices.
 
 Both ops work on rows of the last dim: ``x`` is ``[..., H]`` and ``weight``/``bias``
 are ``[H]``; the functional API folds a multi-dim ``normalized_shape`` into ``H``.
@@ -151,16 +152,16 @@ class AddNormFunction(torch.autograd.Function):
 
 
 def _load_extension():
-    """Import the compiled CUDA kernels if they were built; warn if they are broken."""
+    """Import the compiled kernels if they were built; warn if they are broken."""
     if importlib.util.find_spec(f"{__package__}._C") is None:
         return None
     try:
         from . import _C
     except ImportError as err:  # built, but for another torch or CUDA
         warnings.warn(
-            f"residual_fused: the compiled CUDA extension failed to load ({err}); CUDA "
-            f"tensors will use the slower PyTorch reference. Rebuild it against the "
-            f"installed torch: pip install --no-build-isolation -e .",
+            f"residual_fused: the compiled extension failed to load ({err}); every op "
+            f"will use the slower PyTorch reference. Rebuild it against the installed "
+            f"torch: pip install --no-build-isolation -e .",
             stacklevel=3,
         )
         return None
@@ -170,6 +171,17 @@ def _load_extension():
 _extension = _load_extension()
 
 
+def _has_kernel(dispatch_key: str) -> bool:
+    return _extension is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "residual_fused::add_norm_fwd", dispatch_key)
+
+
 def cuda_kernels_available() -> bool:
     """True when the compiled CUDA kernels are loaded (CUDA tensors use them)."""
-    return _extension is not None
+    return _has_kernel("CUDA")
+
+
+def cpu_kernels_available() -> bool:
+    """True when the compiled CPU kernels are loaded (CPU tensors use them; else the
+    PyTorch reference runs on CPU)."""
+    return _has_kernel("CPU")

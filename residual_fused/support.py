@@ -1,7 +1,7 @@
 """The support matrix: what the library accepts, in one place.
 
 The README's support table is written from these values; the argument checks
-in :mod:`residual_fused._validation` and the CUDA glue enforce them.
+in :mod:`residual_fused._validation` and the C++ glue (csrc/) enforce them.
 """
 
 import torch
@@ -13,6 +13,10 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Largest normalized size (product of ``normalized_shape``) the CUDA kernels
 #: accept (``kMaxHidden`` in csrc/kernels/add_norm.h). The reference has no limit.
 MAX_CUDA_HIDDEN_SIZE = 262144
+
+#: Largest normalized size the CPU kernels accept (the params structs' int hidden;
+#: csrc/add_norm_cpu.cpp).
+MAX_CPU_HIDDEN_SIZE = 2**31 - 1
 
 
 def compute_dtype(x_dtype: torch.dtype) -> torch.dtype:

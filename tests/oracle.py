@@ -10,6 +10,7 @@ reference has none always fails. Inputs are random (weights too) and upstream
 gradients are ``randn / 8``, with residual_out given its own.
 """
 
+import contextlib
 import dataclasses
 import itertools
 from typing import Optional, Tuple
@@ -142,7 +143,8 @@ def eager(x, residual, weight, bias=None, eps=None, *, rms, prenorm, residual_dt
 def run(path: str, case: Case, inputs, grads):
     """Forward + backward through ``path``, one of:
 
-    * ``ours``: the library (its ops: CUDA kernels on CUDA, reference kernels on CPU);
+    * ``ours``: the library (its ops: the compiled CPU/CUDA kernels where built, else
+      the reference registered as the ops' kernel);
     * ``reference``: ``residual_fused.reference`` in float64 on upcast inputs;
     * ``reference_native``: ``residual_fused.reference`` in the inputs' dtypes;
     * ``eager``: unfused PyTorch in the inputs' dtypes;
@@ -174,6 +176,28 @@ def run(path: str, case: Case, inputs, grads):
     return {k: v.detach() for k, v in result.items()}
 
 
+@contextlib.contextmanager
+def poisoned_outputs(device):
+    """Make every output a kernel fails to write show up as NaN, not a stale value.
+
+    CUDA: blocks the caching allocator hands out next are filled with NaN. CPU: torch's
+    deterministic mode fills each new tensor with NaN when it is allocated (the CPU
+    kernels allocate their outputs with at::empty)."""
+    if torch.device(device).type == "cuda":
+        poison_cuda_allocator(device)
+        yield
+        return
+    was = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 def poison_cuda_allocator(device) -> None:
     """Fill blocks the CUDA caching allocator will hand out next with NaN, so that an
     output element a kernel fails to write shows up as NaN instead of a stale value."""
@@ -198,8 +222,8 @@ def check_against_reference(case: Case, device, seed=0, ours="ours", oracle="ref
     snapshot = {k: v.clone() for k, v in inputs.items() if v is not None}
     ref = run(oracle, case, inputs, grads)
     eag = run("eager", case, inputs, grads)
-    poison_cuda_allocator(device)
-    got = run(ours, case, inputs, grads)
+    with poisoned_outputs(device):
+        got = run(ours, case, inputs, grads)
     for k, v in snapshot.items():
         assert torch.equal(v, inputs[k]), f"{case}: input {k} was modified"
 

@@ -96,10 +96,12 @@ def test_present_peer_runs_and_is_checked(monkeypatch, norm):
 def test_sweep_writes_csv_json_and_plots(tmp_path, capsys):
     out = tmp_path / "out"
     bench_add_norm.main(["--device", "cpu", "--hidden", "64", "256", "--elements", "1024",
+                         "--dtypes", "bf16", "--threads", "1",
                          "--norms", "rms", "--modes", "fwd", "bwd", "--repeats", "2",
                          "--providers", "eager", "residual_fused", "liger", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "CPU only" in printed and "liger: not run (liger runs on CUDA only)" in printed
+    assert "torch threads" in printed and "liger: not run (liger runs on CUDA only)" in printed
+    assert "copy bandwidth, clone of" in printed and "columns:" in printed
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert set(rows[0]) == set(report.FIELDS)

@@ -1,4 +1,4 @@
-// Plain C++ interface between the torch glue (csrc/*.cpp) and the CUDA kernels
+// Plain C++ interface between the torch glue (csrc/cuda/*.cpp) and the CUDA kernels
 // (csrc/kernels/*.cu). It includes no torch headers, so nvcc compiles the kernels
 // on their own in seconds.
 #pragma once
@@ -7,75 +7,13 @@
 
 #include <cuda_runtime.h>
 
-namespace residual_fused {
+#include "params.h"
 
-// Element types of the tensors. Every tensor carries its own, so any mix works
-// with one kernel instantiation; the compute type is float, or double when x is
-// float64.
-enum class DType : int8_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+namespace residual_fused {
 
 // Largest normalized size the kernels accept (kept in step with
 // residual_fused/support.py: MAX_CUDA_HIDDEN_SIZE).
 constexpr int kMaxHidden = 262144;
-
-struct AddNormFwdParams {
-  int64_t rows = 0;
-  int hidden = 0;
-  bool is_rms_norm = false;
-  double eps = 0.0;
-
-  const void* x = nullptr;             // [rows, hidden], row stride x_row_stride (elements)
-  int64_t x_row_stride = 0;
-  DType x_dtype = DType::kFloat32;     // also y's dtype; kFloat64 selects double compute
-  const void* residual = nullptr;      // [rows, hidden] or null
-  int64_t residual_row_stride = 0;
-  DType residual_dtype = DType::kFloat32;
-  const void* weight = nullptr;        // [hidden] or null
-  DType weight_dtype = DType::kFloat32;
-  const void* bias = nullptr;          // [hidden] or null (always null for RMSNorm)
-  DType bias_dtype = DType::kFloat32;
-
-  void* y = nullptr;                   // [rows, hidden], contiguous, x_dtype
-  void* residual_out = nullptr;        // [rows, hidden], contiguous, or null: x + residual
-  DType residual_out_dtype = DType::kFloat32;
-  void* rstd = nullptr;                // [rows], float (double when x is float64)
-};
-
-struct AddNormBwdParams {
-  int64_t rows = 0;
-  int hidden = 0;
-  bool is_rms_norm = false;
-  bool memory_efficient = false;       // saved is y: xhat = (y - bias) / weight
-
-  const void* dy = nullptr;            // [rows, hidden], row stride dy_row_stride
-  int64_t dy_row_stride = 0;
-  DType dy_dtype = DType::kFloat32;    // also dx's dtype; kFloat64 selects double compute
-  const void* dresidual_out = nullptr; // [rows, hidden] or null (pre-norm: added to ds)
-  int64_t dresidual_out_row_stride = 0;
-  DType dresidual_out_dtype = DType::kFloat32;
-  const void* saved = nullptr;         // [rows, hidden]: residual_out / x, or y if memory_efficient
-  int64_t saved_row_stride = 0;
-  DType saved_dtype = DType::kFloat32;
-  const void* rstd = nullptr;          // [rows], compute type
-  const void* weight = nullptr;        // [hidden] or null
-  DType weight_dtype = DType::kFloat32;
-  const void* bias = nullptr;          // [hidden] or null
-  DType bias_dtype = DType::kFloat32;
-
-  void* dx = nullptr;                  // [rows, hidden], contiguous, dy_dtype
-  void* dresidual = nullptr;           // [rows, hidden], contiguous, or null (then dx serves)
-  DType dresidual_dtype = DType::kFloat32;
-  void* dweight = nullptr;             // [hidden], weight_dtype, or null
-  void* dbias = nullptr;               // [hidden], bias_dtype, or null
-
-  // Workspace of the backward's plan (AddNormBwdPlan::partial_rows rows): per-CTA
-  // column sums of dy * xhat and dy, [partial_rows, hidden] in the compute type,
-  // reduced in a fixed order by a second kernel so the weight gradients are bitwise
-  // reproducible (no atomics).
-  void* dweight_partial = nullptr;
-  void* dbias_partial = nullptr;
-  int64_t partial_rows = 0;            // rows of the workspace the caller allocated
-};
 
 // One kernel launch: which kernel, grid, block and dynamic shared memory.
 struct LaunchPlan {

@@ -1,0 +1,73 @@
+// Torch glue for the CUDA kernels: the CUDA range of the normalized size, device
+// guard, current stream, and registration of the CUDA implementations of the ops
+// whose schemas live in residual_fused/ops.py. Checks and allocation shared with the
+// CPU kernels are in csrc/glue.cpp; no kernel code here.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "glue.h"
+#include "kernels/add_norm.h"
+
+namespace residual_fused {
+namespace {
+
+using at::Tensor;
+
+// The normalized size of a CUDA tensor [..., hidden], checked against the kernels' range.
+int64_t checked_hidden(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor for the CUDA kernel, got ", t.device());
+  TORCH_CHECK(t.dim() >= 1, name, " must have at least one dim");
+  const int64_t hidden = t.size(-1);
+  TORCH_CHECK(hidden >= 1 && hidden <= kMaxHidden, name, ": the normalized size ", hidden,
+              " is outside the CUDA kernels' range [1, ", kMaxHidden, "]");
+  return hidden;
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "residual_fused::", op, ": kernel launch failed: ",
+              cudaGetErrorString(err));
+}
+
+std::tuple<Tensor, Tensor, Tensor> add_norm_fwd_cuda(const Tensor& x, const OptTensor& residual,
+                                                     const OptTensor& weight,
+                                                     const OptTensor& bias, double eps,
+                                                     bool is_rms_norm, bool store_residual_out,
+                                                     at::ScalarType residual_out_dtype) {
+  const int64_t hidden = checked_hidden(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  FwdCall call = prepare_add_norm_fwd(x, residual, weight, bias, eps, is_rms_norm,
+                                      store_residual_out, residual_out_dtype, hidden);
+  check_launch(launch_add_norm_fwd(call.params, c10::cuda::getCurrentCUDAStream()),
+               "add_norm_fwd");
+  return {call.y, call.residual_out, call.rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
+    const Tensor& dy, const OptTensor& dresidual_out, const Tensor& saved, const Tensor& rstd,
+    const OptTensor& weight, const OptTensor& bias, bool is_rms_norm, bool memory_efficient,
+    std::optional<at::ScalarType> dresidual_dtype) {
+  const int64_t hidden = checked_hidden(dy, "dy");
+  const c10::cuda::CUDAGuard guard(dy.device());
+  BwdCall call = prepare_add_norm_bwd(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm,
+                                      memory_efficient, dresidual_dtype, hidden);
+  if (call.params.rows > 0) {
+    // Planned once: the workspace is sized from the plan that is launched.
+    const AddNormBwdPlan plan = plan_add_norm_bwd(call.params);
+    allocate_bwd_workspace(call, plan.partial_rows);
+    check_launch(launch_add_norm_bwd(call.params, plan, c10::cuda::getCurrentCUDAStream()),
+                 "add_norm_bwd");
+  }
+  return {call.dx, call.dresidual, call.dweight, call.dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(residual_fused, CUDA, m) {
+  m.impl("add_norm_fwd", &add_norm_fwd_cuda);
+  m.impl("add_norm_bwd", &add_norm_bwd_cuda);
+}
+
+}  // namespace residual_fused
