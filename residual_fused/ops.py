@@ -50,8 +50,29 @@ def _placeholder(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+_noticed_devices = set()
+
+
+def _notice_reference(device: torch.device) -> None:
+    """Say once per device type that the reference runs where compiled kernels are
+    expected (CPU always; CUDA in CUDA builds) but were not built or failed to load."""
+    kind = device.type
+    if kind in _noticed_devices or kind not in ("cpu", "cuda"):
+        return
+    _noticed_devices.add(kind)
+    if _extension is None or not _has_kernel(kind.upper()):
+        warnings.warn(
+            f"residual_fused: no compiled {kind.upper()} kernels are loaded, so {kind} "
+            f"tensors use the slower PyTorch reference; to build them, reinstall with "
+            f"pip install --no-build-isolation . (needs a C++ compiler"
+            f"{', and nvcc for CUDA' if kind == 'cuda' else ''})",
+            stacklevel=3,
+        )
+
+
 def _add_norm_fwd_reference(x, residual, weight, bias, eps, is_rms_norm,
                             store_residual_out, residual_out_dtype):
+    _notice_reference(x.device)
     y, s, rstd = reference.forward(x, residual, weight, bias, eps, is_rms_norm)
     if store_residual_out:
         # s is x itself when x needs no cast and there is no residual: never alias.

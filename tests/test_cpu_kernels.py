@@ -10,6 +10,7 @@ thread-count determinism, and the portable (non-AVX2) variant.
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -150,3 +151,16 @@ def test_portable_variant_passes_the_grids():
         env=env, capture_output=True, text=True, cwd=os.path.dirname(tests))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout
+
+
+def test_reference_fallback_says_so_once(monkeypatch):
+    from residual_fused import ops
+
+    monkeypatch.setattr(ops, "_noticed_devices", set())
+    monkeypatch.setattr(ops, "_has_kernel", lambda key: False)
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match="no compiled CPU kernels are loaded"):
+        ops._add_norm_fwd_reference(x, None, None, None, 1e-5, False, False, x.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops._add_norm_fwd_reference(x, None, None, None, 1e-5, False, False, x.dtype)
