@@ -58,3 +58,14 @@ def test_pick_refuses_when_every_compiler_links_statically(tmp_path):
     bad = _executable(tmp_path / "g++")
     with pytest.raises(RuntimeError, match="links libstdc\\+\\+ statically"):
         build_env.pick_cxx(bad, path=str(tmp_path), probe=lambda c: True)
+
+
+def test_flag_probe_accepts_what_the_compiler_takes(tmp_path):
+    # -fopenmp decides whether the CPU kernels run on several threads; a compiler that
+    # refuses it (or is missing) must give False, not fail the build.
+    assert build_env.compiler_accepts(_executable(tmp_path / "cc-broken"), ["-fopenmp"]) is False
+    assert build_env.compiler_accepts(str(tmp_path / "missing"), ["-fopenmp"]) is False
+    if shutil.which("g++") is None:
+        pytest.skip("needs g++")
+    assert build_env.compiler_accepts("g++", ["-O1"]) is True
+    assert build_env.compiler_accepts("g++", ["-fno-such-flag"]) is False

@@ -58,7 +58,9 @@ struct NextRow {
       }
     }
   }
-  // Elements [i, i + count) of every tensor; count * elem is at most one cache line.
+  // The cache line holding element i of each tensor. Called once per step of
+  // 2 * kLanes elements, at most one line of every tensor (fp64 read by the fp32
+  // kernels, a rare mix, gets every other line).
   C10_ALWAYS_INLINE void fetch(int64_t i) const {
 #if defined(__GNUC__)
     for (int k = 0; k < 3; ++k) {
@@ -216,14 +218,25 @@ void fwd(const AddNormFwdParams& p) {
 // ---------------------------------------------------------------------------------
 // Backward
 
-// From dy: g = dy [* w] (into g), the partial column sums dw += dy * xhat and
-// db += dy, and the row sums of g and of g * xhat.
+// xhat = (buffer - mean) * scale, the last step of its rebuild, done by the pass
+// that first reads it (saves a pass over the buffer).
+template <typename acc>
+struct Xhat {
+  acc mean;
+  acc scale;
+};
+
+// From dy: g = dy [* w] (into g), xhat finished in place, the partial column sums
+// dw += dy * xhat and db += dy, and the row sums of g and of g * xhat.
 template <typename acc, typename TDY>
-RESIDUAL_FUSED_FLATTEN void grad_pass(const TDY* __restrict__ dy, const acc* __restrict__ xhat,
-               const acc* __restrict__ w, acc* __restrict__ dw, acc* __restrict__ db,
-               acc* __restrict__ g, int64_t n, acc& sum_g, acc& sum_gx) {
+RESIDUAL_FUSED_FLATTEN void grad_pass(const TDY* __restrict__ dy, acc* __restrict__ xhat,
+                                      Xhat<acc> map, const acc* __restrict__ w,
+                                      acc* __restrict__ dw, acc* __restrict__ db,
+                                      acc* __restrict__ g, int64_t n, acc& sum_g,
+                                      acc& sum_gx) {
   using V = Vectorized<acc>;
   constexpr int64_t L = kLanes<acc>;
+  const V m(map.mean), sc(map.scale);
   V sg(acc(0)), sgx(acc(0));
   int64_t i = 0;
   for (; i + 2 * L <= n; i += 2 * L) {
@@ -231,7 +244,8 @@ RESIDUAL_FUSED_FLATTEN void grad_pass(const TDY* __restrict__ dy, const acc* __r
     load2<acc>(dy + i, d[0], d[1]);
     for (int h = 0; h < 2; ++h) {
       const int64_t j = i + h * L;
-      const V xh = V::loadu(xhat + j);
+      const V xh = (V::loadu(xhat + j) - m) * sc;
+      xh.store(xhat + j);
       if (dw) (V::loadu(dw + j) + d[h] * xh).store(dw + j);
       if (db) (V::loadu(db + j) + d[h]).store(db + j);
       const V gv = w ? d[h] * V::loadu(w + j) : d[h];
@@ -251,6 +265,7 @@ RESIDUAL_FUSED_FLATTEN void grad_pass(const TDY* __restrict__ dy, const acc* __r
   }
   for (; i < n; ++i) {
     const acc d = static_cast<acc>(dy[i]);
+    xhat[i] = (xhat[i] - map.mean) * map.scale;
     if (dw) dw[i] += d * xhat[i];
     if (db) db[i] += d;
     const acc gv = w ? d * w[i] : d;
@@ -294,11 +309,12 @@ RESIDUAL_FUSED_FLATTEN void ds_store(acc* __restrict__ g, const acc* __restrict_
   }
 }
 
-// xhat of one row from what was saved. LayerNorm re-centres it over the row: the
-// saved tensor was rounded after rstd came from the unrounded sum (see reference.py).
+// xhat of one row from what was saved, up to its last map (applied by grad_pass).
+// LayerNorm re-centres it over the row: the saved tensor was rounded after rstd came
+// from the unrounded sum (see reference.py).
 template <typename acc>
-void rebuild_xhat(const AddNormBwdParams& p, const void* saved_row, acc rstd, const acc* w,
-                  const acc* b, acc* xhat) {
+Xhat<acc> rebuild_xhat(const AddNormBwdParams& p, const void* saved_row, acc rstd,
+                       const acc* w, const acc* b, acc* xhat) {
   using V = Vectorized<acc>;
   const int64_t n = p.hidden;
   acc sum = 0;
@@ -306,22 +322,11 @@ void rebuild_xhat(const AddNormBwdParams& p, const void* saved_row, acc rstd, co
     sum = load_sum(static_cast<const decltype(ts)*>(saved_row), static_cast<const None*>(nullptr),
                    xhat, n).first;
   });
-  const V rs(rstd);
-  if (!p.memory_efficient) {
-    if (p.is_rms_norm) {
-      map_row(xhat, n, [&](V v, int64_t) { return v * rs; });
-    } else {
-      const V m(sum / n);
-      map_row(xhat, n, [&](V v, int64_t) { return (v - m) * rs; });
-    }
-    return;
-  }
+  if (!p.memory_efficient) return {p.is_rms_norm ? acc(0) : sum / n, rstd};
   if (b) map_row(xhat, n, [&](V v, int64_t i) { return v - lanes_at(b, i, n); });
   if (w) map_row(xhat, n, [&](V v, int64_t i) { return v / lanes_at(w, i, n); });
-  if (!p.is_rms_norm) {
-    const V m(reduce_row(xhat, n, [](V v, int64_t) { return v; }) / n);
-    map_row(xhat, n, [&](V v, int64_t) { return v - m; });
-  }
+  if (p.is_rms_norm) return {acc(0), acc(1)};
+  return {reduce_row(xhat, n, [](V v, int64_t) { return v; }) / n, acc(1)};
 }
 
 // Rows [begin, end) into dx (and dresidual), their column sums into partial row `part`.
@@ -339,11 +344,12 @@ void bwd_rows(const AddNormBwdParams& p, const acc* w, const acc* b, bool stream
   const acc* rstd_in = static_cast<const acc*>(p.rstd);
   for (int64_t r = begin; r < end; ++r) {
     const acc rstd = rstd_in[r];
-    rebuild_xhat(p, row_of(p.saved, p.saved_dtype, p.saved_row_stride, r), rstd, w, b, xhat);
+    const Xhat<acc> map =
+        rebuild_xhat(p, row_of(p.saved, p.saved_dtype, p.saved_row_stride, r), rstd, w, b, xhat);
     acc sum_g = 0, sum_gx = 0;
     visit(p.dy_dtype, [&](auto tdy) {
       grad_pass(static_cast<const decltype(tdy)*>(row_of(p.dy, p.dy_dtype, p.dy_row_stride, r)),
-                xhat, w, dw, db, g, n, sum_g, sum_gx);
+                xhat, map, w, dw, db, g, n, sum_g, sum_gx);
     });
     const acc mean_g = p.is_rms_norm ? acc(0) : sum_g / n;
     const void* dro_row =
