@@ -14,7 +14,8 @@ Each row reports:
 - GB/s of the bytes that variant must move (bench/byte_model.py);
 - the % of the copy bandwidth measured in the same run: on CUDA a 1 GiB
   device-to-device clone; on CPU a clone of the row's own tensor size and dtype
-  with the same threads, so both sides of the ratio see the same cache level;
+  with the same threads, timed in turn with the providers' calls, so both sides of
+  the ratio see the same cache level and the same moment;
 - the speedups over eager and over torch.compile.
 
 Every provider's forward is checked against the float64 reference before it is
@@ -45,7 +46,7 @@ import residual_fused as rf  # noqa: E402
 import providers  # noqa: E402
 import report  # noqa: E402
 from byte_model import MODES, Config, eager_bytes, fused_bytes  # noqa: E402
-from timing import copy_bandwidth_gbs, host_overhead_us, time_stats  # noqa: E402
+from timing import copy_bandwidth_gbs, host_overhead_us, time_interleaved, time_stats  # noqa: E402
 
 DTYPES = {"bf16": (torch.bfloat16, torch.bfloat16), "fp16": (torch.float16, torch.float16),
           "fp32": (torch.float32, torch.float32),
@@ -55,6 +56,7 @@ SWEEP_HIDDEN = {"cuda": [512, 768, 1024, 2048, 4096, 5120, 8192, 12288, 16384, 3
 SWEEP_ELEMENTS = {"cuda": [1 << 26], "cpu": [1 << 22, 1 << 24]}  # rows * hidden
 SWEEP_DTYPES = {"cuda": ["bf16"], "cpu": ["bf16", "fp32"]}
 SPREAD_WARNING = 25.0  # % (interquartile range / median) above which a row is flagged
+COPY = "(copy)"  # the clone timed beside the providers on CPU
 DECODE_ROWS = (1, 8, 32, 128)
 DECODE_HIDDEN = {"cuda": (4096, 8192), "cpu": (4096,)}
 TOLERANCE = {torch.bfloat16: 6e-2, torch.float16: 1e-2, torch.float32: 1e-4}
@@ -239,6 +241,22 @@ def _row(table, cfg, mode, provider, **extra):
     return row
 
 
+def timed(calls, device, repeats, cfg, x, copy_gbs):
+    """({provider: Timing}, copy GB/s for these rows).
+
+    CUDA: each provider timed on its own, the L2 flushed before every call, against
+    the one 1 GiB copy. CPU: the providers and a clone of x (the row's own size and
+    dtype, so both sides of the % see the same cache level) take turns call by call,
+    so a shared machine's slow moments hit all of them alike."""
+    if device.startswith("cuda"):
+        return ({name: time_stats(call, device, repeats=repeats) for name, call in calls.items()},
+                copy_gbs(cfg))
+    source = x.detach()
+    timings = time_interleaved({**calls, COPY: source.clone}, repeats=repeats)
+    copy = copy_gbs.record(2 * source.numel() * source.element_size(), timings.pop(COPY).ms)
+    return timings, copy
+
+
 def run_table(table, configs, modes, args, copy_gbs, progress):
     """``copy_gbs(cfg)``: the copy bandwidth a config's rows are compared with."""
     device = args.device
@@ -246,7 +264,6 @@ def run_table(table, configs, modes, args, copy_gbs, progress):
     rows = []
     for cfg in configs:
         inputs, grads = make_inputs(cfg, device)
-        copy = copy_gbs(cfg)
         fns = {}
         for name in args.providers:
             try:
@@ -261,15 +278,17 @@ def run_table(table, configs, modes, args, copy_gbs, progress):
         for mode in modes:
             progress.step(f"{table} {cfg.norm} {'pre' if cfg.prenorm else 'post'} "
                           f"{cfg.rows}x{cfg.hidden} {mode}")
-            for name, fn in fns.items():
-                if table == "decode":
-                    with torch.no_grad():  # serving: no autograd
-                        timing = time_stats(lambda: fn(*inputs), device, repeats=repeats)
-                        host = host_overhead_us(lambda: fn(*inputs), repeats=400)
-                else:
-                    timing = time_stats(step(fn, mode, inputs, grads, cfg.prenorm), device,
-                                        repeats=repeats)
-                    host = None
+            if table == "decode":
+                with torch.no_grad():  # serving: no autograd
+                    calls = {name: (lambda fn=fn: fn(*inputs)) for name, fn in fns.items()}
+                    timings, copy = timed(calls, device, repeats, cfg, inputs[0], copy_gbs)
+                    hosts = {name: host_overhead_us(call, repeats=400) for name, call in calls.items()}
+            else:
+                calls = {name: step(fn, mode, inputs, grads, cfg.prenorm) for name, fn in fns.items()}
+                timings, copy = timed(calls, device, repeats, cfg, inputs[0], copy_gbs)
+                hosts = {}
+            for name in fns:
+                timing, host = timings[name], hosts.get(name)
                 fused = providers.fuses_add(name, cfg)
                 nbytes = (fused_bytes if fused else eager_bytes)(cfg, mode)
                 gbs = nbytes / (timing.ms * 1e-3) / 1e9
@@ -280,10 +299,9 @@ def run_table(table, configs, modes, args, copy_gbs, progress):
 
 
 class CopyBandwidth:
-    """The copy bandwidth each config's rows are compared with: on CUDA one 1 GiB clone
-    for every row; on CPU a clone of the config's x (its element count and dtype, so
-    both sides of the ratio see the same cache level), measured again for every
-    config, right before its rows, because a shared machine's bandwidth drifts."""
+    """The copy bandwidth rows are compared with: on CUDA one 1 GiB clone for every
+    row; on CPU a clone of each row's own tensor, timed between the providers' calls
+    (see ``timed``) and recorded here."""
 
     def __init__(self, device: str):
         self.device = device
@@ -292,11 +310,14 @@ class CopyBandwidth:
             self.measured[1 << 30] = [copy_bandwidth_gbs(device, 1 << 30)]
 
     def __call__(self, cfg: Config) -> float:
-        if self.device.startswith("cuda"):
-            return self.measured[1 << 30][0]
-        nbytes = cfg.rows * cfg.hidden * torch.empty((), dtype=cfg.x_dtype).element_size()
-        gbs = copy_bandwidth_gbs(self.device, nbytes, cfg.x_dtype)
-        self.measured.setdefault(nbytes, []).append(gbs)
+        return self.measured[1 << 30][0]
+
+    def record(self, moved: int, ms: float) -> float:
+        """GB/s of a clone that moved ``moved`` bytes (read + written) in ``ms``."""
+        if not ms > 0:
+            raise RuntimeError(f"a clone of {moved // 2} bytes timed at {ms} ms: too small to time")
+        gbs = moved / (ms * 1e-3) / 1e9
+        self.measured.setdefault(moved // 2, []).append(gbs)
         return gbs
 
     def largest(self) -> float:

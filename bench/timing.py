@@ -2,14 +2,15 @@
 
 On CUDA every repeat is timed with its own pair of events after a write of a
 buffer larger than L2, so no repeat reads its inputs from cache; on CPU the
-median of ``time.perf_counter`` repeats is used. Every time comes with its spread
-(the interquartile range over the median), so a noisy machine shows.
+median of ``time.perf_counter`` repeats is used, the providers of a row taking
+turns call by call. Every time comes with its spread (the interquartile range over
+the median), so a noisy machine shows.
 """
 
 import dataclasses
 import statistics
 import time
-from typing import Callable, List
+from typing import Callable, Dict, List
 
 import torch
 
@@ -61,6 +62,22 @@ def time_stats(fn: Callable[[], object], device: str, repeats: int = 50,
     """Median milliseconds of one call of ``fn`` on ``device``, with the spread."""
     timer = _cuda_time_ms if device.startswith("cuda") else _cpu_time_ms
     return _stats(timer(fn, repeats, warmup))
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int = 20,
+                     warmup: int = 3) -> Dict[str, Timing]:
+    """CPU: each of ``fns`` timed ``repeats`` times, taking turns call by call, so a
+    shared machine's slow moments fall on every provider alike and their ratios hold."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: _stats(times) for name, times in samples.items()}
 
 
 def time_ms(fn: Callable[[], object], device: str, repeats: int = 50, warmup: int = 5) -> float:
