@@ -54,13 +54,13 @@ _noticed_devices = set()
 
 
 def _notice_reference(device: torch.device) -> None:
-    """Say once per device type that the reference runs where compiled kernels are
-    expected (CPU always; CUDA in CUDA builds) but were not built or failed to load."""
+    """Say once per device type (CPU, CUDA) that the reference runs there because no
+    compiled kernels for it were built or loaded."""
     kind = device.type
     if kind in _noticed_devices or kind not in ("cpu", "cuda"):
         return
     _noticed_devices.add(kind)
-    if _extension is None or not _has_kernel(kind.upper()):
+    if not _has_kernel(kind.upper()):
         warnings.warn(
             f"residual_fused: no compiled {kind.upper()} kernels are loaded, so {kind} "
             f"tensors use the slower PyTorch reference; to build them, reinstall with "
