@@ -31,7 +31,7 @@ void check_same_device(const Tensor& t, const Tensor& x, const char* name) {
               "; all tensors must be on the same device");
 }
 
-Rows as_rows(const Tensor& t, int64_t hidden) {
+Rows as_rows(const Tensor& t, int64_t hidden, DType dtype) {
   const int64_t nd = t.dim();
   bool ok = hidden == 1 || t.stride(nd - 1) == 1;
   int64_t row_stride = hidden;
@@ -45,16 +45,22 @@ Rows as_rows(const Tensor& t, int64_t hidden) {
     }
     inner = d;
   }
-  if (ok) return {t, row_stride};
-  return {t.contiguous(), hidden};
+  if (ok) return {t, row_stride, dtype};
+  return {t.contiguous(), hidden, dtype};
 }
 
 // A [..., hidden] input with the shape and device of `like`.
 Rows rows_arg(const Tensor& t, const Tensor& like, int64_t hidden, const char* name) {
   check_same_device(t, like, name);
   TORCH_CHECK(t.sizes() == like.sizes(), name, ": shape ", t.sizes(), " must equal ", like.sizes());
-  to_dtype(t.scalar_type(), name);
-  return as_rows(t, hidden);
+  return as_rows(t, hidden, to_dtype(t.scalar_type(), name));
+}
+
+// Points a params struct's (pointer, row stride, dtype) of one input at `rows`.
+void bind(const Rows& rows, const void*& ptr, int64_t& row_stride, DType& dtype) {
+  ptr = rows.t.data_ptr();
+  row_stride = rows.row_stride;
+  dtype = rows.dtype;
 }
 
 VectorArg vector_arg(const OptTensor& p, const Tensor& x, int64_t hidden, const char* name) {
@@ -85,14 +91,10 @@ FwdCall prepare_add_norm_fwd(const Tensor& x, const OptTensor& residual, const O
   p.is_rms_norm = is_rms_norm;
   p.eps = eps;
   call.x = rows_arg(x, x, hidden, "x");
-  p.x = call.x.t.data_ptr();
-  p.x_row_stride = call.x.row_stride;
-  p.x_dtype = to_dtype(x.scalar_type(), "x");
+  bind(call.x, p.x, p.x_row_stride, p.x_dtype);
   if (residual.has_value()) {
     call.residual = rows_arg(*residual, x, hidden, "residual");
-    p.residual = call.residual.t.data_ptr();
-    p.residual_row_stride = call.residual.row_stride;
-    p.residual_dtype = to_dtype(residual->scalar_type(), "residual");
+    bind(call.residual, p.residual, p.residual_row_stride, p.residual_dtype);
   }
   call.weight = vector_arg(weight, x, hidden, "weight");
   call.bias = vector_arg(bias, x, hidden, "bias");
@@ -131,18 +133,12 @@ BwdCall prepare_add_norm_bwd(const Tensor& dy, const OptTensor& dresidual_out, c
   p.is_rms_norm = is_rms_norm;
   p.memory_efficient = memory_efficient;
   call.dy = rows_arg(dy, dy, hidden, "dy");
-  p.dy = call.dy.t.data_ptr();
-  p.dy_row_stride = call.dy.row_stride;
-  p.dy_dtype = to_dtype(dy.scalar_type(), "dy");
+  bind(call.dy, p.dy, p.dy_row_stride, p.dy_dtype);
   call.saved = rows_arg(saved, dy, hidden, "saved");
-  p.saved = call.saved.t.data_ptr();
-  p.saved_row_stride = call.saved.row_stride;
-  p.saved_dtype = to_dtype(saved.scalar_type(), "saved");
+  bind(call.saved, p.saved, p.saved_row_stride, p.saved_dtype);
   if (dresidual_out.has_value()) {
     call.dresidual_out = rows_arg(*dresidual_out, dy, hidden, "dresidual_out");
-    p.dresidual_out = call.dresidual_out.t.data_ptr();
-    p.dresidual_out_row_stride = call.dresidual_out.row_stride;
-    p.dresidual_out_dtype = to_dtype(dresidual_out->scalar_type(), "dresidual_out");
+    bind(call.dresidual_out, p.dresidual_out, p.dresidual_out_row_stride, p.dresidual_out_dtype);
   }
   call.rstd = rstd.contiguous();
   p.rstd = call.rstd.data_ptr();

@@ -23,6 +23,7 @@ at::ScalarType stats_dtype(at::ScalarType t);
 struct Rows {
   at::Tensor t;
   int64_t row_stride = 0;
+  DType dtype = DType::kFloat32;
 };
 
 // A [hidden] parameter (weight or bias); undefined when absent.
