@@ -5,6 +5,7 @@ the rule it broke. Nothing here touches tensor data (no device synchronisation).
 """
 
 import math
+import operator
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -41,7 +42,11 @@ def canonical_normalized_shape(normalized_shape) -> Tuple[int, ...]:
     if isinstance(normalized_shape, torch.Size):  # already ints: skip the conversion
         shape = tuple(normalized_shape)
     else:
-        shape = tuple(int(d) for d in normalized_shape)
+        try:  # operator.index, not int(): a size of 3.5 is an error, not 3
+            shape = tuple(operator.index(d) for d in normalized_shape)
+        except TypeError:
+            raise TypeError(f"normalized_shape must be an int or a sequence of ints, "
+                            f"got {normalized_shape!r}") from None
     if not shape or min(shape) <= 0:
         raise ValueError(
             f"normalized_shape must be non-empty with positive sizes, got {shape}"
@@ -89,20 +94,23 @@ def check_add_norm_args(
         _check_tensor("bias", bias, device)
 
     if normalized_shape is not None:
-        shape = canonical_normalized_shape(normalized_shape)
+        shape, source = canonical_normalized_shape(normalized_shape), "the normalized_shape argument"
     elif weight is not None:
-        shape = canonical_normalized_shape(weight.shape)
+        shape, source = canonical_normalized_shape(weight.shape), "weight.shape"
     else:
-        shape = canonical_normalized_shape(x.shape[-1:])
+        shape, source = canonical_normalized_shape(x.shape[-1:]), "x's last dim"
     if x.dim() < len(shape) or x.shape[x.dim() - len(shape):] != shape:
+        hint = ("; pass normalized_shape, or a weight whose shape is x's trailing "
+                "normalized dims" if source == "weight.shape" else "")
         raise ValueError(
             f"x: trailing dims of shape {_shape(x.shape)} must equal normalized_shape "
-            f"{shape}"
+            f"{shape}, which was taken from {source}{hint}"
         )
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.shape != shape:
             raise ValueError(
-                f"{name}: shape {_shape(t.shape)} must equal normalized_shape {shape}"
+                f"{name}: shape {_shape(t.shape)} must equal normalized_shape {shape}, "
+                f"which was taken from {source}"
             )
 
     if residual_dtype is not None and residual_dtype not in SUPPORTED_DTYPES:
@@ -112,14 +120,21 @@ def check_add_norm_args(
 
     if eps is None and is_rms_norm:
         eps = torch.finfo(x.dtype).eps
-    if type(eps) is not float:  # the common case skips these checks
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-            raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
-        eps = float(eps)
-    if not 0.0 <= eps < math.inf:
-        raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
+    eps = checked_eps(eps)
 
     return shape, shape[0] if len(shape) == 1 else math.prod(shape), eps
+
+
+def checked_eps(eps, where: str = "") -> float:
+    """``eps`` as a float; raises unless it is a finite non-negative number.
+    ``where`` names the caller in the message (for example a module's constructor)."""
+    if type(eps) is not float:  # the common case skips these checks
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise ValueError(f"eps{where} must be a finite non-negative number, got {eps!r}")
+        eps = float(eps)
+    if not 0.0 <= eps < math.inf:
+        raise ValueError(f"eps{where} must be a finite non-negative number, got {eps!r}")
+    return eps
 
 
 def residual_out_dtype(x, residual, residual_dtype: Optional[torch.dtype]) -> torch.dtype:

@@ -11,18 +11,21 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
-from ._validation import canonical_normalized_shape
+from ._validation import canonical_normalized_shape, checked_eps
 
 
 class _FusedAddNormBase(nn.Module):
     _has_bias_option = False  # nn.LayerNorm has a ``bias`` option (and shows it); nn.RMSNorm not
+    _eps_may_be_none = False  # nn.RMSNorm's eps=None means torch.finfo(x.dtype).eps
 
     def __init__(self, normalized_shape, eps, elementwise_affine, with_bias, prenorm,
                  residual_in_fp32, memory_efficient, device, dtype):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.normalized_shape = canonical_normalized_shape(normalized_shape)
-        self.eps = eps
+        # Checked here, not at the first forward: a bad value fails where it was written.
+        self.eps = (eps if eps is None and self._eps_may_be_none
+                    else checked_eps(eps, f" of {type(self).__name__}"))
         self.elementwise_affine = elementwise_affine
         self.prenorm = prenorm
         self.residual_in_fp32 = residual_in_fp32
@@ -105,6 +108,8 @@ class FusedAddRMSNorm(_FusedAddNormBase):
     Args match ``nn.RMSNorm`` (``eps=None`` means ``torch.finfo(x.dtype).eps``), plus
     the flags of :class:`FusedAddNorm`.
     """
+
+    _eps_may_be_none = True
 
     def __init__(self, normalized_shape, eps: Optional[float] = None,
                  elementwise_affine: bool = True, *, prenorm: bool = False,

@@ -12,13 +12,13 @@ Outputs that a call does not produce are returned as 0-element placeholders
 (a schema's outputs are fixed), and callers decide by flags, never by ``numel``.
 """
 
+import functools
 import importlib.util
 import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import reference
 from .support import compute_dtype
@@ -123,6 +123,40 @@ add_norm_fwd = torch.ops.residual_fused.add_norm_fwd
 add_norm_bwd = torch.ops.residual_fused.add_norm_bwd
 
 
+_DOUBLE_BACKWARD = (
+    b"residual_fused: double backward (differentiating the gradients of add_layer_norm "
+    b"or add_rms_norm again, as after autograd.grad(..., create_graph=True)) is not "
+    b"supported by the fused ops; use residual_fused.reference.add_layer_norm / "
+    b"add_rms_norm, plain differentiable PyTorch, where higher-order gradients are needed")
+
+
+def _first_order_only(backward):
+    """Run ``backward`` without recording a graph; where the caller asked for one
+    (``create_graph=True``) and something it depends on requires grad, its outputs
+    get a grad_fn that raises
+    ``_DOUBLE_BACKWARD`` if it is ever differentiated (as once_differentiable does,
+    with a message that says what to do instead)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        # The gradients depend on the incoming grads and on the saved tensors: if
+        # either needs a graph, a second derivative could flow here and must raise,
+        # never come out silently zero.
+        inputs = (*grads, *ctx.saved_tensors)
+        if not torch.is_grad_enabled() or not any(
+                isinstance(t, Tensor) and t.requires_grad for t in inputs):
+            return outputs
+        tensors = [o for o in outputs if o is not None]
+        raising = torch._C._functions.DelayedError(_DOUBLE_BACKWARD, len(tensors))(
+            *[o.detach().requires_grad_() for o in tensors])
+        raising = iter(raising if isinstance(raising, tuple) else (raising,))
+        return tuple(None if o is None else next(raising) for o in outputs)
+
+    return wrapper
+
+
 class AddNormFunction(torch.autograd.Function):
     """Autograd for Add & Norm over the last dim, through the two ops.
 
@@ -152,7 +186,7 @@ class AddNormFunction(torch.autograd.Function):
         return (y, residual_out) if prenorm else y
 
     @staticmethod
-    @once_differentiable  # the backward op has no derivative of its own
+    @_first_order_only
     def backward(ctx, dy: Optional[Tensor], dresidual_out: Optional[Tensor] = None):
         saved, rstd, weight, bias = ctx.saved_tensors
         none = (None,) * 5

@@ -26,8 +26,21 @@ def test_residual_shape_mismatch_says_projection(fn):
 def test_trailing_dims_must_match_normalized_shape(fn):
     with pytest.raises(ValueError, match=r"x: trailing dims.*normalized_shape \(32,\)"):
         fn(_x(4, 64), normalized_shape=32)
-    with pytest.raises(ValueError, match=r"x: trailing dims"):
-        fn(_x(4, 64), weight=_x(32))
+    with pytest.raises(ValueError, match=r"normalized_shape \(32,\), which was taken from "
+                                         r"the normalized_shape argument"):
+        fn(_x(4, 64), normalized_shape=32)
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_wrong_weight_shape_is_named_as_the_source(fn):
+    """normalized_shape defaults to weight.shape: the error says so, not just 'x'."""
+    with pytest.raises(ValueError, match=r"x: trailing dims of shape \(4, 8, 16\) must equal "
+                                         r"normalized_shape \(32,\), which was taken from "
+                                         r"weight.shape; pass normalized_shape"):
+        fn(_x(4, 8, 16), weight=_x(32))
+    with pytest.raises(ValueError, match=r"bias: shape \(15,\) must equal normalized_shape "
+                                         r"\(16,\), which was taken from weight.shape"):
+        fn(_x(4, 16), weight=_x(16), bias=_x(15))
 
 
 @pytest.mark.parametrize("fn", FUNCTIONS)
@@ -78,6 +91,45 @@ def test_eps_must_be_non_negative(eps):
         rf.add_layer_norm(_x(2, 8), eps=eps)
     with pytest.raises(ValueError, match="eps must be a finite non-negative number"):
         rf.add_rms_norm(_x(2, 8), eps=eps)
+
+
+@pytest.mark.parametrize("eps", [-1, -1e-5, math.inf, math.nan, "1e-5", True])
+@pytest.mark.parametrize("cls", [rf.FusedAddNorm, rf.FusedAddRMSNorm])
+def test_module_constructors_check_eps(cls, eps):
+    with pytest.raises(ValueError, match=rf"eps of {cls.__name__} must be a finite non-negative"):
+        cls(16, eps=eps)
+
+
+def test_module_constructors_check_shape():
+    with pytest.raises(ValueError, match="eps of FusedAddNorm must be"):
+        rf.FusedAddNorm(16, eps=None)  # as nn.LayerNorm: only RMSNorm derives eps from dtype
+    assert rf.FusedAddRMSNorm(16, eps=None).eps is None
+    with pytest.raises(TypeError, match=r"normalized_shape must be an int or a sequence of ints, got 3.5"):
+        rf.FusedAddNorm(3.5)
+    with pytest.raises(TypeError, match=r"normalized_shape must be .*got \(16, '8'\)"):
+        rf.FusedAddRMSNorm((16, "8"))
+    for shape in (0, (), (16, 0), -3):
+        with pytest.raises(ValueError, match="normalized_shape must be non-empty with positive"):
+            rf.FusedAddNorm(shape)
+
+
+@pytest.mark.parametrize("fn", [rf.add_layer_norm, rf.add_rms_norm])
+def test_double_backward_says_what_to_do(fn):
+    x, r, w = (_x(*shape).requires_grad_() for shape in ((4, 16), (4, 16), (16,)))
+    y = fn(x, r, w)
+    # Through the incoming gradient (dy depends on y) ...
+    dx, = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"double backward .* not supported by the fused ops; "
+                                           r"use residual_fused.reference"):
+        dx.sum().backward()
+    # ... and through the saved tensors alone (dy is constant): never a silent zero.
+    dx, = torch.autograd.grad(fn(x, r, w).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        (dx * x).sum().backward()
+    # create_graph=True still gives the first derivatives; only differentiating them raises.
+    dw, = torch.autograd.grad(fn(x, r, w).sum(), w, create_graph=True)
+    expected, = torch.autograd.grad(fn(x, r, w).sum(), w)
+    assert torch.equal(dw.detach(), expected)
 
 
 def test_rms_norm_has_no_bias():
