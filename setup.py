@@ -141,14 +141,35 @@ def _grouped_build_ext(base, per_source_flags):
     return BuildExt
 
 
-def _cuda_reason_to_skip(torch, cpp_extension):
+def _cuda_home(build_env):
+    """Set CUDA_HOME for torch's build helper (it reads it once, on import) from the
+    toolkit nvcc really belongs to; returns (folder or None, where it came from)."""
+    home, source = build_env.find_cuda_home()
+    if home is not None and not os.environ.get("CUDA_HOME"):
+        os.environ["CUDA_HOME"] = home
+    return home, source
+
+
+def _cuda_reason_to_skip(torch, build_env, home, source):
     """Why the CUDA kernels are not built here, or None if they are."""
     if BUILD_CUDA in _NO:
         return "RESIDUAL_FUSED_BUILD_CUDA=0"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} has no CUDA"
-    if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
-        return "nvcc was not found (set CUDA_HOME)"
+    if home is None:
+        return f"no CUDA toolkit was found ({source}; set CUDA_HOME)"
+    nvcc = os.path.join(home, "bin", "nvcc")
+    version = build_env.nvcc_version(nvcc)
+    if version is None:
+        return f"{nvcc} (CUDA_HOME from {source}) does not run"
+    mismatch = build_env.cuda_mismatch(version, torch.version.cuda)
+    if mismatch:
+        return (f"{mismatch}: the toolkit at {home} (from {source}) against "
+                f"torch {torch.__version__}")
+    missing = build_env.missing_cuda_headers(home)
+    if missing:
+        return (f"the CUDA toolkit at {home} (from {source}) lacks {', '.join(missing)}; "
+                f"set CUDA_HOME to a complete toolkit")
     return None
 
 
@@ -187,16 +208,55 @@ def _cuda_extension(torch, cpp_extension, sources, cxx_flags, link_flags):
     )
 
 
+def _build_py_with_sources(pure):
+    """build_py that also copies what a build needs (this file, csrc/ and
+    _build_env.py) into the package as residual_fused/_source, so an installed
+    package without compiled kernels can build them on first use (residual_fused/_jit.py).
+    A ``pure`` build drops any _C library an earlier build left in build/."""
+    from setuptools.command.build_py import build_py
+
+    class BuildPy(build_py):
+        def run(self):
+            super().run()
+            if pure:
+                for stale in glob.glob(os.path.join(self.build_lib, "residual_fused", "_C*")):
+                    os.remove(stale)
+            target = os.path.join(self.build_lib, "residual_fused", "_source")
+            files = ["setup.py", os.path.join("residual_fused", "_build_env.py")]
+            for ext in ("cpp", "h", "cu", "cuh"):
+                files += glob.glob(os.path.join("csrc", "**", f"*.{ext}"), recursive=True)
+            for rel in files:
+                self.mkpath(os.path.dirname(os.path.join(target, rel)))
+                self.copy_file(os.path.join(HERE, rel), os.path.join(target, rel))
+
+    return BuildPy
+
+
+def _check_wheel_support():
+    """Fail at once, in one sentence, where pip's wheel build cannot work: setuptools
+    older than 70.1 builds wheels only through the separate ``wheel`` package, and
+    ``--no-build-isolation`` uses the environment's own setuptools."""
+    if not {"bdist_wheel", "dist_info", "editable_wheel"} & set(sys.argv[1:]):
+        return
+    if (importlib.util.find_spec("wheel") is None
+            and importlib.util.find_spec("setuptools.command.bdist_wheel") is None):
+        import setuptools
+        sys.exit(f"residual_fused setup: setuptools {setuptools.__version__} here cannot build "
+                 f"a wheel without the 'wheel' package; run pip install 'setuptools>=64' wheel "
+                 f"ninja, then repeat the install")
+
+
 def _extension_kwargs():
     if BUILD_EXT in _NO:
         _log("RESIDUAL_FUSED_BUILD_EXT=0: building the pure-Python package only")
         return {}
+    build_env = _build_env()
     try:
         import torch
-        from torch.utils import cpp_extension
     except ImportError:
         return _skip("torch is not importable here; use pip install --no-build-isolation")
-    build_env = _build_env()
+    home, source = _cuda_home(build_env) if torch.version.cuda else (None, "")
+    from torch.utils import cpp_extension  # after CUDA_HOME is set: it is read on import
     cxx, why_not = _pick_cxx(build_env)
     if cxx is None:
         return _skip(why_not)
@@ -205,7 +265,7 @@ def _extension_kwargs():
     sources = sorted(glob.glob("csrc/*.cpp")) + cpu_sources
     # torch's headers carry #pragma unroll, which g++ warns about on every file.
     cxx_flags = ["-O3", "-Wno-unknown-pragmas"] + cpu_flags
-    cuda_skip = _cuda_reason_to_skip(torch, cpp_extension)
+    cuda_skip = _cuda_reason_to_skip(torch, build_env, home, source)
     if cuda_skip is None:
         extension = _cuda_extension(torch, cpp_extension, sources, cxx_flags, link_flags)
     elif BUILD_CUDA in _YES:
@@ -224,4 +284,8 @@ def _extension_kwargs():
             "cmdclass": {"build_ext": build_ext.with_options(use_ninja=True)}}
 
 
-setup(**_extension_kwargs())
+_check_wheel_support()
+_kwargs = _extension_kwargs()
+_kwargs.setdefault("cmdclass", {})["build_py"] = _build_py_with_sources(
+    pure="ext_modules" not in _kwargs)
+setup(**_kwargs)

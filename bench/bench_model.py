@@ -209,6 +209,13 @@ def run(args):
               "CUDA numbers need a GPU.")
     results = []
     for model in args.model:
+        if args.source == "hf":
+            from residual_fused.integrations import huggingface as hf
+            try:  # a transformers version the conversion refuses: skip that model, say why
+                hf._check_version(model)
+            except (RuntimeError, ImportError) as err:
+                print(f"skipping {model}: {err}")
+                continue
         shape = (SHAPES if on_gpu else CPU_SHAPES)[model]
         if args.layers:
             shape = shape[:3] + (args.layers,)

@@ -10,6 +10,7 @@ the process (seen on an H200 machine: a bad argument segfaulted inside
 """
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -101,3 +102,77 @@ def compiler_accepts(cxx: str, flags: List[str]) -> bool:
         except (OSError, subprocess.TimeoutExpired):
             return False
         return built.returncode == 0
+
+
+# Headers the CUDA build needs from the toolkit itself (pip's nvidia-* wheels ship
+# cuda_runtime.h without crt/, so a CUDA_HOME that holds only those fails late).
+CUDA_HEADERS = ("cuda_runtime.h", "crt/host_defines.h")
+
+
+def _nvcc_dryrun_top(nvcc: str) -> Optional[str]:
+    """The toolkit folder an ``nvcc`` really runs from: nvcc's dry run prints it as
+    ``TOP=``, whatever wrapper script or symlink stands in front of it on PATH."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cu")
+        open(src, "w").close()
+        try:
+            run = subprocess.run([nvcc, "--dryrun", "-c", src, "-o", os.path.join(tmp, "p.o")],
+                                 capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+    for line in (run.stdout + run.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            return os.path.normpath(line[len("#$ TOP="):].strip().strip('"'))
+    return None
+
+
+def find_cuda_home(environ=None, which=shutil.which) -> Tuple[Optional[str], str]:
+    """(CUDA toolkit folder or None, where it came from).
+
+    ``CUDA_HOME`` or ``CUDA_PATH`` when set; else the toolkit the ``nvcc`` on PATH
+    belongs to, asked of nvcc itself (torch takes the folder above PATH's nvcc,
+    which is wrong for a wrapper script such as /usr/local/bin/nvcc); else
+    /usr/local/cuda if it has an nvcc.
+    """
+    environ = os.environ if environ is None else environ
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if environ.get(var):
+            return environ[var], var
+    nvcc = which("nvcc")
+    if nvcc is not None:
+        top = _nvcc_dryrun_top(nvcc)
+        if top is None:
+            top = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        return top, f"the toolkit of {nvcc}"
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda", "/usr/local/cuda"
+    return None, "no CUDA_HOME, CUDA_PATH or nvcc on PATH"
+
+
+def nvcc_version(nvcc: str) -> Optional[str]:
+    """``"13.0"`` from ``nvcc --version``, or None if it cannot be run."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out.stdout)
+    return match.group(1) if match else None
+
+
+def missing_cuda_headers(home: str) -> List[str]:
+    """The CUDA_HEADERS not found under ``home``/include (or targets/*/include)."""
+    roots = [os.path.join(home, "include")]
+    targets = os.path.join(home, "targets")
+    if os.path.isdir(targets):
+        roots += [os.path.join(targets, t, "include") for t in sorted(os.listdir(targets))]
+    return [h for h in CUDA_HEADERS
+            if not any(os.path.exists(os.path.join(r, h)) for r in roots)]
+
+
+def cuda_mismatch(toolkit: str, torch_cuda: str) -> Optional[str]:
+    """Why a CUDA ``toolkit`` version cannot build for a torch built with
+    ``torch_cuda``, or None: their major versions must match (torch's rule)."""
+    if toolkit.split(".")[0] != torch_cuda.split(".")[0]:
+        return (f"the CUDA toolkit is {toolkit} but torch was built with CUDA {torch_cuda}; "
+                f"their major versions must match")
+    return None

@@ -8,14 +8,33 @@ the whole row on one rank). The rules are registered on first use of a DTensor.
 """
 
 import functools
+import importlib
 
 import torch
 
 _OPS = torch.ops.residual_fused
 
 
+@functools.lru_cache(maxsize=None)
+def _dtensor_class():
+    """DTensor's class, or None where torch has no distributed package. Imported on
+    first need (it takes 0.7 s); its module moved in torch 2.5."""
+    for module in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        try:
+            return getattr(importlib.import_module(module), "DTensor")
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
 def is_dtensor(t) -> bool:
-    return t is not None and hasattr(t, "placements") and hasattr(t, "device_mesh")
+    # type() and isinstance, not hasattr: dynamo traces both on a tensor, while
+    # hasattr(tensor, "placements") breaks fullgraph=True on torch 2.4. Plain tensors
+    # and parameters answer without importing DTensor.
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or t is None:
+        return False
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 def check_row_sharding(x, normalized_ndim: int) -> None:

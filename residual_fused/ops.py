@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference
+from . import _jit, reference
 from .support import compute_dtype
 
 _lib = torch.library.Library("residual_fused", "DEF")
@@ -63,15 +63,42 @@ def _notice_reference(device: torch.device) -> None:
     if not _has_kernel(kind.upper()):
         warnings.warn(
             f"residual_fused: no compiled {kind.upper()} kernels are loaded, so {kind} "
-            f"tensors use the slower PyTorch reference; to build them, reinstall with "
-            f"pip install --no-build-isolation . (needs a C++ compiler"
-            f"{', and nvcc for CUDA' if kind == 'cuda' else ''})",
+            f"tensors use the slower PyTorch reference; python -m residual_fused says why "
+            f"and what to install",
             stacklevel=3,
         )
 
 
+_jit_tried = set()
+
+
+def _build_on_first_use(device: torch.device) -> bool:
+    """Build and load the kernels for ``device``'s type if none are loaded and this
+    machine can build them (once per process); True if they are loaded now."""
+    kind = device.type
+    if kind in _jit_tried or kind not in ("cpu", "cuda") or not _jit.enabled():
+        return False
+    _jit_tried.add(kind)
+    if _has_kernel(kind.upper()):
+        return False
+    cxx, cuda_version, _ = _jit.toolchain()
+    if cxx is None or (kind == "cuda" and cuda_version is None):
+        return False  # the notice that follows says what to install
+    try:
+        torch.ops.load_library(_jit.build())
+    except (_jit.BuildError, OSError) as err:
+        warnings.warn(f"residual_fused: {err}", stacklevel=4)
+        return False
+    global _extension_loaded
+    _extension_loaded = True
+    return _has_kernel(kind.upper())
+
+
 def _add_norm_fwd_reference(x, residual, weight, bias, eps, is_rms_norm,
                             store_residual_out, residual_out_dtype):
+    if _build_on_first_use(x.device):  # dispatch again, now to the compiled kernel
+        return add_norm_fwd(x, residual, weight, bias, eps, is_rms_norm,
+                            store_residual_out, residual_out_dtype)
     _notice_reference(x.device)
     y, s, rstd = reference.forward(x, residual, weight, bias, eps, is_rms_norm)
     if store_residual_out:
@@ -210,24 +237,29 @@ def _load_extension():
     """Import the compiled kernels if they were built; warn if they are broken."""
     if importlib.util.find_spec(f"{__package__}._C") is None:
         return None
+    global _load_error
     try:
         from . import _C
     except ImportError as err:  # built, but for another torch or CUDA
+        _load_error = str(err)
         warnings.warn(
-            f"residual_fused: the compiled extension failed to load ({err}); every op "
-            f"will use the slower PyTorch reference. Rebuild it against the installed "
-            f"torch: pip install --no-build-isolation -e .",
+            f"residual_fused: the compiled extension failed to load ({err}), as after a "
+            f"torch upgrade; the first op builds the kernels again where it can (see "
+            f"python -m residual_fused), else uses the slower PyTorch reference. "
+            f"To rebuild now: pip install --no-build-isolation .",
             stacklevel=3,
         )
         return None
     return _C
 
 
+_load_error = None  # why the installed extension did not load, if it did not
 _extension = _load_extension()
+_extension_loaded = _extension is not None  # or built and loaded on first use (_jit)
 
 
 def _has_kernel(dispatch_key: str) -> bool:
-    return _extension is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    return _extension_loaded and torch._C._dispatch_has_kernel_for_dispatch_key(
         "residual_fused::add_norm_fwd", dispatch_key)
 
 

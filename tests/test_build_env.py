@@ -1,7 +1,7 @@
-"""setup.py's choice of C++ compiler (residual_fused/_build_env.py).
-
-A compiler that copies libstdc++ into shared libraries builds an extension that
-crashes on its first error message; setup.py must detect it and use another."""
+"""setup.py's build environment checks (residual_fused/_build_env.py): the C++ compiler
+(a compiler that copies libstdc++ into shared libraries builds an extension that
+crashes on its first error message) and the CUDA toolkit (found from nvcc's real
+folder, its version matched against torch's, its headers present)."""
 
 import importlib.util
 import os
@@ -69,3 +69,43 @@ def test_flag_probe_accepts_what_the_compiler_takes(tmp_path):
         pytest.skip("needs g++")
     assert build_env.compiler_accepts("g++", ["-O1"]) is True
     assert build_env.compiler_accepts("g++", ["-fno-such-flag"]) is False
+
+
+def _fake_toolkit(root, release="12.4", headers=build_env.CUDA_HEADERS):
+    """A toolkit folder whose nvcc answers --dryrun and --version as nvcc does."""
+    (root / "bin").mkdir(parents=True)
+    for header in headers:
+        (root / "include" / header).parent.mkdir(parents=True, exist_ok=True)
+        (root / "include" / header).write_text("")
+    return _executable(root / "bin" / "nvcc", (
+        "#!/bin/sh\n"
+        f'case "$1" in\n  --dryrun) echo "#$ TOP={root}/bin/.." ;;\n'
+        f'  --version) echo "Cuda compilation tools, release {release}, V{release}.1" ;;\nesac\n'))
+
+
+def test_cuda_home_comes_from_nvcc_itself_not_from_a_wrapper_folder(tmp_path):
+    real = _fake_toolkit(tmp_path / "cuda-12.4")
+    wrapper = _executable(tmp_path / "wrapper-bin-nvcc", f'#!/bin/sh\nexec {real} "$@"\n')
+    home, source = build_env.find_cuda_home({}, which=lambda name: wrapper)
+    assert home == str(tmp_path / "cuda-12.4") and wrapper in source
+    assert build_env.nvcc_version(os.path.join(home, "bin", "nvcc")) == "12.4"
+    assert build_env.missing_cuda_headers(home) == []
+    # An explicit CUDA_HOME wins, as it does for torch.
+    assert build_env.find_cuda_home({"CUDA_HOME": "/opt/x"}, which=lambda n: wrapper) == (
+        "/opt/x", "CUDA_HOME")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_cuda_home_of_the_real_nvcc_has_the_build_headers(tmp_path):
+    wrapper = _executable(tmp_path / "nvcc", f'#!/bin/sh\nexec {shutil.which("nvcc")} "$@"\n')
+    home, _ = build_env.find_cuda_home({}, which=lambda name: wrapper)
+    assert build_env.missing_cuda_headers(home) == []
+    assert build_env.nvcc_version(os.path.join(home, "bin", "nvcc")) is not None
+
+
+def test_missing_headers_and_version_mismatch_are_named(tmp_path):
+    _fake_toolkit(tmp_path / "partial", headers=("cuda_runtime.h",))
+    assert build_env.missing_cuda_headers(str(tmp_path / "partial")) == ["crt/host_defines.h"]
+    assert build_env.cuda_mismatch("13.0", "13.2") is None
+    message = build_env.cuda_mismatch("13.0", "12.1")
+    assert "13.0" in message and "12.1" in message and "major versions must match" in message

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import residual_fused as rf
+from residual_fused.support import torch_floor_reason, torch_supports
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
@@ -170,10 +171,12 @@ def test_ddp_matches_single_process():
 
 
 def test_fsdp2_matches_single_process():
-    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch >= 2.6").fully_shard
+    if not torch_supports("fsdp2"):
+        pytest.skip(torch_floor_reason("fsdp2"))
     run_on_ranks(_fsdp2)
 
 
 def test_dtensor_sequence_parallel_matches_single_process():
-    pytest.importorskip("torch.distributed.tensor.experimental")
+    if not torch_supports("dtensor"):
+        pytest.skip(torch_floor_reason("dtensor"))
     run_on_ranks(_sequence_parallel)

@@ -20,9 +20,10 @@ import re
 from torch import nn
 
 from ..modules import FusedAddNorm, FusedAddRMSNorm
+from ..support import TRANSFORMERS_RANGES
 
 #: transformers versions each conversion was written and tested for: [low, high).
-SUPPORTED_VERSIONS = {"bert": ((4, 40), (6, 0)), "llama": ((5, 0), (6, 0))}
+SUPPORTED_VERSIONS = TRANSFORMERS_RANGES
 
 
 def _installed_version() -> str:

@@ -1,0 +1,152 @@
+"""Installing and building: the doctor command, the first-use build and its cache
+key, and real installs into a fresh virtual environment (slow)."""
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import torch
+
+import residual_fused as rf
+from residual_fused import __main__ as cli
+from residual_fused import _jit, ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+def _doctor() -> str:
+    out = io.StringIO()
+    cli.doctor(out)
+    return out.getvalue()
+
+
+def test_doctor_reports_versions_kernels_and_support():
+    text = _doctor()
+    assert f"torch                  {torch.__version__}" in text
+    assert rf.__version__ in text
+    cpu_line = next(line for line in text.splitlines() if line.startswith("CPU kernels"))
+    assert ("loaded" in cpu_line.split()[2:3]) == rf.cpu_kernels_available()
+    assert "build cache" in text and "support on this machine" in text
+    if torch.version.cuda is None:
+        assert "is a CPU build. Fix: install a CUDA build of torch" in text
+
+
+def test_doctor_says_why_and_how_to_fix(monkeypatch):
+    monkeypatch.setattr(ops, "_has_kernel", lambda key: False)
+    monkeypatch.setattr(_jit, "toolchain", lambda: (None, None, "no CUDA toolkit was found"))
+    text = _doctor()
+    assert "CPU kernels            not built: no C++ compiler was found. Fix: install g++" in text
+    monkeypatch.setattr(_jit, "toolchain", lambda: ("/usr/bin/c++", None, ""))
+    monkeypatch.setattr(_jit, "cached_library", lambda cuda: None)
+    monkeypatch.setenv("RESIDUAL_FUSED_JIT", "0")
+    assert "RESIDUAL_FUSED_JIT=0. Fix: python -m residual_fused build" in _doctor()
+    monkeypatch.setenv("RESIDUAL_FUSED_JIT", "1")
+    assert "the first cpu op builds them" in _doctor()
+
+
+def test_cache_key_changes_with_torch_sources_and_cuda(monkeypatch, tmp_path):
+    root = _jit.source_root()
+    assert root is not None, "the sources must be found beside the package"
+    key = _jit.cache_key(root, None)
+    assert key == _jit.cache_key(root, None) and key.startswith("torch")
+    assert _jit.cache_key(root, "13.0") != key
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert _jit.cache_key(root, None) != key
+    monkeypatch.undo()
+    shutil.copytree(os.path.join(root, "csrc"), tmp_path / "csrc")
+    (tmp_path / "residual_fused").mkdir()
+    shutil.copy(os.path.join(root, "setup.py"), tmp_path)
+    shutil.copy(os.path.join(root, "residual_fused", "_build_env.py"), tmp_path / "residual_fused")
+    assert _jit.cache_key(str(tmp_path), None) == key
+    with open(tmp_path / "csrc" / "glue.h", "a") as f:
+        f.write("\n")
+    assert _jit.cache_key(str(tmp_path), None) != key
+
+
+def _venv(path) -> str:
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, capture_output=True)
+    return str(path / "bin" / "python")
+
+
+def _add_torch(python) -> None:
+    """Make this environment's torch (and what it imports) importable in the venv,
+    after the venv's own packages, instead of a second multi-GB download."""
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(site, "zz_torch_from_test.pth"), "w") as f:
+        f.write(os.path.dirname(os.path.dirname(torch.__file__)) + "\n")
+
+
+def _pip(python, *args, cwd):
+    return subprocess.run([python, "-m", "pip", "install", "--no-deps", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX venv layout")
+def test_install_into_a_fresh_venv_then_build_on_first_use(tmp_path):
+    """The README's install command in a fresh venv: with too old a setuptools and no
+    wheel it fails at once in one sentence; with them but without torch, the package
+    installs without kernels (as an isolated build does) but with their sources, and
+    once torch is there the first op builds the kernels, loads them, and caches them."""
+    src = tmp_path / "src"  # a clean copy: no build/ left over from an in-place build
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        "build", ".venv", ".git", "*.so", "__pycache__", "bench", "tests", "_source"))
+    python = _venv(tmp_path / "venv")
+    has_setuptools = subprocess.run([python, "-c", "import setuptools"]).returncode == 0
+    lacks_bdist = subprocess.run([python, "-c", "import importlib.util as u; import sys; "
+                                  "sys.exit(bool(u.find_spec('wheel') or "
+                                  "u.find_spec('setuptools.command.bdist_wheel')))"]).returncode == 0
+    first = _pip(python, "--no-build-isolation", str(src), cwd=tmp_path)
+    if has_setuptools and lacks_bdist:
+        assert first.returncode != 0
+        assert "cannot build a wheel without the 'wheel' package; run pip install" in (
+            first.stdout + first.stderr)
+    elif not has_setuptools:  # Python >= 3.12 venvs have no setuptools: pip says so
+        assert first.returncode != 0 and "setuptools" in first.stdout + first.stderr
+
+    tools = subprocess.run([python, "-m", "pip", "install", "-q", "setuptools>=64", "wheel"],
+                           capture_output=True, text=True)
+    if tools.returncode != 0:
+        pytest.skip(f"no package index reachable for setuptools/wheel: {tools.stderr[-300:]}")
+    # No torch in the venv yet: the package installs without kernels and says why.
+    installed = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                                "-v", str(src)], capture_output=True, text=True, cwd=tmp_path)
+    assert installed.returncode == 0, installed.stdout[-3000:] + installed.stderr[-3000:]
+    assert "building the pure-Python package only (torch is not importable here" in (
+        installed.stdout + installed.stderr)
+    _add_torch(python)  # then torch arrives, as after pip install torch
+
+    script = ("import torch, residual_fused as rf, residual_fused.ops as ops\n"
+              "print('source', ops._jit.source_root())\n"
+              "x, r = torch.randn(6, 96), torch.randn(6, 96)\n"
+              "y = rf.add_rms_norm(x, r)\n"
+              "print('kernels', rf.cpu_kernels_available())\n"
+              "print('err', (y - rf.reference.add_rms_norm(x, r)).abs().max().item())\n")
+    run_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run_env.update(RESIDUAL_FUSED_CACHE=str(tmp_path / "cache"), MAX_JOBS="2")
+    off = subprocess.run([python, "-W", "always", "-c", script], capture_output=True, text=True,
+                         cwd=tmp_path, env={**run_env, "RESIDUAL_FUSED_JIT": "0"})
+    assert off.returncode == 0, off.stderr[-3000:]
+    assert "kernels False" in off.stdout and "slower PyTorch reference" in off.stderr
+    assert "residual_fused/_source" in off.stdout.replace(os.sep, "/")
+    if not HAS_CXX:
+        return
+    built = subprocess.run([python, "-c", script], capture_output=True, text=True,
+                           cwd=tmp_path, env=run_env, timeout=900)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert "building the CPU kernels for torch" in built.stderr
+    assert "built the CPU kernels in" in built.stderr
+    assert "kernels True" in built.stdout
+    assert float(built.stdout.split("err ")[1]) < 1e-5
+    again = subprocess.run([python, "-c", script], capture_output=True, text=True,
+                           cwd=tmp_path, env=run_env)
+    assert "kernels True" in again.stdout and "building" not in again.stderr  # cached
+    ahead = subprocess.run([python, "-m", "residual_fused", "build"], capture_output=True,
+                           text=True, cwd=tmp_path, env=run_env)
+    assert ahead.returncode == 0 and "built: " in ahead.stdout and "building" not in ahead.stderr
