@@ -30,11 +30,30 @@ done
 # One at a time and not fatal: a machine without a network may lack an optional one
 # (e.g. wheel, which recent setuptools no longer needs); what is truly missing fails
 # below, with pip's or pytest's own message.
+if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing ${need[*]} (missing from $("$PY" -c 'import sys; print(sys.prefix)'))" >&2
+fi
 for pkg in ${need[@]+"${need[@]}"}; do
     "$PY" -m pip install -q "$pkg" >&2 || echo "setup: could not install $pkg" >&2
 done
 
-# --no-build-isolation: build against the torch above (see README, "Install").
-export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-"$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2
+# The editable install picks up Python changes by itself; it is redone only when what
+# the extension is built from changed (sources, build files, torch, build settings),
+# or when this checkout's package does not import from this folder.
+stamp_file="$("$PY" -c 'import sys; print(sys.prefix)')/residual_fused-build.stamp"
+stamp=$( { "$PY" -c "import torch, sys; print(torch.__version__, sys.version)";
+           env | grep -E '^(RESIDUAL_FUSED_BUILD_|CXX=|CUDA_HOME=|CUDA_PATH=|TORCH_CUDA_ARCH_LIST=)' | sort;
+           cat setup.py pyproject.toml residual_fused/_build_env.py;
+           find csrc -type f | LC_ALL=C sort | xargs cat; } | sha256sum | cut -c1-16)
+if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] &&
+   "$PY" -c "import residual_fused.ops as o, sys, os
+sys.exit(not (o.__file__.startswith(os.getcwd() + os.sep) and o._load_error is None))" 2>/dev/null; then
+    echo "setup: residual_fused is installed and its build is up to date; not reinstalling" >&2
+else
+    # --no-build-isolation: build against the torch above (see README, "Install").
+    echo "setup: installing residual_fused (editable, compiling its extension)" >&2
+    export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+    "$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2
+    echo "$stamp" > "$stamp_file"
+fi
 echo "$PY"
