@@ -162,10 +162,10 @@ def _cuda_reason_to_skip(torch, build_env, home, source):
     version = build_env.nvcc_version(nvcc)
     if version is None:
         return f"{nvcc} (CUDA_HOME from {source}) does not run"
-    mismatch = build_env.cuda_mismatch(version, torch.version.cuda)
+    mismatch = build_env.cuda_mismatch(version, torch.version.cuda,
+                                       f" at {home} (from {source})", torch.__version__)
     if mismatch:
-        return (f"{mismatch}: the toolkit at {home} (from {source}) against "
-                f"torch {torch.__version__}")
+        return mismatch
     missing = build_env.missing_cuda_headers(home)
     if missing:
         return (f"the CUDA toolkit at {home} (from {source}) lacks {', '.join(missing)}; "

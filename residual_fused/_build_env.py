@@ -169,10 +169,13 @@ def missing_cuda_headers(home: str) -> List[str]:
             if not any(os.path.exists(os.path.join(r, h)) for r in roots)]
 
 
-def cuda_mismatch(toolkit: str, torch_cuda: str) -> Optional[str]:
+def cuda_mismatch(toolkit: str, torch_cuda: str, where: str = "",
+                  torch_version: str = "") -> Optional[str]:
     """Why a CUDA ``toolkit`` version cannot build for a torch built with
-    ``torch_cuda``, or None: their major versions must match (torch's rule)."""
+    ``torch_cuda``, or None: their major versions must match (torch's rule).
+    ``where`` (the toolkit's folder) and ``torch_version`` go into the message."""
     if toolkit.split(".")[0] != torch_cuda.split(".")[0]:
-        return (f"the CUDA toolkit is {toolkit} but torch was built with CUDA {torch_cuda}; "
-                f"their major versions must match")
+        torch_name = f"torch {torch_version}" if torch_version else "torch"
+        return (f"the CUDA toolkit{where} is {toolkit}, while {torch_name} was built with "
+                f"CUDA {torch_cuda}; their major versions must match")
     return None

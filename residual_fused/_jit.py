@@ -82,9 +82,10 @@ def toolchain() -> Tuple[Optional[str], Optional[str], str]:
     if version is None:
         return cxx, None, f"{home}/bin/nvcc (from {source}) does not run"
     missing = env.missing_cuda_headers(home)
-    why = env.cuda_mismatch(version, torch.version.cuda) or (
-        f"it lacks {', '.join(missing)}" if missing else None)
-    return (cxx, None, f"{why} ({home}, from {source})") if why else (cxx, version, "")
+    where = f" at {home} (from {source})"
+    why = env.cuda_mismatch(version, torch.version.cuda, where, torch.__version__) or (
+        f"the CUDA toolkit{where} lacks {', '.join(missing)}" if missing else None)
+    return (cxx, None, why) if why else (cxx, version, "")
 
 
 def _arch_list() -> str:

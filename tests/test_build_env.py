@@ -108,4 +108,5 @@ def test_missing_headers_and_version_mismatch_are_named(tmp_path):
     assert build_env.missing_cuda_headers(str(tmp_path / "partial")) == ["crt/host_defines.h"]
     assert build_env.cuda_mismatch("13.0", "13.2") is None
     message = build_env.cuda_mismatch("13.0", "12.1")
-    assert "13.0" in message and "12.1" in message and "major versions must match" in message
+    assert message == ("the CUDA toolkit is 13.0, while torch was built with CUDA 12.1; "
+                       "their major versions must match")
