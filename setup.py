@@ -173,7 +173,37 @@ def _cuda_reason_to_skip(torch, build_env, home, source):
     return None
 
 
-def _cuda_extension(torch, cpp_extension, sources, cxx_flags, link_flags):
+def _stable_abi(torch):
+    """Whether the CUDA ops are built against LibTorch's stable ABI (torch >= 2.10):
+    one library, residual_fused/_cuda_stable*.abi3.so, that every later torch loads.
+    RESIDUAL_FUSED_STABLE_ABI=0 builds them into _C against torch's full C++ API
+    instead, as on older torch; =1 makes a torch without the stable ABI an error."""
+    choice = os.environ.get("RESIDUAL_FUSED_STABLE_ABI", "auto").lower()
+    if choice in _NO:
+        return False
+    header = os.path.join(os.path.dirname(torch.__file__), "include", "torch", "csrc", "stable",
+                          "library.h")
+    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    available = (major, minor) >= (2, 10) and os.path.exists(header)
+    if choice in _YES and not available:
+        raise RuntimeError(f"RESIDUAL_FUSED_STABLE_ABI=1 but torch {torch.__version__} has no "
+                           f"stable ABI for extensions (torch >= 2.10 has)")
+    return available
+
+
+def _cpu_extension(cpp_extension, sources, cxx_flags, link_flags):
+    return cpp_extension.CppExtension(
+        name="residual_fused._C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
+    )
+
+
+def _cuda_extensions(torch, cpp_extension, sources, cxx_flags, link_flags):
+    """The extensions of a CUDA build: with the stable ABI, _C (CPU) and _cuda_stable
+    (CUDA, any torch >= 2.10); without it, one _C holding both."""
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # With no GPU to detect, torch would build for every architecture its CUDA
         # knows; the kernels target sm_80 and newer (PTX covers later GPUs).
@@ -184,7 +214,7 @@ def _cuda_extension(torch, cpp_extension, sources, cxx_flags, link_flags):
     # without crt/) never shadows the toolkit nvcc belongs to; only the C++ glue needs
     # them (the kernels include no torch headers).
     after = [flag for d in includes for flag in ("-idirafter", d)]
-    sources = sources + sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/kernels/*.cu"))
+    kernels = sorted(glob.glob("csrc/kernels/*.cu"))
     nvcc_flags = [
         # No -std: torch's build helper picks the standard its headers need (C++17 for
         # older torch, C++20 for newer); the kernels need C++17 or later.
@@ -196,31 +226,48 @@ def _cuda_extension(torch, cpp_extension, sources, cxx_flags, link_flags):
     ]
     if os.environ.get("RESIDUAL_FUSED_PTXAS_VERBOSE"):
         nvcc_flags.append("-Xptxas=-v")
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "<torch default>")
+    if _stable_abi(torch):
+        _log(f"building the CPU kernels against torch {torch.__version__}, and the CUDA kernels "
+             f"against its stable ABI (loadable by torch >= 2.10; TORCH_CUDA_ARCH_LIST={arch})")
+        cuda = cpp_extension.CUDAExtension(
+            name="residual_fused._cuda_stable",
+            sources=sorted(glob.glob("csrc/stable/*.cpp")) + kernels,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            library_dirs=libs,
+            extra_compile_args={"cxx": ["-O3"] + after, "nvcc": nvcc_flags},
+            # Loaded with torch.ops.load_library, never imported: no Python API is
+            # used, so the abi3 name fits every Python version.
+            py_limited_api=True,
+        )
+        return [_cpu_extension(cpp_extension, sources, cxx_flags, link_flags), cuda]
+    sources = sources + sorted(glob.glob("csrc/cuda/*.cpp")) + kernels
     _log(f"building the CPU and CUDA kernels from {len(sources)} sources "
-         f"(TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<torch default>')})")
-    return cpp_extension.CUDAExtension(
+         f"(TORCH_CUDA_ARCH_LIST={arch})")
+    return [cpp_extension.CUDAExtension(
         name="residual_fused._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         library_dirs=libs,
         extra_compile_args={"cxx": cxx_flags + after, "nvcc": nvcc_flags},
         extra_link_args=link_flags,
-    )
+    )]
 
 
 def _build_py_with_sources(pure):
     """build_py that also copies what a build needs (this file, csrc/ and
     _build_env.py) into the package as residual_fused/_source, so an installed
     package without compiled kernels can build them on first use (residual_fused/_jit.py).
-    A ``pure`` build drops any _C library an earlier build left in build/."""
+    A ``pure`` build drops any library an earlier build left in build/."""
     from setuptools.command.build_py import build_py
 
     class BuildPy(build_py):
         def run(self):
             super().run()
             if pure:
-                for stale in glob.glob(os.path.join(self.build_lib, "residual_fused", "_C*")):
-                    os.remove(stale)
+                for name in ("_C*", "_cuda_stable*"):
+                    for stale in glob.glob(os.path.join(self.build_lib, "residual_fused", name)):
+                        os.remove(stale)
             target = os.path.join(self.build_lib, "residual_fused", "_source")
             files = ["setup.py", os.path.join("residual_fused", "_build_env.py")]
             for ext in ("cpp", "h", "cu", "cuh"):
@@ -267,20 +314,14 @@ def _extension_kwargs():
     cxx_flags = ["-O3", "-Wno-unknown-pragmas"] + cpu_flags
     cuda_skip = _cuda_reason_to_skip(torch, build_env, home, source)
     if cuda_skip is None:
-        extension = _cuda_extension(torch, cpp_extension, sources, cxx_flags, link_flags)
+        extensions = _cuda_extensions(torch, cpp_extension, sources, cxx_flags, link_flags)
     elif BUILD_CUDA in _YES:
         raise RuntimeError(f"RESIDUAL_FUSED_BUILD_CUDA=1 but {cuda_skip}")
     else:
         _log(f"building the CPU kernels only ({cuda_skip})")
-        extension = cpp_extension.CppExtension(
-            name="residual_fused._C",
-            sources=sources,
-            include_dirs=[os.path.join(HERE, "csrc")],
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=link_flags,
-        )
+        extensions = [_cpu_extension(cpp_extension, sources, cxx_flags, link_flags)]
     build_ext = _grouped_build_ext(cpp_extension.BuildExtension, per_source_flags)
-    return {"ext_modules": [extension],
+    return {"ext_modules": extensions,
             "cmdclass": {"build_ext": build_ext.with_options(use_ninja=True)}}
 
 

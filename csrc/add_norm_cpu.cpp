@@ -56,10 +56,10 @@ std::tuple<Tensor, Tensor, Tensor> add_norm_fwd_cpu(const Tensor& x, const OptTe
                                                     bool is_rms_norm, bool store_residual_out,
                                                     at::ScalarType residual_out_dtype) {
   const int64_t hidden = checked_hidden(x, "x");
-  FwdCall call = prepare_add_norm_fwd(x, residual, weight, bias, eps, is_rms_norm,
-                                      store_residual_out, residual_out_dtype, hidden);
+  FwdCall call = AtenGlue::prepare_fwd(x, residual, weight, bias, eps, is_rms_norm,
+                                       store_residual_out, residual_out_dtype, hidden);
   kernels().fwd(call.params);
-  return {call.y, call.residual_out, call.rstd};
+  return {*call.y, *call.residual_out, *call.rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
@@ -67,14 +67,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
     const OptTensor& weight, const OptTensor& bias, bool is_rms_norm, bool memory_efficient,
     std::optional<at::ScalarType> dresidual_dtype) {
   const int64_t hidden = checked_hidden(dy, "dy");
-  BwdCall call = prepare_add_norm_bwd(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm,
-                                      memory_efficient, dresidual_dtype, hidden);
+  BwdCall call = AtenGlue::prepare_bwd(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm,
+                                       memory_efficient, dresidual_dtype, hidden);
   if (call.params.rows > 0) {
-    allocate_bwd_workspace(
+    AtenGlue::allocate_workspace(
         call, cpu::bwd_partial_rows(call.params.rows, hidden, at::get_num_threads()));
     kernels().bwd(call.params);
   }
-  return {call.dx, call.dresidual, call.dweight, call.dbias};
+  return {*call.dx, *call.dresidual, *call.dweight, *call.dbias};
 }
 
 }  // namespace

@@ -47,9 +47,9 @@ def _kernel_status(kind: str, cxx, cuda_version, cuda_why) -> str:
     if cxx is None:
         return ("not built: no C++ compiler was found. Fix: install g++ (or set CXX), "
                 "then python -m residual_fused build")
-    why = (f"the installed extension failed to load ({ops._load_error})" if ops._load_error
+    why = (f"an installed library failed to load ({ops._load_error})" if ops._load_error
            else "this installation has no compiled extension")
-    if _jit.cached_library(cuda_version) and _jit.enabled():
+    if _jit.cached_libraries(cuda_version) and _jit.enabled():
         return f"built in the cache; the first {kind} op loads them ({why})"
     if not _jit.enabled():
         return f"not built: {why}, and RESIDUAL_FUSED_JIT=0. Fix: python -m residual_fused build"
@@ -108,12 +108,12 @@ def doctor(out=sys.stdout) -> None:
 
 def build(out=sys.stdout) -> int:
     try:
-        library = _jit.build()
+        libraries = _jit.build()
     except _jit.BuildError as err:
         print(f"residual_fused: {err}", file=sys.stderr)
         return 1
-    print(f"built: {library}", file=out)
-    if ops._extension is not None:
+    print(f"built: {', '.join(libraries)}", file=out)
+    if ops._extension_loaded:
         print("note: the installed extension loads first; this build is used where it "
               "does not (after a torch upgrade, or with no extension installed)", file=out)
     return 0

@@ -113,20 +113,23 @@ def cache_key(root: str, cuda_version: Optional[str]) -> str:
     return f"torch{torch.__version__.replace('+', '_')}-{tag}-{python}-{digest.hexdigest()[:16]}"
 
 
-def _library(folder: str) -> Optional[str]:
-    found = glob.glob(os.path.join(folder, "residual_fused", "_C*.so")) + glob.glob(
-        os.path.join(folder, "residual_fused", "_C*.pyd"))
-    return found[0] if found and os.path.exists(os.path.join(folder, "ok")) else None
+def _libraries(folder: str) -> List[str]:
+    """The libraries of a finished build in ``folder``: _C, and _cuda_stable where the
+    CUDA kernels were built against the stable ABI."""
+    if not os.path.exists(os.path.join(folder, "ok")):
+        return []
+    return sorted(glob.glob(os.path.join(folder, "residual_fused", "_C*.so"))
+                  + glob.glob(os.path.join(folder, "residual_fused", "_cuda_stable*.so")))
 
 
 def _log(msg: str) -> None:
     print(f"residual_fused: {msg}", file=sys.stderr, flush=True)
 
 
-def cached_library(cuda_version: Optional[str]) -> Optional[str]:
-    """The library a first-use build left for this configuration, if any."""
+def cached_libraries(cuda_version: Optional[str]) -> List[str]:
+    """The libraries a first-use build left for this configuration, if any."""
     root = source_root()
-    return None if root is None else _library(os.path.join(cache_root(),
+    return [] if root is None else _libraries(os.path.join(cache_root(),
                                                            cache_key(root, cuda_version)))
 
 
@@ -134,9 +137,9 @@ class BuildError(RuntimeError):
     pass
 
 
-def build(quiet: bool = False) -> str:
+def build(quiet: bool = False) -> List[str]:
     """Build (or find in the cache) the kernels for this torch and toolchain; returns
-    the library's path. Raises BuildError with the log's tail if the build fails."""
+    the libraries' paths. Raises BuildError with the log's tail if the build fails."""
     root = source_root()
     if root is None:
         raise BuildError("the kernels' sources are not part of this installation; "
@@ -148,9 +151,9 @@ def build(quiet: bool = False) -> str:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "lock"), "w") as lock:
         _lock(lock)  # concurrent processes (DDP ranks) build once, the others wait
-        library = _library(folder)
-        if library is not None:
-            return library
+        libraries = _libraries(folder)
+        if libraries:
+            return libraries
         what = f"CPU and CUDA {cuda_version} kernels" if cuda_version else "CPU kernels"
         if not quiet:
             _log(f"building the {what} for torch {torch.__version__} into {folder} "
@@ -165,15 +168,16 @@ def build(quiet: bool = False) -> str:
                 [sys.executable, "setup.py", "build_ext", "--build-lib", folder,
                  "--build-temp", os.path.join(folder, "build")],
                 cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-        library = glob.glob(os.path.join(folder, "residual_fused", "_C*"))
-        if result.returncode != 0 or not library:
+        if result.returncode == 0:
+            open(os.path.join(folder, "ok"), "w").close()
+        libraries = _libraries(folder)
+        if not libraries:
             with open(log_path) as log:
                 tail = "".join(log.readlines()[-15:])
             raise BuildError(f"building the {what} failed (log: {log_path}):\n{tail}")
-        open(os.path.join(folder, "ok"), "w").close()
         if not quiet:
             _log(f"built the {what} in {time.perf_counter() - start:.0f} s")
-        return library[0]
+        return libraries
 
 
 def _lock(handle) -> None:

@@ -13,7 +13,10 @@ Outputs that a call does not produce are returned as 0-element placeholders
 """
 
 import functools
+import glob
+import importlib
 import importlib.util
+import os
 import warnings
 from typing import Optional
 
@@ -85,8 +88,13 @@ def _build_on_first_use(device: torch.device) -> bool:
     if cxx is None or (kind == "cuda" and cuda_version is None):
         return False  # the notice that follows says what to install
     try:
-        torch.ops.load_library(_jit.build())
-    except (_jit.BuildError, OSError) as err:
+        for library in _jit.build():
+            # Each library's kernels may already be registered (the installed _C where
+            # only the CUDA kernels were missing); registering them twice is an error.
+            covers = "CUDA" if os.path.basename(library).startswith("_cuda_stable") else "CPU"
+            if not _has_kernel(covers):
+                torch.ops.load_library(library)
+    except (_jit.BuildError, OSError, RuntimeError) as err:
         warnings.warn(f"residual_fused: {err}", stacklevel=4)
         return False
     global _extension_loaded
@@ -233,29 +241,43 @@ class AddNormFunction(torch.autograd.Function):
                 None if bias is None else dbias) + none
 
 
-def _load_extension():
-    """Import the compiled kernels if they were built; warn if they are broken."""
-    if importlib.util.find_spec(f"{__package__}._C") is None:
-        return None
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_load_error = None  # why an installed library did not load, if one did not
+
+
+def _loaded_or_warn(load, name: str) -> bool:
     global _load_error
     try:
-        from . import _C
-    except ImportError as err:  # built, but for another torch or CUDA
-        _load_error = str(err)
+        load()
+        return True
+    except (ImportError, OSError, RuntimeError) as err:  # built for another torch or CUDA
+        _load_error = f"{name}: {err}"
         warnings.warn(
-            f"residual_fused: the compiled extension failed to load ({err}), as after a "
+            f"residual_fused: the compiled {name} failed to load ({err}), as after a "
             f"torch upgrade; the first op builds the kernels again where it can (see "
             f"python -m residual_fused), else uses the slower PyTorch reference. "
             f"To rebuild now: pip install --no-build-isolation .",
-            stacklevel=3,
+            stacklevel=4,
         )
-        return None
-    return _C
+        return False
 
 
-_load_error = None  # why the installed extension did not load, if it did not
-_extension = _load_extension()
-_extension_loaded = _extension is not None  # or built and loaded on first use (_jit)
+def _load_extension() -> bool:
+    """Load the compiled kernels that were built: ``_C`` (the CPU kernels, and the
+    CUDA ones in builds against torch's full C++ API) is imported; ``_cuda_stable``
+    (the CUDA kernels against the stable ABI) is a plain library. True if any loaded."""
+    loaded = False
+    if importlib.util.find_spec(f"{__package__}._C") is not None:
+        loaded = _loaded_or_warn(lambda: importlib.import_module(f"{__package__}._C"),
+                                 "extension _C")
+    if torch.version.cuda is not None:  # a CPU-only torch has no use for CUDA kernels
+        for path in glob.glob(os.path.join(_PACKAGE_DIR, "_cuda_stable*.so")):
+            loaded |= _loaded_or_warn(lambda: torch.ops.load_library(path),
+                                      f"CUDA library {os.path.basename(path)}")
+    return loaded
+
+
+_extension_loaded = _load_extension()  # or built and loaded on first use (_jit)
 
 
 def _has_kernel(dispatch_key: str) -> bool:

@@ -43,7 +43,7 @@ def one(hidden: int, rms: bool, prenorm: bool, dtype, param=torch.float32, rows:
 
 
 def main() -> int:
-    assert rf.cuda_kernels_available(), "residual_fused._C is not loaded"
+    assert rf.cuda_kernels_available(), "the CUDA kernels are not loaded (python -m residual_fused says why)"
     worst = 0.0
     calls = 0
     # bf16 with fp32 parameters runs the generic kernel; with bf16 parameters (and all

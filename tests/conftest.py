@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# No test builds kernels into the user's cache by accident: the first-use build is
+# tested in subprocesses that turn it on with a cache of their own (test_install.py).
+os.environ.setdefault("RESIDUAL_FUSED_JIT", "0")
 
 import residual_fused as rf
 

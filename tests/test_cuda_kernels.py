@@ -40,7 +40,7 @@ PATH_SIZES = {
 
 def test_kernels_are_loaded():
     assert rf.cuda_kernels_available(), (
-        "CUDA is available but residual_fused._C is not loaded: build with "
+        "CUDA is available but the CUDA kernels are not loaded (python -m residual_fused says why); build with "
         "pip install --no-build-isolation -e .")
 
 

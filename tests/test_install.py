@@ -41,7 +41,7 @@ def test_doctor_says_why_and_how_to_fix(monkeypatch):
     text = _doctor()
     assert "CPU kernels            not built: no C++ compiler was found. Fix: install g++" in text
     monkeypatch.setattr(_jit, "toolchain", lambda: ("/usr/bin/c++", None, ""))
-    monkeypatch.setattr(_jit, "cached_library", lambda cuda: None)
+    monkeypatch.setattr(_jit, "cached_libraries", lambda cuda: [])
     monkeypatch.setenv("RESIDUAL_FUSED_JIT", "0")
     assert "RESIDUAL_FUSED_JIT=0. Fix: python -m residual_fused build" in _doctor()
     monkeypatch.setenv("RESIDUAL_FUSED_JIT", "1")
@@ -128,7 +128,8 @@ def test_install_into_a_fresh_venv_then_build_on_first_use(tmp_path):
               "print('kernels', rf.cpu_kernels_available())\n"
               "print('err', (y - rf.reference.add_rms_norm(x, r)).abs().max().item())\n")
     run_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run_env.update(RESIDUAL_FUSED_CACHE=str(tmp_path / "cache"), MAX_JOBS="2")
+    run_env.update(RESIDUAL_FUSED_CACHE=str(tmp_path / "cache"), MAX_JOBS="2",
+                   RESIDUAL_FUSED_JIT="1")
     off = subprocess.run([python, "-W", "always", "-c", script], capture_output=True, text=True,
                          cwd=tmp_path, env={**run_env, "RESIDUAL_FUSED_JIT": "0"})
     assert off.returncode == 0, off.stderr[-3000:]

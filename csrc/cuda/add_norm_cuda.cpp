@@ -38,11 +38,11 @@ std::tuple<Tensor, Tensor, Tensor> add_norm_fwd_cuda(const Tensor& x, const OptT
                                                      at::ScalarType residual_out_dtype) {
   const int64_t hidden = checked_hidden(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  FwdCall call = prepare_add_norm_fwd(x, residual, weight, bias, eps, is_rms_norm,
-                                      store_residual_out, residual_out_dtype, hidden);
+  FwdCall call = AtenGlue::prepare_fwd(x, residual, weight, bias, eps, is_rms_norm,
+                                       store_residual_out, residual_out_dtype, hidden);
   check_launch(launch_add_norm_fwd(call.params, c10::cuda::getCurrentCUDAStream()),
                "add_norm_fwd");
-  return {call.y, call.residual_out, call.rstd};
+  return {*call.y, *call.residual_out, *call.rstd};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
@@ -51,16 +51,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
     std::optional<at::ScalarType> dresidual_dtype) {
   const int64_t hidden = checked_hidden(dy, "dy");
   const c10::cuda::CUDAGuard guard(dy.device());
-  BwdCall call = prepare_add_norm_bwd(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm,
-                                      memory_efficient, dresidual_dtype, hidden);
+  BwdCall call = AtenGlue::prepare_bwd(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm,
+                                       memory_efficient, dresidual_dtype, hidden);
   if (call.params.rows > 0) {
     // Planned once: the workspace is sized from the plan that is launched.
     const AddNormBwdPlan plan = plan_add_norm_bwd(call.params);
-    allocate_bwd_workspace(call, plan.partial_rows);
+    AtenGlue::allocate_workspace(call, plan.partial_rows);
     check_launch(launch_add_norm_bwd(call.params, plan, c10::cuda::getCurrentCUDAStream()),
                  "add_norm_bwd");
   }
-  return {call.dx, call.dresidual, call.dweight, call.dbias};
+  return {*call.dx, *call.dresidual, *call.dweight, *call.dbias};
 }
 
 }  // namespace

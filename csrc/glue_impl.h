@@ -1,0 +1,262 @@
+// Torch-side preparation of the two ops, written once for two tensor APIs: ATen's
+// (csrc/glue.cpp: the CPU ops, and the CUDA ops on torch < 2.10) and LibTorch's
+// stable ABI (csrc/stable/: the CUDA ops built once for every torch >= 2.10).
+//
+// A backend B provides:
+//   using Tensor, OptTensor, ScalarType;
+//   static DType dtype(ScalarType, const char* name);       // throws if unsupported
+//   static ScalarType stats_type(ScalarType);               // fp64 -> fp64, else fp32
+//   static bool same_device(const Tensor&, const Tensor&);
+//   static std::string device_name(const Tensor&);
+//   static Tensor contiguous(const Tensor&);
+//   static Tensor empty(const std::vector<int64_t>& sizes, ScalarType, const Tensor& like);
+//   static void zero(Tensor&);
+//   [[noreturn]] static void fail(const std::string& message);
+// This header includes no torch header, so it compiles against either.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kernels/params.h"
+
+namespace residual_fused {
+
+// A [..., hidden] tensor seen as [rows, hidden] with one row stride. Copy-free when
+// the last dim is contiguous and the leading dims collapse (e.g. t[:, :hidden] of a
+// wider tensor); anything else is made contiguous first (t keeps that copy alive).
+template <class Tensor>
+struct RowsOf {
+  Tensor t;
+  int64_t row_stride = 0;
+  DType dtype = DType::kFloat32;
+};
+
+// A [hidden] parameter (weight or bias); t is empty when absent.
+template <class Tensor>
+struct VectorArgOf {
+  std::optional<Tensor> t;
+  const void* ptr = nullptr;
+  DType dtype = DType::kFloat32;
+};
+
+// One forward call: its params and the tensors they point into.
+template <class Tensor>
+struct FwdCallOf {
+  AddNormFwdParams params;
+  std::optional<RowsOf<Tensor>> x, residual;
+  VectorArgOf<Tensor> weight, bias;
+  std::optional<Tensor> y, residual_out, rstd;
+};
+
+// One backward call. The workspace (params.dweight_partial/dbias_partial) is left to
+// the device code, which alone knows how many partial rows its plan needs.
+template <class Tensor>
+struct BwdCallOf {
+  AddNormBwdParams params;
+  std::optional<RowsOf<Tensor>> dy, dresidual_out, saved;
+  std::optional<Tensor> rstd;
+  VectorArgOf<Tensor> weight, bias;
+  std::optional<Tensor> dx, dresidual, dweight, dbias;
+  std::optional<Tensor> dweight_partial, dbias_partial;  // the workspace, once allocated
+};
+
+template <class B>
+struct Glue {
+  using Tensor = typename B::Tensor;
+  using OptTensor = typename B::OptTensor;
+  using ScalarType = typename B::ScalarType;
+  using Rows = RowsOf<Tensor>;
+  using VectorArg = VectorArgOf<Tensor>;
+  using FwdCall = FwdCallOf<Tensor>;
+  using BwdCall = BwdCallOf<Tensor>;
+
+  template <class... Parts>
+  static void check(bool ok, const Parts&... parts) {
+    if (ok) return;
+    std::ostringstream message;
+    (message << ... << parts);
+    B::fail(message.str());
+  }
+
+  static std::vector<int64_t> sizes(const Tensor& t) {
+    std::vector<int64_t> out(static_cast<size_t>(t.dim()));
+    for (int64_t d = 0; d < t.dim(); ++d) out[static_cast<size_t>(d)] = t.size(d);
+    return out;
+  }
+
+  static std::string shape(const Tensor& t) {
+    std::ostringstream s;
+    s << "[";
+    for (int64_t d = 0; d < t.dim(); ++d) s << (d ? ", " : "") << t.size(d);
+    s << "]";
+    return s.str();
+  }
+
+  static void check_same_device(const Tensor& t, const Tensor& x, const char* name) {
+    check(B::same_device(t, x), name, " is on ", B::device_name(t), " but x is on ",
+          B::device_name(x), "; all tensors must be on the same device");
+  }
+
+  static Rows as_rows(const Tensor& t, int64_t hidden, DType dtype) {
+    const int64_t nd = t.dim();
+    bool ok = hidden == 1 || t.stride(nd - 1) == 1;
+    int64_t row_stride = hidden;
+    int64_t inner = -1;  // innermost leading dim of size > 1 seen so far
+    for (int64_t d = nd - 2; ok && d >= 0; --d) {
+      if (t.size(d) == 1) continue;
+      if (inner < 0) {
+        row_stride = t.stride(d);
+      } else {
+        ok = t.stride(d) == t.stride(inner) * t.size(inner);
+      }
+      inner = d;
+    }
+    if (ok) return {t, row_stride, dtype};
+    return {B::contiguous(t), hidden, dtype};
+  }
+
+  // A [..., hidden] input with the shape and device of `like`.
+  static Rows rows_arg(const Tensor& t, const Tensor& like, int64_t hidden, const char* name) {
+    check_same_device(t, like, name);
+    check(sizes(t) == sizes(like), name, ": shape ", shape(t), " must equal ", shape(like));
+    return as_rows(t, hidden, B::dtype(t.scalar_type(), name));
+  }
+
+  // Points a params struct's (pointer, row stride, dtype) of one input at `rows`.
+  static void bind(const Rows& rows, const void*& ptr, int64_t& row_stride, DType& dtype) {
+    ptr = rows.t.data_ptr();
+    row_stride = rows.row_stride;
+    dtype = rows.dtype;
+  }
+
+  static VectorArg vector_arg(const OptTensor& p, const Tensor& x, int64_t hidden,
+                              const char* name) {
+    if (!p.has_value()) return {};
+    check_same_device(*p, x, name);
+    check(p->dim() == 1 && p->size(0) == hidden, name, ": shape ", shape(*p), " must be [",
+          hidden, "], the size of the normalized dim");
+    const Tensor t = B::contiguous(*p);
+    return {t, t.data_ptr(), B::dtype(t.scalar_type(), name)};
+  }
+
+  static Tensor placeholder(const Tensor& like) { return B::empty({0}, like.scalar_type(), like); }
+
+  // `hidden` is x.size(-1), already checked against the device's range by the caller.
+  static FwdCall prepare_fwd(const Tensor& x, const OptTensor& residual, const OptTensor& weight,
+                             const OptTensor& bias, double eps, bool is_rms_norm,
+                             bool store_residual_out, ScalarType residual_out_dtype,
+                             int64_t hidden) {
+    check(!is_rms_norm || !bias.has_value(), "bias: RMSNorm has no bias");
+    check(eps >= 0, "eps must be non-negative, got ", eps);
+    FwdCall call;
+    AddNormFwdParams& p = call.params;
+    p.hidden = static_cast<int>(hidden);
+    p.rows = x.numel() / hidden;
+    p.is_rms_norm = is_rms_norm;
+    p.eps = eps;
+    call.x = rows_arg(x, x, hidden, "x");
+    bind(*call.x, p.x, p.x_row_stride, p.x_dtype);
+    if (residual.has_value()) {
+      call.residual = rows_arg(*residual, x, hidden, "residual");
+      bind(*call.residual, p.residual, p.residual_row_stride, p.residual_dtype);
+    }
+    call.weight = vector_arg(weight, x, hidden, "weight");
+    call.bias = vector_arg(bias, x, hidden, "bias");
+    p.weight = call.weight.ptr;
+    p.weight_dtype = call.weight.dtype;
+    p.bias = call.bias.ptr;
+    p.bias_dtype = call.bias.dtype;
+
+    call.y = B::empty(sizes(x), x.scalar_type(), x);
+    if (store_residual_out) {
+      p.residual_out_dtype = B::dtype(residual_out_dtype, "residual_out_dtype");
+      call.residual_out = B::empty(sizes(x), residual_out_dtype, x);
+      p.residual_out = call.residual_out->data_ptr();
+    } else {
+      call.residual_out = placeholder(x);
+    }
+    std::vector<int64_t> row_shape = sizes(x);
+    row_shape.pop_back();
+    call.rstd = B::empty(row_shape, B::stats_type(x.scalar_type()), x);
+    p.y = call.y->data_ptr();
+    p.rstd = call.rstd->data_ptr();
+    return call;
+  }
+
+  // `hidden` is dy.size(-1), already checked against the device's range by the caller.
+  static BwdCall prepare_bwd(const Tensor& dy, const OptTensor& dresidual_out,
+                             const Tensor& saved, const Tensor& rstd, const OptTensor& weight,
+                             const OptTensor& bias, bool is_rms_norm, bool memory_efficient,
+                             const std::optional<ScalarType>& dresidual_dtype, int64_t hidden) {
+    check_same_device(rstd, dy, "rstd");
+    const ScalarType stats = B::stats_type(dy.scalar_type());
+    check(rstd.scalar_type() == stats && rstd.numel() * hidden == dy.numel(),
+          "rstd must hold one ", stats == ScalarType::Double ? "float64" : "float32", " per row");
+    BwdCall call;
+    AddNormBwdParams& p = call.params;
+    p.hidden = static_cast<int>(hidden);
+    p.rows = dy.numel() / hidden;
+    p.is_rms_norm = is_rms_norm;
+    p.memory_efficient = memory_efficient;
+    call.dy = rows_arg(dy, dy, hidden, "dy");
+    bind(*call.dy, p.dy, p.dy_row_stride, p.dy_dtype);
+    call.saved = rows_arg(saved, dy, hidden, "saved");
+    bind(*call.saved, p.saved, p.saved_row_stride, p.saved_dtype);
+    if (dresidual_out.has_value()) {
+      call.dresidual_out = rows_arg(*dresidual_out, dy, hidden, "dresidual_out");
+      bind(*call.dresidual_out, p.dresidual_out, p.dresidual_out_row_stride,
+           p.dresidual_out_dtype);
+    }
+    call.rstd = B::contiguous(rstd);
+    p.rstd = call.rstd->data_ptr();
+    call.weight = vector_arg(weight, dy, hidden, "weight");
+    call.bias = vector_arg(bias, dy, hidden, "bias");
+    p.weight = call.weight.ptr;
+    p.weight_dtype = call.weight.dtype;
+    p.bias = call.bias.ptr;
+    p.bias_dtype = call.bias.dtype;
+
+    call.dx = B::empty(sizes(dy), dy.scalar_type(), dy);
+    p.dx = call.dx->data_ptr();
+    if (dresidual_dtype.has_value()) {
+      p.dresidual_dtype = B::dtype(*dresidual_dtype, "dresidual_dtype");
+      call.dresidual = B::empty(sizes(dy), *dresidual_dtype, dy);
+      p.dresidual = call.dresidual->data_ptr();
+    } else {
+      call.dresidual = placeholder(dy);
+    }
+    call.dweight = p.weight ? B::empty({hidden}, call.weight.t->scalar_type(), dy) : placeholder(dy);
+    call.dbias = p.bias ? B::empty({hidden}, call.bias.t->scalar_type(), dy) : placeholder(dy);
+    if (p.weight) p.dweight = call.dweight->data_ptr();
+    if (p.bias) p.dbias = call.dbias->data_ptr();
+    if (p.rows == 0) {  // the column sums over no rows
+      B::zero(*call.dweight);
+      B::zero(*call.dbias);
+    }
+    return call;
+  }
+
+  // Allocates the [partial_rows, hidden] workspace of a backward call (nothing when
+  // there is neither weight nor bias) and points the params at it.
+  static void allocate_workspace(BwdCall& call, int64_t partial_rows) {
+    AddNormBwdParams& p = call.params;
+    p.partial_rows = partial_rows;
+    const ScalarType stats = B::stats_type(call.dx->scalar_type());
+    // Tensors, so the caching allocators (CPU and CUDA) recycle them across calls;
+    // kept alive by the call until the kernels that use them were launched.
+    if (p.weight) {
+      call.dweight_partial = B::empty({partial_rows, p.hidden}, stats, *call.dx);
+      p.dweight_partial = call.dweight_partial->data_ptr();
+    }
+    if (p.bias) {
+      call.dbias_partial = B::empty({partial_rows, p.hidden}, stats, *call.dx);
+      p.dbias_partial = call.dbias_partial->data_ptr();
+    }
+  }
+};
+
+}  // namespace residual_fused
