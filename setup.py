@@ -138,6 +138,23 @@ def _grouped_build_ext(base, per_source_flags):
             finally:
                 self.compiler.compile = compile_all
 
+        def run(self):
+            super().run()
+            # _C links torch's C++ API, which changes between releases without a
+            # loader error: a _C of another torch can import and register its kernels
+            # under the wrong dispatch keys. The package reads this file and imports
+            # _C only under the torch it names.
+            import json
+
+            import torch
+
+            for ext in self.extensions:
+                if ext.name == "residual_fused._C":
+                    target = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)),
+                                          "_C.build.json")
+                    with open(target, "w") as f:
+                        json.dump({"torch": torch.__version__}, f)
+
     return BuildExt
 
 

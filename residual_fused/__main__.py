@@ -85,6 +85,10 @@ def doctor(out=sys.stdout) -> None:
     line("CPU capability", torch.backends.cpu.get_cpu_capability())
     line("CPU kernels", _kernel_status("cpu", cxx, cuda_version, cuda_why))
     line("CUDA kernels", _kernel_status("cuda", cxx, cuda_version, cuda_why))
+    for path in ops.loaded_libraries:
+        kind = ("CUDA, stable ABI" if os.path.basename(path).startswith("_cuda_stable")
+                else f"built for torch {torch.__version__}")
+        line("loaded library", f"{path} ({kind})")
     line("build on first use", "on" if _jit.enabled() else "off (RESIDUAL_FUSED_JIT=0)")
     line("build cache", _cache_summary())
     root = _jit.source_root()

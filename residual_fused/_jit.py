@@ -137,14 +137,17 @@ class BuildError(RuntimeError):
     pass
 
 
-def build(quiet: bool = False) -> List[str]:
+def build(quiet: bool = False, with_cuda: bool = True) -> List[str]:
     """Build (or find in the cache) the kernels for this torch and toolchain; returns
-    the libraries' paths. Raises BuildError with the log's tail if the build fails."""
+    the libraries' paths. ``with_cuda=False`` builds the CPU kernels alone (where the
+    stable-ABI CUDA library still loads after a torch upgrade). Raises BuildError
+    with the log's tail if the build fails."""
     root = source_root()
     if root is None:
         raise BuildError("the kernels' sources are not part of this installation; "
                          "reinstall with pip install --no-build-isolation .")
     cxx, cuda_version, _ = toolchain()
+    cuda_version = cuda_version if with_cuda else None
     if cxx is None:
         raise BuildError(f"no C++ compiler was found (CXX={os.environ.get('CXX', 'c++')})")
     folder = os.path.join(cache_root(), cache_key(root, cuda_version))

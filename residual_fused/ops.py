@@ -16,6 +16,7 @@ import functools
 import glob
 import importlib
 import importlib.util
+import json
 import os
 import warnings
 from typing import Optional
@@ -88,12 +89,15 @@ def _build_on_first_use(device: torch.device) -> bool:
     if cxx is None or (kind == "cuda" and cuda_version is None):
         return False  # the notice that follows says what to install
     try:
-        for library in _jit.build():
+        for library in _jit.build(with_cuda=not _has_kernel("CUDA")):
             # Each library's kernels may already be registered (the installed _C where
             # only the CUDA kernels were missing); registering them twice is an error.
             covers = "CUDA" if os.path.basename(library).startswith("_cuda_stable") else "CPU"
+            if covers == "CPU" and built_for(library) != torch.__version__:
+                raise _jit.BuildError(f"{library} was not built for torch {torch.__version__}")
             if not _has_kernel(covers):
                 torch.ops.load_library(library)
+                loaded_libraries.append(library)
     except (_jit.BuildError, OSError, RuntimeError) as err:
         warnings.warn(f"residual_fused: {err}", stacklevel=4)
         return False
@@ -243,6 +247,7 @@ class AddNormFunction(torch.autograd.Function):
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _load_error = None  # why an installed library did not load, if one did not
+loaded_libraries = []  # paths of the compiled libraries loaded, installed or built on first use
 
 
 def _loaded_or_warn(load, name: str) -> bool:
@@ -262,19 +267,40 @@ def _loaded_or_warn(load, name: str) -> bool:
         return False
 
 
+def built_for(library: str) -> Optional[str]:
+    """The torch version a _C library was built against (setup.py writes it beside
+    the library as _C.build.json), or None if that file is missing."""
+    try:
+        with open(os.path.join(os.path.dirname(library), "_C.build.json")) as f:
+            return json.load(f).get("torch")
+    except (OSError, ValueError):
+        return None
+
+
+def _import_c(path: str) -> None:
+    # _C links torch's C++ API: under another torch it may import without an error
+    # and register its kernels under the wrong dispatch keys, so it is imported only
+    # under the torch it was built for.
+    built = built_for(path)
+    if built != torch.__version__:
+        raise ImportError(f"it was built for torch {built or '(unknown)'}, and this is torch "
+                          f"{torch.__version__}")
+    importlib.import_module(f"{__package__}._C")
+
+
 def _load_extension() -> bool:
     """Load the compiled kernels that were built: ``_C`` (the CPU kernels, and the
     CUDA ones in builds against torch's full C++ API) is imported; ``_cuda_stable``
     (the CUDA kernels against the stable ABI) is a plain library. True if any loaded."""
-    loaded = False
-    if importlib.util.find_spec(f"{__package__}._C") is not None:
-        loaded = _loaded_or_warn(lambda: importlib.import_module(f"{__package__}._C"),
-                                 "extension _C")
+    spec = importlib.util.find_spec(f"{__package__}._C")
+    if spec is not None and _loaded_or_warn(lambda: _import_c(spec.origin), "extension _C"):
+        loaded_libraries.append(spec.origin)
     if torch.version.cuda is not None:  # a CPU-only torch has no use for CUDA kernels
         for path in glob.glob(os.path.join(_PACKAGE_DIR, "_cuda_stable*.so")):
-            loaded |= _loaded_or_warn(lambda: torch.ops.load_library(path),
-                                      f"CUDA library {os.path.basename(path)}")
-    return loaded
+            if _loaded_or_warn(lambda: torch.ops.load_library(path),
+                               f"CUDA library {os.path.basename(path)}"):
+                loaded_libraries.append(path)
+    return bool(loaded_libraries)
 
 
 _extension_loaded = _load_extension()  # or built and loaded on first use (_jit)

@@ -150,3 +150,53 @@ def test_install_into_a_fresh_venv_then_build_on_first_use(tmp_path):
     ahead = subprocess.run([python, "-m", "residual_fused", "build"], capture_output=True,
                            text=True, cwd=tmp_path, env=run_env)
     assert ahead.returncode == 0 and "built: " in ahead.stdout and "building" not in ahead.stderr
+
+
+@pytest.mark.parametrize("cuda_loaded", [False, True])
+def test_first_use_build_loads_only_what_is_missing(monkeypatch, cuda_loaded):
+    """After a torch upgrade the stable-ABI CUDA library still loads while _C does not:
+    the first CPU op then builds the CPU kernels alone and loads only _C (registering
+    the CUDA kernels twice would fail)."""
+    registered = {"CPU": False, "CUDA": cuda_loaded}
+    calls, loaded = [], []
+    monkeypatch.setenv("RESIDUAL_FUSED_JIT", "1")
+    monkeypatch.setattr(ops, "_jit_tried", set())
+    monkeypatch.setattr(ops, "_extension_loaded", True)
+    monkeypatch.setattr(ops, "_has_kernel", lambda key: registered[key])
+    monkeypatch.setattr(ops, "loaded_libraries", [])
+    monkeypatch.setattr(_jit, "toolchain", lambda: ("/usr/bin/c++", "13.0", ""))
+
+    def build(quiet=False, with_cuda=True):
+        calls.append(with_cuda)
+        return ["/cache/residual_fused/_C.so"] + (["/cache/residual_fused/_cuda_stable.abi3.so"]
+                                                   if with_cuda else [])
+
+    def load(path):
+        loaded.append(os.path.basename(path))
+        registered["CUDA" if "_cuda_stable" in path else "CPU"] = True
+
+    monkeypatch.setattr(_jit, "build", build)
+    monkeypatch.setattr(torch.ops, "load_library", load)
+    monkeypatch.setattr(ops, "built_for", lambda library: torch.__version__)
+    assert ops._build_on_first_use(torch.device("cpu")) is True
+    assert calls == [not cuda_loaded]
+    assert loaded == (["_C.so"] if cuda_loaded else ["_C.so", "_cuda_stable.abi3.so"])
+    assert ops._build_on_first_use(torch.device("cpu")) is False  # once per process
+    assert len(calls) == 1
+
+
+def test_extension_of_another_torch_is_not_imported(tmp_path):
+    """A _C built for another torch can import without an error and register its
+    kernels under the wrong dispatch keys (seen: a torch 2.14 build under 2.12
+    registered its CPU kernel as 'Undefined'), so it is refused before import."""
+    library = tmp_path / "_C.so"
+    assert ops.built_for(str(library)) is None
+    with pytest.raises(ImportError, match=r"built for torch \(unknown\)"):
+        ops._import_c(str(library))
+    (tmp_path / "_C.build.json").write_text('{"torch": "2.12.1+cu130"}')
+    assert ops.built_for(str(library)) == "2.12.1+cu130"
+    if torch.__version__ != "2.12.1+cu130":
+        with pytest.raises(ImportError, match=rf"built for torch 2.12.1\+cu130, and this is torch "):
+            ops._import_c(str(library))
+    if rf.cpu_kernels_available():  # the real one names this torch
+        assert ops.built_for(ops.loaded_libraries[0]) == torch.__version__
