@@ -158,36 +158,18 @@ def _grouped_build_ext(base, per_source_flags):
     return BuildExt
 
 
-def _cuda_home(build_env):
-    """Set CUDA_HOME for torch's build helper (it reads it once, on import) from the
-    toolkit nvcc really belongs to; returns (folder or None, where it came from)."""
-    home, source = build_env.find_cuda_home()
-    if home is not None and not os.environ.get("CUDA_HOME"):
-        os.environ["CUDA_HOME"] = home
-    return home, source
-
-
-def _cuda_reason_to_skip(torch, build_env, home, source):
-    """Why the CUDA kernels are not built here, or None if they are."""
+def _cuda_reason_to_skip(torch, build_env):
+    """Why the CUDA kernels are not built here, or None if they are. Sets CUDA_HOME
+    for torch's build helper (it reads it once, on import) to the toolkit nvcc really
+    belongs to."""
     if BUILD_CUDA in _NO:
         return "RESIDUAL_FUSED_BUILD_CUDA=0"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} has no CUDA"
-    if home is None:
-        return f"no CUDA toolkit was found ({source}; set CUDA_HOME)"
-    nvcc = os.path.join(home, "bin", "nvcc")
-    version = build_env.nvcc_version(nvcc)
-    if version is None:
-        return f"{nvcc} (CUDA_HOME from {source}) does not run"
-    mismatch = build_env.cuda_mismatch(version, torch.version.cuda,
-                                       f" at {home} (from {source})", torch.__version__)
-    if mismatch:
-        return mismatch
-    missing = build_env.missing_cuda_headers(home)
-    if missing:
-        return (f"the CUDA toolkit at {home} (from {source}) lacks {', '.join(missing)}; "
-                f"set CUDA_HOME to a complete toolkit")
-    return None
+    home, _, why = build_env.cuda_toolkit(torch.version.cuda, torch.__version__)
+    if home is not None and not os.environ.get("CUDA_HOME"):
+        os.environ["CUDA_HOME"] = home
+    return why or None
 
 
 def _stable_abi(torch):
@@ -319,7 +301,7 @@ def _extension_kwargs():
         import torch
     except ImportError:
         return _skip("torch is not importable here; use pip install --no-build-isolation")
-    home, source = _cuda_home(build_env) if torch.version.cuda else (None, "")
+    cuda_skip = _cuda_reason_to_skip(torch, build_env)
     from torch.utils import cpp_extension  # after CUDA_HOME is set: it is read on import
     cxx, why_not = _pick_cxx(build_env)
     if cxx is None:
@@ -329,7 +311,6 @@ def _extension_kwargs():
     sources = sorted(glob.glob("csrc/*.cpp")) + cpu_sources
     # torch's headers carry #pragma unroll, which g++ warns about on every file.
     cxx_flags = ["-O3", "-Wno-unknown-pragmas"] + cpu_flags
-    cuda_skip = _cuda_reason_to_skip(torch, build_env, home, source)
     if cuda_skip is None:
         extensions = _cuda_extensions(torch, cpp_extension, sources, cxx_flags, link_flags)
     elif BUILD_CUDA in _YES:

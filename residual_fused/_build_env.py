@@ -179,3 +179,27 @@ def cuda_mismatch(toolkit: str, torch_cuda: str, where: str = "",
         return (f"the CUDA toolkit{where} is {toolkit}, while {torch_name} was built with "
                 f"CUDA {torch_cuda}; their major versions must match")
     return None
+
+
+def cuda_toolkit(torch_cuda: str, torch_version: str, environ=None,
+                 which=shutil.which) -> Tuple[Optional[str], Optional[str], str]:
+    """(folder, version, "") of the CUDA toolkit that can build for a torch built with
+    CUDA ``torch_cuda``, or (None, None, why not, in one sentence naming the folder,
+    where it came from and both versions). setup.py and the first-use build both
+    decide with this."""
+    home, source = find_cuda_home(environ, which)
+    if home is None:
+        return None, None, f"no CUDA toolkit was found ({source}; set CUDA_HOME)"
+    nvcc = os.path.join(home, "bin", "nvcc")
+    version = nvcc_version(nvcc)
+    if version is None:
+        return None, None, f"{nvcc} (CUDA_HOME from {source}) does not run"
+    where = f" at {home} (from {source})"
+    mismatch = cuda_mismatch(version, torch_cuda, where, torch_version)
+    if mismatch:
+        return None, None, mismatch
+    missing = missing_cuda_headers(home)
+    if missing:
+        return None, None, (f"the CUDA toolkit{where} lacks {', '.join(missing)}; set CUDA_HOME "
+                            f"to a complete toolkit")
+    return home, version, ""

@@ -74,18 +74,8 @@ def toolchain() -> Tuple[Optional[str], Optional[str], str]:
         return cxx, None, f"torch {torch.__version__} has no CUDA"
     if os.environ.get("RESIDUAL_FUSED_BUILD_CUDA", "auto").lower() in _NO:
         return cxx, None, "RESIDUAL_FUSED_BUILD_CUDA=0"
-    env = _build_env()
-    home, source = env.find_cuda_home()
-    if home is None:
-        return cxx, None, f"no CUDA toolkit was found ({source})"
-    version = env.nvcc_version(os.path.join(home, "bin", "nvcc"))
-    if version is None:
-        return cxx, None, f"{home}/bin/nvcc (from {source}) does not run"
-    missing = env.missing_cuda_headers(home)
-    where = f" at {home} (from {source})"
-    why = env.cuda_mismatch(version, torch.version.cuda, where, torch.__version__) or (
-        f"the CUDA toolkit{where} lacks {', '.join(missing)}" if missing else None)
-    return (cxx, None, why) if why else (cxx, version, "")
+    _, version, why = _build_env().cuda_toolkit(torch.version.cuda, torch.__version__)
+    return cxx, version, why
 
 
 def _arch_list() -> str:

@@ -110,3 +110,16 @@ def test_missing_headers_and_version_mismatch_are_named(tmp_path):
     message = build_env.cuda_mismatch("13.0", "12.1")
     assert message == ("the CUDA toolkit is 13.0, while torch was built with CUDA 12.1; "
                        "their major versions must match")
+
+
+def test_cuda_toolkit_decides_in_one_sentence(tmp_path):
+    real = _fake_toolkit(tmp_path / "cuda-12.4")
+    wrapper = _executable(tmp_path / "nvcc", f'#!/bin/sh\nexec {real} "$@"\n')
+    home = str(tmp_path / "cuda-12.4")
+    assert build_env.cuda_toolkit("12.1", "2.4.1+cu121", {}, lambda n: wrapper) == (home, "12.4", "")
+    assert build_env.cuda_toolkit("13.0", "2.14.1+cu130", {}, lambda n: wrapper) == (
+        None, None, f"the CUDA toolkit at {home} (from the toolkit of {wrapper}) is 12.4, while "
+                    f"torch 2.14.1+cu130 was built with CUDA 13.0; their major versions must match")
+    _fake_toolkit(tmp_path / "partial", headers=("cuda_runtime.h",))
+    assert "lacks crt/host_defines.h" in build_env.cuda_toolkit(
+        "12.1", "2.4.1", {"CUDA_HOME": str(tmp_path / "partial")})[2]

@@ -196,7 +196,7 @@ def test_extension_of_another_torch_is_not_imported(tmp_path):
     (tmp_path / "_C.build.json").write_text('{"torch": "2.12.1+cu130"}')
     assert ops.built_for(str(library)) == "2.12.1+cu130"
     if torch.__version__ != "2.12.1+cu130":
-        with pytest.raises(ImportError, match=rf"built for torch 2.12.1\+cu130, and this is torch "):
+        with pytest.raises(ImportError, match=r"built for torch 2.12.1\+cu130, and this is torch "):
             ops._import_c(str(library))
     if rf.cpu_kernels_available():  # the real one names this torch
         assert ops.built_for(ops.loaded_libraries[0]) == torch.__version__
