@@ -138,10 +138,22 @@ def test_results_page_has_environment_and_tables():
 def test_model_benchmark_checks_and_times_both_stacks(source):
     if source == "hf":
         pytest.importorskip("transformers")
+    models = ["bert", "llama"]
+    if source == "hf":  # a conversion that refuses this transformers is skipped, not failed
+        from residual_fused.integrations import huggingface as hf
+
+        def supported(model):
+            try:
+                hf._check_version(model)
+                return True
+            except RuntimeError:
+                return False
+
+        models = [m for m in models if supported(m)]
     results = bench_model.main(["--device", "cpu", "--seq", "32", "--steps", "1", "--layers", "1",
                                 "--batch", "2", "--source", source])
     assert {(r["model"], r["impl"]) for r in results} == {
-        (m, i) for m in ("bert", "llama") for i in bench_model.IMPLS}
+        (m, i) for m in models for i in bench_model.IMPLS}
     assert all(r["step_ms"] > 0 for r in results)
 
 
