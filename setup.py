@@ -1,15 +1,19 @@
 """Build residual_fused: always the Python package; the compiled kernels when possible.
 
 The extension ``residual_fused._C`` holds the CPU kernels, built whenever torch is
-importable and a C++ compiler is found, and the CUDA kernels, added when that torch
-has CUDA and an ``nvcc`` is found. It must be built against the torch you run
+importable and a C++ compiler is found; the CUDA kernels are added when that torch
+has CUDA and a toolkit of the same CUDA major version is found. It must be built against the torch you run
 with, so use ``pip install --no-build-isolation``: with build isolation pip builds
 in a fresh environment without your torch, and the result is the pure-Python
 package (the PyTorch reference on every device).
 
 ``RESIDUAL_FUSED_BUILD_EXT=0`` skips the extension (``=1`` makes a missing
 prerequisite an error); ``RESIDUAL_FUSED_BUILD_CUDA=0`` skips only the CUDA kernels
-(``=1`` makes a missing CUDA prerequisite an error).
+(``=1`` makes a missing CUDA prerequisite, such as a toolkit whose CUDA major differs
+from torch's, an error). With torch >= 2.10 the CUDA ops go into their own library
+built against LibTorch's stable ABI (``RESIDUAL_FUSED_STABLE_ABI=0``: into _C
+instead). The wheel also carries these build files, so an installed package without
+kernels builds them on first use (residual_fused/_jit.py).
 """
 
 import concurrent.futures
