@@ -2,10 +2,10 @@
 
 The extension ``residual_fused._C`` holds the CPU kernels, built whenever torch is
 importable and a C++ compiler is found; the CUDA kernels are added when that torch
-has CUDA and a toolkit of the same CUDA major version is found. It must be built against the torch you run
-with, so use ``pip install --no-build-isolation``: with build isolation pip builds
-in a fresh environment without your torch, and the result is the pure-Python
-package (the PyTorch reference on every device).
+has CUDA and a toolkit of the same CUDA major version is found. It must be built
+against the torch you run with, so use ``pip install --no-build-isolation``: with
+build isolation pip builds in a fresh environment without your torch, and the
+result is the pure-Python package (the PyTorch reference on every device).
 
 ``RESIDUAL_FUSED_BUILD_EXT=0`` skips the extension (``=1`` makes a missing
 prerequisite an error); ``RESIDUAL_FUSED_BUILD_CUDA=0`` skips only the CUDA kernels
