@@ -143,6 +143,18 @@ struct Glue {
     return {t, t.data_ptr(), B::dtype(t.scalar_type(), name)};
   }
 
+  // Binds the optional [hidden] weight and bias into either op's call and params.
+  template <class Call>
+  static void bind_affine(Call& call, const OptTensor& weight, const OptTensor& bias,
+                          const Tensor& like, int64_t hidden) {
+    call.weight = vector_arg(weight, like, hidden, "weight");
+    call.bias = vector_arg(bias, like, hidden, "bias");
+    call.params.weight = call.weight.ptr;
+    call.params.weight_dtype = call.weight.dtype;
+    call.params.bias = call.bias.ptr;
+    call.params.bias_dtype = call.bias.dtype;
+  }
+
   static Tensor placeholder(const Tensor& like) { return B::empty({0}, like.scalar_type(), like); }
 
   // `hidden` is x.size(-1), already checked against the device's range by the caller.
@@ -164,12 +176,7 @@ struct Glue {
       call.residual = rows_arg(*residual, x, hidden, "residual");
       bind(*call.residual, p.residual, p.residual_row_stride, p.residual_dtype);
     }
-    call.weight = vector_arg(weight, x, hidden, "weight");
-    call.bias = vector_arg(bias, x, hidden, "bias");
-    p.weight = call.weight.ptr;
-    p.weight_dtype = call.weight.dtype;
-    p.bias = call.bias.ptr;
-    p.bias_dtype = call.bias.dtype;
+    bind_affine(call, weight, bias, x, hidden);
 
     call.y = B::empty(sizes(x), x.scalar_type(), x);
     if (store_residual_out) {
@@ -213,12 +220,7 @@ struct Glue {
     }
     call.rstd = B::contiguous(rstd);
     p.rstd = call.rstd->data_ptr();
-    call.weight = vector_arg(weight, dy, hidden, "weight");
-    call.bias = vector_arg(bias, dy, hidden, "bias");
-    p.weight = call.weight.ptr;
-    p.weight_dtype = call.weight.dtype;
-    p.bias = call.bias.ptr;
-    p.bias_dtype = call.bias.dtype;
+    bind_affine(call, weight, bias, dy, hidden);
 
     call.dx = B::empty(sizes(dy), dy.scalar_type(), dy);
     p.dx = call.dx->data_ptr();
