@@ -1,6 +1,6 @@
 # The two entry points of the README. Both set up ./.venv (or use the active
 # virtualenv) on first use; neither replaces an installed torch.
-.PHONY: bench test gpu-check
+.PHONY: bench test gpu-check fuzz mutants coverage
 
 bench:
 	bash scripts/bench.sh $(ARGS)
@@ -12,3 +12,18 @@ test:
 # benchmark, ncu; logs in bench/out/gpu-check. Stages: make gpu-check ARGS="build tests".
 gpu-check:
 	bash scripts/gpu_check.sh $(ARGS)
+
+# Longer runs of the emulated checks CI samples; each sets up the test environment first.
+# The fuzzer for ARGS (default: 30 minutes with a fresh seed), e.g. ARGS="--seconds 600 --seed 7".
+fuzz:
+	bash scripts/run_tests_tool.sh tests/fuzz_emulated.py $(or $(ARGS),--seconds 1800)
+
+# Every generated mutant of csrc/kernels through the mutant suite (hours on 2 cores), then
+# the whole hand-written catalogue (CI runs a random share of each).
+mutants:
+	bash scripts/run_tests_tool.sh tests/mutants.py $(or $(ARGS),--all --jobs $$(nproc))
+	RESIDUAL_FUSED_HAND_MUTANTS=all bash scripts/run_tests_tool.sh -m pytest -q tests/test_emulator_mutations.py
+
+# Line and branch coverage of csrc/kernels under the whole emulated suite.
+coverage:
+	bash scripts/run_tests_tool.sh tests/kernel_coverage.py $(ARGS)

@@ -44,3 +44,12 @@ def kernel_build():
         return cubin.build()
     except FileNotFoundError as why:
         pytest.skip(str(why))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """What the fuzzer, the generated mutants and the coverage run measured, if they ran."""
+    import sys
+
+    for module in ("fuzz_emulated", "test_generated_mutants", "test_kernel_coverage"):
+        for line in getattr(sys.modules.get(module), "SUMMARIES", []):
+            terminalreporter.write_line(line)

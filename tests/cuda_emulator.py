@@ -13,6 +13,7 @@ for the kernels on a chosen GPU profile (H100, A100, sm_86).
 
 import concurrent.futures
 import ctypes
+import dataclasses
 import functools
 import itertools
 import os
@@ -23,17 +24,29 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 KERNELS = os.path.join(ROOT, "csrc", "kernels")
 EMULATOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "emulator")
 KERNEL_SOURCES = ["fwd_rows.cu", "fwd_streamed.cu", "bwd_rows.cu", "bwd_streamed.cu", "cluster_rows.cu",
                   "dispatch.cu"]
-RUNTIME_SOURCES = ["scheduler.cpp", "device.cpp", "memory.cpp", "api.cpp"]
+RUNTIME_SOURCES = ["scheduler.cpp", "device.cpp", "memory.cpp", "checker.cpp", "api.cpp"]
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 SCHEDULES = {"round_robin": 0, "reverse": 1, "random": 2, "warp_greedy": 3, "cta_greedy": 4}
 PROFILES = ("h100", "a100", "sm86")
 INJECT = {"set_attribute": 0, "occupancy": 1, "func_attributes": 2, "launch": 3}
 SANITIZE = ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fsanitize-undefined-trap-on-error"]
+# Every load and store of the kernel sources calls __asan_load<N>/__asan_store<N>, which
+# tests/emulator/checker.cpp implements (no AddressSanitizer runtime): GCC's and
+# Clang's spellings of call-mode instrumentation without stack or global redzones.
+ACCESS_HOOKS = {
+    "gcc": ["-fsanitize=address", "-fsanitize-recover=address",
+            "--param", "asan-instrumentation-with-call-threshold=0", "--param", "asan-stack=0",
+            "--param", "asan-globals=0", "--param", "asan-use-after-return=0",
+            "--param", "asan-instrument-allocas=0"],
+    "clang": ["-fsanitize=address", "-fsanitize-recover=address",
+              "-mllvm", "-asan-instrumentation-with-call-threshold=0", "-mllvm", "-asan-stack=0",
+              "-mllvm", "-asan-globals=0", "-mllvm", "-asan-use-after-return=never"],
+}
 
 
 class EmulatorError(AssertionError):
@@ -60,14 +73,27 @@ def cuda_include_dir() -> Optional[str]:
     return None
 
 
-def _compiler_flags(cxx: str, out_dir: str) -> List[str]:
-    """Sanitizer flags this compiler accepts (trap mode needs no runtime library)."""
+def _accepts(cxx: str, out_dir: str, flags: List[str]) -> bool:
     probe = os.path.join(out_dir, "probe.cpp")
     with open(probe, "w") as f:
         f.write("int f(int* p) { return p[1]; }\n")
-    ok = subprocess.run([cxx, "-c", "-fPIC", probe, "-o", probe + ".o"] + SANITIZE,
-                        capture_output=True, timeout=120).returncode == 0
-    return SANITIZE if ok else []
+    return subprocess.run([cxx, "-c", "-fPIC", probe, "-o", probe + ".o"] + flags,
+                          capture_output=True, timeout=120).returncode == 0
+
+
+def _compiler_flags(cxx: str, out_dir: str) -> List[str]:
+    """Sanitizer flags this compiler accepts (trap mode needs no runtime library)."""
+    return SANITIZE if _accepts(cxx, out_dir, SANITIZE) else []
+
+
+def access_hook_flags(cxx: str, out_dir: str) -> List[str]:
+    """The flags that route every access of the kernels through checker.cpp; without
+    them the emulator would silently check far less, so their absence is an error."""
+    for flags in ACCESS_HOOKS.values():
+        if _accepts(cxx, out_dir, flags):
+            return flags
+    raise FileNotFoundError(f"{cxx} has no call-mode AddressSanitizer instrumentation "
+                            f"(GCC >= 8 or Clang >= 7), which the emulator's access checks need")
 
 
 def includes(path: str, search: Sequence[str]) -> List[str]:
@@ -103,20 +129,32 @@ def compiler() -> Optional[str]:
 
 
 def compile_objects(out_dir: str, kernels_dir: str = KERNELS, sanitize: bool = True,
-                    only: Optional[Sequence[str]] = None, jobs: Optional[int] = None) -> Dict[str, str]:
-    """{source name: object} for the kernel and runtime sources (or `only` those)."""
+                    only: Optional[Sequence[str]] = None, jobs: Optional[int] = None,
+                    coverage: bool = False, debug: bool = True) -> Dict[str, str]:
+    """{source name: object} for the kernel and runtime sources (or `only` those).
+    ``coverage``: the kernel sources also count line and branch executions (gcov).
+    ``debug`` False: no debug information (40% faster to compile; fault reports then
+    name no source line)."""
     cxx = compiler()
     include = cuda_include_dir()
     if cxx is None or include is None:
         raise FileNotFoundError("needs a C++17 compiler and the CUDA headers")
     os.makedirs(out_dir, exist_ok=True)
-    flags = [cxx, "-std=c++17", "-O1", "-g", "-fPIC", "-w", "-U_FORTIFY_SOURCE",
-             "-DRESIDUAL_FUSED_HOST_EMULATION", "-I", include, "-I", kernels_dir, "-I", EMULATOR]
+    # -O1: fast enough to run large cases; a coverage build is unoptimised, so gcov
+    # attributes every count to its own source line.
+    flags = [cxx, "-std=c++17", "-O0" if coverage else "-O1"] + (["-g"] if debug else []) + [
+        "-fPIC", "-w", "-U_FORTIFY_SOURCE", "-DRESIDUAL_FUSED_HOST_EMULATION", "-I", include, "-I", kernels_dir,
+        "-I", EMULATOR]
     if sanitize:
         flags += _compiler_flags(cxx, out_dir)
-    sources = [(s, os.path.join(kernels_dir, s), ["-include", os.path.join(EMULATOR, "cuda_emulation.h"),
-                                                  "-x", "c++"]) for s in KERNEL_SOURCES]
-    sources += [(s, os.path.join(EMULATOR, s), []) for s in RUNTIME_SOURCES]
+    kernel_flags = ["-include", os.path.join(EMULATOR, "cuda_emulation.h"), "-x", "c++"]
+    kernel_flags += access_hook_flags(cxx, out_dir)
+    runtime_flags = []
+    if coverage:
+        kernel_flags += ["--coverage"]
+        runtime_flags += ["-DRESIDUAL_FUSED_EMULATOR_COVERAGE"]
+    sources = [(s, os.path.join(kernels_dir, s), kernel_flags) for s in KERNEL_SOURCES]
+    sources += [(s, os.path.join(EMULATOR, s), runtime_flags) for s in RUNTIME_SOURCES]
     sources = [job for job in sources if only is None or job[0] in only]
 
     def compile_one(job):
@@ -132,20 +170,68 @@ def compile_objects(out_dir: str, kernels_dir: str = KERNELS, sanitize: bool = T
         return dict(pool.map(compile_one, sources))
 
 
-def link(objects: Dict[str, str], lib: str) -> str:
+def link(objects: Dict[str, str], lib: str, coverage: bool = False) -> str:
     cxx = compiler()
     # Trap mode needs no sanitizer runtime, so the library loads into any process.
-    proc = subprocess.run([cxx, "-shared", "-g", "-o", lib] + list(objects.values()) + ["-ldl"],
+    proc = subprocess.run([cxx, "-shared", "-g", "-o", lib] + list(objects.values()) + ["-ldl"]
+                          + (["--coverage"] if coverage else []),
                           capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"linking the emulator failed:\n{proc.stderr[-4000:]}")
     return lib
 
 
-def build(out_dir: str, kernels_dir: str = KERNELS, sanitize: bool = True) -> str:
+def build(out_dir: str, kernels_dir: str = KERNELS, sanitize: bool = True, coverage: bool = False) -> str:
     """Compile the emulated kernels into a shared library; returns its path."""
-    objects = compile_objects(out_dir, kernels_dir, sanitize)
-    return link(objects, os.path.join(out_dir, "residual_fused_emulated.so"))
+    objects = compile_objects(out_dir, kernels_dir, sanitize, coverage=coverage)
+    return link(objects, os.path.join(out_dir, "residual_fused_emulated.so"), coverage)
+
+
+CACHE_DIR = os.path.join(ROOT, "build", "emulator")
+
+
+def build_key(coverage: bool = False) -> str:
+    """A hash of everything a build depends on: the kernel and emulator sources, this
+    file's flags, the compiler."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for d in (KERNELS, EMULATOR):
+        for name in sorted(os.listdir(d)):
+            h.update(name.encode())
+            with open(os.path.join(d, name), "rb") as f:
+                h.update(f.read())
+    with open(os.path.abspath(__file__), "rb") as f:
+        h.update(f.read())
+    cxx = compiler()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout if cxx else ""
+    h.update((version + str(coverage)).encode())
+    return h.hexdigest()[:16]
+
+
+def build_cached(coverage: bool = False) -> str:
+    """The emulator library for today's sources, built once per checkout under
+    build/emulator/ (``coverage``: the gcov-instrumented variant, in its own folder)."""
+    if compiler() is None or cuda_include_dir() is None:
+        raise FileNotFoundError("needs a C++17 compiler and the CUDA headers")
+    out = os.path.join(CACHE_DIR, ("coverage-" if coverage else "checked-") + build_key(coverage))
+    lib = os.path.join(out, "residual_fused_emulated.so")
+    if not os.path.exists(lib):
+        import tempfile
+
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=CACHE_DIR, prefix=".tmp-")
+        if coverage:  # gcov writes its counts next to the objects: build them where they stay
+            tmp = out
+            os.makedirs(out, exist_ok=True)
+        built = build(tmp, coverage=coverage)
+        if tmp != out:
+            try:
+                os.rename(tmp, out)
+            except OSError:  # another process finished first: use its build
+                shutil.rmtree(tmp, ignore_errors=True)
+        del built
+    return lib
 
 
 def static_shared_arrays(lib_path: str) -> Dict[str, List[tuple]]:
@@ -169,9 +255,13 @@ def static_shared_arrays(lib_path: str) -> Dict[str, List[tuple]]:
 class Guarded:
     """Bytes in emulator memory with inaccessible pages around them, as a tensor."""
 
-    def __init__(self, lib, name: str, nbytes: int, align_mod: int, flush_start: bool):
+    KINDS = {"input": 0, "output": 1}
+
+    def __init__(self, lib, name: str, nbytes: int, align_mod: int, flush_start: bool,
+                 kind: str = "input"):
         self.lib, self.name, self.nbytes = lib, name, max(nbytes, 1)
-        self.ptr = lib.emu_alloc(name.encode(), self.nbytes, align_mod, int(flush_start))
+        self.ptr = lib.emu_alloc(name.encode(), self.nbytes, align_mod, int(flush_start),
+                                 self.KINDS[kind])
         if not self.ptr:
             raise MemoryError(f"emulator: could not map {name}")
         self.raw = torch.frombuffer((ctypes.c_ubyte * self.nbytes).from_address(self.ptr),
@@ -189,7 +279,10 @@ class Guarded:
 
 
 class Emulator:
-    _devices = itertools.count(100)
+    # Device indices: the first 64 use dispatch.cu's per-device attribute caches, later
+    # ones the uncached path it takes for indices past its table; every configure is a
+    # fresh index, so nothing cached for one emulated GPU is seen by another.
+    _devices = itertools.count(0)
 
     def __init__(self, lib_path: str, kernel_build=None):
         self.path = lib_path
@@ -201,7 +294,12 @@ class Emulator:
                               ptr, ptr, i32, ptr]
         L.emu_bwd.argtypes = [i64, i32, i32, i32, ptr, i64, i32, ptr, i64, i32, ptr, i64, i32, ptr,
                               ptr, i32, ptr, i32, ptr, ptr, i32, ptr, ptr, i64]
-        L.emu_configure.argtypes = [i32, i32, i32]
+        L.emu_configure.argtypes = [i32, i32, i32, i32]
+        L.emu_recorded_launch.argtypes = [i32, ctypes.c_char_p, i32, ctypes.POINTER(i64), ctypes.POINTER(i32),
+                                          ctypes.POINTER(i32)]
+        L.emu_plan_boundaries.argtypes = [i32, i64, i32, i32, i32, i32, i32, ctypes.POINTER(i32), i32]
+        L.emu_set_dry_run.argtypes = [i32]
+        L.emu_clear_recorded.argtypes = []
         L.emu_set_schedule.argtypes = [i32, u64]
         L.emu_set_resources.argtypes = [ctypes.c_char_p, ctypes.c_char_p, i32, i32, i32]
         L.emu_register_static_shared.argtypes = [ctypes.c_char_p, ptr, ctypes.c_size_t]
@@ -211,7 +309,7 @@ class Emulator:
         names = tuple(L.emu_profile_name(i).decode() for i in range(L.emu_profile_count()))
         assert names == PROFILES, f"device.cpp has profiles {names}, PROFILES says {PROFILES}"
         L.emu_fault_offset.restype = u64
-        L.emu_alloc.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, i32]
+        L.emu_alloc.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, i32, i32]
         L.emu_alloc.restype = ptr
         L.emu_intact.argtypes = [ptr]
         L.emu_free.argtypes = [ptr]
@@ -234,11 +332,12 @@ class Emulator:
         self.configure()
 
     # ---- configuration -------------------------------------------------------------
-    def configure(self, profile: str = "h100", sm_count: int = 3) -> None:
+    def configure(self, profile: str = "h100", sm_count: int = 3, clusters: bool = True) -> None:
         """Emulate a fresh GPU of this profile (a new device index, so no attribute or
         opt-in cached by dispatch.cu carries over). ``sm_count`` 0 keeps the profile's;
-        few SMs make the persistent kernels loop over many rows."""
-        self.lib.emu_configure(next(self._devices), PROFILES.index(profile), sm_count)
+        few SMs make the persistent kernels loop over many rows. ``clusters`` False: an
+        sm_90 part that refuses thread-block clusters."""
+        self.lib.emu_configure(next(self._devices), PROFILES.index(profile), sm_count, int(clusters))
 
     def schedule(self, name: str, seed: int = 1) -> None:
         self.lib.emu_set_schedule(SCHEDULES[name], seed)
@@ -297,15 +396,19 @@ class Emulator:
             span = (t.size(0) - 1) * t.stride(0) + t.size(1) if t.numel() else 0
         g = Guarded(self.lib, name, span * t.element_size(), t.data_ptr() % 16, self.flush_start)
         allocs.append(g)
-        view = g.tensor(t.dtype, shape, strides)
-        view.copy_(t)
-        return view
+        # The bytes the tensor spans, as they are: rows may overlap (a row stride below
+        # the width) or repeat (stride 0), and padding between rows stays as it is.
+        g.tensor(t.dtype, (span,), (1,)).copy_(torch.as_strided(t, (span,), (1,)))
+        return g.tensor(t.dtype, shape, strides)
 
-    def _output(self, allocs, name, shape, dtype):
+    def _output(self, allocs, name, shape, dtype, offset: int = 0):
+        """A NaN-filled output in guarded memory whose address is `offset` bytes past a
+        16-byte boundary (the kernels must check every pointer they vectorise)."""
         n = 1
         for s in shape:
             n *= s
-        g = Guarded(self.lib, name, n * torch.empty((), dtype=dtype).element_size(), 0, self.flush_start)
+        g = Guarded(self.lib, name, n * torch.empty((), dtype=dtype).element_size(), offset, self.flush_start,
+                    "output")
         allocs.append(g)
         view = g.tensor(dtype, shape, tuple(torch.empty(shape).stride()))
         view.fill_(float("nan"))
@@ -324,26 +427,33 @@ class Emulator:
                 g.free()
 
     # ---- the ops ---------------------------------------------------------------------
-    def fwd(self, x, residual, weight, bias, eps, is_rms_norm, store_residual_out, residual_out_dtype):
+    def fwd(self, x, residual, weight, bias, eps, is_rms_norm, store_residual_out, residual_out_dtype,
+            out_offsets: Optional[Dict[str, int]] = None):
+        """torch.ops.residual_fused.add_norm_fwd through the emulated kernels. Inputs keep
+        their row stride and their address mod 16; ``out_offsets`` places the outputs
+        (y, residual_out, rstd) that many bytes past a 16-byte boundary."""
         rows, hidden = x.shape
         stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+        off = out_offsets or {}
         a: list = []
         xg = self._input(a, "x", x)
         rg = self._input(a, "residual", residual)
         wg = self._input(a, "weight", weight)
         bg = self._input(a, "bias", bias)
-        y = self._output(a, "y", (rows, hidden), x.dtype)
-        res = self._output(a, "residual_out", (rows, hidden), residual_out_dtype) if store_residual_out else None
-        rstd = self._output(a, "rstd", (rows,), stats)
-        status = self.lib.emu_fwd(
-            rows, hidden, int(is_rms_norm), eps, _ptr(xg), _row_stride(xg), _code(xg), _ptr(rg),
-            _row_stride(rg), _code(rg), _ptr(wg), _code(wg), _ptr(bg), _code(bg), _ptr(y), _ptr(res),
-            DTYPE_CODE[residual_out_dtype], _ptr(rstd))
+        y = self._output(a, "y", (rows, hidden), x.dtype, off.get("y", 0))
+        res = (self._output(a, "residual_out", (rows, hidden), residual_out_dtype, off.get("residual_out", 0))
+               if store_residual_out else None)
+        rstd = self._output(a, "rstd", (rows,), stats, off.get("rstd", 0))
+        status = self._fwd_call(rows, hidden, eps, is_rms_norm, _args(xg, rg, wg, bg, y, res, rstd),
+                                residual_out_dtype)
         return self._finish(a, status, "forward", (y, res, rstd))
 
     def bwd(self, dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm, memory_efficient,
-            dresidual_dtype, workspace_delta: int = 0):
+            dresidual_dtype, workspace_delta: int = 0, out_offsets: Optional[Dict[str, int]] = None):
+        """torch.ops.residual_fused.add_norm_bwd through the emulated kernels (``out_offsets``
+        as in fwd, for dx, dresidual, dweight, dbias)."""
         rows, hidden = dy.shape
+        off = out_offsets or {}
         a: list = []
         dyg = self._input(a, "dy", dy)
         dog = self._input(a, "dresidual_out", dresidual_out)
@@ -351,16 +461,100 @@ class Emulator:
         rg = self._input(a, "rstd", rstd)
         wg = self._input(a, "weight", weight)
         bg = self._input(a, "bias", bias)
-        dx = self._output(a, "dx", (rows, hidden), dy.dtype)
-        dres = None if dresidual_dtype is None else self._output(a, "dresidual", (rows, hidden), dresidual_dtype)
-        dw = None if weight is None else self._output(a, "dweight", (hidden,), weight.dtype)
-        db = None if bias is None else self._output(a, "dbias", (hidden,), bias.dtype)
-        status = self.lib.emu_bwd(
-            rows, hidden, int(is_rms_norm), int(memory_efficient), _ptr(dyg), _row_stride(dyg),
-            _code(dyg), _ptr(dog), _row_stride(dog), _code(dog), _ptr(sg), _row_stride(sg), _code(sg),
-            _ptr(rg), _ptr(wg), _code(wg), _ptr(bg), _code(bg), _ptr(dx), _ptr(dres),
-            DTYPE_CODE.get(dresidual_dtype, 0), _ptr(dw), _ptr(db), workspace_delta)
+        dx = self._output(a, "dx", (rows, hidden), dy.dtype, off.get("dx", 0))
+        dres = (None if dresidual_dtype is None
+                else self._output(a, "dresidual", (rows, hidden), dresidual_dtype, off.get("dresidual", 0)))
+        dw = None if weight is None else self._output(a, "dweight", (hidden,), weight.dtype, off.get("dweight", 0))
+        db = None if bias is None else self._output(a, "dbias", (hidden,), bias.dtype, off.get("dbias", 0))
+        status = self._bwd_call(rows, hidden, is_rms_norm, memory_efficient,
+                                _args(dyg, dog, sg, rg, wg, bg, dx, dres, dw, db), dresidual_dtype,
+                                workspace_delta)
         return self._finish(a, status, "backward", (dx, dres, dw, db))
+
+    def _fwd_call(self, rows, hidden, eps, is_rms_norm, t, residual_out_dtype) -> int:
+        (x, xs, xc), (r, rs, rc), (w, _, wc), (b, _, bc), (y, _, _), (res, _, _), (rstd, _, _) = t
+        return self.lib.emu_fwd(rows, hidden, int(is_rms_norm), eps, x, xs, xc, r, rs, rc, w, wc, b, bc, y, res,
+                                DTYPE_CODE[residual_out_dtype], rstd)
+
+    def _bwd_call(self, rows, hidden, is_rms_norm, memory_efficient, t, dresidual_dtype, workspace_delta) -> int:
+        ((dy, dys, dyc), (do, dos, doc), (sv, svs, svc), (rstd, _, _), (w, _, wc), (b, _, bc), (dx, _, _),
+         (dres, _, _), (dw, _, _), (db, _, _)) = t
+        return self.lib.emu_bwd(rows, hidden, int(is_rms_norm), int(memory_efficient), dy, dys, dyc, do, dos, doc,
+                                sv, svs, svc, rstd, w, wc, b, bc, dx, dres, DTYPE_CODE.get(dresidual_dtype, 0),
+                                dw, db, workspace_delta)
+
+    # ---- plans of real calls, not run ----------------------------------------------------
+    def _planned(self, call) -> List[dict]:
+        self.lib.emu_clear_recorded()
+        self.lib.emu_set_dry_run(1)
+        try:
+            status = call()
+        finally:
+            self.lib.emu_set_dry_run(0)
+            self.lib.emu_take_last_error()
+        if status != 0:
+            message = self.lib.emu_message().decode()
+            raise EmulatorError(f"planning failed (cudaError {status}): {message}")
+        name = ctypes.create_string_buffer(512)
+        grid, block, cluster = ctypes.c_int64(), ctypes.c_int(), ctypes.c_int()
+        out, k, n = [], 0, 1
+        while k < n:
+            n = self.lib.emu_recorded_launch(k, name, len(name), ctypes.byref(grid), ctypes.byref(block),
+                                             ctypes.byref(cluster))
+            if k < n:
+                out.append({"kernel": name.value.decode(), "grid": grid.value, "block": block.value,
+                            "cluster": cluster.value})
+            k += 1
+        self.lib.emu_clear_recorded()
+        return out
+
+    def plan_fwd(self, rows, hidden, specs: Dict[str, Optional["TensorSpec"]], is_rms_norm,
+                 residual_out_dtype) -> List[dict]:
+        """The launches a forward with tensors like ``specs`` (x, residual, weight, bias,
+        y, residual_out, rstd: dtype, address mod 16 and row stride; None if absent) makes
+        on the configured device, planned by the real launch code and not run."""
+        names = ("x", "residual", "weight", "bias", "y", "residual_out", "rstd")
+        t = tuple(_fake(specs.get(n)) for n in names)
+        return self._planned(lambda: self._fwd_call(rows, hidden, 1e-5, is_rms_norm, t, residual_out_dtype))
+
+    def plan_bwd(self, rows, hidden, specs: Dict[str, Optional["TensorSpec"]], is_rms_norm, memory_efficient,
+                 dresidual_dtype) -> List[dict]:
+        """plan_fwd for the backward (dy, dresidual_out, saved, rstd, weight, bias, dx,
+        dresidual, dweight, dbias)."""
+        names = ("dy", "dresidual_out", "saved", "rstd", "weight", "bias", "dx", "dresidual", "dweight", "dbias")
+        t = tuple(_fake(specs.get(n)) for n in names)
+        return self._planned(lambda: self._bwd_call(rows, hidden, is_rms_norm, memory_efficient, t,
+                                                    dresidual_dtype, 0))
+
+    def plan_boundaries(self, backward: bool, rows: int, lo: int, hi: int, step: int, aligned: bool,
+                        dtype=torch.bfloat16) -> List[int]:
+        """Hidden sizes in lo..hi (every step-th) where the main kernel's plan changes."""
+        cap = 4096
+        out = (ctypes.c_int * cap)()
+        n = self.lib.emu_plan_boundaries(int(backward), rows, lo, hi, step, int(aligned), DTYPE_CODE[dtype],
+                                         out, cap)
+        return list(out[: min(n, cap)])
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as a plan sees it: dtype, address mod 16 (bytes), row stride (elements)."""
+    dtype: torch.dtype
+    offset: int = 0
+    row_stride: int = 0
+
+
+_FAKE_BASE = 1 << 40  # never dereferenced: plans only
+
+
+def _fake(spec: Optional[TensorSpec]):
+    if spec is None:
+        return (None, 0, 0)
+    return (ctypes.c_void_p(_FAKE_BASE + spec.offset), spec.row_stride, DTYPE_CODE[spec.dtype])
+
+
+def _args(*tensors):
+    return tuple((_ptr(t), _row_stride(t), _code(t)) for t in tensors)
 
 
 def _ptr(t: Optional[torch.Tensor]):

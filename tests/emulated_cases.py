@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 
 import cuda_emulator  # noqa: E402
+import numerics  # noqa: E402
 
 SCHEDULES = tuple(cuda_emulator.SCHEDULES)
 MAX_SWEEP_HIDDEN = 262144
@@ -70,45 +71,51 @@ FLAGS = {
     # float64 x with lower-precision residual and parameters, memory-efficient
     "ln_fp64_mixed": Flags("ln_fp64_mixed", False, torch.float64, torch.float32, torch.float16,
                            torch.bfloat16, True, True, False),
+    # fp32 outputs (y, dx) in every path, where a 16-bit rounding cannot hide a wrong
+    # formula: all fp32 (a compiled fast path), and fp32 x with 16-bit others (generic)
+    "ln_fp32_pre": Flags("ln_fp32_pre", False, torch.float32, torch.float32, torch.float32,
+                         torch.float32, True, False, True),
+    "ln_f32_any": Flags("ln_f32_any", False, torch.float32, torch.bfloat16, torch.float16,
+                        torch.float32, True, False, True),
+    "rms_f32_any_mem": Flags("rms_f32_any_mem", True, torch.float32, torch.float16, torch.bfloat16,
+                             None, True, True, False),
 }
 
-TOL = {torch.bfloat16: (1.6e-2, 2e-2), torch.float16: (2e-3, 2e-3), torch.float32: (2e-5, 2e-5),
-       torch.float64: (1e-12, 1e-12)}
-
-# (hidden, rows, flag sets, layout): one or more per launch path of csrc/kernels.
+# (hidden, rows, flag sets, layout): one or more per launch path of csrc/kernels, each
+# path with at least one flag set of fp32 outputs (x in fp32).
 # Rows kernels: a row per row_threads_for(hidden, elements per thread) threads, several
 # rows per CTA when that is less than the block; each dtype mix with a fast path, and
 # the generic kernel (ln_bf16_f32w, every misaligned or odd case).
 PATHS = [
     # 16-byte vectors (hidden % 8 == 0, aligned), 16 elements per thread
-    (8, 37, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp16_plain"], "contiguous"),  # 1 thread per row
-    (128, 10, ["ln_bf16_pre", "rms_bf16_mem", "ln_bf16_f32w"], "contiguous"),  # 8 threads per row
-    (512, 10, ["ln_mixed_pre", "ln_fp16_plain", "rms_fp16_mixed"], "strided"),  # a warp per row
-    (1000, 10, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp16_plain", "ln_bf16_f32w"], "contiguous"),
-    (1536, 11, ["ln_bf16_pre", "rms_fp32"], "contiguous"),  # 3 warps per row, several rows per CTA
-    (5120, 4, ["ln_mixed_pre", "rms_bf16_mem", "rms_fp16_mixed"], "contiguous"),  # 10 warps per row
+    (8, 37, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp16_plain", "ln_fp32_pre"], "contiguous"),  # 1 thread per row
+    (128, 10, ["ln_bf16_pre", "rms_bf16_mem", "ln_bf16_f32w", "ln_f32_any"], "contiguous"),  # 8 threads per row
+    (512, 10, ["ln_mixed_pre", "ln_fp16_plain", "rms_fp16_mixed", "rms_f32_any_mem"], "strided"),  # a warp per row
+    (1000, 10, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp16_plain", "ln_bf16_f32w", "ln_fp32_pre"], "contiguous"),
+    (1536, 11, ["ln_bf16_pre", "rms_fp32", "ln_f32_any"], "contiguous"),  # 3 warps per row, several rows per CTA
+    (5120, 4, ["ln_mixed_pre", "rms_bf16_mem", "rms_fp16_mixed", "ln_fp32_pre"], "contiguous"),  # 10 warps per row
     # thread-block clusters (sm_90): 2 CTAs; 3 of 352 threads with a short last slice;
     # 8; 16 CTAs of 32 elements per thread (the generic mix's backward streams there)
-    (12288, 3, ["ln_bf16_pre", "rms_fp16_mixed", "ln_bf16_f32w"], "strided"),
-    (16392, 3, ["rms_fp16_mixed", "ln_mixed_pre", "rms_bf16_mem"], "contiguous"),
-    (65536, 2, ["ln_bf16_pre", "rms_bf16_mem"], "contiguous", "h100", 8),
-    (262144, 2, ["ln_mixed_pre", "rms_fp16_mixed", "ln_bf16_f32w"], "contiguous", "h100", 16),
+    (12288, 3, ["ln_bf16_pre", "rms_fp16_mixed", "ln_bf16_f32w", "ln_f32_any"], "strided"),
+    (16392, 3, ["rms_fp16_mixed", "ln_mixed_pre", "rms_bf16_mem", "ln_fp32_pre"], "contiguous"),
+    (65536, 2, ["ln_bf16_pre", "rms_bf16_mem", "rms_f32_any_mem"], "contiguous", "h100", 8),
+    (262144, 2, ["ln_mixed_pre", "rms_fp16_mixed", "ln_bf16_f32w", "ln_fp32_pre"], "contiguous", "h100", 16),
     # without clusters (A100): 32 elements per thread in a CTA; fwd staged and bwd
     # streamed (vec8); fwd streamed (vec8)
-    (8200, 3, ["ln_mixed_pre", "rms_bf16_mem", "ln_bf16_f32w"], "strided", "a100"),
-    (16384, 3, ["ln_bf16_pre", "rms_bf16_mem"], "contiguous", "a100"),  # 512 threads per row
-    (16392, 3, ["ln_mixed_pre"], "contiguous", "a100"),
-    (49160, 2, ["rms_bf16_mem"], "contiguous", "a100"),
+    (8200, 3, ["ln_mixed_pre", "rms_bf16_mem", "ln_bf16_f32w", "ln_f32_any"], "strided", "a100"),
+    (16384, 3, ["ln_bf16_pre", "rms_bf16_mem", "ln_fp32_pre"], "contiguous", "a100"),  # 512 threads per row
+    (16392, 3, ["ln_mixed_pre", "rms_f32_any_mem"], "contiguous", "a100"),
+    (49160, 2, ["rms_bf16_mem", "ln_fp32_pre"], "contiguous", "a100"),
     # element-wise (odd sizes, misaligned rows): generic kernel, 4 elements per thread
-    (1, 10, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),
-    (41, 37, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp16_plain"], "contiguous"),
-    (257, 10, ["ln_mixed_pre", "ln_fp16_plain"], "contiguous"),
-    (1024, 10, ["ln_mixed_pre", "rms_bf16_mem"], "offset"),
-    (3001, 4, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),
-    (5125, 3, ["ln_mixed_pre", "rms_bf16_mem"], "contiguous"),  # streamed, element-wise
+    (1, 10, ["ln_mixed_pre", "rms_bf16_mem", "ln_f32_any"], "contiguous"),
+    (41, 37, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp16_plain", "rms_f32_any_mem"], "contiguous"),
+    (257, 10, ["ln_mixed_pre", "ln_fp16_plain", "ln_fp32_pre"], "contiguous"),
+    (1024, 10, ["ln_mixed_pre", "rms_bf16_mem", "ln_f32_any"], "offset"),
+    (3001, 4, ["ln_mixed_pre", "rms_bf16_mem", "rms_f32_any_mem"], "contiguous"),
+    (5125, 3, ["ln_mixed_pre", "rms_bf16_mem", "ln_fp32_pre"], "contiguous"),  # streamed, element-wise
     # float64 (gradcheck's path) and fp32
     (6, 5, ["ln_fp64"], "contiguous"),
-    (769, 4, ["ln_fp64", "ln_fp64_mixed", "rms_fp32"], "contiguous"),
+    (769, 4, ["ln_fp64_mixed", "ln_fp64", "rms_fp32"], "contiguous"),
 ]
 
 
@@ -137,16 +144,9 @@ def _vector(hidden, dtype, gen, away_from_zero=False):
     return v.to(dtype)
 
 
-def _close(got, want, name):
-    assert got.dtype == want.dtype and got.shape == want.shape, name
-    rtol, atol = TOL[got.dtype]
-    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, msg=name)
-
-
 def check(emu, rows, hidden, flags: Flags, layout="contiguous", seed=0):
-    """Forward and backward of one case against the reference ops; returns every
-    output the kernels wrote, by name."""
-    OPS = ops()
+    """Forward and backward of one case against the float64 reference, within the bounds
+    of tests/numerics.py; returns every output the kernels wrote, by name."""
     gen = torch.Generator().manual_seed(seed)
     f = flags
     # Rows with a mean far from zero, as residual streams have: a term that wrongly
@@ -157,27 +157,23 @@ def check(emu, rows, hidden, flags: Flags, layout="contiguous", seed=0):
     bias = _vector(hidden, f.bias, gen)
     out_dtype = f.residual or f.x
     args = (x, residual, weight, bias, 1e-5, f.rms, f.store, out_dtype)
-    want = OPS.add_norm_fwd(*args)
-    got = emu.fwd(*args)
-    outputs = {"y": got[0], "rstd": got[2]}
-    _close(got[0], want[0], "y")
-    if f.store:
-        _close(got[1], want[1], "residual_out")
-        outputs["residual_out"] = got[1]
-    _close(got[2], want[2], "rstd")
+    y, res, rstd = emu.fwd(*args)
+    got = {"y": y, "residual_out": res, "rstd": rstd}
+    numerics.check_forward(got, x, residual, weight, bias, 1e-5, f.rms, f.store)
+    outputs = {k: v for k, v in got.items() if v is not None}
 
+    # The backward's inputs: what the forward saved, as the float64 reference has it.
+    (y64, s64, rstd64), _ = numerics.forward_reference(x, residual, weight, bias, 1e-5, f.rms)
+    saved = (y64.to(f.x) if f.memory_efficient else (s64.to(out_dtype) if f.store else x))
+    rstd_in = rstd64.to(rstd.dtype)
     dy = _tensor(rows, hidden, f.x, gen, layout) / 8
     dres_out = _tensor(rows, hidden, out_dtype, gen, "contiguous") / 8 if f.dres_out else None
-    saved = want[0] if f.memory_efficient else (want[1] if f.store else x)
     dres_dtype = residual.dtype if residual is not None and residual.dtype != x.dtype else None
-    bargs = (dy, dres_out, saved, want[2], weight, bias, f.rms, f.memory_efficient, dres_dtype)
-    bwant = OPS.add_norm_bwd(*bargs)
-    bgot = emu.bwd(*bargs)
-    for name, g, w, present in zip(("dx", "dresidual", "dweight", "dbias"), bgot, bwant,
-                                   (True, dres_dtype is not None, weight is not None, bias is not None)):
-        if present:
-            _close(g, w, name)
-            outputs[name] = g
+    dx, dres, dw, db = emu.bwd(dy, dres_out, saved, rstd_in, weight, bias, f.rms, f.memory_efficient,
+                               dres_dtype)
+    got = {"dx": dx, "dresidual": dres, "dweight": dw, "dbias": db}
+    numerics.check_backward(got, dy, dres_out, saved, rstd_in, weight, bias, f.rms, f.memory_efficient)
+    outputs.update({k: v for k, v in got.items() if v is not None})
     return outputs
 
 
@@ -211,12 +207,15 @@ def check_schedules(emu, rows, hidden, flags: Flags, layout="contiguous", seed=0
 
 def check_path(emu, path, schedules=SCHEDULES):
     """A PATHS entry: (hidden, rows, flags, layout[, profile[, SMs]]), 3 SMs by default
-    (persistent CTAs loop); clusters of 8 or 16 CTAs need as many SMs."""
+    (persistent CTAs loop); clusters of 8 or 16 CTAs need as many SMs. The first flag
+    set runs under every schedule given, the others under the first and last of them
+    (the emulator's race checks find a missing barrier under any order)."""
     hidden, rows, names, layout = path[:4]
     emu.configure(*path[4:])
     try:
-        for name in names:
-            check_schedules(emu, rows, hidden, FLAGS[name], layout, seed=hidden, schedules=schedules)
+        for k, name in enumerate(names):
+            orders = schedules if k == 0 else tuple(dict.fromkeys((schedules[0], schedules[-1])))
+            check_schedules(emu, rows, hidden, FLAGS[name], layout, seed=hidden, schedules=orders)
     finally:
         emu.configure()
 
@@ -293,7 +292,7 @@ def check_batch_invariance(emu, hidden, flags: Flags, batch_sizes=BATCH_SIZES, s
 def bwd_case(emu, hidden=8192, rows=40, **kw):
     """A memory-efficient backward with fp32 weight and bias (at H = 8192 its plan opts
     in to > 48 KB of shared memory: 64 KB of parameters are staged): (emulated
-    outputs, reference outputs)."""
+    outputs, the op's arguments)."""
     gen = torch.Generator().manual_seed(hidden)
     dy = torch.randn(rows, hidden, generator=gen).to(torch.bfloat16)
     saved = (torch.randn(rows, hidden, generator=gen) + 3).to(torch.bfloat16)
@@ -301,33 +300,49 @@ def bwd_case(emu, hidden=8192, rows=40, **kw):
     w = _vector(hidden, torch.float32, gen, away_from_zero=True)
     b = torch.randn(hidden, generator=gen)
     args = (dy, None, saved, rstd, w, b, False, True, None)
-    return emu.bwd(*args, **kw), ops().add_norm_bwd(*args)
+    return emu.bwd(*args, **kw), args
 
 
 # Per failed query: a backward where it changes the plan. The opt-in matters for the
 # 64 KB of staged parameters at H = 8192; the occupancy and attribute queries for an
 # element-wise backward at H = 1001, two 512-thread CTAs per SM (a failed query plans
 # one, or the streamed kernel).
-FAILED_QUERY_HIDDEN = {"set_attribute": 8192, "occupancy": 1001, "func_attributes": 1001}
+# A failed cluster occupancy query (H = 65536 on a 16-SM H100) leaves the wide row to the
+# streamed kernels.
+FAILED_QUERIES = [("set_attribute", 8192, 4), ("occupancy", 1001, 4), ("func_attributes", 1001, 4),
+                  ("occupancy", 65536, 16)]
 
 
 def check_failed_queries(emu):
     """A failed attribute or occupancy query while planning makes the plan smaller; the
     launch must use that same plan (planning again could see more CTAs than there are
     workspace rows, and write past the workspace), and leave no error pending."""
-    for kind, hidden in FAILED_QUERY_HIDDEN.items():
-        emu.configure("h100", sm_count=4)
+    for kind, hidden, sms in FAILED_QUERIES:
+        emu.configure("h100", sm_count=sms)
         emu.inject(kind, after=0)
         try:
-            got, want = bwd_case(emu, hidden=hidden)
+            got, args = bwd_case(emu, hidden=hidden)
+            dy, dro, saved, rstd, w, b, rms, mem, _ = args
+            numerics.check_backward(dict(zip(("dx", "dresidual", "dweight", "dbias"), got)), dy, dro, saved,
+                                    rstd, w, b, rms, mem)
         except AssertionError as err:
             raise AssertionError(f"with one failed {kind} call: {err}") from None
         finally:
             emu.clear_injections()
             emu.configure()
-        for g, w, name in zip(got, want, ("dx", "dresidual", "dweight", "dbias")):
-            if w is not None and w.numel():
-                _close(g, w, f"{name} after one failed {kind} call")
+
+
+def check_workspace_mismatch_is_refused(emu):
+    """A workspace of more or fewer rows than the plan it was sized for is refused before
+    any launch (cudaErrorInvalidValue)."""
+    for delta in (1, -1):
+        try:
+            bwd_case(emu, workspace_delta=delta)
+        except cuda_emulator.EmulatorError as err:
+            if "cudaError 1" not in str(err):
+                raise
+            continue
+        raise AssertionError(f"a workspace of {delta:+d} rows against its plan was accepted")
 
 
 def check_failed_launch_is_cleared(emu):
@@ -410,11 +425,12 @@ def run_all(emu, quick=False) -> None:
         for profile in cuda_emulator.PROFILES:
             for aligned in (True, False):
                 sweep(emu, profile, aligned, hi=hi)
-    if quick:  # one flag set per path, the two orders that differ most
+    if quick:  # per path its first flag set and its first with fp32 outputs, two orders
         for path in PATHS:
             # a CTA running ahead of its cluster peers shows a missing cluster barrier
             first = "cta_greedy" if uses_clusters(path) else "warp_greedy"
-            check_path(emu, (*path[:2], path[2][:1], *path[3:]), (first, "round_robin"))
+            names = path[2][:1] + [n for n in path[2][1:] if FLAGS[n].x == torch.float32][:1]
+            check_path(emu, (*path[:2], names, *path[3:]), (first, "round_robin"))
     else:
         for path in PATHS:
             check_path(emu, path)
@@ -423,6 +439,7 @@ def run_all(emu, quick=False) -> None:
         check_cluster_plans(emu)
         check_failed_queries(emu)
     check_failed_launch_is_cleared(emu)
+    check_workspace_mismatch_is_refused(emu)
 
 
 def main(argv=None) -> int:

@@ -145,7 +145,7 @@ RESIDUAL_FUSED_FLATTEN void affine_store(const acc* __restrict__ s, acc mean, ac
     acc v = (s[i] - mean) * rstd;
     if (w) v = v * w[i];
     if (b) v = v + b[i];
-    y[i] = static_cast<TY>(v);
+    y[i] = narrow<TY>(v);
   }
 }
 
@@ -305,7 +305,7 @@ RESIDUAL_FUSED_FLATTEN void ds_store(acc* __restrict__ g, const acc* __restrict_
   for (; i < n; ++i) {
     const acc v = (g[i] - mean_g - xhat[i] * mean_gx) * rstd + scalar<TDRO, acc>(dro, i);
     g[i] = v;
-    dx[i] = static_cast<TDX>(v);
+    dx[i] = narrow<TDX>(v);
   }
 }
 

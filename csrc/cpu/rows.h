@@ -9,6 +9,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -93,6 +94,27 @@ inline void stream_fence() {
 
 inline bool aligned32(const void* p) { return reinterpret_cast<uintptr_t>(p) % 32 == 0; }
 
+// A compute-type value rounded to the storage type T, correctly (to nearest even).
+// fp64 to fp16/bf16 goes through fp32 rounded to odd: rounding to nearest twice can
+// land on the wrong side of a 16-bit tie, while an odd last fp32 bit keeps the fp64
+// value's side of it (fp32 has more than two bits to spare over either 16-bit type).
+template <typename T, typename acc>
+C10_ALWAYS_INLINE T narrow(acc v) {
+  if constexpr (std::is_same_v<acc, double> && (std::is_same_v<T, BFloat16> || std::is_same_v<T, Half>)) {
+    float f = static_cast<float>(v);
+    if (static_cast<double>(f) != v && std::isfinite(f)) {
+      if (std::fabs(static_cast<double>(f)) > std::fabs(v)) f = std::nextafter(f, 0.0f);  // toward zero
+      uint32_t bits;
+      std::memcpy(&bits, &f, sizeof(bits));
+      bits |= 1u;  // inexact: odd
+      std::memcpy(&f, &bits, sizeof(bits));
+    }
+    return static_cast<T>(f);
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
 template <typename acc, typename T>
 C10_ALWAYS_INLINE void store2(T* dst, const Vectorized<acc>& lo, const Vectorized<acc>& hi,
                    bool stream = false) {
@@ -107,7 +129,7 @@ C10_ALWAYS_INLINE void store2(T* dst, const Vectorized<acc>& lo, const Vectorize
     acc tmp[2 * n];
     lo.store(tmp);
     hi.store(tmp + n);
-    for (int64_t i = 0; i < 2 * n; ++i) dst[i] = static_cast<T>(tmp[i]);
+    for (int64_t i = 0; i < 2 * n; ++i) dst[i] = narrow<T>(tmp[i]);
   }
 }
 
@@ -142,7 +164,7 @@ RESIDUAL_FUSED_FLATTEN void store_row_t(const acc* __restrict__ src, T* __restri
     store2<acc>(dst + i, Vectorized<acc>::loadu(src + i),
                 Vectorized<acc>::loadu(src + i + kLanes<acc>), stream);
   }
-  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+  for (; i < n; ++i) dst[i] = narrow<T>(src[i]);
 }
 
 // Calls f with a value of the storage type `t` names. One switch per row and tensor,

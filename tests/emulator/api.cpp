@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <sstream>
+#include <utility>
 
 #include "cuda_emulation.h"
 #include "add_norm.h"
@@ -71,13 +72,21 @@ namespace {
 
 // What the glue leaves behind must be clean: a pending runtime error would be
 // reported by some unrelated later call.
-int finish(cudaError_t status) {
+// A call that succeeded must also have written every byte of every output it was given.
+int finish(cudaError_t status, std::initializer_list<std::pair<const char*, void*>> outputs = {}) {
   if (status == cudaSuccess && emu::peek_last_error() != cudaSuccess) {
     emu::report("the call succeeded but left cudaError " + std::to_string(emu::peek_last_error()) +
                 " pending for a later call to report");
     return -1;
   }
-  return static_cast<int>(status);
+  if (status != cudaSuccess) return static_cast<int>(status);
+  for (const auto& [name, ptr] : outputs) {
+    if (ptr != nullptr && !emu::all_written(ptr)) {
+      emu::report(std::string("the call succeeded but left bytes of ") + name + " unwritten");
+      return -1;
+    }
+  }
+  return 0;
 }
 
 // Parameters of a call that is planned and checked but never executed (dry runs): all
@@ -128,12 +137,29 @@ cudaError_t launch_fake_bwd(AddNormBwdParams& b, AddNormBwdPlan* plan_out = null
 
 extern "C" {
 
+#ifdef RESIDUAL_FUSED_EMULATOR_COVERAGE
+void __gcov_dump();
+#endif
+
+// Writes the gcov counts of a coverage build now (they are otherwise written at exit);
+// returns 0 for a build without coverage.
+int emu_coverage_dump() {
+#ifdef RESIDUAL_FUSED_EMULATOR_COVERAGE
+  __gcov_dump();
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 int emu_profile_count() { return emu::profile_count(); }
 const char* emu_profile_name(int i) { return emu::profile_name(i); }
 
 // dispatch.cu caches device attributes per device index, so give each configuration
 // its own index (as distinct GPUs would have).
-void emu_configure(int device, int profile, int sm_count) { emu::configure(device, profile, sm_count); }
+void emu_configure(int device, int profile, int sm_count, int clusters) {
+  emu::configure(device, profile, sm_count, clusters != 0);
+}
 void emu_set_schedule(int schedule, unsigned long long seed) {
   emu::set_schedule(static_cast<emu::Schedule>(schedule), seed);
 }
@@ -150,8 +176,9 @@ int emu_take_last_error() { return static_cast<int>(cudaGetLastError()); }
 const char* emu_message() { return emu::last_message().c_str(); }
 unsigned long long emu_fault_offset() { return emu::last_fault_offset(); }
 
-void* emu_alloc(const char* name, size_t bytes, size_t align_mod, int flush_start) {
-  return emu::guarded_alloc(name, bytes, align_mod, flush_start != 0);
+// kind: 0 an input (never written by a kernel), 1 an output (every byte written).
+void* emu_alloc(const char* name, size_t bytes, size_t align_mod, int flush_start, int kind) {
+  return emu::guarded_alloc(name, bytes, align_mod, flush_start != 0, static_cast<emu::MemoryKind>(kind));
 }
 int emu_intact(void* p) { return emu::guarded_intact(p) ? 1 : 0; }
 void emu_free(void* p) { emu::guarded_free(p); }
@@ -180,7 +207,8 @@ int emu_fwd(int64_t rows, int hidden, int is_rms_norm, double eps, const void* x
   p.residual_out = residual_out;
   p.residual_out_dtype = static_cast<DType>(residual_out_dtype);
   p.rstd = rstd;
-  return finish(residual_fused::launch_add_norm_fwd(p, nullptr));
+  return finish(residual_fused::launch_add_norm_fwd(p, nullptr),
+                {{"y", y}, {"residual_out", residual_out}, {"rstd", rstd}});
 }
 
 // The backward as the torch glue runs it: plan once, allocate the workspace the plan
@@ -223,18 +251,23 @@ int emu_bwd(int64_t rows, int hidden, int is_rms_norm, int memory_efficient, con
   const size_t bytes = static_cast<size_t>(std::max<int64_t>(p.partial_rows, 0)) * hidden * word;
   void* dw = nullptr;
   void* db = nullptr;
-  if (weight != nullptr && bytes > 0) {
-    dw = emu::guarded_alloc("the dweight workspace", bytes, 0, false);
+  if (emu::dry_run()) {  // planned and checked, not run: no workspace needed
+    if (weight != nullptr) p.dweight_partial = fake_address();
+    if (bias != nullptr) p.dbias_partial = fake_address();
+  } else if (weight != nullptr && bytes > 0) {
+    dw = emu::guarded_alloc("the dweight workspace", bytes, 0, false, emu::MemoryKind::kWorkspace);
     std::memset(dw, 0xFF, bytes);
     p.dweight_partial = dw;
   }
-  if (bias != nullptr && bytes > 0) {
-    db = emu::guarded_alloc("the dbias workspace", bytes, 0, false);
+  if (!emu::dry_run() && bias != nullptr && bytes > 0) {
+    db = emu::guarded_alloc("the dbias workspace", bytes, 0, false, emu::MemoryKind::kWorkspace);
     std::memset(db, 0xFF, bytes);
     p.dbias_partial = db;
   }
   const cudaError_t status = residual_fused::launch_add_norm_bwd(p, plan, nullptr);
-  int result = finish(status);
+  int result = rows == 0 ? finish(status)  // the glue zeroes the weight gradients
+                         : finish(status, {{"dx", dx}, {"dresidual", dresidual}, {"dweight", dweight},
+                                           {"dbias", dbias}});
   for (void* w : {dw, db}) {
     if (w == nullptr) continue;
     if (result == 0 && !emu::guarded_intact(w)) {
@@ -273,6 +306,61 @@ int emu_plan(int backward, int hidden, int64_t rows, int aligned, int dtype, cha
     *cluster = r.cluster;
   }
   return static_cast<int>(err);
+}
+
+// Dry runs of emu_fwd / emu_bwd (emu_set_dry_run(1), any pointers of the alignment to
+// plan for): the launches they recorded, in order. Fills launch k's kernel symbol, grid,
+// block and CTAs per cluster; returns how many launches were recorded.
+int emu_recorded_launch(int k, char* name, int name_len, int64_t* grid, int* block, int* cluster) {
+  const auto& launches = emu::recorded_launches();
+  if (k >= 0 && k < static_cast<int>(launches.size())) {
+    const emu::LaunchRecord& r = launches[static_cast<size_t>(k)];
+    std::snprintf(name, static_cast<size_t>(name_len), "%s", emu::mangled_name(r.func).c_str());
+    *grid = r.grid;
+    *block = r.block;
+    *cluster = r.cluster;
+  }
+  return static_cast<int>(launches.size());
+}
+
+void emu_clear_recorded() { emu::recorded_launches().clear(); }
+
+// The hidden sizes in [lo, hi] (every `step`-th, from lo) at which the main kernel's
+// plan on the configured device differs from the previous size's: another kernel,
+// block, cluster or occupancy. These are the boundaries of the shape rules of
+// dispatch.cu and the plans, found from the code itself. Writes up to `max_out` of them
+// to `out`; returns how many there are.
+int emu_plan_boundaries(int backward, int64_t rows, int lo, int hi, int step, int aligned, int dtype,
+                        int* out, int max_out) {
+  emu::set_dry_run(true);
+  int found = 0;
+  std::string last;
+  for (int h = lo; h <= hi; h += step) {
+    emu::recorded_launches().clear();
+    emu::clear_message();
+    cudaError_t err;
+    if (backward) {
+      AddNormBwdParams b = fake_bwd(h, rows, aligned, dtype);
+      err = launch_fake_bwd(b);
+    } else {
+      err = residual_fused::launch_add_norm_fwd(fake_fwd(h, rows, aligned, dtype), nullptr);
+    }
+    std::string key = "refused";
+    if (err == cudaSuccess && !emu::recorded_launches().empty()) {
+      const emu::LaunchRecord& r = emu::recorded_launches().front();
+      key = emu::mangled_name(r.func) + "/" + std::to_string(r.block) + "/" + std::to_string(r.cluster) + "/" +
+            std::to_string(emu::ctas_per_sm(r.func, r.block, r.smem));
+    }
+    if (h != lo && key != last) {
+      if (found < max_out) out[found] = h;
+      ++found;
+    }
+    last = key;
+  }
+  emu::set_dry_run(false);
+  emu::recorded_launches().clear();
+  cudaGetLastError();
+  return found;
 }
 
 // Plans and launch checks (nothing executed) for every hidden size in [lo, hi], on the

@@ -58,7 +58,9 @@ std::map<std::pair<int, const void*>, int> g_non_portable;
 // counting 16 is the conservative whole-GPC figure).
 constexpr int kSmsPerGpc = 16;
 
-bool has_clusters() { return profile().arch == "90"; }
+bool g_clusters = true;  // clusters allowed on a profile that has them (sm_90)
+
+bool has_clusters() { return profile().arch == "90" && g_clusters; }
 
 int max_cluster(const void* func) {
   const auto it = g_non_portable.find({g_device, func});
@@ -294,10 +296,11 @@ cudaError_t launch(const void* func, dim3 grid, dim3 block, size_t smem,
 int profile_count() { return static_cast<int>(profiles().size()); }
 const char* profile_name(int i) { return profiles()[i].name.c_str(); }
 
-void configure(int device, int profile_index, int sm_count) {
+void configure(int device, int profile_index, int sm_count, bool clusters) {
   g_device = device;
   g_profile = profile_index;
   g_sm_override = sm_count;
+  g_clusters = clusters;
 }
 
 void set_dry_run(bool on) { g_dry_run = on; }

@@ -48,7 +48,9 @@ struct Resources {
 const Profile& profile();
 int profile_count();
 const char* profile_name(int i);
-void configure(int device, int profile_index, int sm_count);  // sm_count 0: the profile's
+// sm_count 0: the profile's; clusters false: an sm_90 part that refuses cluster launches
+// (cudaDevAttrClusterLaunch 0), as under MIG or a driver without them.
+void configure(int device, int profile_index, int sm_count, bool clusters = true);
 void set_dry_run(bool on);  // launches are checked, not executed
 struct LaunchRecord {
   const void* func;
@@ -85,11 +87,38 @@ void* current_dynamic_smem();
 std::string current_thread_text();  // "kernel, block b, thread t" of the running fiber
 
 // ---- memory.cpp -------------------------------------------------------------------
+// What a guarded allocation holds; the access checks (checker.cpp) differ by kind.
+enum class MemoryKind : int { kInput = 0, kOutput = 1, kWorkspace = 2, kShared = 3 };
+const char* kind_text(MemoryKind kind);
+
+// One guarded allocation: `bytes` bytes at `user`, inside accessible pages [begin, end)
+// with an inaccessible page on each side.
+struct Region {
+  char* map = nullptr;  // first (guard) page
+  size_t map_pages = 0;
+  char* begin = nullptr;
+  char* end = nullptr;
+  char* user = nullptr;
+  size_t bytes = 0;
+  std::string name;
+  MemoryKind kind = MemoryKind::kInput;
+  int slot = -1;  // kShared: the scheduler slot (resident CTA) it belongs to
+  // Outputs and workspace: which bytes a kernel wrote (since allocation), and per 4-byte
+  // 2 bytes the last writer as (launch << 32) | (block + 1), 0 if none.
+  std::vector<uint8_t> written;
+  std::vector<uint64_t> writer;
+};
+
 // Memory with inaccessible pages on both sides; the caller's bytes sit flush against
 // one of them (the end by default), at an address congruent to align_mod (mod 16).
-void* guarded_alloc(const char* name, size_t bytes, size_t align_mod, bool flush_start);
+void* guarded_alloc(const char* name, size_t bytes, size_t align_mod, bool flush_start,
+                    MemoryKind kind = MemoryKind::kInput, int slot = -1);
 bool guarded_intact(void* user);  // the slack between the bytes and the guard page
 void guarded_free(void* user);
+Region* region_at(const void* address);  // the region whose pages hold address, or null
+Region* region_of_user(void* user);      // the region guarded_alloc returned `user` for
+uintptr_t arena_base();                  // all guarded memory lies in [base, base + bytes)
+size_t arena_bytes();
 // Runs fn with the fault handler armed: a fault (guard page, misaligned access that
 // traps, UBSan trap) inside it is reported with where it happened and returns false.
 bool run_guarded(const std::function<void()>& fn);
@@ -97,5 +126,25 @@ bool run_guarded(const std::function<void()>& fn);
 std::string describe_address(const void* address);
 // The faulting instruction of the last fault, as an offset into the emulator library.
 uintptr_t last_fault_offset();
+
+// ---- checker.cpp: every load and store of the kernels --------------------------------
+// The kernel sources are compiled with the AddressSanitizer's instrumentation in
+// call mode and without its runtime: each access calls __asan_load*/__asan_store*,
+// which checker.cpp implements. Global memory: bounds of the allocation, no write to
+// an input, no read of output or workspace bytes nothing wrote, no byte written or
+// read by one CTA after another CTA of the same launch wrote it. Shared memory
+// (scheduler.cpp, check_shared): see there.
+void set_static_range(uintptr_t lo, uintptr_t hi);  // where the __shared__ arrays lie
+bool all_written(void* user);  // every byte of an output region was written by a kernel
+
+// ---- scheduler.cpp, for the checks ---------------------------------------------------
+bool in_kernel();            // the caller runs on a kernel thread
+int64_t current_block();     // its block index
+uint64_t launch_sequence();  // the running launch's number (distinct per launch)
+[[noreturn]] void kernel_error(const std::string& message);  // stops the launch, reported
+// An access of n bytes at a by the running thread to dynamic shared memory (region r)
+// or to a static __shared__ array (anywhere else: ignored when a is not in one).
+void check_shared(Region& r, uintptr_t a, size_t n, bool write);
+void check_static_shared(uintptr_t a, size_t n, bool write);
 
 }  // namespace emu

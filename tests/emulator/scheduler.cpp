@@ -20,7 +20,22 @@
 //
 // The CTAs of a cluster occupy consecutive slots and start together; a new cluster
 // starts there once all of them have exited. An exited CTA's dynamic shared memory is
-// poisoned at once, so a peer reading it afterwards reads NaN.
+// poisoned at once, and a peer that touches it afterwards is reported.
+//
+// Shared memory (dynamic, and every static __shared__ array; checker.cpp routes each
+// access of the kernels here) is checked on every access, as compute-sanitizer's
+// memcheck, initcheck and racecheck would check it on a GPU:
+//   - no read of a byte nothing has written since the CTA started;
+//   - no access to the destination of a cp.async copy before the wait that retires it
+//     (a read before its data is there, or a write that reuses the slot);
+//   - no race: two threads touching the same bytes, at least one writing, with no
+//     __syncthreads (or cluster barrier) between them; accesses of another CTA of the
+//     cluster (distributed shared memory) are ordered by cluster barriers only;
+//   - a peer's shared memory only while the peer runs.
+// cp.async copies are checked when issued (source inside its allocation, destination
+// inside the CTA's dynamic shared memory and not the target of a copy still pending),
+// performed when a wait retires them, and a thread that exits with copies it never
+// waited for is reported.
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -125,6 +140,33 @@ struct PendingCopy {
   const void* src;
 };
 
+// Per byte of shared memory.
+constexpr uint8_t kWritten = 1;  // written since the CTA started
+constexpr uint8_t kPending = 2;  // the destination of a cp.async copy not yet waited for
+
+// The last write and the last read(s) of 2 bytes of shared memory (no element is
+// narrower, so threads writing neighbouring elements never share one): the thread
+// (fiber index, -1 none) and the barrier counts of its CTA and cluster at the time.
+struct WordAccess {
+  int32_t writer = -1;
+  int32_t reader = -1;
+  uint32_t w_sync = 0, w_cluster = 0;
+  uint32_t r_sync = 0, r_cluster = 0;
+  bool readers = false;  // more than one thread read it since the last write, unordered
+};
+
+struct SharedShadow {
+  std::vector<uint8_t> state;      // per byte: kWritten | kPending
+  std::vector<int32_t> issuer;     // per 16 bytes: the thread whose copy is pending there
+  std::vector<WordAccess> words;   // per 2 bytes
+
+  void reset(size_t bytes) {
+    state.assign(bytes, 0);
+    issuer.assign(bytes / 16 + 1, -1);
+    words.assign((bytes + 1) / 2, WordAccess{});
+  }
+};
+
 struct Fiber {
   Context context;
   State state = State::kDone;
@@ -155,17 +197,28 @@ struct Slot {
   std::vector<Warp> warps;
   std::vector<unsigned char> statics;  // this CTA's copy of the kernel's __shared__ arrays
   void* dynamic = nullptr;             // guarded dynamic shared memory
+  uint32_t sync_epoch = 0;             // barriers (CTA or cluster) this CTA has passed
+  SharedShadow dynamic_shadow, static_shadow;
 };
 
 // A cluster's barrier in progress (one per group of `cluster` slots).
 struct ClusterBarrier {
   int arrived = 0;
   Site site{nullptr, 0};
+  uint32_t epoch = 0;  // cluster barriers passed
 };
 
 struct StaticArray {
   unsigned char* address;
   size_t bytes;
+};
+
+// A static __shared__ array of the running kernel and where its bytes sit in a slot's
+// static_shadow.
+struct StaticRef {
+  uintptr_t address;
+  size_t bytes;
+  size_t offset;
 };
 
 std::map<std::string, std::vector<StaticArray>>& static_table() {
@@ -176,6 +229,7 @@ std::map<std::string, std::vector<StaticArray>>& static_table() {
 Schedule g_schedule = Schedule::kRoundRobin;
 uint64_t g_seed = 1;
 uint64_t g_launches = 0;
+uintptr_t g_static_lo = UINTPTR_MAX, g_static_hi = 0;
 
 struct Launch {
   const void* func = nullptr;
@@ -185,7 +239,9 @@ struct Launch {
   size_t dynamic_bytes = 0;
   const std::function<void()>* body = nullptr;
   const std::vector<StaticArray>* statics = nullptr;
+  std::vector<StaticRef> static_index;  // by address
   size_t statics_bytes = 0;
+  uint64_t sequence = 0;
   int cluster = 1;            // CTAs per cluster; slots come in groups of this many
   std::vector<Slot> slots;
   std::vector<ClusterBarrier> clusters;  // per group of slots
@@ -316,6 +372,8 @@ bool start_block(Launch& L, int slot) {
   std::fill(s.statics.begin(), s.statics.end(), 0xFF);
   if (L.owner == slot) L.owner = -1;  // reload the poisoned copy before it runs
   if (s.dynamic != nullptr) std::memset(s.dynamic, 0xFF, L.dynamic_bytes);
+  s.dynamic_shadow.reset(L.dynamic_bytes);
+  s.static_shadow.reset(L.statics_bytes);
   for (int t = 0; t < L.threads; ++t) {
     const int i = slot * L.threads + t;
     Fiber& f = L.fibers[i];
@@ -335,11 +393,25 @@ bool start_block(Launch& L, int slot) {
   return true;
 }
 
+size_t copies_in_flight(const Fiber& f) {
+  size_t n = f.async_open.size();
+  for (const auto& group : f.async_groups) n += group.size();
+  return n;
+}
+
 void on_exit() {
   Launch& L = *g;
   const int i = L.current;
   Fiber& f = L.fibers[i];
   Slot& s = L.slots[f.slot];
+  if (const size_t n = copies_in_flight(f)) {
+    fail("exits with " + std::to_string(n) + " cp.async cop" + (n == 1 ? "y" : "ies") +
+         " it never waited for (the first into byte " +
+         std::to_string(static_cast<unsigned char*>(f.async_open.empty() ? f.async_groups.front().front().dst
+                                                                         : f.async_open.front().dst) -
+                        static_cast<unsigned char*>(s.dynamic)) +
+         " of its dynamic shared memory)");
+  }
   set_waiting(L, i, State::kDone);
   --s.live;
   if (s.arrived > 0) {
@@ -498,7 +570,15 @@ void set_schedule(Schedule schedule, uint64_t seed) {
 
 void register_static_shared(const std::string& kernel, void* address, size_t bytes) {
   static_table()[kernel].push_back({static_cast<unsigned char*>(address), bytes});
+  g_static_lo = std::min(g_static_lo, reinterpret_cast<uintptr_t>(address));
+  g_static_hi = std::max(g_static_hi, reinterpret_cast<uintptr_t>(address) + bytes);
+  set_static_range(g_static_lo, g_static_hi);
 }
+
+bool in_kernel() { return g != nullptr && g->current >= 0; }
+int64_t current_block() { return g->slots[g->fibers[g->current].slot].block; }
+uint64_t launch_sequence() { return g == nullptr ? 0 : g->sequence; }
+void kernel_error(const std::string& message) { fail(message); }
 
 void* current_dynamic_smem() {
   if (g == nullptr || g->current < 0) return nullptr;
@@ -524,7 +604,13 @@ cudaError_t execute(const void* func, dim3 grid, dim3 block, size_t dynamic_smem
   static const std::vector<StaticArray> kNone;
   const auto found = static_table().find(mangled_name(func));
   L.statics = found == static_table().end() ? &kNone : &found->second;
-  for (const StaticArray& a : *L.statics) L.statics_bytes += a.bytes;
+  for (const StaticArray& a : *L.statics) {
+    L.static_index.push_back({reinterpret_cast<uintptr_t>(a.address), a.bytes, L.statics_bytes});
+    L.statics_bytes += a.bytes;
+  }
+  std::sort(L.static_index.begin(), L.static_index.end(),
+            [](const StaticRef& a, const StaticRef& b) { return a.address < b.address; });
+  L.sequence = g_launches;
   const int slots = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wave, L.blocks)));
   L.slots.resize(slots);
   L.clusters.resize((slots + cluster - 1) / cluster);
@@ -540,7 +626,7 @@ cudaError_t execute(const void* func, dim3 grid, dim3 block, size_t dynamic_smem
     s.warps.resize(L.threads / 32);
     s.statics.resize(L.statics_bytes);
     if (dynamic_smem > 0) {
-      s.dynamic = guarded_alloc("dynamic shared memory", dynamic_smem, 0, false);
+      s.dynamic = guarded_alloc("dynamic shared memory", dynamic_smem, 0, false, MemoryKind::kShared, k);
       ok = s.dynamic != nullptr;
     }
   }
@@ -573,6 +659,7 @@ void syncthreads(Site site) {
   }
   if (++s.arrived == L.threads) {  // the last to arrive releases the others
     s.arrived = 0;
+    ++s.sync_epoch;
     const int base = L.fibers[i].slot * L.threads;
     for (int t = 0; t < L.threads; ++t) {
       if (L.fibers[base + t].state == State::kBarrier) set_ready(L, base + t);
@@ -665,6 +752,8 @@ void(cluster_sync)(Site site) {  // parenthesised: cluster_sync() is a macro
   }
   if (++cb.arrived == L.cluster * L.threads) {  // the last to arrive releases the cluster
     cb.arrived = 0;
+    ++cb.epoch;  // a cluster barrier also orders each CTA's own threads
+    for (int k = group * L.cluster; k < (group + 1) * L.cluster; ++k) ++L.slots[k].sync_epoch;
     const int base = group * L.cluster * L.threads;
     for (int t = 0; t < L.cluster * L.threads; ++t) {
       if (L.fibers[base + t].state == State::kCluster) set_ready(L, base + t);
@@ -697,8 +786,10 @@ void* cluster_map(const void* p, int rank) {
 
 void async_copy16(void* dst, const void* src) {
   Launch& L = *g;
-  Fiber& f = L.fibers[L.current];
-  unsigned char* const own = static_cast<unsigned char*>(L.slots[f.slot].dynamic);
+  const int i = L.current;
+  Fiber& f = L.fibers[i];
+  Slot& s = L.slots[f.slot];
+  unsigned char* const own = static_cast<unsigned char*>(s.dynamic);
   unsigned char* const d = static_cast<unsigned char*>(dst);
   if (own == nullptr || d < own || d + 16 > own + L.dynamic_bytes) {
     fail("cp.async to an address that is not in its dynamic shared memory");
@@ -706,6 +797,27 @@ void async_copy16(void* dst, const void* src) {
   if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0) {
     fail("cp.async of 16 bytes with a source or destination not 16-byte aligned");
   }
+  // The GPU reads the source some time after the issue: its bounds are checked now.
+  const Region* from = region_at(src);
+  const char* const p = static_cast<const char*>(src);
+  if (from == nullptr || from->kind == MemoryKind::kShared) {
+    fail("cp.async from an address that is not in global memory");
+  }
+  if (p < from->user || p + 16 > from->user + from->bytes) {
+    fail("cp.async reads 16 bytes at " + describe_address(p) + ", outside " + from->name +
+         " (copies are checked when issued: the GPU reads the source then, waited for or not)");
+  }
+  const size_t off = static_cast<size_t>(d - own);
+  SharedShadow& sh = s.dynamic_shadow;
+  for (size_t b = off; b < off + 16; ++b) {
+    if (sh.state[b] & kPending) {
+      fail("cp.async into byte " + std::to_string(b) + " of its dynamic shared memory, which a copy issued by " +
+           where(L, sh.issuer[b / 16]) + " still writes (the slot is reused before that copy's wait)");
+    }
+  }
+  check_shared(*region_at(dst), reinterpret_cast<uintptr_t>(dst), 16, true);  // races, as a write
+  for (size_t b = off; b < off + 16; ++b) sh.state[b] |= kPending;
+  sh.issuer[off / 16] = i;
   std::memset(dst, 0xFF, 16);  // what a read before the wait would see
   f.async_open.push_back({dst, src});
 }
@@ -717,10 +829,130 @@ void async_commit() {
 }
 
 void async_wait(int n) {
-  Fiber& f = g->fibers[g->current];
+  Launch& L = *g;
+  const int i = L.current;
+  Fiber& f = L.fibers[i];
+  Slot& s = L.slots[f.slot];
+  const uint32_t cluster_epoch = L.clusters[f.slot / L.cluster].epoch;
   while (static_cast<int>(f.async_groups.size()) > n) {
-    for (const PendingCopy& c : f.async_groups.front()) std::memcpy(c.dst, c.src, 16);
+    for (const PendingCopy& c : f.async_groups.front()) {
+      std::memcpy(c.dst, c.src, 16);
+      const size_t off = static_cast<size_t>(static_cast<unsigned char*>(c.dst) - static_cast<unsigned char*>(s.dynamic));
+      for (size_t b = off; b < off + 16; ++b) s.dynamic_shadow.state[b] = kWritten;
+      s.dynamic_shadow.issuer[off / 16] = -1;
+      for (size_t w = off / 2; w < (off + 16) / 2; ++w) {  // written by this thread, now
+        WordAccess& e = s.dynamic_shadow.words[w];
+        e = WordAccess{};
+        e.writer = i;
+        e.w_sync = s.sync_epoch;
+        e.w_cluster = cluster_epoch;
+      }
+    }
     f.async_groups.erase(f.async_groups.begin());
+  }
+}
+
+// ---- shared-memory checks ----------------------------------------------------------------
+
+namespace {
+
+// Whether thread j's access, made when its CTA and cluster had passed `sync` and
+// `cluster` barriers, is unordered with respect to what thread i does now.
+bool unordered(const Launch& L, int j, uint32_t sync, uint32_t cluster, int i) {
+  const int slot_j = j / L.threads, slot_i = i / L.threads;
+  if (slot_j == slot_i) return sync == L.slots[slot_i].sync_epoch;
+  if (slot_j / L.cluster != slot_i / L.cluster) return false;
+  return cluster == L.clusters[slot_i / L.cluster].epoch;
+}
+
+std::string shared_text(const Launch& L, int owner, const char* what, size_t offset, size_t n, bool write) {
+  std::ostringstream out;
+  out << (write ? "writes " : "reads ") << n << " byte" << (n == 1 ? "" : "s") << " at byte " << offset << " of "
+      << what;
+  if (owner != L.fibers[L.current].slot) out << " of block " << L.slots[owner].block;
+  return out.str();
+}
+
+void check_bytes(Launch& L, SharedShadow& sh, int owner, const char* what, size_t off, size_t n, bool write) {
+  const int i = L.current;
+  for (size_t b = off; b < off + n; ++b) {
+    if (sh.state[b] & kPending) {
+      fail(shared_text(L, owner, what, off, n, write) +
+           (write ? ", the destination of a cp.async copy that is still pending (issued by "
+                  : " before the wait of the cp.async copy into it (issued by ") +
+           where(L, sh.issuer[b / 16]) + ")");
+    }
+    if (!write && !(sh.state[b] & kWritten)) {
+      fail(shared_text(L, owner, what, off, n, write) + ": byte " + std::to_string(b) +
+           " was never written since the block started");
+    }
+  }
+  const int slot = L.fibers[i].slot;
+  const uint32_t sync = L.slots[slot].sync_epoch;
+  const uint32_t cluster = L.clusters[slot / L.cluster].epoch;
+  for (size_t w = off / 2; w <= (off + n - 1) / 2; ++w) {
+    WordAccess& e = sh.words[w];
+    if (e.writer >= 0 && e.writer != i && unordered(L, e.writer, e.w_sync, e.w_cluster, i)) {
+      fail(shared_text(L, owner, what, off, n, write) + ", which " + where(L, e.writer) +
+           " wrote with no barrier between them (a race)");
+    }
+    if (write) {
+      if (e.reader >= 0 && (e.reader != i || e.readers) && unordered(L, e.reader, e.r_sync, e.r_cluster, i)) {
+        fail(shared_text(L, owner, what, off, n, write) + ", which " + where(L, e.reader) +
+             (e.readers ? " and others" : "") + " read with no barrier between them (a race)");
+      }
+      e = WordAccess{};
+      e.writer = i;
+      e.w_sync = sync;
+      e.w_cluster = cluster;
+      continue;
+    }
+    if (e.reader >= 0 && unordered(L, e.reader, e.r_sync, e.r_cluster, i)) {
+      e.readers = e.readers || e.reader != i;
+    } else {
+      e.readers = false;
+    }
+    e.reader = i;
+    e.r_sync = sync;
+    e.r_cluster = cluster;
+  }
+  if (write) {
+    for (size_t b = off; b < off + n; ++b) sh.state[b] |= kWritten;
+  }
+}
+
+}  // namespace
+
+void check_shared(Region& r, uintptr_t a, size_t n, bool write) {
+  Launch& L = *g;
+  const int slot = L.fibers[L.current].slot;
+  const int owner = r.slot;
+  if (owner < 0 || owner >= static_cast<int>(L.slots.size())) {
+    fail("accesses dynamic shared memory of another launch");
+  }
+  Slot& s = L.slots[owner];
+  if (owner != slot) {
+    if (owner / L.cluster != slot / L.cluster) {
+      fail("accesses the dynamic shared memory of block " + std::to_string(s.block) + ", outside its cluster");
+    }
+    if (!s.active || s.live == 0) {
+      fail((write ? "writes" : "reads") + std::string(" the shared memory of cluster rank ") +
+           std::to_string(owner % L.cluster) + ", which has exited");
+    }
+  }
+  check_bytes(L, s.dynamic_shadow, owner, "dynamic shared memory",
+              static_cast<size_t>(a - reinterpret_cast<uintptr_t>(s.dynamic)), n, write);
+}
+
+void check_static_shared(uintptr_t a, size_t n, bool write) {
+  Launch& L = *g;
+  for (const StaticRef& ref : L.static_index) {
+    if (a < ref.address || a >= ref.address + ref.bytes) continue;
+    if (a + n > ref.address + ref.bytes) fail("accesses past the end of a __shared__ array");
+    const int slot = L.fibers[L.current].slot;
+    check_bytes(L, L.slots[slot].static_shadow, slot, "static shared memory", ref.offset + (a - ref.address), n,
+                write);
+    return;
   }
 }
 
