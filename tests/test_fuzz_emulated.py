@@ -41,6 +41,16 @@ def test_regression_case(emu, why, case):
     fuzz_emulated.check(emu, case, f"regression ({why}): ")
 
 
+def test_regression_cases_on_the_cpu_kernels():
+    import residual_fused as rf
+
+    if not rf.cpu_kernels_available():
+        pytest.skip("the CPU kernels are not built")
+    target = fuzz_emulated.OpsTarget("cpu")
+    for why, case in REGRESSIONS:
+        fuzz_emulated.check(target, case, f"regression ({why}), CPU kernels: ")
+
+
 def test_random_share(emu):
     seconds = float(os.environ.get("RESIDUAL_FUSED_FUZZ_SECONDS", "90"))
     seed = int(os.environ.get("RESIDUAL_FUSED_FUZZ_SEED", int.from_bytes(os.urandom(4), "little")))
