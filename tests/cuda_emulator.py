@@ -49,6 +49,14 @@ ACCESS_HOOKS = {
 }
 
 
+class BuildError(RuntimeError):
+    """A source of the emulator did not compile; ``stderr`` is the compiler's whole output."""
+
+    def __init__(self, message: str, stderr: str):
+        super().__init__(message)
+        self.stderr = stderr
+
+
 class EmulatorError(AssertionError):
     """An emulated launch failed: the message says which kernel, thread and why."""
 
@@ -163,7 +171,7 @@ def compile_objects(out_dir: str, kernels_dir: str = KERNELS, sanitize: bool = T
         proc = subprocess.run(flags + extra + ["-c", src, "-o", obj], capture_output=True,
                               text=True, timeout=1800)
         if proc.returncode != 0:
-            raise RuntimeError(f"building the emulator failed on {src}:\n{proc.stderr[-4000:]}")
+            raise BuildError(f"building the emulator failed on {src}:\n{proc.stderr[-4000:]}", proc.stderr)
         return name, obj
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 2) as pool:
@@ -211,26 +219,23 @@ def build_key(coverage: bool = False) -> str:
 
 def build_cached(coverage: bool = False) -> str:
     """The emulator library for today's sources, built once per checkout under
-    build/emulator/ (``coverage``: the gcov-instrumented variant, in its own folder)."""
+    build/emulator/ (``coverage``: the gcov-instrumented variant, in its own folder,
+    where gcov also writes its counts). Concurrent callers build it once."""
+    import fcntl
+
     if compiler() is None or cuda_include_dir() is None:
         raise FileNotFoundError("needs a C++17 compiler and the CUDA headers")
     out = os.path.join(CACHE_DIR, ("coverage-" if coverage else "checked-") + build_key(coverage))
     lib = os.path.join(out, "residual_fused_emulated.so")
-    if not os.path.exists(lib):
-        import tempfile
-
-        os.makedirs(CACHE_DIR, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=CACHE_DIR, prefix=".tmp-")
-        if coverage:  # gcov writes its counts next to the objects: build them where they stay
-            tmp = out
-            os.makedirs(out, exist_ok=True)
-        built = build(tmp, coverage=coverage)
-        if tmp != out:
-            try:
-                os.rename(tmp, out)
-            except OSError:  # another process finished first: use its build
-                shutil.rmtree(tmp, ignore_errors=True)
-        del built
+    if os.path.exists(lib):
+        return lib
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(lib):
+            objects = compile_objects(out, coverage=coverage)
+            link(objects, lib + ".tmp", coverage)
+            os.replace(lib + ".tmp", lib)  # appears whole, or not at all
     return lib
 
 

@@ -6,6 +6,7 @@ emulator, against the float64 reference.
     python tests/fuzz_emulated.py --seed 7 --index 41     # case 41 of seed 7 again
     python tests/fuzz_emulated.py --replay '<json>'       # one case, as a failure printed it
     python tests/fuzz_emulated.py --regressions           # tests/fuzz_regressions.jsonl
+    python tests/fuzz_emulated.py --cases-file F          # every case of F (one JSON per line)
     python tests/fuzz_emulated.py --target cpu --seconds 60   # the same cases on the CPU kernels
 
 Cases come from tests/fuzz_space.py. Each runs the forward and then the backward op
@@ -343,13 +344,14 @@ def main(argv=None) -> int:
     p.add_argument("--index", type=int, help="run only case INDEX of --seed")
     p.add_argument("--replay", help="one case, as JSON")
     p.add_argument("--regressions", action="store_true", help="the fixed regression cases")
+    p.add_argument("--cases-file", help="run every case of this file (one JSON case per line)")
     p.add_argument("--target", choices=("emulator", "cpu", "cuda"), default="emulator",
                    help="run the cases on the emulated CUDA kernels (default), or through the library's ops "
                         "on the CPU kernels or a GPU")
     args = p.parse_args(argv)
     sys.path.insert(0, os.path.join(HERE, "..", "bench"))
     lib = args.lib or cuda_emulator.build_cached()
-    emu = cuda_emulator.Emulator(lib, fuzz_space._kernel_build())
+    emu = cuda_emulator.Emulator(lib, fuzz_space.kernel_build())
     target = emu
     if args.target != "emulator":
         import residual_fused  # noqa: F401  (registers the ops)
@@ -364,6 +366,12 @@ def main(argv=None) -> int:
             for why, case in regressions():
                 check(target, case, f"regression ({why}): ")
             print(f"{len(regressions())} regression cases passed")
+        elif args.cases_file:
+            with open(args.cases_file) as f:
+                listed = [Case.from_json(line) for line in f if line.strip()]
+            for k, case in enumerate(listed):
+                check(target, case, f"{os.path.basename(args.cases_file)} case {k}: ")
+            print(f"{len(listed)} cases passed")
         elif args.index is not None:
             case = case_at(emu, args.seed, args.index)
             print(case.to_json())

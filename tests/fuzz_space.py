@@ -237,7 +237,7 @@ def plan_boundaries(lib_path: str) -> Tuple[int, ...]:
     if os.path.exists(cache):
         with open(cache) as f:
             return tuple(json.load(f))
-    emu = cuda_emulator.Emulator(lib_path, _kernel_build())
+    emu = cuda_emulator.Emulator(lib_path, kernel_build())
     found = set()
     for profile in cuda_emulator.PROFILES:
         for clusters in ((True, False) if profile == "h100" else (True,)):
@@ -254,7 +254,8 @@ def plan_boundaries(lib_path: str) -> Tuple[int, ...]:
     return out
 
 
-def _kernel_build():
+def kernel_build():
+    """nvcc's resource table of the kernels (bench/cubin.py), or None without nvcc."""
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))

@@ -25,7 +25,8 @@ what nvcc makes of them).
 Each mutant is built from the cached emulator objects plus the translation units that
 include the mutated file, and run (in a subprocess, with a time limit) through the
 mutant suite: tests/emulated_cases.py --quick, the fuzzer's regression cases, and a
-fixed fuzz batch; it stops at the first failure. Outcomes: killed (the suite failed),
+fixed fuzz batch (drawn once per run, the same cases for every mutant); it stops at
+the first failure. Outcomes: killed (the suite failed),
 survived, stillborn (does not compile: not counted), equivalent (listed with the reason
 in tests/mutants_equivalent.txt: not counted). The kill rate is killed / (killed +
 survived).
@@ -52,8 +53,8 @@ import kernel_coverage  # noqa: E402
 
 KERNELS = cuda_emulator.KERNELS
 EQUIVALENT = os.path.join(HERE, "mutants_equivalent.txt")
-FUZZ_SEED, FUZZ_CASES = 0, 12  # the fixed fuzz batch of the mutant suite
-TIME_LIMIT = 600  # seconds per mutant run: a hang (a deadlock not reported) is killed
+FUZZ_SEED, FUZZ_CASES = 0, 20  # the fixed fuzz batch of the mutant suite
+TIME_LIMIT = 240  # seconds per mutant (the suite takes about 40): a hang the emulator misses is killed
 
 
 # ---- the code of a source file --------------------------------------------------------------
@@ -205,10 +206,13 @@ def _candidates(text: str, mask: List[bool]) -> List[Tuple[int, int, str, str]]:
     for m in re.finditer(r"0xffffffffu", text):
         if code(m.start(), m.end()):
             out.append((m.start(), m.end(), "0x0000ffffu", "mask"))
-    for m in re.finditer(r"(?m)^([ \t]*)([A-Za-z_][\w:]*(?:<[^;=]*>)?)\((.*)\);[ \t]*$", text):
+    for m in re.finditer(r"(?m)^([ \t]*)([A-Za-z_][\w:]*(?:<[^;=\n]*>)?)\((.*)\);[ \t]*$", text):
         word = m.group(2).split("<")[0].split("::")[-1]
         if word in KEYWORDS or not code(m.start(2), m.end()) or "=" in re.sub(r"\(.*\)", "", m.group(3)):
             continue
+        before = [c for k, c in enumerate(text[:m.start(2)]) if mask[k] and not c.isspace()]
+        if before and before[-1] not in ";{})":
+            continue  # a continuation line of a longer statement, not a statement of its own
         out.append((m.start(2), m.end(), "", "call"))
     return out
 
@@ -242,22 +246,284 @@ def generate(files: Optional[List[str]] = None) -> List[Mutant]:
     return mutants
 
 
-# ---- running one --------------------------------------------------------------------------------
+# ---- mutant schemata: many mutants in one build --------------------------------------------------
+# Compiling each mutant separately costs seconds of compile per mutant. Instead, the
+# mutants of one file are written into one copy of it, each choosing at run time
+# between its change and the original code by comparing ::emu::mutant (set through
+# emu_set_mutant) with its number, e.g. `a < b` becomes
+# `(::emu::mutant == 7 ? (a <= b) : (a < b))`; one build then runs every mutant in
+# turn in one process. Sites nest (a condition inside a call statement inside ...),
+# so each rewrite is rendered over the rewritten text inside it. A site the compiler
+# refuses in this form (a constant expression: template arguments, array sizes,
+# constexpr values) falls back to a build of its own. A build whose mutant 0 (the
+# original code) does not pass the suite is not used (then every mutant of it is
+# built alone).
+
+M = "::emu::mutant"
+
+
+@dataclasses.dataclass
+class Token:
+    text: str
+    start: int
+    end: int
+    before: bool  # whitespace before it
+    after: bool   # whitespace after it
+
+
+_TOKEN = re.compile(r"[A-Za-z_]\w*|\d[\w.]*|::|->|\+\+|--|&&|\|\||[<>=!+\-*/%&|^]=|\S")
+BINARY = {"*": 5, "/": 5, "%": 5, "+": 6, "-": 6, "<<": 7, ">>": 7, "<": 9, "<=": 9, ">": 9, ">=": 9,
+          "==": 10, "!=": 10, "&": 11, "^": 12, "|": 13, "&&": 14, "||": 15,
+          "=": 16, "+=": 16, "-=": 16, "*=": 16, "/=": 16, "%=": 16, "&=": 16, "|=": 16, "^=": 16}
+STOP_WORDS = {"return", "case", "if", "while", "for", "else", "do", "const", "auto", "static", "constexpr"}
+
+
+def tokenize(text: str, mask: List[bool]) -> List[Token]:
+    out = []
+    for m in _TOKEN.finditer(text):
+        if not mask[m.start()]:
+            continue
+        out.append(Token(m.group(), m.start(), m.end(), m.start() > 0 and text[m.start() - 1].isspace(),
+                         m.end() < len(text) and text[m.end()].isspace()))
+    # a spaced << or >> is a shift (the code spaces its binary operators); unspaced, the
+    # tokenizer's single < and > stay template brackets
+    merged = []
+    for t in out:
+        if merged and t.text in "<>" and merged[-1].text == t.text and merged[-1].end == t.start \
+                and merged[-1].before and t.after:
+            merged[-1] = Token(t.text * 2, merged[-1].start, t.end, True, True)
+        else:
+            merged.append(t)
+    return merged
+
+
+def _binary(t: Token) -> bool:
+    return t.text in BINARY and t.before and t.after
+
+
+def brackets(tokens: List[Token]) -> Dict[int, int]:
+    """Matching bracket token indices, both ways: () [] {} and template <> (an
+    unspaced < right after a name, closed by an unspaced >)."""
+    pairs, stack = {}, []
+    for i, t in enumerate(tokens):
+        if t.text in "([{":
+            stack.append(i)
+        elif t.text == "<" and not t.before and i > 0 and re.match(r"\w", tokens[i - 1].text):
+            stack.append(i)
+        elif t.text in ")]}" or (t.text == ">" and not t.before and stack and tokens[stack[-1]].text == "<"):
+            while stack and t.text != ">" and tokens[stack[-1]].text == "<":
+                stack.pop()  # a < that was a comparison after all
+            if stack:
+                j = stack.pop()
+                pairs[i], pairs[j] = j, i
+    return pairs
+
+
+def _operand_end(tokens, pairs, i: int, prec: int) -> int:
+    """Index after the operand starting at token i of an operator of precedence prec
+    (binding everything tighter than prec)."""
+    n = len(tokens)
+    while i < n and tokens[i].text in ("!", "-", "~", "*", "&", "++", "--", "+") and not tokens[i].after:
+        i += 1  # prefix operators
+    if i < n and tokens[i].text in ("(", "[", "{") and i in pairs:
+        i = pairs[i] + 1
+    elif i < n:
+        i += 1
+    while i < n:  # postfix: calls, subscripts, members, template arguments, braces
+        t = tokens[i]
+        if t.text in ("(", "[", "{") and not t.before and i in pairs:
+            i = pairs[i] + 1
+        elif t.text == "<" and i in pairs:
+            i = pairs[i] + 1
+        elif t.text in (".", "->", "::") or (t.text in ("++", "--") and not t.before):
+            i += 1 if t.text in ("++", "--") else 2
+        else:
+            break
+    while i < n and _binary(tokens[i]) and BINARY[tokens[i].text] < prec:
+        i = _operand_end(tokens, pairs, i + 1, BINARY[tokens[i].text])
+    return i
+
+
+def _operand_start(tokens, pairs, i: int, prec: int) -> int:
+    """Index of the first token of the left operand of the binary operator at token i."""
+    j = i - 1
+    while j >= 0:
+        t = tokens[j]
+        if t.text in (")", "]", "}", ">") and j in pairs:
+            j = pairs[j] - 1
+            continue
+        if _binary(t):
+            if BINARY[t.text] <= prec:
+                j -= 1
+                continue
+            break
+        if t.text in ("(", "[", "{", ",", ";", "?", ":", "}") or t.text in STOP_WORDS:
+            break
+        if re.match(r"\w", t.text) or t.text in (".", "->", "::") or \
+                (t.text in ("!", "-", "~", "*", "&", "++", "--") and not t.after):
+            # two names in a row are a declaration (`float x = ...`): stop at the type
+            if re.match(r"\w", t.text) and j + 1 < i and re.match(r"\w", tokens[j + 1].text):
+                break
+            j -= 1
+            continue
+        break
+    return j + 1
+
+
+@dataclasses.dataclass
+class Edit:
+    start: int
+    end: int
+    render: object        # render(R) -> str, R(a, b) renders the original text [a, b)
+    mutants: List[Mutant]
+    children: list = dataclasses.field(default_factory=list)
+
+
+def _edits(text: str, mutants: List[Mutant], ids: Dict[str, int]) -> Tuple[List[Edit], List[Mutant]]:
+    """The rewrites of `mutants` (all of one file); mutants whose site cannot be written
+    as a rewrite are returned apart."""
+    mask = code_mask(text)
+    tokens = tokenize(text, mask)
+    pairs = brackets(tokens)
+    at = {t.start: k for k, t in enumerate(tokens)}
+    edits, alone = [], []
+    replace_groups: Dict[Tuple[int, int, str], List[Mutant]] = {}
+    for m in mutants:
+        k = ids[m.key]
+        if m.operator in ("rel", "arith", "logic") and m.original.strip() in BINARY:
+            op = at.get(m.start + 1)
+            if op is None:
+                alone.append(m)
+                continue
+            prec = BINARY[tokens[op].text]
+            a = tokens[_operand_start(tokens, pairs, op, prec)].start
+            last = _operand_end(tokens, pairs, op + 1, prec if prec != 16 else 17)
+            b = tokens[last - 1].end
+            o1, o2 = m.start, m.end
+            edits.append(Edit(a, b, (lambda R, a=a, b=b, o1=o1, o2=o2, m=m, k=k:
+                                     f"({M} == {k} ? ({R(a, o1)}{m.replacement}{R(o2, b)}) : "
+                                     f"({R(a, o1)}{m.original}{R(o2, b)}))"), [m]))
+        elif m.operator == "logic":  # a unary ! dropped
+            op = at.get(m.start)
+            if op is None:
+                alone.append(m)
+                continue
+            b = tokens[_operand_end(tokens, pairs, op + 1, 3) - 1].end
+            edits.append(Edit(m.start, b, (lambda R, a=m.start, b=b, k=k:
+                                           f"({M} == {k} ? static_cast<bool>({R(a + 1, b)}) : !{R(a + 1, b)})"),
+                              [m]))
+        elif m.operator == "swap":
+            inner = re.match(r"\[(\w+)\]\[(\w+)\]", m.original)
+            i1, i2 = m.start + 1, m.start + 1 + len(inner.group(1))
+            j1 = i2 + 2
+            j2 = j1 + len(inner.group(2))
+            edits.append(Edit(m.start, m.end, (lambda R, i1=i1, i2=i2, j1=j1, j2=j2, k=k:
+                                               f"[({M} == {k} ? {R(j1, j2)} : {R(i1, i2)})]"
+                                               f"[({M} == {k} ? {R(i1, i2)} : {R(j1, j2)})]"), [m]))
+        elif m.operator == "sync" and m.replacement == "":
+            edits.append(Edit(m.start, m.end, (lambda R, a=m.start, b=m.end, k=k:
+                                               f"{{ if ({M} != {k}) {R(a, b)} }}"), [m]))
+        elif m.operator == "sync":  # a wait allowing one more group in flight
+            edits.append(Edit(m.start, m.end, (lambda R, a=m.start, b=m.end, k=k, r=m.replacement:
+                                               f"{{ if ({M} == {k}) {r} else {R(a, b)} }}"), [m]))
+        elif m.operator == "call":
+            edits.append(Edit(m.start, m.end, (lambda R, a=m.start, b=m.end, k=k:
+                                               f"{{ if ({M} != {k}) {R(a, b)} }}"), [m]))
+        else:  # const, mask, cond: the span replaced by one of several values
+            replace_groups.setdefault((m.start, m.end, m.operator), []).append(m)
+    for (a, b, op), group in replace_groups.items():
+        def render(R, a=a, b=b, op=op, group=group):
+            choices = "".join(f"{M} == {ids[m.key]} ? {m.replacement} : " for m in group)
+            orig = f"static_cast<bool>({R(a, b)})" if op == "cond" else R(a, b)
+            return f"({choices}{orig})"
+        edits.append(Edit(a, b, render, group))
+    return edits, alone
+
+
+def _nest(edits: List[Edit]) -> Tuple[List[Edit], List[Edit]]:
+    """(top-level edits with their children nested, edits that partially overlap another)."""
+    edits = sorted(edits, key=lambda e: (e.start, -e.end))
+    for e in edits:
+        e.children = []
+    roots, stack, clashes = [], [], []
+    for e in edits:
+        while stack and stack[-1].end <= e.start:
+            stack.pop()
+        if stack and e.end > stack[-1].end:
+            clashes.append(e)
+            continue
+        (stack[-1].children if stack else roots).append(e)
+        stack.append(e)
+    return roots, clashes
+
+
+def render_schema(text: str, edits: List[Edit], markers: bool = False) -> str:
+    """`text` with every edit rendered over its rewritten inside. ``markers``: each
+    edit's output is bracketed by comments naming it (/*<n*/ ... /*>n*/, n its index in
+    `edits`), so that a compile error's position names the edit it is in."""
+    roots, clashes = _nest(edits)
+    assert not clashes
+    index = {id(e): n for n, e in enumerate(edits)}
+
+    def render_range(a: int, b: int, nodes: List[Edit]) -> str:
+        out, pos = [], a
+        for e in nodes:
+            if e.start < a or e.end > b:
+                continue
+            out.append(text[pos:e.start])
+            body = e.render(lambda x, y, e=e: render_range(x, y, e.children))
+            n = index[id(e)]
+            out.append(f"/*<{n}*/{body}/*>{n}*/" if markers else body)
+            pos = e.end
+        out.append(text[pos:b])
+        return "".join(out)
+
+    return render_range(0, len(text), roots)
+
+
+def _enclosing_block(text: str, a: int, b: int) -> Tuple[int, int]:
+    """The span [a, b) of one line widened to the innermost { } block that the line
+    closes, or else contains (the body of a constexpr function whose error the compiler
+    reports at its closing brace, for one)."""
+    mask = code_mask(text)
+    opens, blocks = [], []
+    for k, c in enumerate(text):
+        if not mask[k]:
+            continue
+        if c == "{":
+            opens.append(k)
+        elif c == "}" and opens:
+            blocks.append((opens.pop(), k + 1))
+    closing = [blk for blk in blocks if a <= blk[1] - 1 < b]
+    containing = [blk for blk in blocks if blk[0] <= a and b <= blk[1]]
+    block = (max(closing, key=lambda blk: blk[0]) if closing else  # the innermost closing on this line
+             max(containing, key=lambda blk: blk[0]) if containing else (a, b))
+    # a namespace or a whole kernel is too wide a guess: then the line alone
+    return block if text.count("\n", block[0], block[1]) <= 40 else (a, b)
+
+
+def _edits_at(schema_text: str, offsets: List[int]) -> set:
+    """Indices of the innermost marked edits containing each offset of the schema text."""
+    spans, stack = [], []
+    for m in re.finditer(r"/\*([<>])(\d+)\*/", schema_text):
+        if m.group(1) == "<":
+            stack.append((int(m.group(2)), m.start()))
+        else:
+            n, start = stack.pop()
+            spans.append((start, m.end(), n))
+    found = set()
+    for o in offsets:
+        inside = [(start, n) for start, end, n in spans if start <= o < end]
+        if inside:
+            found.add(max(inside)[1])
+    return found
+
 
 @dataclasses.dataclass
 class Outcome:
     status: str   # killed, survived, stillborn, timeout
     detail: str
     seconds: float
-
-
-def suite(lib: str) -> List[List[str]]:
-    """The mutant suite's commands, run in order until one fails."""
-    py = sys.executable
-    return [[py, os.path.join(HERE, "emulated_cases.py"), "--lib", lib, "--quick"],
-            [py, os.path.join(HERE, "fuzz_emulated.py"), "--lib", lib, "--regressions"],
-            [py, os.path.join(HERE, "fuzz_emulated.py"), "--lib", lib, "--seed", str(FUZZ_SEED), "--cases",
-             str(FUZZ_CASES)]]
 
 
 def baseline_objects() -> Dict[str, str]:
@@ -270,7 +536,7 @@ def baseline_objects() -> Dict[str, str]:
 def build_mutant(file: str, new_text: str, baseline: Dict[str, str], work: str) -> str:
     """The emulator library with `file` of csrc/kernels replaced by `new_text`: the
     translation units that include it recompiled, the rest taken from `baseline`.
-    Raises RuntimeError if it does not compile."""
+    Raises cuda_emulator.BuildError if it does not compile."""
     kernels = os.path.join(work, "kernels")
     shutil.copytree(KERNELS, kernels)
     path = os.path.join(kernels, file)
@@ -281,39 +547,171 @@ def build_mutant(file: str, new_text: str, baseline: Dict[str, str], work: str) 
     objects = dict(baseline)
     objects.update(cuda_emulator.compile_objects(os.path.join(work, "obj"), kernels, only=affected, jobs=1,
                                                  debug=False))
-    # plan-boundaries.json is a property of the plans, which a mutant may change: the
-    # mutant's fuzz batch computes its own
     return cuda_emulator.link(objects, os.path.join(work, "mutant.so"))
 
 
-def run_suite(lib: str, time_limit: float = TIME_LIMIT) -> Tuple[str, str]:
-    """('killed', the failure) at the first failing command, ('timeout', ...) if the
-    time runs out, else ('survived', '')."""
-    deadline = time.monotonic() + time_limit
-    for cmd in suite(lib):
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True,
-                                  timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            return "timeout", f"{os.path.basename(cmd[1])} ran past {time_limit:.0f} s"
-        if proc.returncode != 0:
-            text = (proc.stdout + proc.stderr).strip().splitlines()
-            failed = [line for line in text if "FAILED" in line]
-            return "killed", f"{os.path.basename(cmd[1])}: " + (failed[-1] if failed else "\n".join(text[-5:]))[:400]
-    return "survived", ""
+@dataclasses.dataclass
+class Schema:
+    lib: str
+    ids: Dict[str, int]  # mutant key -> its number in this build
 
 
-def run_mutant(mutant: Mutant, baseline: Dict[str, str], work: str) -> Outcome:
-    start = time.monotonic()
-    with open(os.path.join(KERNELS, mutant.file)) as f:
+def build_schema(file: str, mutants: List[Mutant], baseline: Dict[str, str], work: str,
+                 out=sys.stdout) -> Tuple[Optional[Schema], List[Mutant]]:
+    """One build holding `mutants` (all of `file`); returns it (None if nothing could be
+    built) and the mutants that need a build of their own."""
+    with open(os.path.join(KERNELS, file)) as f:
         text = f.read()
-    try:
-        lib = build_mutant(mutant.file, mutant.apply(text), baseline, work)
-    except RuntimeError as err:
-        return Outcome("stillborn", str(err).splitlines()[-1][:200] if str(err) else "", time.monotonic() - start)
-    status, detail = run_suite(lib)
-    shutil.rmtree(work, ignore_errors=True)
-    return Outcome(status, detail, time.monotonic() - start)
+    ids = {m.key: k + 1 for k, m in enumerate(mutants)}
+    edits, alone = _edits(text, mutants, ids)
+    _, clashes = _nest(edits)
+    edits = [e for e in edits if e not in clashes]
+    alone += [m for e in clashes for m in e.mutants]
+    orig_starts = [0]
+    for line in text.split("\n"):
+        orig_starts.append(orig_starts[-1] + len(line) + 1)
+    for attempt in range(12):
+        if not edits:
+            return None, alone
+        new_text = render_schema(text, edits, markers=True)
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            lib = build_mutant(file, new_text, baseline, work)
+        except cuda_emulator.BuildError as err:
+            # the edits an error points into (innermost); else every edit on a line it names
+            starts = [0]
+            for line in new_text.split("\n"):
+                starts.append(starts[-1] + len(line) + 1)
+            errors = [(int(ln), int(col)) for ln, col in
+                      re.findall(re.escape(file) + r":(\d+):(\d+): error", err.stderr)]
+            found = set()
+            lines = set()
+            for ln, col in errors:
+                hit = _edits_at(new_text, [starts[ln - 1] + col - 1])
+                found |= hit
+                if not hit:
+                    lines.add(ln)  # the error is not inside a rewrite: every rewrite on its line
+            if not errors:  # only notes name this file (the error is in a file it includes)
+                lines = {int(n) for n in re.findall(re.escape(file) + r":(\d+):", err.stderr)}
+            spans = []  # character spans of the original refused: the lines named (widened to
+            for ln in lines:  # their block when no rewrite is on the line itself)
+                a = orig_starts[ln - 1]
+                b = orig_starts[ln] if ln < len(orig_starts) else len(text)
+                on_line = any(e.start < b and e.end > a for e in edits)
+                spans.append((a, b) if on_line else _enclosing_block(text, a, b))
+            refused = [e for n, e in enumerate(edits)
+                       if n in found or any(a <= e.start and e.end <= b or (e.start < b and e.end > a)
+                                            for a, b in spans)]
+            if not refused:
+                print(f"schema of {file}: the build fails outside the rewritten sites:\n{err.stderr[-1500:]}",
+                      file=out)
+                return None, alone + [m for e in edits for m in e.mutants]
+            edits = [e for e in edits if e not in refused]
+            alone += [m for e in refused for m in e.mutants]
+            continue
+        kept = {m.key for e in edits for m in e.mutants}
+        return Schema(lib, {k: v for k, v in ids.items() if k in kept}), alone
+    return None, alone + [m for e in edits for m in e.mutants]
+
+
+# ---- running mutants in one process ----------------------------------------------------------------
+
+def _worker(lib: str, fuzz_cases: str) -> None:
+    """Reads mutant numbers from stdin; for each, runs the mutant suite in this process on
+    `lib` with that mutant switched on, and writes `RESULT <number> <status> <detail>`."""
+    import emulated_cases
+    import fuzz_emulated
+    import fuzz_space
+    from fuzz_space import Case
+
+    emu = cuda_emulator.Emulator(lib, fuzz_space.kernel_build())
+    regressions = fuzz_emulated.regressions()
+    with open(fuzz_cases) as f:
+        fixed = [Case.from_json(line) for line in f if line.strip()]
+    for line in sys.stdin:
+        k = int(line)  # -1: the original code, through the quick part of the suite only
+        emu.lib.emu_set_mutant(max(k, 0))
+        status, detail = "survived", ""
+        try:
+            emulated_cases.run_all(emu, quick=True)
+            for why, case in (regressions if k >= 0 else []):
+                fuzz_emulated.check(emu, case, f"regression ({why}): ")
+            for n, case in enumerate(fixed if k >= 0 else []):
+                fuzz_emulated.check(emu, case, f"fixed fuzz case {n}: ")
+        except AssertionError as err:
+            status, detail = "killed", " ".join(str(err).split())[:400]
+        finally:
+            emu.lib.emu_set_mutant(0)
+            emu.clear_injections()
+            emu.lib.emu_take_last_error()
+            emu.flush_start = False
+            emu.schedule("round_robin")
+            emu.configure()
+        sys.stdout.write(f"RESULT {k} {status} {detail}\n")
+        sys.stdout.flush()
+
+
+class Worker:
+    """A process running mutants of one build, one at a time, with a time limit each."""
+
+    def __init__(self, lib: str, fuzz_cases: str):
+        self.lib, self.fuzz_cases = lib, fuzz_cases
+        self.proc = None
+        self.pending = b""
+
+    def _start(self):
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", self.lib,
+                                      self.fuzz_cases], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, bufsize=0)
+        self.pending = b""
+
+    def run(self, k: int, time_limit: float = TIME_LIMIT) -> Tuple[str, str]:
+        import select
+
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        self.proc.stdin.write(f"{k}\n".encode())
+        deadline = time.monotonic() + time_limit
+        fd = self.proc.stdout.fileno()
+        while True:
+            while b"\n" in self.pending:
+                line, self.pending = self.pending.split(b"\n", 1)
+                text = line.decode(errors="replace")
+                if text.startswith("RESULT "):
+                    _, num, status, *detail = text.split(" ", 3)
+                    assert int(num) == k, (num, k)
+                    return status, detail[0] if detail else ""
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([fd], [], [], max(left, 0))
+            if not ready:
+                self.close()
+                return "timeout", f"ran past {time_limit:.0f} s (a hang the emulator did not report)"
+            chunk = os.read(fd, 65536)
+            if not chunk:  # the process died: a crash the emulator did not turn into a report
+                code = self.proc.wait()
+                self.proc = None
+                return "killed", f"the suite's process died (exit {code})"
+            self.pending += chunk
+
+    def close(self):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def fixed_fuzz_batch(path: str) -> str:
+    """Writes the mutant suite's fuzz batch (FUZZ_CASES cases of seed FUZZ_SEED, drawn
+    once with today's plans, so every mutant runs the very same cases) to `path`."""
+    import fuzz_space
+
+    emu = cuda_emulator.Emulator(cuda_emulator.build_cached(), fuzz_space.kernel_build())
+    rng = random.Random(FUZZ_SEED)
+    boundaries = fuzz_space.plan_boundaries(emu.path)
+    with open(path, "w") as f:
+        for _ in range(FUZZ_CASES):
+            f.write(fuzz_space.generate(rng, emu, boundaries).to_json() + "\n")
+    return path
 
 
 def equivalents() -> Dict[str, str]:
@@ -328,20 +726,132 @@ def equivalents() -> Dict[str, str]:
     return out
 
 
-def run_all(mutants: List[Mutant], jobs: int = 2, out=sys.stdout) -> Dict[str, Outcome]:
+CHUNK = 24  # mutants of one build a process runs before the next task
+
+
+def run_all(mutants: List[Mutant], jobs: int = 2, out=sys.stdout, full_sanity: bool = True) -> Dict[str, Outcome]:
+    """Every mutant through the mutant suite: per file one schema build (and a build of
+    its own for each site the schema cannot hold), `jobs` tasks at a time (a build, or
+    a chunk of a build's mutants run in one process). A build's own first run is its
+    mutant 0, the original code, through the whole suite (``full_sanity``; else the
+    quick part): if that fails, the rewrite changed the program and each of its
+    mutants is built alone instead."""
+    import queue
+    import threading
+
     baseline = baseline_objects()
     work = tempfile.mkdtemp(prefix="mutants-")
     results: Dict[str, Outcome] = {}
+    by_key = {m.key: m for m in mutants}
+    lock = threading.Lock()
+    tasks: "queue.Queue" = queue.Queue()
+    pending = [0]  # tasks queued or running
+    builds: Dict[str, dict] = {}  # file -> {"wrong": reason or None, "outcomes": [...], "chunks": n}
+
+    def note(m: Mutant, r: Outcome):
+        with lock:
+            results[m.key] = r
+            print(f"{r.status:9s} {r.seconds:5.1f}s  {m}   [{m.key}]" +
+                  (f"\n          {r.detail}" if r.status in ("survived", "timeout", "stillborn") else ""),
+                  file=out, flush=True)
+
+    def put(task):
+        with lock:
+            pending[0] += 1
+        tasks.put(task)
+
+    def alone(m: Mutant, n: int):
+        t = time.monotonic()
+        d = os.path.join(work, f"a{n}")
+        with open(os.path.join(KERNELS, m.file)) as f:
+            text = f.read()
+        try:
+            lib = build_mutant(m.file, m.apply(text), baseline, d)
+        except cuda_emulator.BuildError as err:
+            note(m, Outcome("stillborn", str(err).splitlines()[-1][:200], time.monotonic() - t))
+            shutil.rmtree(d, ignore_errors=True)
+            return
+        worker = Worker(lib, fuzz_cases)
+        try:
+            status, detail = worker.run(0)
+        finally:
+            worker.close()
+        note(m, Outcome(status, detail, time.monotonic() - t))
+        shutil.rmtree(d, ignore_errors=True)
+
+    def build(file: str, group: List[Mutant], n: int):
+        schema, left = build_schema(file, group, baseline, os.path.join(work, f"s{n}"), out)
+        for k, m in enumerate(left):
+            put(("alone", m, f"{n}-{k}"))
+        if schema is None:
+            return
+        numbered = [(by_key[key], k) for key, k in sorted(schema.ids.items(), key=lambda kv: kv[1])]
+        chunks = [numbered[i:i + CHUNK] for i in range(0, len(numbered), CHUNK)]
+        with lock:
+            builds[file] = {"wrong": None, "outcomes": [], "chunks": len(chunks), "numbered": numbered}
+        for i, chunk in enumerate(chunks):
+            put(("chunk", file, schema.lib, chunk, i == 0))
+
+    def chunk(file: str, lib: str, numbered, sanity: bool):
+        worker = Worker(lib, fuzz_cases)
+        outcomes = []
+        try:
+            if sanity:
+                status, detail = worker.run(0 if full_sanity else -1)
+                if status != "survived":
+                    with lock:
+                        builds[file]["wrong"] = detail or status
+            for m, k in numbered:
+                t = time.monotonic()
+                status, detail = worker.run(k)
+                outcomes.append((m, Outcome(status, detail, time.monotonic() - t)))
+        finally:
+            worker.close()
+        with lock:
+            b = builds[file]
+            b["outcomes"] += outcomes
+            b["chunks"] -= 1
+            finished = b["chunks"] == 0
+        if finished:  # every chunk of the build ran: keep its outcomes, or redo them alone
+            if b["wrong"] is not None:
+                print(f"the rewritten {file} fails the suite with no mutant on ({b['wrong']}): its mutants "
+                      f"are built alone", file=out, flush=True)
+                for k, (m, _) in enumerate(b["numbered"]):
+                    put(("alone", m, f"redo-{file}-{k}"))
+            else:
+                for m, r in b["outcomes"]:
+                    note(m, r)
+
+    def loop():
+        while True:
+            task = tasks.get()
+            if task is None:
+                return
+            try:
+                kind, *args = task
+                {"alone": alone, "build": build, "chunk": chunk}[kind](*args)
+            except Exception as err:  # a harness error: report it and go on
+                print(f"task {task[0]} failed: {err!r}", file=out, flush=True)
+            finally:
+                with lock:
+                    pending[0] -= 1
+                    if pending[0] == 0:
+                        for _ in range(jobs):
+                            tasks.put(None)
+
     try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {pool.submit(run_mutant, m, baseline, os.path.join(work, f"m{k}")): m
-                       for k, m in enumerate(mutants)}
-            for future in concurrent.futures.as_completed(futures):
-                m = futures[future]
-                r = future.result()
-                results[m.key] = r
-                print(f"{r.status:9s} {r.seconds:5.0f}s  {m}   [{m.key}]" +
-                      (f"\n          {r.detail}" if r.status in ("survived", "timeout") else ""), file=out, flush=True)
+        fuzz_cases = fixed_fuzz_batch(os.path.join(work, "fuzz-cases.jsonl"))
+        files: Dict[str, List[Mutant]] = {}
+        for m in mutants:
+            files.setdefault(m.file, []).append(m)
+        # the largest files first: their builds and chunks set the length of the run
+        for n, (file, group) in enumerate(sorted(files.items(), key=lambda kv: -len(kv[1]))):
+            put(("build", file, group, n))
+        threads = [threading.Thread(target=loop) for _ in range(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
@@ -380,7 +890,12 @@ def main(argv=None) -> int:
     p.add_argument("--key", help="run one mutant, by key")
     p.add_argument("--files", nargs="*", help="only these kernel sources")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--worker", nargs=2, metavar=("LIB", "FUZZ_CASES"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker:
+        sys.path.insert(0, os.path.join(HERE, "..", "bench"))
+        _worker(*args.worker)
+        return 0
     mutants = generate(args.files)
     if args.list:
         for m in mutants:
@@ -399,8 +914,8 @@ def main(argv=None) -> int:
         seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
         print(f"sample of {args.sample} with seed {seed}")
         chosen = random.Random(seed).sample(mutants, min(args.sample, len(mutants)))
-    elif args.all:
-        chosen = mutants
+    elif args.all:  # in a fixed random order: a run cut short is still a fair sample
+        chosen = random.Random(0).sample(mutants, len(mutants))
     else:
         p.error("one of --list, --all, --sample, --key")
     results = run_all(chosen, args.jobs)

@@ -41,7 +41,7 @@ def test_a_random_sample_is_killed(kernel_build):
     listed = mutants.equivalents()  # known to survive, with the reason: not worth CI's time
     sample = random.Random(seed).sample([m for m in MUTANTS if m.key not in listed], n)
     try:
-        results = mutants.run_all(sample, jobs=2)
+        results = mutants.run_all(sample, jobs=2, full_sanity=False)
     except FileNotFoundError as why:
         pytest.skip(str(why))
     text, unexplained = mutants.summary(sample, results)

@@ -22,6 +22,8 @@ namespace {
 std::string g_message;
 }  // namespace
 
+int mutant = 0;
+
 void report(const std::string& message) {
   if (g_message.empty()) g_message = message;  // the first problem explains the rest
 }
@@ -164,6 +166,7 @@ void emu_set_schedule(int schedule, unsigned long long seed) {
   emu::set_schedule(static_cast<emu::Schedule>(schedule), seed);
 }
 void emu_set_dry_run(int on) { emu::set_dry_run(on != 0); }
+void emu_set_mutant(int k) { emu::mutant = k; }
 void emu_set_resources(const char* name, const char* arch, int registers, int static_smem,
                        int max_threads) {
   emu::set_resources(name, arch, registers, static_smem, max_threads);

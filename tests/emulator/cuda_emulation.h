@@ -33,6 +33,11 @@
 #define __launch_bounds__(...)
 
 namespace emu {
+// The mutant a mutant-schema build of the kernels runs (tests/mutants.py): its
+// rewritten sources choose between the original code and mutant k at run time by
+// comparing this with k. 0 (the default) runs the original code.
+extern int mutant;
+
 // Where a barrier or shuffle is called from, for the agreement checks.
 struct Site {
   const char* file;

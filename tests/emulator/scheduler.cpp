@@ -147,7 +147,7 @@ constexpr uint8_t kPending = 2;  // the destination of a cp.async copy not yet w
 // The last write and the last read(s) of 2 bytes of shared memory (no element is
 // narrower, so threads writing neighbouring elements never share one): the thread
 // (fiber index, -1 none) and the barrier counts of its CTA and cluster at the time.
-struct WordAccess {
+struct SharedAccess {
   int32_t writer = -1;
   int32_t reader = -1;
   uint32_t w_sync = 0, w_cluster = 0;
@@ -158,12 +158,12 @@ struct WordAccess {
 struct SharedShadow {
   std::vector<uint8_t> state;      // per byte: kWritten | kPending
   std::vector<int32_t> issuer;     // per 16 bytes: the thread whose copy is pending there
-  std::vector<WordAccess> words;   // per 2 bytes
+  std::vector<SharedAccess> words;   // per 2 bytes
 
   void reset(size_t bytes) {
     state.assign(bytes, 0);
     issuer.assign(bytes / 16 + 1, -1);
-    words.assign((bytes + 1) / 2, WordAccess{});
+    words.assign((bytes + 1) / 2, SharedAccess{});
   }
 };
 
@@ -393,10 +393,14 @@ bool start_block(Launch& L, int slot) {
   return true;
 }
 
-size_t copies_in_flight(const Fiber& f) {
-  size_t n = f.async_open.size();
-  for (const auto& group : f.async_groups) n += group.size();
-  return n;
+// The copies a thread issued and no wait has retired, oldest first.
+std::vector<const PendingCopy*> copies_in_flight(const Fiber& f) {
+  std::vector<const PendingCopy*> out;
+  for (const auto& group : f.async_groups) {
+    for (const PendingCopy& c : group) out.push_back(&c);
+  }
+  for (const PendingCopy& c : f.async_open) out.push_back(&c);
+  return out;
 }
 
 void on_exit() {
@@ -404,13 +408,12 @@ void on_exit() {
   const int i = L.current;
   Fiber& f = L.fibers[i];
   Slot& s = L.slots[f.slot];
-  if (const size_t n = copies_in_flight(f)) {
-    fail("exits with " + std::to_string(n) + " cp.async cop" + (n == 1 ? "y" : "ies") +
+  const std::vector<const PendingCopy*> pending = copies_in_flight(f);
+  if (!pending.empty()) {
+    fail("exits with " + std::to_string(pending.size()) + " cp.async cop" + (pending.size() == 1 ? "y" : "ies") +
          " it never waited for (the first into byte " +
-         std::to_string(static_cast<unsigned char*>(f.async_open.empty() ? f.async_groups.front().front().dst
-                                                                         : f.async_open.front().dst) -
-                        static_cast<unsigned char*>(s.dynamic)) +
-         " of its dynamic shared memory)");
+         std::to_string(static_cast<unsigned char*>(pending.front()->dst) - static_cast<unsigned char*>(s.dynamic)) +
+         " of its dynamic shared memory, from " + describe_address(pending.front()->src) + ")");
   }
   set_waiting(L, i, State::kDone);
   --s.live;
@@ -841,8 +844,8 @@ void async_wait(int n) {
       for (size_t b = off; b < off + 16; ++b) s.dynamic_shadow.state[b] = kWritten;
       s.dynamic_shadow.issuer[off / 16] = -1;
       for (size_t w = off / 2; w < (off + 16) / 2; ++w) {  // written by this thread, now
-        WordAccess& e = s.dynamic_shadow.words[w];
-        e = WordAccess{};
+        SharedAccess& e = s.dynamic_shadow.words[w];
+        e = SharedAccess{};
         e.writer = i;
         e.w_sync = s.sync_epoch;
         e.w_cluster = cluster_epoch;
@@ -891,7 +894,7 @@ void check_bytes(Launch& L, SharedShadow& sh, int owner, const char* what, size_
   const uint32_t sync = L.slots[slot].sync_epoch;
   const uint32_t cluster = L.clusters[slot / L.cluster].epoch;
   for (size_t w = off / 2; w <= (off + n - 1) / 2; ++w) {
-    WordAccess& e = sh.words[w];
+    SharedAccess& e = sh.words[w];
     if (e.writer >= 0 && e.writer != i && unordered(L, e.writer, e.w_sync, e.w_cluster, i)) {
       fail(shared_text(L, owner, what, off, n, write) + ", which " + where(L, e.writer) +
            " wrote with no barrier between them (a race)");
@@ -901,7 +904,7 @@ void check_bytes(Launch& L, SharedShadow& sh, int owner, const char* what, size_
         fail(shared_text(L, owner, what, off, n, write) + ", which " + where(L, e.reader) +
              (e.readers ? " and others" : "") + " read with no barrier between them (a race)");
       }
-      e = WordAccess{};
+      e = SharedAccess{};
       e.writer = i;
       e.w_sync = sync;
       e.w_cluster = cluster;
