@@ -379,17 +379,35 @@ class Edit:
     children: list = dataclasses.field(default_factory=list)
 
 
+def _array_bounds(text: str, mask: List[bool]) -> List[Tuple[int, int]]:
+    """Spans of the [...] of array declarations (`float v[CHUNKS][VEC]`, `float (&v)[N]`):
+    their sizes are constants, which a run-time choice cannot be."""
+    spans = []
+    # `type name[..]`, `(&name)[..]`, and a further declarator `..], name[..]` (this also
+    # catches some argument lists `f(a[i], b[j])`: those mutants are merely built alone)
+    for m in re.finditer(r"(\b[A-Za-z_]\w*\s*[*&]?\s+[A-Za-z_]\w*|\(&\s*[A-Za-z_]\w*\)|(?<=\])\s*,\s*[A-Za-z_]\w*)"
+                         r"\s*(\[[^\]\n]*\])+", text):
+        if not mask[m.start()] or m.group(1).split()[0] in ("return", "case", "else", "delete"):
+            continue
+        spans.append((m.end(1), m.end()))
+    return spans
+
+
 def _edits(text: str, mutants: List[Mutant], ids: Dict[str, int]) -> Tuple[List[Edit], List[Mutant]]:
     """The rewrites of `mutants` (all of one file); mutants whose site cannot be written
-    as a rewrite are returned apart."""
+    as a rewrite (inside an array declaration's sizes) are returned apart."""
     mask = code_mask(text)
     tokens = tokenize(text, mask)
     pairs = brackets(tokens)
     at = {t.start: k for k, t in enumerate(tokens)}
+    bounds = _array_bounds(text, mask)
     edits, alone = [], []
     replace_groups: Dict[Tuple[int, int, str], List[Mutant]] = {}
     for m in mutants:
         k = ids[m.key]
+        if any(a <= m.start < b for a, b in bounds):
+            alone.append(m)
+            continue
         if m.operator in ("rel", "arith", "logic") and m.original.strip() in BINARY:
             op = at.get(m.start + 1)
             if op is None:
@@ -401,7 +419,7 @@ def _edits(text: str, mutants: List[Mutant], ids: Dict[str, int]) -> Tuple[List[
             b = tokens[last - 1].end
             o1, o2 = m.start, m.end
             edits.append(Edit(a, b, (lambda R, a=a, b=b, o1=o1, o2=o2, m=m, k=k:
-                                     f"({M} == {k} ? ({R(a, o1)}{m.replacement}{R(o2, b)}) : "
+                                     f"({M} == {k} ? ({R(a, o1, True)}{m.replacement}{R(o2, b, True)}) : "
                                      f"({R(a, o1)}{m.original}{R(o2, b)}))"), [m]))
         elif m.operator == "logic":  # a unary ! dropped
             op = at.get(m.start)
@@ -410,16 +428,16 @@ def _edits(text: str, mutants: List[Mutant], ids: Dict[str, int]) -> Tuple[List[
                 continue
             b = tokens[_operand_end(tokens, pairs, op + 1, 3) - 1].end
             edits.append(Edit(m.start, b, (lambda R, a=m.start, b=b, k=k:
-                                           f"({M} == {k} ? static_cast<bool>({R(a + 1, b)}) : !{R(a + 1, b)})"),
-                              [m]))
+                                           f"({M} == {k} ? static_cast<bool>({R(a + 1, b, True)}) : "
+                                           f"!{R(a + 1, b)})"), [m]))
         elif m.operator == "swap":
             inner = re.match(r"\[(\w+)\]\[(\w+)\]", m.original)
             i1, i2 = m.start + 1, m.start + 1 + len(inner.group(1))
             j1 = i2 + 2
             j2 = j1 + len(inner.group(2))
             edits.append(Edit(m.start, m.end, (lambda R, i1=i1, i2=i2, j1=j1, j2=j2, k=k:
-                                               f"[({M} == {k} ? {R(j1, j2)} : {R(i1, i2)})]"
-                                               f"[({M} == {k} ? {R(i1, i2)} : {R(j1, j2)})]"), [m]))
+                                               f"[({M} == {k} ? {R(j1, j2, True)} : {R(i1, i2)})]"
+                                               f"[({M} == {k} ? {R(i1, i2, True)} : {R(j1, j2)})]"), [m]))
         elif m.operator == "sync" and m.replacement == "":
             edits.append(Edit(m.start, m.end, (lambda R, a=m.start, b=m.end, k=k:
                                                f"{{ if ({M} != {k}) {R(a, b)} }}"), [m]))
@@ -458,24 +476,32 @@ def _nest(edits: List[Edit]) -> Tuple[List[Edit], List[Edit]]:
 
 
 def render_schema(text: str, edits: List[Edit], markers: bool = False) -> str:
-    """`text` with every edit rendered over its rewritten inside. ``markers``: each
-    edit's output is bracketed by comments naming it (/*<n*/ ... /*>n*/, n its index in
-    `edits`), so that a compile error's position names the edit it is in."""
+    """`text` with every edit rendered over its rewritten inside. A rewrite that repeats
+    a piece of code (both branches of a choice) writes the copy on one line, without
+    comments, so the result has the original's lines: a compile error's line is the
+    original line. ``markers``: each edit's output is bracketed by comments naming it
+    (/*<n*/ ... /*>n*/, n its index in `edits`), so an error's column names the edit."""
     roots, clashes = _nest(edits)
     assert not clashes
     index = {id(e): n for n, e in enumerate(edits)}
+    mask = code_mask(text)
 
-    def render_range(a: int, b: int, nodes: List[Edit]) -> str:
+    def original(a: int, b: int, flat: bool) -> str:
+        if not flat:
+            return text[a:b]
+        return "".join(" " if c == "\n" or not mask[a + k] else c for k, c in enumerate(text[a:b]))
+
+    def render_range(a: int, b: int, nodes: List[Edit], flat: bool = False) -> str:
         out, pos = [], a
         for e in nodes:
             if e.start < a or e.end > b:
                 continue
-            out.append(text[pos:e.start])
-            body = e.render(lambda x, y, e=e: render_range(x, y, e.children))
+            out.append(original(pos, e.start, flat))
+            body = e.render(lambda x, y, copy=False, e=e: render_range(x, y, e.children, flat or copy))
             n = index[id(e)]
-            out.append(f"/*<{n}*/{body}/*>{n}*/" if markers else body)
+            out.append(f"/*<{n}*/{body}/*>{n}*/" if markers and not flat else body)
             pos = e.end
-        out.append(text[pos:b])
+        out.append(original(pos, b, flat))
         return "".join(out)
 
     return render_range(0, len(text), roots)
