@@ -18,10 +18,11 @@ gpu-check:
 fuzz:
 	bash scripts/run_tests_tool.sh tests/fuzz_emulated.py $(or $(ARGS),--seconds 1800)
 
-# Every generated mutant of csrc/kernels through the mutant suite (hours on 2 cores), then
+# Every generated mutant of csrc/kernels not yet in tests/mutants_record.txt through the
+# mutant suite (hours on 2 cores; ARGS="--all --record --limit N" for a round of N), then
 # the whole hand-written catalogue (CI runs a random share of each).
 mutants:
-	bash scripts/run_tests_tool.sh tests/mutants.py $(or $(ARGS),--all --jobs $$(nproc))
+	bash scripts/run_tests_tool.sh tests/mutants.py $(or $(ARGS),--all --record --jobs $$(nproc))
 	RESIDUAL_FUSED_HAND_MUTANTS=all bash scripts/run_tests_tool.sh -m pytest -q tests/test_emulator_mutations.py
 
 # Line and branch coverage of csrc/kernels under the whole emulated suite.

@@ -283,6 +283,9 @@ class Guarded:
         self.lib.emu_free(ctypes.c_void_p(self.ptr))
 
 
+KMAX_DEVICES = 64  # kMaxDevices of csrc/kernels/dispatch.cu: devices with cached attributes
+
+
 class Emulator:
     # Device indices: the first 64 use dispatch.cu's per-device attribute caches, later
     # ones the uncached path it takes for indices past its table; every configure is a
@@ -299,7 +302,7 @@ class Emulator:
                               ptr, ptr, i32, ptr]
         L.emu_bwd.argtypes = [i64, i32, i32, i32, ptr, i64, i32, ptr, i64, i32, ptr, i64, i32, ptr,
                               ptr, i32, ptr, i32, ptr, ptr, i32, ptr, ptr, i64]
-        L.emu_configure.argtypes = [i32, i32, i32, i32]
+        L.emu_configure.argtypes = [i32, i32, i32, i32, i32]
         L.emu_recorded_launch.argtypes = [i32, ctypes.c_char_p, i32, ctypes.POINTER(i64), ctypes.POINTER(i32),
                                           ctypes.POINTER(i32)]
         L.emu_plan_boundaries.argtypes = [i32, i64, i32, i32, i32, i32, i32, ctypes.POINTER(i32), i32]
@@ -337,12 +340,20 @@ class Emulator:
         self.configure()
 
     # ---- configuration -------------------------------------------------------------
-    def configure(self, profile: str = "h100", sm_count: int = 3, clusters: bool = True) -> None:
+    def configure(self, profile: str = "h100", sm_count: int = 3, clusters: bool = True,
+                  device: Optional[int] = None, code_arch: int = 0) -> None:
         """Emulate a fresh GPU of this profile (a new device index, so no attribute or
         opt-in cached by dispatch.cu carries over). ``sm_count`` 0 keeps the profile's;
         few SMs make the persistent kernels loop over many rows. ``clusters`` False: an
-        sm_90 part that refuses thread-block clusters."""
-        self.lib.emu_configure(next(self._devices), PROFILES.index(profile), sm_count, int(clusters))
+        sm_90 part that refuses thread-block clusters. ``device``: this index instead
+        (only those past dispatch.cu's caches, >= KMAX_DEVICES, may be used twice).
+        ``code_arch``: the PTX target the kernels' code was built for, if not the
+        profile's own (80 on an H100: a build for compute_80 run through the JIT)."""
+        if device is None:
+            device = next(self._devices)
+        else:
+            assert device >= KMAX_DEVICES, f"device {device} is in dispatch.cu's caches: only fresh indices"
+        self.lib.emu_configure(device, PROFILES.index(profile), sm_count, int(clusters), code_arch)
 
     def schedule(self, name: str, seed: int = 1) -> None:
         self.lib.emu_set_schedule(SCHEDULES[name], seed)

@@ -12,6 +12,7 @@ sizes on every GPU profile. Exits 1 at the first failure, saying what failed.
 import argparse
 import dataclasses
 import os
+import re
 import sys
 
 import torch
@@ -156,14 +157,18 @@ def check(emu, rows, hidden, flags: Flags, layout="contiguous", seed=0):
     weight = _vector(hidden, f.weight, gen, away_from_zero=f.memory_efficient)
     bias = _vector(hidden, f.bias, gen)
     out_dtype = f.residual or f.x
-    args = (x, residual, weight, bias, 1e-5, f.rms, f.store, out_dtype)
+    # fp32 activations with eps = 0.1: eps then moves rstd by about 5%, far beyond the
+    # fp32 bound, so an eps dropped, subtracted or added twice cannot hide (with 1e-5
+    # it is within the rounding of a wide row's variance).
+    eps = 0.1 if f.x == torch.float32 else 1e-5
+    args = (x, residual, weight, bias, eps, f.rms, f.store, out_dtype)
     y, res, rstd = emu.fwd(*args)
     got = {"y": y, "residual_out": res, "rstd": rstd}
-    numerics.check_forward(got, x, residual, weight, bias, 1e-5, f.rms, f.store)
+    numerics.check_forward(got, x, residual, weight, bias, eps, f.rms, f.store)
     outputs = {k: v for k, v in got.items() if v is not None}
 
     # The backward's inputs: what the forward saved, as the float64 reference has it.
-    (y64, s64, rstd64), _ = numerics.forward_reference(x, residual, weight, bias, 1e-5, f.rms)
+    (y64, s64, rstd64), _ = numerics.forward_reference(x, residual, weight, bias, eps, f.rms)
     saved = (y64.to(f.x) if f.memory_efficient else (s64.to(out_dtype) if f.store else x))
     rstd_in = rstd64.to(rstd.dtype)
     dy = _tensor(rows, hidden, f.x, gen, layout) / 8
@@ -241,6 +246,94 @@ def check_fallback_and_persistence(emu):
     emu.configure("h100", sm_count=40)
     check_schedules(emu, 40, 5125, FLAGS["ln_mixed_pre"], schedules=("round_robin", "warp_greedy"))
     emu.configure()
+
+
+def check_code_without_clusters(emu):
+    """An H100 running code built for compute_80 or compute_89 (PTX compiled by the JIT,
+    e.g. TORCH_CUDA_ARCH_LIST="8.9+PTX"): the cluster kernels' cluster code is compiled
+    out there, so wide rows must take the other kernels (the emulator refuses a
+    cluster launch of such code)."""
+    try:
+        for hidden, name, arch in ((16400, "ln_bf16_pre", 89), (40000, "rms_fp16_mixed", 80)):
+            emu.configure("h100", sm_count=16, code_arch=arch)
+            check(emu, 3, hidden, FLAGS[name])
+    finally:
+        emu.configure()
+
+
+# (profile, hidden, forward kernel, backward kernel): the family dispatch.cu's comments
+# promise for bf16 rows, 16-byte aligned, 4096 rows. Dispatch choosing a slower but
+# correct family passes every numeric check; this pins the choice at a few shapes.
+PLAN_FAMILIES = [
+    ("h100", 1024, "add_norm_fwd_rows_kernel", "add_norm_bwd_rows_kernel"),
+    ("h100", 1001, "add_norm_fwd_rows_kernel", "add_norm_bwd_rows_kernel"),
+    ("h100", 16384, "add_norm_fwd_rows_kernel", "add_norm_bwd_rows_kernel"),
+    ("h100", 65536, "add_norm_fwd_cluster_kernel", "add_norm_bwd_cluster_kernel"),
+    ("a100", 20000, "add_norm_fwd_staged_kernel", "add_norm_bwd_streamed_kernel"),
+    ("a100", 65536, "add_norm_fwd_streamed_kernel", "add_norm_bwd_streamed_kernel"),
+]
+
+
+def check_plan_families(emu):
+    spec = cuda_emulator.TensorSpec
+    bf16 = torch.bfloat16
+    fwd = {n: spec(bf16) for n in ("x", "residual", "weight", "bias", "y", "residual_out")}
+    fwd["rstd"] = spec(torch.float32)
+    bwd = {n: spec(bf16) for n in ("dy", "saved", "weight", "bias", "dx", "dweight", "dbias")}
+    bwd["rstd"] = spec(torch.float32)
+    try:
+        for profile, hidden, fwd_kernel, bwd_kernel in PLAN_FAMILIES:
+            emu.configure(profile, sm_count=0)
+            got = (emu.plan_fwd(4096, hidden, fwd, False, bf16)[0]["kernel"],
+                   emu.plan_bwd(4096, hidden, bwd, False, False, None)[0]["kernel"])
+            assert fwd_kernel in got[0] and bwd_kernel in got[1], (profile, hidden, got)
+    finally:
+        emu.configure()
+
+
+def check_huge_row_counts(emu):
+    """Row counts past 2^30 and 2^31 (planned, not run): every launch stays within the
+    grid limit of 2^31 - 1 CTAs (persistent CTAs loop over the rows; the staged forward,
+    a CTA per row, caps its grid). On an A100, wide rows take the staged kernels."""
+    spec = cuda_emulator.TensorSpec
+    for profile, dtype in (("h100", torch.bfloat16), ("a100", torch.bfloat16), ("h100", torch.float64)):
+        emu.configure(profile, sm_count=0)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        fwd = {n: spec(dtype) for n in ("x", "residual", "weight", "bias", "y", "residual_out")}
+        fwd["rstd"] = spec(acc)
+        bwd = {n: spec(dtype) for n in ("dy", "saved", "weight", "bias", "dx", "dweight", "dbias")}
+        bwd["rstd"] = spec(acc)
+        for rows in (2**30 + 1, 2**31 + 3):
+            for hidden in (1, 1024, 4097, 20000, 65536):
+                launches = (emu.plan_fwd(rows, hidden, fwd, False, dtype) +
+                            emu.plan_bwd(rows, hidden, bwd, False, False, None))
+                for launch in launches:
+                    assert 1 <= launch["grid"] <= 2**31 - 1, (profile, rows, hidden, dtype, launch)
+    emu.configure()
+
+
+BATCH_SIZES = (1, 7, 83, 4096)
+
+
+def check_uncached_devices(emu):
+    """Device indices 64 and 65, past dispatch.cu's per-device attribute caches (queried
+    on every call there), plan and compute like any other."""
+    with open(os.path.join(cuda_emulator.KERNELS, "dispatch.cu")) as f:
+        table = int(re.search(r"kMaxDevices = (\d+);", f.read()).group(1))
+    assert table == cuda_emulator.KMAX_DEVICES, (table, cuda_emulator.KMAX_DEVICES)
+    for device in (table, table + 1):
+        emu.configure(device=device)
+        check(emu, 5, 1000, FLAGS["ln_mixed_pre"])
+    emu.configure()
+
+
+def check_staged_parameter_lengths(emu):
+    """Element-wise rows stage weight and bias byte for byte: 16-byte aligned starts with
+    lengths that are not a multiple of 16 (H = 51: 102 and 204 bytes) take the narrow
+    copies, and every byte arrives."""
+    emu.configure()
+    for name in ("ln_bf16_pre", "ln_fp32_pre"):
+        check(emu, 7, 51, FLAGS[name])
 
 
 BATCH_SIZES = (1, 7, 83, 4096)
@@ -435,6 +528,11 @@ def run_all(emu, quick=False) -> None:
         for path in PATHS:
             check_path(emu, path)
     check_fallback_and_persistence(emu)
+    check_staged_parameter_lengths(emu)
+    check_uncached_devices(emu)
+    check_huge_row_counts(emu)
+    check_plan_families(emu)
+    check_code_without_clusters(emu)
     if emu.resources_loaded:
         check_cluster_plans(emu)
         check_failed_queries(emu)

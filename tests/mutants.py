@@ -2,8 +2,11 @@
 
     python tests/mutants.py --list                 # every generated mutant
     python tests/mutants.py --all --jobs 2         # run them all (make mutants)
-    python tests/mutants.py --sample 8 --seed 3    # a random sample (CI runs one)
+    python tests/mutants.py --all --record --limit 100   # the next 100 not yet recorded
+    python tests/mutants.py --sample 8 --seed 3    # a random sample
     python tests/mutants.py --key '<key>'          # one mutant, its suite output shown
+    python tests/mutants.py --survivors --record   # the recorded survivors again
+    python tests/mutants.py --keys-file F --record # the mutants keyed by the lines of F
 
 Operators, applied to the code of every kernel and dispatch source (comments, strings
 and preprocessor lines excluded), one change per mutant:
@@ -29,7 +32,8 @@ fixed fuzz batch (drawn once per run, the same cases for every mutant); it stops
 the first failure. Outcomes: killed (the suite failed),
 survived, stillborn (does not compile: not counted), equivalent (listed with the reason
 in tests/mutants_equivalent.txt: not counted). The kill rate is killed / (killed +
-survived).
+survived). With --record the outcomes go to tests/mutants_record.txt, from which CI
+reruns a random sample of the kills (tests/test_generated_mutants.py).
 """
 
 import argparse
@@ -53,6 +57,7 @@ import kernel_coverage  # noqa: E402
 
 KERNELS = cuda_emulator.KERNELS
 EQUIVALENT = os.path.join(HERE, "mutants_equivalent.txt")
+RECORD = os.path.join(HERE, "mutants_record.txt")  # the outcome of each mutant a campaign ran
 FUZZ_SEED, FUZZ_CASES = 0, 20  # the fixed fuzz batch of the mutant suite
 TIME_LIMIT = 240  # seconds per mutant (the suite takes about 40): a hang the emulator misses is killed
 
@@ -376,6 +381,7 @@ class Edit:
     end: int
     render: object        # render(R) -> str, R(a, b) renders the original text [a, b)
     mutants: List[Mutant]
+    whole: bool = False   # render(R) renders [start, end) whole (R(start, end)), not in pieces
     children: list = dataclasses.field(default_factory=list)
 
 
@@ -454,13 +460,16 @@ def _edits(text: str, mutants: List[Mutant], ids: Dict[str, int]) -> Tuple[List[
             choices = "".join(f"{M} == {ids[m.key]} ? {m.replacement} : " for m in group)
             orig = f"static_cast<bool>({R(a, b)})" if op == "cond" else R(a, b)
             return f"({choices}{orig})"
-        edits.append(Edit(a, b, render, group))
+        edits.append(Edit(a, b, render, group, whole=True))
     return edits, alone
 
 
 def _nest(edits: List[Edit]) -> Tuple[List[Edit], List[Edit]]:
     """(top-level edits with their children nested, edits that partially overlap another)."""
-    edits = sorted(edits, key=lambda e: (e.start, -e.end))
+    # Of edits with the same span, one rendering the whole span (a condition replaced)
+    # goes outside one that renders its operands apart (the comparison that is that
+    # condition): the outer renders its inner, not the other way round.
+    edits = sorted(edits, key=lambda e: (e.start, -e.end, not e.whole))
     for e in edits:
         e.children = []
     roots, stack, clashes = [], [], []
@@ -600,6 +609,10 @@ def build_schema(file: str, mutants: List[Mutant], baseline: Dict[str, str], wor
         if not edits:
             return None, alone
         new_text = render_schema(text, edits, markers=True)
+        edits, lost = _rendered(new_text, edits, ids)
+        if lost:  # built alone; the schema is rendered again without them
+            alone += [m for e in lost for m in e.mutants]
+            continue
         shutil.rmtree(work, ignore_errors=True)
         try:
             lib = build_mutant(file, new_text, baseline, work)
@@ -638,6 +651,17 @@ def build_schema(file: str, mutants: List[Mutant], baseline: Dict[str, str], wor
         kept = {m.key for e in edits for m in e.mutants}
         return Schema(lib, {k: v for k, v in ids.items() if k in kept}), alone
     return None, alone + [m for e in edits for m in e.mutants]
+
+
+def _rendered(schema_text: str, edits: List[Edit], ids: Dict[str, int]) -> Tuple[List[Edit], List[Edit]]:
+    """(edits whose mutants all appear in the rendered schema, edits with one that does
+    not): a rewrite nested where its parent never renders it would otherwise run the
+    original code under its mutant's number and be counted a survivor."""
+    present = set(int(n) for n in re.findall(re.escape(M) + r" [=!]= (\d+)\b", schema_text))
+    ok, lost = [], []
+    for e in edits:
+        (ok if all(ids[m.key] in present for m in e.mutants) else lost).append(e)
+    return ok, lost
 
 
 # ---- running mutants in one process ----------------------------------------------------------------
@@ -740,19 +764,43 @@ def fixed_fuzz_batch(path: str) -> str:
     return path
 
 
+def _entries(path: str) -> List[str]:
+    """The lines of `path` that are neither blank nor comments (none if it is missing)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line.rstrip("\n") for line in f if line.strip() and not line.startswith("#")]
+
+
 def equivalents() -> Dict[str, str]:
     """tests/mutants_equivalent.txt: key -> why (entries are `key  -- why`)."""
-    out = {}
-    if os.path.exists(EQUIVALENT):
-        with open(EQUIVALENT) as f:
-            for line in f:
-                if line.strip() and not line.startswith("#"):
-                    key, _, why = line.rstrip("\n").partition("  -- ")
-                    out[key.strip()] = why.strip()
-    return out
+    pairs = (line.partition("  -- ") for line in _entries(EQUIVALENT))
+    return {key.strip(): why.strip() for key, _, why in pairs}
+
+
+def record() -> Dict[str, str]:
+    """tests/mutants_record.txt: key -> outcome (killed, timeout, survived, stillborn) of
+    every mutant a campaign (``--all --record``) has run; entries are `outcome key`."""
+    pairs = (line.partition(" ") for line in _entries(RECORD))
+    return {key: status for status, _, key in pairs}
+
+
+def write_record(results: Dict[str, "Outcome"], mutants: List["Mutant"]) -> None:
+    """Merges `results` into tests/mutants_record.txt (entries of mutants the sources no
+    longer give are dropped), in the generator's order."""
+    known = record()
+    known.update({k: r.status for k, r in results.items()})
+    with open(RECORD, "w") as f:
+        f.write("# Outcome of every generated mutant a campaign has run (python tests/mutants.py --all\n"
+                "# --record): `outcome key`. tests/test_generated_mutants.py reruns a random sample of\n"
+                "# the killed ones in CI; survivors are listed, with why, in tests/mutants_equivalent.txt.\n")
+        for m in mutants:
+            if m.key in known:
+                f.write(f"{known[m.key]} {m.key}\n")
 
 
 CHUNK = 24  # mutants of one build a process runs before the next task
+SCHEMA_MIN = 3  # a file with no more mutants than this builds each alone
 
 
 def run_all(mutants: List[Mutant], jobs: int = 2, out=sys.stdout, full_sanity: bool = True) -> Dict[str, Outcome]:
@@ -806,6 +854,10 @@ def run_all(mutants: List[Mutant], jobs: int = 2, out=sys.stdout, full_sanity: b
         shutil.rmtree(d, ignore_errors=True)
 
     def build(file: str, group: List[Mutant], n: int):
+        if len(group) <= SCHEMA_MIN:  # a few mutants: a build each beats a schema's retries
+            for k, m in enumerate(group):
+                put(("alone", m, f"{n}-{k}"))
+            return
         schema, left = build_schema(file, group, baseline, os.path.join(work, f"s{n}"), out)
         for k, m in enumerate(left):
             put(("alone", m, f"{n}-{k}"))
@@ -914,8 +966,14 @@ def main(argv=None) -> int:
     p.add_argument("--sample", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--key", help="run one mutant, by key")
+    p.add_argument("--keys-file", help="run the mutants whose keys are the lines of this file")
     p.add_argument("--files", nargs="*", help="only these kernel sources")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--record", action="store_true",
+                   help=f"merge the outcomes into {os.path.relpath(RECORD)}; with --all, skip recorded mutants")
+    p.add_argument("--limit", type=int, help="with --all: at most this many (a random sample, in rounds)")
+    p.add_argument("--survivors", action="store_true",
+                   help=f"run again the mutants {os.path.relpath(RECORD)} records as survivors")
     p.add_argument("--worker", nargs=2, metavar=("LIB", "FUZZ_CASES"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -940,11 +998,25 @@ def main(argv=None) -> int:
         seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
         print(f"sample of {args.sample} with seed {seed}")
         chosen = random.Random(seed).sample(mutants, min(args.sample, len(mutants)))
+    elif args.keys_file:
+        with open(args.keys_file) as f:
+            wanted = {line.rstrip("\n") for line in f if line.strip()}
+        chosen = [m for m in mutants if m.key in wanted]
+    elif args.survivors:
+        done = record()
+        chosen = [m for m in mutants if done.get(m.key) == "survived"]
     elif args.all:  # in a fixed random order: a run cut short is still a fair sample
         chosen = random.Random(0).sample(mutants, len(mutants))
+        if args.record:
+            done = record()
+            chosen = [m for m in chosen if m.key not in done]
+        if args.limit:
+            chosen = chosen[:args.limit]
     else:
-        p.error("one of --list, --all, --sample, --key")
+        p.error("one of --list, --all, --sample, --key, --survivors")
     results = run_all(chosen, args.jobs)
+    if args.record:
+        write_record(results, mutants)
     text, unexplained = summary(chosen, results)
     print(text)
     for m in unexplained:

@@ -159,8 +159,8 @@ const char* emu_profile_name(int i) { return emu::profile_name(i); }
 
 // dispatch.cu caches device attributes per device index, so give each configuration
 // its own index (as distinct GPUs would have).
-void emu_configure(int device, int profile, int sm_count, int clusters) {
-  emu::configure(device, profile, sm_count, clusters != 0);
+void emu_configure(int device, int profile, int sm_count, int clusters, int code_arch) {
+  emu::configure(device, profile, sm_count, clusters != 0, code_arch);
 }
 void emu_set_schedule(int schedule, unsigned long long seed) {
   emu::set_schedule(static_cast<emu::Schedule>(schedule), seed);
@@ -249,6 +249,13 @@ int emu_bwd(int64_t rows, int hidden, int is_rms_norm, int memory_efficient, con
   p.dweight = dweight;
   p.dbias = dbias;
   const AddNormBwdPlan plan = residual_fused::plan_add_norm_bwd(p);
+  // The glue allocates the workspace between planning and launch: an error a failed
+  // query left pending here would be reported by whatever CUDA call comes next.
+  if (emu::peek_last_error() != cudaSuccess) {
+    emu::report("planning the backward left cudaError " + std::to_string(emu::peek_last_error()) +
+                " pending for a later call to report");
+    return -1;
+  }
   p.partial_rows = plan.partial_rows + workspace_delta;
   const size_t word = p.dy_dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
   const size_t bytes = static_cast<size_t>(std::max<int64_t>(p.partial_rows, 0)) * hidden * word;

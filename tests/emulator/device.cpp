@@ -61,6 +61,11 @@ constexpr int kSmsPerGpc = 16;
 bool g_clusters = true;  // clusters allowed on a profile that has them (sm_90)
 
 bool has_clusters() { return profile().arch == "90" && g_clusters; }
+// The PTX target the kernels' code was built for (0: the profile's own). Kernels built
+// for an older target run through the JIT; code below compute_90 has no cluster
+// bodies (RESIDUAL_FUSED_HAS_CLUSTERS), so launching it in clusters is wrong.
+int g_code_arch = 0;
+int code_arch() { return g_code_arch != 0 ? g_code_arch : std::stoi(profile().arch); }
 
 int max_cluster(const void* func) {
   const auto it = g_non_portable.find({g_device, func});
@@ -194,8 +199,10 @@ cudaError_t func_attributes(cudaFuncAttributes* attr, const void* func) {
   attr->numRegs = r.registers;
   attr->maxThreadsPerBlock = r.max_threads;
   attr->maxDynamicSharedSizeBytes = max_dynamic(func);
-  // Code for the profile's own target (nvcc -gencode arch=compute_XX,code=sm_XX).
-  attr->ptxVersion = attr->binaryVersion = std::stoi(profile().arch);
+  // Code for the profile's own target (nvcc -gencode arch=compute_XX,code=sm_XX), or
+  // PTX of an older one compiled for this GPU by the JIT.
+  attr->ptxVersion = code_arch();
+  attr->binaryVersion = std::stoi(profile().arch);
   return cudaSuccess;
 }
 
@@ -222,7 +229,7 @@ cudaError_t get_last_error() {
 }
 
 cudaError_t launch(const void* func, dim3 grid, dim3 block, size_t smem,
-                   const std::function<void()>& body, int cluster) {
+                   const std::function<void()>& body, int cluster, bool cluster_attribute) {
   if (injected(kLaunch)) return g_last_error;
   const Resources r = resources(func);
   const int threads = static_cast<int>(block.x * block.y * block.z);
@@ -253,10 +260,21 @@ cudaError_t launch(const void* func, dim3 grid, dim3 block, size_t smem,
         << profile().smem_per_block_optin << " on " << profile().name << ")";
     err = cudaErrorInvalidValue;
   }
+  if (err == cudaSuccess && cluster_attribute && cluster <= 1 && !has_clusters()) {
+    // Whether a GPU without clusters accepts a cluster dimension of 1 is not something
+    // the launch code may rely on: it launches plain kernels without the attribute.
+    why << "a cluster dimension on " << profile().name << ", which has no clusters";
+    err = cudaErrorInvalidValue;
+  }
   if (err == cudaSuccess && cluster > 1) {
     const int fit = ctas_per_sm(func, threads, smem);
     if (!has_clusters()) {
       why << "clusters of " << cluster << " CTAs on " << profile().name << ", which has none";
+      err = cudaErrorInvalidValue;
+    } else if (code_arch() < 90) {
+      // A GPU would run it, with the cluster code compiled out: wrong results, no error.
+      why << "clusters of " << cluster << " CTAs for code built for compute_" << code_arch()
+          << ", which has no cluster code";
       err = cudaErrorInvalidValue;
     } else if (cluster > max_cluster(func)) {
       why << "cluster of " << cluster << " CTAs exceeds " << max_cluster(func)
@@ -296,7 +314,8 @@ cudaError_t launch(const void* func, dim3 grid, dim3 block, size_t smem,
 int profile_count() { return static_cast<int>(profiles().size()); }
 const char* profile_name(int i) { return profiles()[i].name.c_str(); }
 
-void configure(int device, int profile_index, int sm_count, bool clusters) {
+void configure(int device, int profile_index, int sm_count, bool clusters, int code_arch) {
+  g_code_arch = code_arch;
   g_device = device;
   g_profile = profile_index;
   g_sm_override = sm_count;

@@ -50,7 +50,7 @@ int profile_count();
 const char* profile_name(int i);
 // sm_count 0: the profile's; clusters false: an sm_90 part that refuses cluster launches
 // (cudaDevAttrClusterLaunch 0), as under MIG or a driver without them.
-void configure(int device, int profile_index, int sm_count, bool clusters = true);
+void configure(int device, int profile_index, int sm_count, bool clusters = true, int code_arch = 0);
 void set_dry_run(bool on);  // launches are checked, not executed
 struct LaunchRecord {
   const void* func;

@@ -7,9 +7,11 @@
 
 namespace emu {
 
-// cluster: CTAs per thread-block cluster (1: none).
+// cluster: CTAs per thread-block cluster (1: none); cluster_attribute: the launch
+// names a cluster dimension (cudaLaunchKernelExC), which needs a GPU with clusters
+// even when it is 1.
 cudaError_t launch(const void* func, dim3 grid, dim3 block, size_t smem,
-                   const std::function<void()>& body, int cluster = 1);
+                   const std::function<void()>& body, int cluster = 1, bool cluster_attribute = false);
 
 template <typename Params>
 cudaError_t launch_kernel(const void* func, dim3 grid, dim3 block, void** args, size_t smem) {
@@ -22,6 +24,7 @@ cudaError_t launch_kernel(const void* func, dim3 grid, dim3 block, void** args, 
 template <typename Params>
 cudaError_t launch_kernel_ex(const cudaLaunchConfig_t* config, const void* func, void** args) {
   int cluster = 1;
+  const bool cluster_attribute = config->numAttrs > 0;
   for (unsigned i = 0; i < config->numAttrs; ++i) {
     const cudaLaunchAttribute& a = config->attrs[i];
     if (a.id != cudaLaunchAttributeClusterDimension || a.val.clusterDim.y != 1 || a.val.clusterDim.z != 1) {
@@ -32,7 +35,7 @@ cudaError_t launch_kernel_ex(const cudaLaunchConfig_t* config, const void* func,
   const auto kernel = reinterpret_cast<void (*)(Params)>(const_cast<void*>(func));
   const Params params = *static_cast<const Params*>(args[0]);
   return launch(func, config->gridDim, config->blockDim, config->dynamicSmemBytes,
-                [kernel, &params] { kernel(params); }, cluster);
+                [kernel, &params] { kernel(params); }, cluster, cluster_attribute);
 }
 
 }  // namespace emu
