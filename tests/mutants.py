@@ -826,7 +826,7 @@ def run_all(mutants: List[Mutant], jobs: int = 2, out=sys.stdout, full_sanity: b
         with lock:
             results[m.key] = r
             print(f"{r.status:9s} {r.seconds:5.1f}s  {m}   [{m.key}]" +
-                  (f"\n          {r.detail}" if r.status in ("survived", "timeout", "stillborn") else ""),
+                  (f"\n          {r.detail[:300]}" if r.detail else ""),
                   file=out, flush=True)
 
     def put(task):
