@@ -20,6 +20,8 @@ the case's one-line reproduction. ``make fuzz`` runs this for longer.
 
 import argparse
 import collections
+import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -43,14 +45,15 @@ SUMMARIES = []  # lines for the end of a pytest run (tests/conftest.py prints th
 
 
 class FuzzFailure(AssertionError):
-    def __init__(self, case: Case, message: str, where: str = ""):
+    def __init__(self, case: Case, message: str, where: str = "", target: str = "emulator"):
         self.case, self.message = case, message
-        super().__init__(f"{where}{case.summary()}: {message}\n  {repro(case, where)}")
+        super().__init__(f"{where}{case.summary()}: {message}\n  {repro(case, where, target)}")
 
 
-def repro(case: Case, where: str = "") -> str:
+def repro(case: Case, where: str = "", target: str = "emulator") -> str:
     tag = f"  # {where.strip(': ')}" if where else ""
-    return f"reproduce: python tests/fuzz_emulated.py --replay '{case.to_json()}'{tag}"
+    on = "" if target == "emulator" else f" --target {target}"
+    return f"reproduce: python tests/fuzz_emulated.py{on} --replay '{case.to_json()}'{tag}"
 
 
 # ---- inputs in their layouts ----------------------------------------------------------------
@@ -109,6 +112,22 @@ class OpsTarget:
     def __init__(self, device: str):
         self.device = torch.device(device)
         self.flush_start = False
+
+    @contextlib.contextmanager
+    def threads_of(self, case: Case):
+        """The CPU kernels split the backward's rows (and its weight-gradient partials)
+        by thread count: each case runs with its own, 1 to 3 unless it names one, and a
+        failure's reproduction carries it."""
+        if self.device.type != "cpu":
+            yield case
+            return
+        before = torch.get_num_threads()
+        case = dataclasses.replace(case, threads=case.threads or 1 + case.seed % 3)
+        torch.set_num_threads(case.threads)
+        try:
+            yield case
+        finally:
+            torch.set_num_threads(before)
 
     def configure(self, *args) -> None:
         pass
@@ -233,12 +252,15 @@ def run_case(emu, case: Case) -> Dict[str, float]:
 
 
 def check(emu, case: Case, where: str = "") -> Dict[str, float]:
-    try:
-        return run_case(emu, case)
-    except AssertionError as err:  # EmulatorError is one
-        raise FuzzFailure(case, str(err), where) from None
-    except Exception as err:  # a crash of the harness: still a reproducible failure
-        raise FuzzFailure(case, "".join(traceback.format_exception_only(type(err), err)).strip(), where) from None
+    target = emu.device.type if isinstance(emu, OpsTarget) else "emulator"
+    with (emu.threads_of(case) if isinstance(emu, OpsTarget) else contextlib.nullcontext(case)) as case:
+        try:
+            return run_case(emu, case)
+        except AssertionError as err:  # EmulatorError is one
+            raise FuzzFailure(case, str(err), where, target) from None
+        except Exception as err:  # a crash of the harness: still a reproducible failure
+            message = "".join(traceback.format_exception_only(type(err), err)).strip()
+            raise FuzzFailure(case, message, where, target) from None
 
 
 # ---- batches ---------------------------------------------------------------------------------------

@@ -175,6 +175,7 @@ class Case:
     schedules: list             # one or two of cuda_emulator.SCHEDULES (two: outputs must agree bitwise)
     seed: int                   # the data
     scale: float = 1.0          # magnitude of x and the residual
+    threads: Optional[int] = None  # CPU target: torch threads of the calls (None: 1 + seed % 3)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
