@@ -170,19 +170,22 @@ _DOUBLE_BACKWARD = (
 
 
 def _first_order_only(backward):
-    """Run ``backward`` without recording a graph. Where the caller asked for one
+    """Run ``backward(ctx, saved_tensors, *grads)`` without recording a graph. Where the caller asked for one
     (``create_graph=True``) and something it depends on requires grad, its outputs get
     a grad_fn that raises ``_DOUBLE_BACKWARD`` if it is ever differentiated (as
     once_differentiable does, with a message that says what to do instead)."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
+        # Unpacked once per backward: non-reentrant checkpointing recomputes a saved
+        # tensor on its first unpack and refuses a second.
+        saved = ctx.saved_tensors
         with torch.no_grad():
-            outputs = backward(ctx, *grads)
+            outputs = backward(ctx, saved, *grads)
         # The gradients depend on the incoming grads and on the saved tensors: if
         # either needs a graph, a second derivative could flow here and must raise,
         # never come out silently zero.
-        inputs = (*grads, *ctx.saved_tensors)
+        inputs = (*grads, *saved)
         if not torch.is_grad_enabled() or not any(
                 isinstance(t, Tensor) and t.requires_grad for t in inputs):
             return outputs
@@ -225,8 +228,8 @@ class AddNormFunction(torch.autograd.Function):
 
     @staticmethod
     @_first_order_only
-    def backward(ctx, dy: Optional[Tensor], dresidual_out: Optional[Tensor] = None):
-        saved, rstd, weight, bias = ctx.saved_tensors
+    def backward(ctx, saved_tensors, dy: Optional[Tensor], dresidual_out: Optional[Tensor] = None):
+        saved, rstd, weight, bias = saved_tensors
         none = (None,) * 5
         if dy is None and dresidual_out is None:
             return (None, None, None, None) + none

@@ -37,12 +37,19 @@ TORCH_FLOORS = {
     # fully_shard is public from 2.6; before 2.7 its CPU (gloo) path calls
     # Stream.record_event, which CPU streams lack.
     "fsdp2": (2, 7),
-    # transformers 5 (the Llama conversion) needs torch >= 2.6.
+    # transformers 5 (the decoder conversions: Llama, Qwen, ...) needs torch >= 2.6.
     "llama_conversion": (2, 6),
 }
 
 #: transformers versions the Hugging Face conversions were written for: [low, high).
-TRANSFORMERS_RANGES = {"bert": ((4, 40), (6, 0)), "llama": ((5, 0), (6, 0))}
+#: The decoders' converted layers follow the transformers 5 layer loop (keyword
+#: arguments, ``cache=``, output capturing by hooks).
+TRANSFORMERS_RANGES = {
+    "bert": ((4, 40), (6, 0)),
+    "roberta": ((4, 40), (6, 0)),
+    **{family: ((5, 0), (6, 0)) for family in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "granite", "phi3")},
+}
 
 
 def version_tuple(version: str) -> Tuple[int, int]:

@@ -1,21 +1,30 @@
-"""Hugging Face conversions: BERT (post-norm) and Llama (pre-norm), random weights.
+"""Hugging Face conversions (residual_fused.integrations.huggingface), random weights.
 
-Models are built from small configs (nothing is downloaded). Outputs and every
-parameter gradient of the converted model must meet the project's rule against the
-original: max|converted - ref| <= 2 * max|original - ref| + atol, where ref is the
-original model in float64 and both are run in float32.
+Models are built from tiny configs of each family (nothing is downloaded). Outputs
+and every parameter gradient of the converted model must meet the project's rule
+against the original: max|converted - ref| <= 2 * max|original - ref| + atol, where
+ref is the original model in float64 and both others run in the tested dtype.
 """
 
 import copy
+import os
+import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers")
 
 from residual_fused.integrations import huggingface as hf  # noqa: E402
 
-ATOL_FP32 = 1e-4
+ATOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+HIDDEN, LAYERS, VOCAB = 64, 2, 100
+DECODERS = sorted(hf.DECODERS)
+ENCODERS = sorted(hf.ENCODERS)
+FAMILIES = DECODERS + ENCODERS
 
 
 def _supported(family):
@@ -25,29 +34,38 @@ def _supported(family):
         pytest.skip(str(err))
 
 
-def _bert():
-    _supported("bert")
-    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=128, vocab_size=100, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)
-    return transformers.BertModel(cfg), hf.convert_bert_model
+def _config(family):
+    _supported(family)
+    sizes = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+                 vocab_size=VOCAB, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if family in hf.DECODERS:
+        sizes.update(num_key_value_heads=2, head_dim=16, pad_token_id=0)
+    defaults = transformers.AutoConfig.for_model(family)
+    for key, value in dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                           shared_expert_intermediate_size=32).items():
+        if hasattr(defaults, key):
+            sizes[key] = value
+    cfg = transformers.AutoConfig.for_model(family, **sizes)
+    cfg._experts_implementation = "eager"  # grouped_mm has no float64 (the reference)
+    return cfg
 
 
-def _llama():
-    _supported("llama")
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
-    return transformers.LlamaModel(cfg), hf.convert_llama_model
-
-
-FAMILIES = {"bert": _bert, "llama": _llama}
-
-
-def _randomize_norms(model):
-    with torch.no_grad():
+def _model(family, causal=False):
+    torch.manual_seed(0)
+    cfg = _config(family)
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    model = auto.from_config(cfg).eval()
+    with torch.no_grad():  # norms away from their ones/zeros initialisation
         for name, p in model.named_parameters():
             if "norm" in name.lower():
                 p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("weight") else 0.3 * torch.randn_like(p))
+    return model
+
+
+def _converted(model):
+    converted = copy.deepcopy(model)
+    hf.apply(converted)
+    return converted
 
 
 def _forward_backward(model, ids, upstream):
@@ -58,51 +76,135 @@ def _forward_backward(model, ids, upstream):
     return out.detach().double(), grads
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_converted_model_matches_original(family):
-    torch.manual_seed(0)
-    original, convert = FAMILIES[family]()
-    _randomize_norms(original)
-    converted = convert(copy.deepcopy(original))
-    ids = torch.randint(0, 100, (2, 12))
-    upstream = torch.randn(2, 12, 64) / 8
-    ref = _forward_backward(copy.deepcopy(original).double(), ids, upstream)
+def _check(what, got, want, base, atol):
+    err = (got - want).abs().max().item()
+    bound = 2 * (base - want).abs().max().item() + atol
+    assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_converted_model_matches_original(family, dtype):
+    original = _model(family)
+    ref_model = copy.deepcopy(original).double()
+    original = original.to(dtype)
+    converted = _converted(original)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    upstream = torch.randn(2, 12, HIDDEN) / 8
+    ref = _forward_backward(ref_model, ids, upstream)
     eager = _forward_backward(original, ids, upstream)
     ours = _forward_backward(converted, ids, upstream)
-
-    def check(name, got, want, base):
-        err = (got - want).abs().max().item()
-        bound = 2 * (base - want).abs().max().item() + ATOL_FP32
-        assert err <= bound, f"{family} {name}: error {err:.3g} > bound {bound:.3g}"
-
-    check("output", ours[0], ref[0], eager[0])
+    _check(f"{family} output", ours[0], ref[0], eager[0], ATOL[dtype])
     assert ours[1].keys() == ref[1].keys()
     for name in ref[1]:
-        check(name, ours[1][name], ref[1][name], eager[1][name])
+        _check(f"{family} grad of {name}", ours[1][name], ref[1][name], eager[1][name], ATOL[dtype])
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+class _CountOps(TorchDispatchMode):
+    """Counts, during a forward, the adds whose result has the hidden states' shape
+    (the residual adds) and the fused op's calls."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.adds, self.fused = tuple(shape), 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten.add and isinstance(out, torch.Tensor) \
+                and tuple(out.shape) == self.shape:
+            self.adds += 1
+        if func.overloadpacket is torch.ops.residual_fused.add_norm_fwd:
+            self.fused += 1
+        return out
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_every_residual_add_of_a_decoder_is_fused(family):
+    original = _model(family)
+    converted = _converted(original)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    counts = {}
+    for name, model in (("original", original), ("converted", converted)):
+        with torch.no_grad(), _CountOps((2, 12, HIDDEN)) as mode:
+            model(ids)
+        counts[name] = (mode.adds, mode.fused)
+    qk = 2 * LAYERS if hf.DECODERS[family].qk_norm else 0
+    assert counts["original"] == (2 * LAYERS, 0)
+    # 2L adds fused in 2L + 1 norm calls (the first input norm has no add), plus QK-norms
+    assert counts["converted"] == (0, 2 * LAYERS + 1 + qk)
+    report = hf.apply(_model(family))
+    assert (report.fused_adds, report.layers, report.norms_on_kernel) == (2 * LAYERS, LAYERS, 2 * LAYERS + 1 + qk)
+    assert f"{2 * LAYERS} residual adds fused" in str(report)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_generate_and_hidden_states_match(family):
+    original = _model(family, causal=True)
+    converted = _converted(original)
+    ids = torch.randint(1, VOCAB, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding: the attention mask must reach the converted layers
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(original.generate(ids, **kwargs), converted.generate(ids, **kwargs))
+    ref_model = copy.deepcopy(original).double()
+    with torch.no_grad():
+        want = ref_model(ids, output_hidden_states=True).hidden_states
+        base = original(ids, output_hidden_states=True).hidden_states
+        got = converted(ids, output_hidden_states=True).hidden_states
+    assert len(got) == len(want) == LAYERS + 1
+    for k, (g, w, b) in enumerate(zip(got, want, base)):
+        assert isinstance(g, torch.Tensor) and g.shape == w.shape
+        _check(f"{family} hidden state {k}", g.double(), w, b.double(), ATOL[torch.float32])
+
+
+def _grads(model, ids, checkpointing):
+    model.train()
+    if checkpointing is None:
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+    elif hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": checkpointing})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+    model.zero_grad(set_to_none=True)
+    out = model(ids).last_hidden_state
+    (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "bert"])
+def test_activation_checkpointing(family, reentrant):
+    model = _converted(_model(family))
+    ids = torch.randint(0, VOCAB, (2, 12))
+    plain = _grads(model, ids, None)
+    checkpointed = _grads(model, ids, reentrant)
+    assert checkpointed.keys() == plain.keys()
+    for name in plain:  # the recompute is the same computation: the same bits
+        assert torch.equal(checkpointed[name], plain[name]), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_state_dict_loads_both_ways_and_parameters_are_shared(family):
-    original, convert = FAMILIES[family]()
+    original = _model(family)
     params_before = {n: p for n, p in original.named_parameters()}
-    converted = convert(original)  # in place
-    assert {n: p for n, p in converted.named_parameters()} == params_before
-    fresh, _ = FAMILIES[family]()
-    fresh.load_state_dict(converted.state_dict())  # converted -> original
-    again = convert(FAMILIES[family]()[0])
+    hf.apply(original)  # in place
+    assert {n: p for n, p in original.named_parameters()} == params_before
+    fresh = _model(family)
+    fresh.load_state_dict(original.state_dict())  # converted -> original
+    again = _model(family)
+    hf.apply(again)
     again.load_state_dict(fresh.state_dict())  # original -> converted
-    for (n, a), b in zip(again.state_dict().items(), converted.state_dict().values()):
+    for (n, a), b in zip(again.state_dict().items(), original.state_dict().values()):
         assert torch.equal(a, b), n
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", ["llama", "bert"])
 def test_converted_model_trains(family):
+    model = _converted(_model(family)).train()
     torch.manual_seed(1)
-    model, convert = FAMILIES[family]()
-    model = convert(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    ids = torch.randint(0, 100, (4, 16))
-    target = torch.randn(4, 16, 64)
+    ids = torch.randint(0, VOCAB, (4, 16))
+    target = torch.randn(4, 16, HIDDEN)
     losses = []
     for _ in range(8):
         opt.zero_grad()
@@ -113,11 +215,83 @@ def test_converted_model_trains(family):
     assert losses[-1] < 0.9 * losses[0], losses
 
 
+@pytest.mark.parametrize("family", ["qwen3", "roberta"])
+def test_save_pretrained_into_unconverted_and_torch_save(family, tmp_path):
+    original = _model(family)
+    converted = _converted(original)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        want = converted(ids).last_hidden_state
+    converted.save_pretrained(tmp_path / "hf")
+    loaded = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
+    assert not any(type(m).__module__ == hf.__name__ for m in loaded.modules())  # unconverted
+    with torch.no_grad():
+        _check(f"{family} reloaded", loaded(ids).last_hidden_state.double(), want.double(),
+               want.double(), ATOL[torch.float32])
+    # torch.save of the converted model, loaded in a fresh process (classes found by name)
+    torch.save(converted, tmp_path / "model.pt")
+    torch.save({"ids": ids, "want": want}, tmp_path / "io.pt")
+    code = ("import torch, sys; m = torch.load(sys.argv[1], weights_only=False); io = torch.load(sys.argv[2]);"
+            "got = m(io['ids']).last_hidden_state;"
+            "assert type(m.layers[0] if hasattr(m, 'layers') else m.encoder.layer[0].output).__module__"
+            " == 'residual_fused.integrations.huggingface';"
+            "assert torch.equal(got, io['want']), (got - io['want']).abs().max()")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.pt"), str(tmp_path / "io.pt")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_torch_compile_fullgraph_of_a_converted_decoder():
+    model = _converted(_model("qwen3"))
+    ids = torch.randint(0, VOCAB, (2, 8))
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        got = compiled(ids).last_hidden_state
+    assert torch.equal(got, want)
+
+
+def test_unknown_model_type_names_the_supported_ones():
+    _supported("llama")
+    model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(
+        "gpt_bigcode", n_embd=32, n_layer=1, n_head=2, vocab_size=10))
+    with pytest.raises(ValueError, match="model_type 'gpt_bigcode' is not supported .* supported model types: "
+                                         "bert, granite, llama"):
+        hf.apply(model)
+    with pytest.raises(ValueError, match="needs a transformers model"):
+        hf.apply(torch.nn.Linear(2, 2))
+
+
+def test_partly_supported_composite_model_warns():
+    _supported("llama")
+
+    class VlmConfig(transformers.PretrainedConfig):
+        model_type = "some_vlm"
+        sub_configs = {"text_config": transformers.AutoConfig, "vision_config": transformers.AutoConfig}
+
+    class Composite(torch.nn.Module):  # a language model and a vision tower, as in a VLM
+        def __init__(self):
+            super().__init__()
+            self.language_model = _model("llama")
+            self.vision_tower = torch.nn.Linear(4, 4)
+            self.config = VlmConfig()
+            self.config.text_config = self.language_model.config
+            self.config.vision_config = transformers.AutoConfig.for_model("siglip_vision_model")
+
+    model = Composite()
+    with pytest.warns(UserWarning, match="some_vlm converted partly \\(llama\\); left unconverted: "
+                                         "siglip_vision_model"):
+        report = hf.apply(model)
+    assert report.fused_adds == 2 * LAYERS
+    assert report.left_alone == ["sub-model of type 'siglip_vision_model' (not supported)"]
+
+
 def test_version_guard(monkeypatch):
     monkeypatch.setattr(hf, "_installed_version", lambda: "3.5.1")
     with pytest.raises(RuntimeError, match="written for transformers >= 4.40, < 6.0; the installed version is 3.5.1"):
         hf.convert_bert_model(torch.nn.Linear(2, 2))
-    with pytest.raises(RuntimeError, match="convert_llama_model was written for transformers >= 5.0"):
+    with pytest.raises(RuntimeError, match="the llama conversion was written for transformers >= 5.0"):
         hf.convert_llama_model(torch.nn.Linear(2, 2))
 
 
@@ -125,3 +299,20 @@ def test_nothing_to_convert_is_an_error():
     _supported("bert")
     with pytest.raises(ValueError, match="no BertSelfOutput or BertOutput"):
         hf.convert_bert_model(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="no LlamaModel found"):
+        hf.convert_llama_model(torch.nn.Linear(2, 2))
+
+
+def test_converted_layer_refuses_positional_arguments():
+    model = _converted(_model("llama"))
+    with pytest.raises(TypeError, match="takes hidden_states positionally and every other argument by keyword"):
+        model.layers[0](torch.randn(1, 3, HIDDEN), None)
+
+
+def test_apply_twice_is_harmless():
+    model = _model("llama")
+    hf.apply(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = hf.apply(model)
+    assert report.fused_adds == 2 * LAYERS

@@ -1,24 +1,44 @@
 """Convert Hugging Face ``transformers`` models to the fused Add & Norm, in place.
 
-* :func:`convert_bert_model`: post-norm. Every ``BertSelfOutput`` / ``BertOutput``
-  (``LayerNorm(dropout(dense(h)) + input)``) gets a :class:`FusedAddNorm`.
-* :func:`convert_llama_model`: pre-norm. In every ``LlamaDecoderLayer`` the
-  attention's residual add is fused into ``post_attention_layernorm`` (the pre-norm
-  form returns the new residual stream). The MLP's residual add stays in PyTorch:
-  fusing it into the next layer's norm would need the model's layer loop to pass
-  ``(hidden, residual)`` pairs between layers.
+:func:`apply` dispatches on ``model.config.model_type`` and returns a
+:class:`ConversionReport`; the per-family functions do the same for one family.
+
+* **Pre-norm decoders** (Llama and the families built like it, :data:`DECODERS`):
+  every residual add is fused. In a layer, the attention's add is fused into
+  ``post_attention_layernorm``; the MLP's add is not done by the layer at all: the
+  layer returns the pair ``(mlp_output, residual)`` and the next layer's
+  ``input_layernorm`` (or, after the last layer, the model's final ``norm``) adds
+  them in its own fused call, as inference engines do in their model code. That
+  is ``2 L`` adds in ``2 L + 1`` kernel calls for ``L`` layers. QK-norms
+  (``q_norm``/``k_norm``) run on the kernel without a residual.
+* **Post-norm encoders** (BERT, RoBERTa): every ``*SelfOutput`` / ``*Output``
+  (``LayerNorm(dropout(dense(h)) + input)``) becomes one fused call.
+
+What a converted decoder layer returns: the pair is a plain 2-tuple of tensors, so
+that activation checkpointing (both modes) tracks both as outputs, and it only
+ever travels between converted layers and the final norm. When something observes
+the layers' outputs (``output_hidden_states``), each layer returns the summed
+hidden state instead (the MLP add runs in PyTorch for that call), so the hidden
+states are the unconverted model's. A converted layer called on its own also
+returns the pair; add the two to get its hidden state.
 
 Parameter objects are reused, not copied, and attribute names are kept, so the
-``state_dict`` keys do not change: checkpoints load both ways and an optimizer made
-before the conversion still updates the right tensors. Each conversion checks the
-``transformers`` version it was written for and refuses others with a clear error.
+``state_dict`` keys do not change: checkpoints load both ways, ``save_pretrained``
+writes a checkpoint the unconverted model loads, and an optimizer made before the
+conversion still updates the right tensors. Each family checks the ``transformers``
+version it was written for and refuses others with a clear error.
 """
 
+import dataclasses
 import functools
+import importlib
 import re
+import warnings
+from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
+from .. import functional
 from ..modules import FusedAddNorm, FusedAddRMSNorm
 from ..support import TRANSFORMERS_RANGES
 
@@ -38,9 +58,56 @@ def _check_version(family: str) -> None:
     low, high = SUPPORTED_VERSIONS[family]
     if not low <= found < high:
         raise RuntimeError(
-            f"convert_{family}_model was written for transformers >= {'.'.join(map(str, low))}, "
+            f"the {family} conversion was written for transformers >= {'.'.join(map(str, low))}, "
             f"< {'.'.join(map(str, high))}; the installed version is {version}. "
             f"Its {family} modules may differ, so the conversion is refused rather than guessed")
+
+
+# ---- the report -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What a conversion did: residual adds fused into a norm's kernel call, norms
+    that run on the kernel (with or without a residual), and modules left alone."""
+    model_type: str
+    fused_adds: int = 0
+    norms_on_kernel: int = 0
+    norms_without_residual: int = 0
+    layers: int = 0
+    left_alone: List[str] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"residual_fused conversion of {self.model_type}: {self.layers} layers, "
+                 f"{self.fused_adds} residual adds fused, {self.norms_on_kernel} norms on the kernel "
+                 f"({self.norms_without_residual} of them without a residual)"]
+        lines += [f"  left alone: {name}" for name in self.left_alone]
+        return "\n".join(lines)
+
+
+# ---- norms on the kernel ----------------------------------------------------------------
+
+def _unpair(x, residual):
+    if isinstance(x, tuple):  # (branch, residual) from a converted decoder layer
+        if residual is not None or len(x) != 2:
+            raise TypeError("a converted norm takes a tensor or one (branch, residual) pair")
+        return x
+    return x, residual
+
+
+class KernelRMSNorm(FusedAddRMSNorm):
+    """A model's RMSNorm on the kernel. ``forward(x)`` normalizes ``x``;
+    ``forward((branch, residual))`` normalizes their sum in one call (the final norm
+    after a converted decoder layer)."""
+
+    def forward(self, x, residual=None):
+        return super().forward(*_unpair(x, residual))
+
+
+class KernelLayerNorm(FusedAddNorm):
+    """A model's LayerNorm on the kernel; ``forward`` as :class:`KernelRMSNorm`'s."""
+
+    def forward(self, x, residual=None):
+        return super().forward(*_unpair(x, residual))
 
 
 def _share_parameters(fused: nn.Module, original: nn.Module) -> nn.Module:
@@ -51,73 +118,288 @@ def _share_parameters(fused: nn.Module, original: nn.Module) -> nn.Module:
     return fused
 
 
+def _kernel_rms_norm(norm: nn.Module) -> KernelRMSNorm:
+    weight = norm.weight
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    fused = KernelRMSNorm(weight.shape, eps=eps, device=weight.device, dtype=weight.dtype)
+    return _share_parameters(fused, norm)
+
+
+def _add_norm(norm: nn.Module, x, residual):
+    """(norm(x + residual), x + residual) in one fused call with `norm`'s parameters."""
+    if isinstance(norm, FusedAddRMSNorm):
+        return functional.add_rms_norm(x, residual, norm.weight, norm.eps, prenorm=True,
+                                       normalized_shape=norm.normalized_shape)
+    return functional.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, prenorm=True,
+                                     normalized_shape=norm.normalized_shape)
+
+
+# ---- classes made by the conversion --------------------------------------------------------
+
+_MADE: Dict[str, type] = {}
+
+
+def _made_class(family: str, cls: type, members: dict) -> type:
+    """``cls`` with ``members`` replaced, named so that pickle finds it again in a
+    fresh process (module ``__getattr__`` below rebuilds it from the name)."""
+    name = f"Fused_{family}_{cls.__name__}"
+    made = _MADE.get(name)
+    if made is None:
+        made = type(name, (cls,), dict(members, __module__=__name__, __qualname__=name))
+        _MADE[name] = made
+    return made
+
+
+def __getattr__(name: str):
+    # pickle looks converted classes up by name: build the family's classes first
+    for family, build in _FAMILY_CLASSES.items():
+        if name not in _MADE and name.startswith(f"Fused_{family}_"):
+            build()
+    if name in _MADE:
+        return _MADE[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---- pre-norm decoders ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """A pre-norm decoder family built like Llama: ``transformers.models.<package>``
+    with ``<prefix>Model`` (``layers``, ``norm``) and ``<prefix>DecoderLayer``
+    (``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``)."""
+    package: str
+    prefix: str
+    branch: str = "plain"    # what the layer does to a sublayer's output before its add
+    qk_norm: bool = False    # self_attn has q_norm / k_norm (RMSNorm over the head dim)
+
+    def classes(self) -> Tuple[type, type]:
+        module = importlib.import_module(f"transformers.models.{self.package}.modeling_{self.package}")
+        return getattr(module, f"{self.prefix}Model"), getattr(module, f"{self.prefix}DecoderLayer")
+
+
+#: model_type -> family, for every pre-norm decoder :func:`apply` fuses.
+DECODERS = {
+    "llama": Decoder("llama", "Llama"),
+    "mistral": Decoder("mistral", "Mistral"),
+    "mixtral": Decoder("mixtral", "Mixtral"),
+    "qwen2": Decoder("qwen2", "Qwen2"),
+    "qwen2_moe": Decoder("qwen2_moe", "Qwen2Moe"),
+    "qwen3": Decoder("qwen3", "Qwen3", qk_norm=True),
+    "qwen3_moe": Decoder("qwen3_moe", "Qwen3Moe", qk_norm=True),
+    "granite": Decoder("granite", "Granite", branch="multiplier"),
+    "phi3": Decoder("phi3", "Phi3", branch="dropout"),
+}
+
+
+def _branch(layer, spec: Decoder, out, which: str):
+    """A sublayer's output as the family adds it to the residual stream."""
+    if spec.branch == "multiplier":
+        return out * layer.residual_multiplier
+    if spec.branch == "dropout":
+        return (layer.resid_attn_dropout if which == "attn" else layer.resid_mlp_dropout)(out)
+    return out
+
+
+def _recording_hidden_states() -> bool:
+    """True while the model collects its layers' outputs (output_hidden_states)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # cannot tell: never hand a pair to an observer
+        return True
+    collected = _active_collector.get()
+    return collected is not None and "hidden_states" in collected
+
+
+def _decoder_layer_forward(self, hidden_states, residual=None, **kwargs):
+    spec = DECODERS[self._residual_fused_family]
+    if residual is None:  # the first layer, or the layer before returned a hidden state
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+    else:  # the previous layer's MLP add, fused with this layer's input norm
+        hidden_states, residual = _add_norm(self.input_layernorm, hidden_states, residual)
+    attn = self.self_attn(hidden_states=hidden_states, **kwargs)
+    attn = attn[0] if isinstance(attn, tuple) else attn
+    hidden_states, residual = _add_norm(self.post_attention_layernorm,
+                                        _branch(self, spec, attn, "attn"), residual)
+    out = self.mlp(hidden_states)
+    out = _branch(self, spec, out[0] if isinstance(out, tuple) else out, "mlp")
+    if _recording_hidden_states():
+        return residual + out
+    return out, residual  # added by the next layer's input norm or the final norm
+
+
+def _decoder_layer_call(self, hidden_states, *args, **kwargs):
+    if args:
+        raise TypeError(f"{type(self).__name__} takes hidden_states positionally and every other "
+                        f"argument by keyword (as the transformers model loop passes them)")
+    if isinstance(hidden_states, tuple):  # positional, so reentrant checkpointing tracks both
+        return nn.Module.__call__(self, *hidden_states, **kwargs)
+    return nn.Module.__call__(self, hidden_states, **kwargs)
+
+
 @functools.lru_cache(maxsize=None)
-def _subclass(cls: type, forward) -> type:
-    """``cls`` with its forward replaced; the module's state and name stay the same."""
-    return type(f"Fused{cls.__name__}", (cls,), {"forward": forward})
+def _decoder_classes(model_type: str) -> Tuple[type, type, type]:
+    """(model class, decoder layer class, converted decoder layer class)."""
+    spec = DECODERS[model_type]
+    model_cls, layer_cls = spec.classes()
+    made = _made_class(model_type, layer_cls, {"forward": _decoder_layer_forward,
+                                               "__call__": _decoder_layer_call,
+                                               "_residual_fused_family": model_type})
+    return model_cls, layer_cls, made
 
 
-def _bert_output_forward(self, hidden_states, input_tensor):
+def convert_decoder_model(model: nn.Module, model_type: str) -> ConversionReport:
+    """Fuse every residual add of the ``model_type`` decoders inside ``model`` (see
+    the module docstring); QK-norms run on the kernel. Returns the report."""
+    if model_type not in DECODERS:
+        raise ValueError(f"model_type {model_type!r} is not a supported pre-norm decoder; "
+                         f"supported: {', '.join(sorted(DECODERS))}")
+    _check_version(model_type)
+    model_cls, layer_cls, made = _decoder_classes(model_type)
+    report = ConversionReport(model_type)
+    for module in model.modules():
+        if not isinstance(module, model_cls):
+            continue
+        layers = [layer for layer in module.layers if type(layer) in (layer_cls, made)]
+        if len(layers) != len(module.layers):
+            raise ValueError(f"model: {type(module).__name__}.layers holds modules other than "
+                             f"{layer_cls.__name__}; refusing a partial conversion")
+        for layer in layers:
+            for name in ("input_layernorm", "post_attention_layernorm"):
+                if not isinstance(getattr(layer, name), KernelRMSNorm):
+                    setattr(layer, name, _kernel_rms_norm(getattr(layer, name)))
+            if DECODERS[model_type].qk_norm:
+                for name in ("q_norm", "k_norm"):
+                    if not isinstance(getattr(layer.self_attn, name), KernelRMSNorm):
+                        setattr(layer.self_attn, name, _kernel_rms_norm(getattr(layer.self_attn, name)))
+                report.norms_on_kernel += 2
+                report.norms_without_residual += 2
+            layer.__class__ = made
+        if not isinstance(module.norm, KernelRMSNorm):
+            module.norm = _kernel_rms_norm(module.norm)
+        report.layers += len(layers)
+        report.fused_adds += 2 * len(layers)
+        report.norms_on_kernel += 2 * len(layers) + 1
+        report.norms_without_residual += 1 if layers else 0  # the first layer's input norm
+    if report.layers == 0:
+        raise ValueError(f"model: no {model_cls.__name__} found to convert")
+    return report
+
+
+def convert_llama_model(model: nn.Module, *, memory_efficient: bool = False) -> nn.Module:
+    """Fuse every residual add of each Llama decoder (2 per layer). Returns ``model``;
+    :func:`apply` also returns the report. ``memory_efficient`` is not used by
+    pre-norm layers (their backward needs the sum, which they return anyway)."""
+    convert_decoder_model(model, "llama")
+    return model
+
+
+# ---- post-norm encoders ---------------------------------------------------------------------
+
+def _output_forward(self, hidden_states, input_tensor):
     return self.LayerNorm(self.dropout(self.dense(hidden_states)), input_tensor)
+
+
+#: model_type -> (package, classes whose forward is LayerNorm(dropout(dense(h)) + input)).
+ENCODERS = {
+    "bert": ("bert", ("BertSelfOutput", "BertOutput")),
+    "roberta": ("roberta", ("RobertaSelfOutput", "RobertaOutput")),
+}
+
+
+def convert_encoder_model(model: nn.Module, model_type: str, *,
+                          memory_efficient: bool = False) -> ConversionReport:
+    """Fuse the two Add & Norm sites of every layer of the ``model_type`` encoders in
+    ``model`` (attention output and feed-forward output). Returns the report."""
+    if model_type not in ENCODERS:
+        raise ValueError(f"model_type {model_type!r} is not a supported post-norm encoder; "
+                         f"supported: {', '.join(sorted(ENCODERS))}")
+    _check_version(model_type)
+    made = {cls.__mro__[1]: cls for cls in _encoder_classes(model_type)}
+    report = ConversionReport(model_type)
+    for module in model.modules():
+        cls = type(module)
+        if cls not in made:
+            continue
+        ln = module.LayerNorm
+        fused = KernelLayerNorm(ln.normalized_shape, eps=ln.eps, elementwise_affine=ln.elementwise_affine,
+                                bias=ln.bias is not None, memory_efficient=memory_efficient,
+                                device=ln.weight.device, dtype=ln.weight.dtype)
+        module.LayerNorm = _share_parameters(fused, ln)
+        module.__class__ = made[cls]
+        report.fused_adds += 1
+        report.norms_on_kernel += 1
+    report.layers = report.fused_adds // 2
+    if report.fused_adds == 0:
+        raise ValueError(f"model: no {' or '.join(ENCODERS[model_type][1])} modules found to convert")
+    return report
 
 
 def convert_bert_model(model: nn.Module, *, memory_efficient: bool = False) -> nn.Module:
     """Fuse the two Add & Norm sites of every BERT layer (attention output and
     feed-forward output) into :class:`FusedAddNorm`. Returns ``model``."""
-    _check_version("bert")
-    from transformers.models.bert import modeling_bert
-
-    targets = (modeling_bert.BertSelfOutput, modeling_bert.BertOutput)
-    converted = 0
-    for module in model.modules():
-        if type(module) in targets:
-            ln = module.LayerNorm
-            fused = FusedAddNorm(ln.normalized_shape, eps=ln.eps,
-                                 elementwise_affine=ln.elementwise_affine,
-                                 bias=ln.bias is not None, memory_efficient=memory_efficient,
-                                 device=ln.weight.device, dtype=ln.weight.dtype)
-            module.LayerNorm = _share_parameters(fused, ln)
-            module.__class__ = _subclass(type(module), _bert_output_forward)
-            converted += 1
-    if converted == 0:
-        raise ValueError("model: no BertSelfOutput or BertOutput modules found to convert")
+    convert_encoder_model(model, "bert", memory_efficient=memory_efficient)
     return model
 
 
-def _llama_layer_forward(self, hidden_states, **kwargs):
-    residual = hidden_states
-    hidden_states = self.input_layernorm(hidden_states)
-    attn = self.self_attn(hidden_states=hidden_states, **kwargs)
-    attn = attn[0] if isinstance(attn, tuple) else attn
-    # residual = residual + attn, normalized in the same kernel
-    hidden_states, residual = self.post_attention_layernorm(attn, residual)
-    return residual + self.mlp(hidden_states)
+# ---- the entry point ------------------------------------------------------------------------
+
+def supported_model_types() -> List[str]:
+    return sorted(set(DECODERS) | set(ENCODERS))
 
 
-def _fused_rms_norm(norm: nn.Module, prenorm: bool, memory_efficient: bool) -> FusedAddRMSNorm:
-    weight = norm.weight
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    fused = FusedAddRMSNorm(weight.shape, eps=eps, prenorm=prenorm,
-                            memory_efficient=memory_efficient, device=weight.device,
-                            dtype=weight.dtype)
-    return _share_parameters(fused, norm)
+def _model_types(config) -> Tuple[Optional[str], List[str]]:
+    """The model's own model_type and those of its sub-models' configs."""
+    subs = []
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if getattr(sub, "model_type", None) is not None:
+            subs.append(sub.model_type)
+    return getattr(config, "model_type", None), subs
 
 
-def convert_llama_model(model: nn.Module, *, memory_efficient: bool = False) -> nn.Module:
-    """Fuse each Llama decoder layer's attention residual add into its
-    ``post_attention_layernorm`` (pre-norm form); ``input_layernorm`` runs on the
-    same kernels without a residual. Returns ``model``."""
-    _check_version("llama")
-    from transformers.models.llama import modeling_llama
+def _convert(model: nn.Module, model_type: str, memory_efficient: bool) -> ConversionReport:
+    if model_type in DECODERS:
+        return convert_decoder_model(model, model_type)
+    return convert_encoder_model(model, model_type, memory_efficient=memory_efficient)
 
-    converted = 0
-    for module in model.modules():
-        if type(module) is modeling_llama.LlamaDecoderLayer:
-            module.input_layernorm = _fused_rms_norm(module.input_layernorm, False, memory_efficient)
-            module.post_attention_layernorm = _fused_rms_norm(
-                module.post_attention_layernorm, True, memory_efficient)
-            module.__class__ = _subclass(type(module), _llama_layer_forward)
-            converted += 1
-    if converted == 0:
-        raise ValueError("model: no LlamaDecoderLayer modules found to convert")
-    return model
+
+def apply(model: nn.Module, *, memory_efficient: bool = False) -> ConversionReport:
+    """Convert ``model`` (in place) for its ``config.model_type``, or, for a
+    composite model, its sub-models' types; returns what was fused. An unsupported
+    type is an error naming the supported ones; a composite model whose sub-models
+    are only partly supported is converted where it can be, with a warning naming
+    what was left. ``memory_efficient`` applies to post-norm encoders."""
+    config = getattr(model, "config", None)
+    supported = ", ".join(supported_model_types())
+    own, subs = _model_types(config)
+    if own is None:
+        raise ValueError(f"model: apply needs a transformers model (a module with config.model_type); "
+                         f"supported model types: {supported}")
+    wanted = [own] if own in DECODERS or own in ENCODERS or not subs else subs
+    todo = [t for t in wanted if t in DECODERS or t in ENCODERS]
+    left = [t for t in wanted if t not in todo]
+    if not todo:
+        raise ValueError(f"model: model_type {own!r}{' (sub-models: ' + ', '.join(subs) + ')' if subs else ''} "
+                         f"is not supported by residual_fused.integrations.huggingface.apply; "
+                         f"supported model types: {supported}")
+    report = ConversionReport(own)
+    for model_type in todo:
+        part = _convert(model, model_type, memory_efficient)
+        for field in ("fused_adds", "norms_on_kernel", "norms_without_residual", "layers"):
+            setattr(report, field, getattr(report, field) + getattr(part, field))
+    if left:
+        report.left_alone += [f"sub-model of type {t!r} (not supported)" for t in left]
+        warnings.warn(f"residual_fused: {own} converted partly ({', '.join(todo)}); left unconverted: "
+                      f"{', '.join(left)}", stacklevel=2)
+    return report
+
+
+def _encoder_classes(model_type: str) -> List[type]:
+    package, names = ENCODERS[model_type]
+    module = importlib.import_module(f"transformers.models.{package}.modeling_{package}")
+    return [_made_class(model_type, getattr(module, name), {"forward": _output_forward}) for name in names]
+
+
+_FAMILY_CLASSES = {**{t: functools.partial(_decoder_classes, t) for t in DECODERS},
+                   **{t: functools.partial(_encoder_classes, t) for t in ENCODERS}}
