@@ -54,10 +54,12 @@ std::tuple<Tensor, Tensor, Tensor> add_norm_fwd_cpu(const Tensor& x, const OptTe
                                                     const OptTensor& weight,
                                                     const OptTensor& bias, double eps,
                                                     bool is_rms_norm, bool store_residual_out,
-                                                    at::ScalarType residual_out_dtype) {
+                                                    at::ScalarType residual_out_dtype,
+                                                    double weight_offset) {
   const int64_t hidden = checked_hidden(x, "x");
   FwdCall call = AtenGlue::prepare_fwd(x, residual, weight, bias, eps, is_rms_norm,
-                                       store_residual_out, residual_out_dtype, hidden);
+                                       store_residual_out, residual_out_dtype, weight_offset,
+                                       hidden);
   kernels().fwd(call.params);
   return {*call.y, *call.residual_out, *call.rstd};
 }
@@ -65,10 +67,10 @@ std::tuple<Tensor, Tensor, Tensor> add_norm_fwd_cpu(const Tensor& x, const OptTe
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
     const Tensor& dy, const OptTensor& dresidual_out, const Tensor& saved, const Tensor& rstd,
     const OptTensor& weight, const OptTensor& bias, bool is_rms_norm, bool memory_efficient,
-    std::optional<at::ScalarType> dresidual_dtype) {
+    std::optional<at::ScalarType> dresidual_dtype, double weight_offset) {
   const int64_t hidden = checked_hidden(dy, "dy");
   BwdCall call = AtenGlue::prepare_bwd(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm,
-                                       memory_efficient, dresidual_dtype, hidden);
+                                       memory_efficient, dresidual_dtype, weight_offset, hidden);
   if (call.params.rows > 0) {
     AtenGlue::allocate_workspace(
         call, cpu::bwd_partial_rows(call.params.rows, hidden, at::get_num_threads()));

@@ -15,6 +15,7 @@
 // This header includes no torch header, so it compiles against either.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <sstream>
@@ -155,15 +156,22 @@ struct Glue {
     call.params.bias_dtype = call.bias.dtype;
   }
 
+  static void check_weight_offset(double weight_offset, const OptTensor& weight) {
+    check(std::isfinite(weight_offset), "weight_offset must be finite, got ", weight_offset);
+    check(weight_offset == 0 || weight.has_value(),
+          "weight_offset: an offset is added to the weight, so it needs a weight");
+  }
+
   static Tensor placeholder(const Tensor& like) { return B::empty({0}, like.scalar_type(), like); }
 
   // `hidden` is x.size(-1), already checked against the device's range by the caller.
   static FwdCall prepare_fwd(const Tensor& x, const OptTensor& residual, const OptTensor& weight,
                              const OptTensor& bias, double eps, bool is_rms_norm,
                              bool store_residual_out, ScalarType residual_out_dtype,
-                             int64_t hidden) {
+                             double weight_offset, int64_t hidden) {
     check(!is_rms_norm || !bias.has_value(), "bias: RMSNorm has no bias");
     check(eps >= 0, "eps must be non-negative, got ", eps);
+    check_weight_offset(weight_offset, weight);
     FwdCall call;
     AddNormFwdParams& p = call.params;
     p.hidden = static_cast<int>(hidden);
@@ -177,6 +185,7 @@ struct Glue {
       bind(*call.residual, p.residual, p.residual_row_stride, p.residual_dtype);
     }
     bind_affine(call, weight, bias, x, hidden);
+    p.weight_offset = weight_offset;
 
     call.y = B::empty(sizes(x), x.scalar_type(), x);
     if (store_residual_out) {
@@ -198,7 +207,9 @@ struct Glue {
   static BwdCall prepare_bwd(const Tensor& dy, const OptTensor& dresidual_out,
                              const Tensor& saved, const Tensor& rstd, const OptTensor& weight,
                              const OptTensor& bias, bool is_rms_norm, bool memory_efficient,
-                             const std::optional<ScalarType>& dresidual_dtype, int64_t hidden) {
+                             const std::optional<ScalarType>& dresidual_dtype,
+                             double weight_offset, int64_t hidden) {
+    check_weight_offset(weight_offset, weight);
     check_same_device(rstd, dy, "rstd");
     const ScalarType stats = B::stats_type(dy.scalar_type());
     check(rstd.scalar_type() == stats && rstd.numel() * hidden == dy.numel(),
@@ -221,6 +232,7 @@ struct Glue {
     call.rstd = B::contiguous(rstd);
     p.rstd = call.rstd->data_ptr();
     bind_affine(call, weight, bias, dy, hidden);
+    p.weight_offset = weight_offset;
 
     call.dx = B::empty(sizes(dy), dy.scalar_type(), dy);
     p.dx = call.dx->data_ptr();

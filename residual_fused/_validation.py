@@ -137,6 +137,22 @@ def checked_eps(eps, where: str = "") -> float:
     return eps
 
 
+def checked_weight_offset(weight_offset, weight, where: str = "") -> float:
+    """``weight_offset`` as a float; raises unless it is a finite number, and, when
+    nonzero, unless there is a weight to add it to (``weight`` None only in a module
+    without elementwise_affine or a call without weight)."""
+    if type(weight_offset) is not float:
+        if isinstance(weight_offset, bool) or not isinstance(weight_offset, (int, float)):
+            raise ValueError(f"weight_offset{where} must be a finite number, got {weight_offset!r}")
+        weight_offset = float(weight_offset)
+    if not math.isfinite(weight_offset):
+        raise ValueError(f"weight_offset{where} must be a finite number, got {weight_offset!r}")
+    if weight_offset != 0.0 and weight is None:
+        raise ValueError(f"weight_offset{where} is {weight_offset}, but there is no weight to add it to "
+                         f"(the weight used is weight + weight_offset)")
+    return weight_offset
+
+
 def residual_out_dtype(x, residual, residual_dtype: Optional[torch.dtype]) -> torch.dtype:
     """dtype of ``residual_out``: ``residual_dtype``, else the residual's, else x's."""
     if residual_dtype is not None:

@@ -9,7 +9,7 @@ skipping autograd's bookkeeping (it matters at decode sizes).
 import torch
 
 from . import distributed
-from ._validation import check_add_norm_args, residual_out_dtype
+from ._validation import check_add_norm_args, checked_weight_offset, residual_out_dtype
 from .ops import AddNormFunction, add_norm_fwd
 
 
@@ -18,10 +18,11 @@ def _needs_grad(*tensors) -> bool:
 
 
 def _add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dtype,
-              memory_efficient, normalized_shape):
+              memory_efficient, normalized_shape, weight_offset):
     shape, hidden, eps = check_add_norm_args(
         x, residual, weight, bias, eps, normalized_shape, residual_dtype, is_rms_norm
     )
+    weight_offset = checked_weight_offset(weight_offset, weight)
     prenorm, memory_efficient = bool(prenorm), bool(memory_efficient)
     out_dtype = residual_out_dtype(x, residual, residual_dtype)
     if distributed.is_dtensor(x):
@@ -39,10 +40,10 @@ def _add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dty
 
     if _needs_grad(x, residual, weight, bias):
         out = AddNormFunction.apply(x_in, residual_in, weight_in, bias_in, eps, is_rms_norm,
-                                    prenorm, out_dtype, memory_efficient)
+                                    prenorm, out_dtype, memory_efficient, weight_offset)
     else:
         y, residual_out, _ = add_norm_fwd(x_in, residual_in, weight_in, bias_in, eps,
-                                             is_rms_norm, prenorm, out_dtype)
+                                          is_rms_norm, prenorm, out_dtype, weight_offset)
         out = (y, residual_out) if prenorm else y
 
     if folded:
@@ -53,7 +54,8 @@ def _add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dty
 
 
 def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, prenorm=False,
-                   residual_dtype=None, memory_efficient=False, normalized_shape=None):
+                   residual_dtype=None, memory_efficient=False, normalized_shape=None,
+                   weight_offset=0.0):
     """``LayerNorm(x + residual) * weight + bias``, fused.
 
     Args:
@@ -71,21 +73,25 @@ def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, prenor
             ``xhat`` is recomputed as ``(y - bias) / weight``.
         normalized_shape: trailing dims to normalize over; defaults to
             ``weight.shape``, else ``x.shape[-1:]``.
+        weight_offset: the weight used is ``weight + weight_offset``, added in the
+            compute dtype inside the kernel (Gemma's ``1 + w``: ``weight_offset=1``).
+            The gradient returned for ``weight`` is that of ``weight`` itself.
 
     Returns:
         ``y`` with x's shape and dtype, or ``(y, residual_out)`` when ``prenorm``.
         Statistics are computed in fp32 (fp64 for fp64 ``x``) from the unrounded sum.
     """
     return _add_norm(x, residual, weight, bias, eps, False, prenorm, residual_dtype,
-                     memory_efficient, normalized_shape)
+                     memory_efficient, normalized_shape, weight_offset)
 
 
 def add_rms_norm(x, residual=None, weight=None, eps=None, *, prenorm=False,
-                 residual_dtype=None, memory_efficient=False, normalized_shape=None):
+                 residual_dtype=None, memory_efficient=False, normalized_shape=None,
+                 weight_offset=0.0):
     """``RMSNorm(x + residual) * weight``, fused.
 
     Same arguments as :func:`add_layer_norm`, without ``bias``. ``eps=None``
     means ``torch.finfo(x.dtype).eps``, as in ``torch.nn.RMSNorm``.
     """
     return _add_norm(x, residual, weight, None, eps, True, prenorm, residual_dtype,
-                     memory_efficient, normalized_shape)
+                     memory_efficient, normalized_shape, weight_offset)

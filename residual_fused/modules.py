@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
-from ._validation import canonical_normalized_shape, checked_eps
+from ._validation import canonical_normalized_shape, checked_eps, checked_weight_offset
 
 
 class _FusedAddNormBase(nn.Module):
@@ -19,7 +19,7 @@ class _FusedAddNormBase(nn.Module):
     _eps_may_be_none = False  # nn.RMSNorm's eps=None means torch.finfo(x.dtype).eps
 
     def __init__(self, normalized_shape, eps, elementwise_affine, with_bias, prenorm,
-                 residual_in_fp32, memory_efficient, device, dtype):
+                 residual_in_fp32, memory_efficient, weight_offset, device, dtype):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.normalized_shape = canonical_normalized_shape(normalized_shape)
@@ -30,6 +30,9 @@ class _FusedAddNormBase(nn.Module):
         self.prenorm = prenorm
         self.residual_in_fp32 = residual_in_fp32
         self.memory_efficient = memory_efficient
+        self.weight_offset = checked_weight_offset(
+            weight_offset, True if elementwise_affine else None,
+            f" of {type(self).__name__} (elementwise_affine={elementwise_affine})")
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
             if with_bias:
@@ -42,8 +45,8 @@ class _FusedAddNormBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
+        if self.weight is not None:  # the weight used, weight + weight_offset, starts at 1
+            nn.init.constant_(self.weight, 1.0 - self.weight_offset)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -59,6 +62,8 @@ class _FusedAddNormBase(nn.Module):
         for flag in ("prenorm", "residual_in_fp32", "memory_efficient"):
             if getattr(self, flag):
                 text += f", {flag}=True"
+        if self.weight_offset:
+            text += f", weight_offset={self.weight_offset}"
         return text
 
     @staticmethod
@@ -75,21 +80,25 @@ class FusedAddNorm(_FusedAddNormBase):
     Args match ``nn.LayerNorm``; ``prenorm`` also returns the sum (the new residual
     stream), ``residual_in_fp32`` keeps that sum in fp32, and ``memory_efficient``
     saves the output instead of the sum for backward (the weight must stay nonzero).
+    ``weight_offset`` makes the weight used ``weight + weight_offset`` (Gemma's
+    ``1 + w`` is ``weight_offset=1``); the parameter stays the raw ``weight`` (what
+    checkpoints hold) and starts at ``1 - weight_offset``.
     """
 
     _has_bias_option = True
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, *, prenorm: bool = False, residual_in_fp32: bool = False,
-                 memory_efficient: bool = False, device=None, dtype=None):
+                 memory_efficient: bool = False, weight_offset: float = 0.0, device=None,
+                 dtype=None):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, prenorm,
-                         residual_in_fp32, memory_efficient, device, dtype)
+                         residual_in_fp32, memory_efficient, weight_offset, device, dtype)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
         return functional.add_layer_norm(
             x, residual, self.weight, self.bias, self.eps, prenorm=self.prenorm,
             residual_dtype=self._residual_dtype, memory_efficient=self.memory_efficient,
-            normalized_shape=self.normalized_shape,
+            normalized_shape=self.normalized_shape, weight_offset=self.weight_offset,
         )
 
     @classmethod
@@ -114,15 +123,15 @@ class FusedAddRMSNorm(_FusedAddNormBase):
     def __init__(self, normalized_shape, eps: Optional[float] = None,
                  elementwise_affine: bool = True, *, prenorm: bool = False,
                  residual_in_fp32: bool = False, memory_efficient: bool = False,
-                 device=None, dtype=None):
+                 weight_offset: float = 0.0, device=None, dtype=None):
         super().__init__(normalized_shape, eps, elementwise_affine, False, prenorm,
-                         residual_in_fp32, memory_efficient, device, dtype)
+                         residual_in_fp32, memory_efficient, weight_offset, device, dtype)
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None):
         return functional.add_rms_norm(
             x, residual, self.weight, self.eps, prenorm=self.prenorm,
             residual_dtype=self._residual_dtype, memory_efficient=self.memory_efficient,
-            normalized_shape=self.normalized_shape,
+            normalized_shape=self.normalized_shape, weight_offset=self.weight_offset,
         )
 
     @classmethod

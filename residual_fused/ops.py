@@ -29,23 +29,25 @@ from .support import compute_dtype
 
 _lib = torch.library.Library("residual_fused", "DEF")
 
-# y = norm(x + residual) * weight + bias, in x's dtype; residual_out = x + residual
-# rounded to residual_out_dtype (a placeholder unless store_residual_out); rstd per
-# row in fp32 (fp64 for fp64 x). Backward rebuilds the row mean from the saved tensor.
+# y = norm(x + residual) * (weight + weight_offset) + bias, in x's dtype (the offset is
+# added in the compute type: Gemma's 1 + w); residual_out = x + residual rounded to
+# residual_out_dtype (a placeholder unless store_residual_out); rstd per row in fp32
+# (fp64 for fp64 x). Backward rebuilds the row mean from the saved tensor.
 _lib.define(
     "add_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
-    "bool is_rms_norm, bool store_residual_out, ScalarType residual_out_dtype) "
-    "-> (Tensor y, Tensor residual_out, Tensor rstd)"
+    "bool is_rms_norm, bool store_residual_out, ScalarType residual_out_dtype, "
+    "float weight_offset=0.) -> (Tensor y, Tensor residual_out, Tensor rstd)"
 )
 # saved is residual_out (or x when there was no residual), or y when memory_efficient.
 # dx has dy's dtype and already includes dresidual_out. dresidual is a separate
 # tensor only when dresidual_dtype is given (the residual's dtype differs from x's);
 # otherwise dx serves as the residual's gradient too. dweight/dbias have the
-# dtypes of weight/bias, and are placeholders when those are absent.
+# dtypes of weight/bias, and are placeholders when those are absent. weight_offset is
+# the forward's: dx uses weight + weight_offset, dweight is weight's own gradient.
 _lib.define(
     "add_norm_bwd(Tensor dy, Tensor? dresidual_out, Tensor saved, Tensor rstd, "
     "Tensor? weight, Tensor? bias, bool is_rms_norm, bool memory_efficient, "
-    "ScalarType? dresidual_dtype) "
+    "ScalarType? dresidual_dtype, float weight_offset=0.) "
     "-> (Tensor dx, Tensor dresidual, Tensor dweight, Tensor dbias)"
 )
 
@@ -107,12 +109,13 @@ def _build_on_first_use(device: torch.device) -> bool:
 
 
 def _add_norm_fwd_reference(x, residual, weight, bias, eps, is_rms_norm,
-                            store_residual_out, residual_out_dtype):
+                            store_residual_out, residual_out_dtype, weight_offset=0.0):
     if _build_on_first_use(x.device):  # dispatch again, now to the compiled kernel
         return add_norm_fwd(x, residual, weight, bias, eps, is_rms_norm,
-                            store_residual_out, residual_out_dtype)
+                            store_residual_out, residual_out_dtype, weight_offset)
     _notice_reference(x.device)
-    y, s, rstd = reference.forward(x, residual, weight, bias, eps, is_rms_norm)
+    reference.check_weight_offset(weight_offset, weight)
+    y, s, rstd = reference.forward(x, residual, weight, bias, eps, is_rms_norm, weight_offset)
     if store_residual_out:
         # s is x itself when x needs no cast and there is no residual: never alias.
         residual_out = s.to(residual_out_dtype, copy=s is x).contiguous()
@@ -122,9 +125,10 @@ def _add_norm_fwd_reference(x, residual, weight, bias, eps, is_rms_norm,
 
 
 def _add_norm_bwd_reference(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm,
-                            memory_efficient, dresidual_dtype):
+                            memory_efficient, dresidual_dtype, weight_offset=0.0):
+    reference.check_weight_offset(weight_offset, weight)
     ds, dweight, dbias = reference.backward(
-        dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm, memory_efficient
+        dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm, memory_efficient, weight_offset
     )
     dx = ds.to(dy.dtype).contiguous()
     dresidual = _placeholder(dy) if dresidual_dtype is None else ds.to(dresidual_dtype).contiguous()
@@ -139,7 +143,7 @@ _lib.impl("add_norm_bwd", _add_norm_bwd_reference, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("residual_fused::add_norm_fwd", lib=_lib)
 def _add_norm_fwd_fake(x, residual, weight, bias, eps, is_rms_norm,
-                       store_residual_out, residual_out_dtype):
+                       store_residual_out, residual_out_dtype, weight_offset=0.0):
     y = x.new_empty(x.shape)
     residual_out = (x.new_empty(x.shape, dtype=residual_out_dtype)
                     if store_residual_out else _placeholder(x))
@@ -149,7 +153,7 @@ def _add_norm_fwd_fake(x, residual, weight, bias, eps, is_rms_norm,
 
 @torch.library.register_fake("residual_fused::add_norm_bwd", lib=_lib)
 def _add_norm_bwd_fake(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm,
-                       memory_efficient, dresidual_dtype):
+                       memory_efficient, dresidual_dtype, weight_offset=0.0):
     dx = dy.new_empty(dy.shape)
     dresidual = (_placeholder(dy) if dresidual_dtype is None
                  else dy.new_empty(dy.shape, dtype=dresidual_dtype))
@@ -202,23 +206,24 @@ class AddNormFunction(torch.autograd.Function):
     """Autograd for Add & Norm over the last dim, through the two ops.
 
     ``apply(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
-    memory_efficient)`` with ``x``/``residual`` ``[..., H]`` and ``weight``/``bias``
+    memory_efficient, weight_offset)`` with ``x``/``residual`` ``[..., H]`` and ``weight``/``bias``
     ``[H]``, as prepared by :mod:`residual_fused.functional` (which validates them).
     Returns ``y``, or ``(y, residual_out)`` when ``prenorm``.
     """
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, is_rms_norm, prenorm,
-                residual_out_dtype, memory_efficient):
+                residual_out_dtype, memory_efficient, weight_offset=0.0):
         # Post-norm without a residual normalizes x itself, so x is what backward needs.
         store = prenorm or (residual is not None and not memory_efficient)
         y, residual_out, rstd = add_norm_fwd(
-            x, residual, weight, bias, eps, is_rms_norm, store, residual_out_dtype
+            x, residual, weight, bias, eps, is_rms_norm, store, residual_out_dtype, weight_offset
         )
         saved = y if memory_efficient else (residual_out if store else x)
         ctx.save_for_backward(saved, rstd, weight, bias)
         ctx.is_rms_norm = is_rms_norm
         ctx.memory_efficient = memory_efficient
+        ctx.weight_offset = weight_offset
         ctx.has_residual = residual is not None
         ctx.x_dtype = x.dtype
         ctx.dresidual_dtype = (residual.dtype if residual is not None
@@ -230,14 +235,14 @@ class AddNormFunction(torch.autograd.Function):
     @_first_order_only
     def backward(ctx, saved_tensors, dy: Optional[Tensor], dresidual_out: Optional[Tensor] = None):
         saved, rstd, weight, bias = saved_tensors
-        none = (None,) * 5
+        none = (None,) * 6
         if dy is None and dresidual_out is None:
             return (None, None, None, None) + none
         if dy is None:  # only residual_out was used: y's gradient is zero
             dy = saved.new_zeros(saved.shape, dtype=ctx.x_dtype)
         dx, dresidual, dweight, dbias = add_norm_bwd(
             dy, dresidual_out, saved, rstd, weight, bias,
-            ctx.is_rms_norm, ctx.memory_efficient, ctx.dresidual_dtype,
+            ctx.is_rms_norm, ctx.memory_efficient, ctx.dresidual_dtype, ctx.weight_offset,
         )
         if not ctx.has_residual:
             dresidual = None

@@ -14,8 +14,23 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._validation import check_add_norm_args, residual_out_dtype
+from ._validation import check_add_norm_args, checked_weight_offset, residual_out_dtype
 from .support import compute_dtype
+
+
+def check_weight_offset(weight_offset: float, weight: Optional[Tensor]) -> None:
+    """The ops' rule for weight_offset (the compiled kernels check the same)."""
+    if not torch.isfinite(torch.tensor(float(weight_offset), dtype=torch.float64)):
+        raise RuntimeError(f"weight_offset must be finite, got {weight_offset}")
+    if weight_offset != 0 and weight is None:
+        raise RuntimeError("weight_offset: an offset is added to the weight, so it needs a weight")
+
+
+def effective_weight(weight: Tensor, acc: torch.dtype, weight_offset: float = 0.0) -> Tensor:
+    """``weight + weight_offset`` in the compute dtype (the offset added only when
+    nonzero, as the kernels do: a -0.0 element keeps its sign without one)."""
+    w = weight.to(acc)
+    return w + weight_offset if weight_offset != 0 else w
 
 
 def forward(
@@ -25,6 +40,7 @@ def forward(
     bias: Optional[Tensor],  # [H]
     eps: float,
     is_rms_norm: bool,
+    weight_offset: float = 0.0,  # the weight used is weight + weight_offset (Gemma: 1)
 ) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor]:
     """Normalize ``s = x + residual`` over the last dim.
 
@@ -47,7 +63,7 @@ def forward(
         xhat = centred * rstd.unsqueeze(-1)
     y = xhat
     if weight is not None:
-        y = y * weight.to(acc)
+        y = y * effective_weight(weight, acc, weight_offset)
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(x.dtype), s, rstd
@@ -62,12 +78,14 @@ def backward(
     bias: Optional[Tensor],  # [H]
     is_rms_norm: bool,
     memory_efficient: bool,
+    weight_offset: float = 0.0,  # the forward's: g uses weight + weight_offset
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Gradient of the sum ``ds`` (compute dtype) and, if present, dweight and dbias (fp32).
 
     ``xhat`` is rebuilt from ``saved``: from the sum as ``s * rstd`` (LayerNorm:
     ``(s - mean(s)) * rstd``), or in memory-efficient mode from the output as
-    ``(y - bias) / weight``, which needs every weight element to be nonzero.
+    ``(y - bias) / (weight + weight_offset)``, which needs every element of that to be
+    nonzero. dweight is the gradient of ``weight`` itself (the offset is a constant).
 
     LayerNorm's xhat has zero mean by construction, so it is re-centred over the
     row after the rebuild. ``saved`` is rounded to its dtype while rstd came from
@@ -82,7 +100,7 @@ def backward(
         if bias is not None:
             xhat = xhat - bias.to(acc)
         if weight is not None:
-            xhat = xhat / weight.to(acc)
+            xhat = xhat / effective_weight(weight, acc, weight_offset)
         if not is_rms_norm:
             xhat = xhat - xhat.mean(-1, keepdim=True)
     elif is_rms_norm:
@@ -90,7 +108,7 @@ def backward(
     else:
         xhat = (xhat - xhat.mean(-1, keepdim=True)) * r
     dy_acc = dy.to(acc)
-    g = dy_acc * weight.to(acc) if weight is not None else dy_acc
+    g = dy_acc * effective_weight(weight, acc, weight_offset) if weight is not None else dy_acc
     gx = (g * xhat).mean(-1, keepdim=True)
     if is_rms_norm:
         ds = (g - xhat * gx) * r
@@ -105,17 +123,18 @@ def backward(
 
 
 def _add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dtype,
-              normalized_shape):
+              normalized_shape, weight_offset):
     shape, hidden, eps = check_add_norm_args(
         x, residual, weight, bias, eps, normalized_shape, residual_dtype, is_rms_norm
     )
+    weight_offset = checked_weight_offset(weight_offset, weight)
     rows_shape = x.shape[: x.dim() - len(shape)]
     flat = lambda t: None if t is None else t.reshape(*rows_shape, hidden)  # noqa: E731
     y, s, _ = forward(
         flat(x), flat(residual),
         None if weight is None else weight.reshape(hidden),
         None if bias is None else bias.reshape(hidden),
-        eps, is_rms_norm,
+        eps, is_rms_norm, weight_offset,
     )
     y = y.view(x.shape)
     if not prenorm:
@@ -125,7 +144,8 @@ def _add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dty
 
 
 def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, prenorm=False,
-                   residual_dtype=None, memory_efficient=False, normalized_shape=None):
+                   residual_dtype=None, memory_efficient=False, normalized_shape=None,
+                   weight_offset=0.0):
     """Reference ``LayerNorm(x + residual)``; same signature as the functional API.
 
     ``memory_efficient`` only changes what the fused path saves for backward, so
@@ -133,12 +153,13 @@ def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, prenor
     """
     del memory_efficient
     return _add_norm(x, residual, weight, bias, eps, False, prenorm, residual_dtype,
-                     normalized_shape)
+                     normalized_shape, weight_offset)
 
 
 def add_rms_norm(x, residual=None, weight=None, eps=None, *, prenorm=False,
-                 residual_dtype=None, memory_efficient=False, normalized_shape=None):
+                 residual_dtype=None, memory_efficient=False, normalized_shape=None,
+                 weight_offset=0.0):
     """Reference ``RMSNorm(x + residual)``; same signature as the functional API."""
     del memory_efficient
     return _add_norm(x, residual, weight, None, eps, True, prenorm, residual_dtype,
-                     normalized_shape)
+                     normalized_shape, weight_offset)

@@ -48,7 +48,8 @@ TRANSFORMERS_RANGES = {
     "bert": ((4, 40), (6, 0)),
     "roberta": ((4, 40), (6, 0)),
     **{family: ((5, 0), (6, 0)) for family in (
-        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "granite", "phi3")},
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "granite", "phi3",
+        "gemma", "gemma2", "gemma3_text")},
 }
 
 

@@ -307,6 +307,7 @@ class Emulator:
                                           ctypes.POINTER(i32)]
         L.emu_plan_boundaries.argtypes = [i32, i64, i32, i32, i32, i32, i32, ctypes.POINTER(i32), i32]
         L.emu_set_dry_run.argtypes = [i32]
+        L.emu_set_weight_offset.argtypes = [dbl]
         L.emu_clear_recorded.argtypes = []
         L.emu_set_schedule.argtypes = [i32, u64]
         L.emu_set_resources.argtypes = [ctypes.c_char_p, ctypes.c_char_p, i32, i32, i32]
@@ -444,7 +445,7 @@ class Emulator:
 
     # ---- the ops ---------------------------------------------------------------------
     def fwd(self, x, residual, weight, bias, eps, is_rms_norm, store_residual_out, residual_out_dtype,
-            out_offsets: Optional[Dict[str, int]] = None):
+            out_offsets: Optional[Dict[str, int]] = None, weight_offset: float = 0.0):
         """torch.ops.residual_fused.add_norm_fwd through the emulated kernels. Inputs keep
         their row stride and their address mod 16; ``out_offsets`` places the outputs
         (y, residual_out, rstd) that many bytes past a 16-byte boundary."""
@@ -460,12 +461,17 @@ class Emulator:
         res = (self._output(a, "residual_out", (rows, hidden), residual_out_dtype, off.get("residual_out", 0))
                if store_residual_out else None)
         rstd = self._output(a, "rstd", (rows,), stats, off.get("rstd", 0))
-        status = self._fwd_call(rows, hidden, eps, is_rms_norm, _args(xg, rg, wg, bg, y, res, rstd),
-                                residual_out_dtype)
+        self.lib.emu_set_weight_offset(weight_offset)
+        try:
+            status = self._fwd_call(rows, hidden, eps, is_rms_norm, _args(xg, rg, wg, bg, y, res, rstd),
+                                    residual_out_dtype)
+        finally:
+            self.lib.emu_set_weight_offset(0.0)
         return self._finish(a, status, "forward", (y, res, rstd))
 
     def bwd(self, dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm, memory_efficient,
-            dresidual_dtype, workspace_delta: int = 0, out_offsets: Optional[Dict[str, int]] = None):
+            dresidual_dtype, workspace_delta: int = 0, out_offsets: Optional[Dict[str, int]] = None,
+            weight_offset: float = 0.0):
         """torch.ops.residual_fused.add_norm_bwd through the emulated kernels (``out_offsets``
         as in fwd, for dx, dresidual, dweight, dbias)."""
         rows, hidden = dy.shape
@@ -482,9 +488,13 @@ class Emulator:
                 else self._output(a, "dresidual", (rows, hidden), dresidual_dtype, off.get("dresidual", 0)))
         dw = None if weight is None else self._output(a, "dweight", (hidden,), weight.dtype, off.get("dweight", 0))
         db = None if bias is None else self._output(a, "dbias", (hidden,), bias.dtype, off.get("dbias", 0))
-        status = self._bwd_call(rows, hidden, is_rms_norm, memory_efficient,
-                                _args(dyg, dog, sg, rg, wg, bg, dx, dres, dw, db), dresidual_dtype,
-                                workspace_delta)
+        self.lib.emu_set_weight_offset(weight_offset)
+        try:
+            status = self._bwd_call(rows, hidden, is_rms_norm, memory_efficient,
+                                    _args(dyg, dog, sg, rg, wg, bg, dx, dres, dw, db), dresidual_dtype,
+                                    workspace_delta)
+        finally:
+            self.lib.emu_set_weight_offset(0.0)
         return self._finish(a, status, "backward", (dx, dres, dw, db))
 
     def _fwd_call(self, rows, hidden, eps, is_rms_norm, t, residual_out_dtype) -> int:

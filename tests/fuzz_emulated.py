@@ -147,23 +147,24 @@ class OpsTarget:
         dst.copy_(torch.as_strided(t, (span,), (1,)))
         return dst.as_strided(tuple(t.shape), tuple(t.stride()))
 
-    def fwd(self, x, residual, weight, bias, eps, is_rms_norm, store, residual_out_dtype, out_offsets=None):
+    def fwd(self, x, residual, weight, bias, eps, is_rms_norm, store, residual_out_dtype, out_offsets=None,
+            weight_offset=0.0):
         import oracle
 
         with oracle.poisoned_outputs(self.device):
             y, res, rstd = torch.ops.residual_fused.add_norm_fwd(
                 self._dev(x), self._dev(residual), self._dev(weight), self._dev(bias), eps, is_rms_norm, store,
-                residual_out_dtype)
+                residual_out_dtype, weight_offset)
         return y.cpu(), (res.cpu() if store else None), rstd.cpu()
 
     def bwd(self, dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm, memory_efficient, dresidual_dtype,
-            out_offsets=None):
+            out_offsets=None, weight_offset=0.0):
         import oracle
 
         with oracle.poisoned_outputs(self.device):
             dx, dres, dw, db = torch.ops.residual_fused.add_norm_bwd(
                 self._dev(dy), self._dev(dresidual_out), self._dev(saved), self._dev(rstd), self._dev(weight),
-                self._dev(bias), is_rms_norm, memory_efficient, dresidual_dtype)
+                self._dev(bias), is_rms_norm, memory_efficient, dresidual_dtype, weight_offset)
         return (dx.cpu(), None if dresidual_dtype is None else dres.cpu(), None if weight is None else dw.cpu(),
                 None if bias is None else db.cpu())
 
@@ -204,8 +205,9 @@ def run_case(emu, case: Case) -> Dict[str, float]:
     residual = (_place(_storage_values(gen, rows, H, lay["residual"], 0.0, case.scale), dt["residual"],
                        lay["residual"]) if dt["residual"] is not None else None)
     w = torch.randn(H, generator=gen, dtype=torch.float64)
-    if b["memory_efficient"]:  # xhat = (y - b) / w: weights away from zero
-        w = torch.sign(w) * (0.5 + w.abs().clamp(max=1.0))
+    offset = case.weight_offset
+    if b["memory_efficient"]:  # xhat = (y - b) / (w + offset): the weight used away from zero
+        w = torch.sign(w) * (0.5 + w.abs().clamp(max=1.0)) - offset
     weight = _place(w, dt["weight"], lay["weight"]) if dt["weight"] is not None else None
     bias = (_place(torch.randn(H, generator=gen, dtype=torch.float64), dt["bias"], lay["bias"])
             if dt["bias"] is not None else None)
@@ -215,16 +217,17 @@ def run_case(emu, case: Case) -> Dict[str, float]:
     out_off = {"y": lay["y"][0], "residual_out": lay.get("residual_out", [0])[0], "rstd": lay["rstd_out"][0]}
 
     def forward():
-        y, res, rstd = emu.fwd(x, residual, weight, bias, case.eps, case.rms, store, res_dtype, out_off)
+        y, res, rstd = emu.fwd(x, residual, weight, bias, case.eps, case.rms, store, res_dtype, out_off,
+                               weight_offset=offset)
         return {"y": y, "residual_out": res, "rstd": rstd}
 
     emu.configure(*case.device)
     try:
         got = _under_schedules(emu, case, forward)
-        worst = numerics.check_forward(got, x, residual, weight, bias, case.eps, case.rms, store)
+        worst = numerics.check_forward(got, x, residual, weight, bias, case.eps, case.rms, store, offset)
 
         # The backward's inputs: what the forward saved, as the float64 reference has it.
-        (y64, s64, rstd64), _ = numerics.forward_reference(x, residual, weight, bias, case.eps, case.rms)
+        (y64, s64, rstd64), _ = numerics.forward_reference(x, residual, weight, bias, case.eps, case.rms, offset)
         saved64 = y64 if b["memory_efficient"] else (s64 if store else x.double())
         saved = _place(saved64, dt["saved"], lay["saved"])
         rstd = _place(rstd64, dt["rstd"], lay["rstd"])
@@ -237,12 +240,12 @@ def run_case(emu, case: Case) -> Dict[str, float]:
 
         def backward():
             dx, dres, dw, db = emu.bwd(dy, dro, saved, rstd, weight, bias, case.rms, b["memory_efficient"],
-                                       dres_dtype, out_offsets=out_off)
+                                       dres_dtype, out_offsets=out_off, weight_offset=offset)
             return {"dx": dx, "dresidual": dres, "dweight": dw, "dbias": db}
 
         got = _under_schedules(emu, case, backward)
         worst.update(numerics.check_backward(got, dy, dro, saved, rstd, weight, bias, case.rms,
-                                             b["memory_efficient"]))
+                                             b["memory_efficient"], offset))
     finally:
         emu.configure()
     after = [t for t in (x, residual, weight, bias, saved, rstd, dy, dro) if t is not None]

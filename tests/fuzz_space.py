@@ -176,6 +176,7 @@ class Case:
     seed: int                   # the data
     scale: float = 1.0          # magnitude of x and the residual
     threads: Optional[int] = None  # CPU target: torch threads of the calls (None: 1 + seed % 3)
+    weight_offset: float = 0.0     # the weight used is weight + weight_offset (needs a weight)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
@@ -192,6 +193,8 @@ class Case:
         parts.append(f"out={f['residual_out'] if f['store'] else '-'}")
         if b["memory_efficient"]:
             parts.append("mem")
+        if self.weight_offset:
+            parts.append(f"w+{self.weight_offset:g}")
         odd = [f"{k}@{v[0]}" + (f"/s{v[1]}" if len(v) > 1 and v[1] != self.hidden else "")
                for k, v in self.layout.items() if v[0] or (len(v) > 1 and v[1] != self.hidden)]
         if odd:
@@ -468,4 +471,10 @@ def generate(rng: random.Random, emu, boundaries: Tuple[int, ...]) -> Case:
     for name, lay in case.layout.items():  # a broadcast row stride needs rows > 1 to matter; keep it valid
         if len(lay) > 1 and lay[1] == 0 and case.rows == 1:
             lay[1] = hidden
+    if fwd["weight"] is not None:
+        # From the case's own seed, not `rng`: the cases of a seed stay those drawn before
+        # weight_offset existed (the mutant suite's fixed batch among them), a quarter of
+        # them now with Gemma's offset of 1 (or another).
+        draw = random.Random(case.seed ^ 0x0FF5E7).random()
+        case.weight_offset = 1.0 if draw < 0.2 else (-0.5 if draw < 0.25 else 0.0)
     return case

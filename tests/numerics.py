@@ -79,13 +79,19 @@ def _wider(t: torch.Tensor, u: float):
     return t.to(torch.float64).abs() if t.dtype == torch.float64 and u > UNIT[torch.float64] else 0
 
 
-def forward_reference(x, residual, weight, bias, eps, is_rms_norm):
+def _weight(weight, n: int, offset: float) -> torch.Tensor:
+    """The weight the kernels use, weight + offset, in float64 (ones without a weight)."""
+    return torch.ones(n, dtype=torch.float64) if weight is None else _f64(weight) + offset
+
+
+def forward_reference(x, residual, weight, bias, eps, is_rms_norm, weight_offset=0.0):
     """(y, s, rstd) in float64, and the compute tolerances of y, residual_out and rstd."""
     u = UNIT[torch.float64 if x.dtype == torch.float64 else torch.float32]
     n = x.shape[-1]
     g = _gamma(u, n)
-    y, s, rstd = reference.forward(_f64(x), _f64(residual), _f64(weight), _f64(bias), eps, is_rms_norm)
-    w = torch.ones(n, dtype=torch.float64) if weight is None else _f64(weight)
+    y, s, rstd = reference.forward(_f64(x), _f64(residual), _f64(weight), _f64(bias), eps, is_rms_norm,
+                                   weight_offset)
+    w = _weight(weight, n, weight_offset)
     b = torch.zeros(n, dtype=torch.float64) if bias is None else _f64(bias)
     mean_abs = _row(s.abs().mean(-1))
     r = _row(rstd)
@@ -109,15 +115,17 @@ def forward_reference(x, residual, weight, bias, eps, is_rms_norm):
     return (y, s, rstd), (tol_y, tol_res, tol_rstd)
 
 
-def backward_reference(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm, memory_efficient):
+def backward_reference(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm, memory_efficient,
+                       weight_offset=0.0):
     """(ds, dweight, dbias) in float64 and their compute tolerances."""
     u = UNIT[torch.float64 if dy.dtype == torch.float64 else torch.float32]
     n = dy.shape[-1]
     rows = dy.numel() // max(n, 1)
     g_n = _gamma(u, n)
     ds, dweight, dbias = reference.backward(_f64(dy), _f64(dresidual_out), _f64(saved), _f64(rstd),
-                                            _f64(weight), _f64(bias), is_rms_norm, memory_efficient)
-    w = torch.ones(n, dtype=torch.float64) if weight is None else _f64(weight)
+                                            _f64(weight), _f64(bias), is_rms_norm, memory_efficient,
+                                            weight_offset)
+    w = _weight(weight, n, weight_offset)
     v = _f64(saved)
     if memory_efficient:
         if bias is not None:
@@ -234,10 +242,11 @@ def _checked(worst: Dict[str, float], name: str, got: torch.Tensor, ref: torch.T
 
 
 def check_forward(got: Dict[str, Optional[torch.Tensor]], x, residual, weight, bias, eps, is_rms_norm,
-                  store_residual_out) -> Dict[str, float]:
+                  store_residual_out, weight_offset=0.0) -> Dict[str, float]:
     """Every forward output of one call (y, residual_out if stored, rstd) within its bound;
     returns each one's worst error / bound (see _checked)."""
-    (y, s, rstd), (tol_y, tol_res, tol_rstd) = forward_reference(x, residual, weight, bias, eps, is_rms_norm)
+    (y, s, rstd), (tol_y, tol_res, tol_rstd) = forward_reference(x, residual, weight, bias, eps, is_rms_norm,
+                                                                 weight_offset)
     worst: Dict[str, float] = {}
     _checked(worst, "y", got["y"], y, tol_y)
     _checked(worst, "rstd", got["rstd"], rstd, tol_rstd)
@@ -247,10 +256,10 @@ def check_forward(got: Dict[str, Optional[torch.Tensor]], x, residual, weight, b
 
 
 def check_backward(got: Dict[str, Optional[torch.Tensor]], dy, dresidual_out, saved, rstd, weight, bias,
-                   is_rms_norm, memory_efficient) -> Dict[str, float]:
+                   is_rms_norm, memory_efficient, weight_offset=0.0) -> Dict[str, float]:
     """dx, dresidual (when present), dweight and dbias within their bounds."""
     (ds, dw, db), (tol_ds, tol_dw, tol_db) = backward_reference(dy, dresidual_out, saved, rstd, weight, bias,
-                                                                is_rms_norm, memory_efficient)
+                                                                is_rms_norm, memory_efficient, weight_offset)
     worst: Dict[str, float] = {}
     _checked(worst, "dx", got["dx"], ds, tol_ds)
     if got.get("dresidual") is not None:

@@ -128,12 +128,15 @@ def test_every_residual_add_of_a_decoder_is_fused(family):
         with torch.no_grad(), _CountOps((2, 12, HIDDEN)) as mode:
             model(ids)
         counts[name] = (mode.adds, mode.fused)
-    qk = 2 * LAYERS if hf.DECODERS[family].qk_norm else 0
+    spec = hf.DECODERS[family]
+    alone = LAYERS * ((2 if spec.qk_norm else 0) + (2 if spec.sandwich else 0))  # norms without an add
     assert counts["original"] == (2 * LAYERS, 0)
     # 2L adds fused in 2L + 1 norm calls (the first input norm has no add), plus QK-norms
-    assert counts["converted"] == (0, 2 * LAYERS + 1 + qk)
+    # and Gemma 2/3's norms of each sublayer's output
+    assert counts["converted"] == (0, 2 * LAYERS + 1 + alone)
     report = hf.apply(_model(family))
-    assert (report.fused_adds, report.layers, report.norms_on_kernel) == (2 * LAYERS, LAYERS, 2 * LAYERS + 1 + qk)
+    assert (report.fused_adds, report.layers, report.norms_on_kernel, report.norms_without_residual) == (
+        2 * LAYERS, LAYERS, 2 * LAYERS + 1 + alone, 1 + alone)
     assert f"{2 * LAYERS} residual adds fused" in str(report)
 
 
@@ -172,7 +175,7 @@ def _grads(model, ids, checkpointing):
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
-@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "bert"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma3_text", "bert"])
 def test_activation_checkpointing(family, reentrant):
     model = _converted(_model(family))
     ids = torch.randint(0, VOCAB, (2, 12))
@@ -257,7 +260,7 @@ def test_unknown_model_type_names_the_supported_ones():
     model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(
         "gpt_bigcode", n_embd=32, n_layer=1, n_head=2, vocab_size=10))
     with pytest.raises(ValueError, match="model_type 'gpt_bigcode' is not supported .* supported model types: "
-                                         "bert, granite, llama"):
+                                         "bert, gemma, gemma2, gemma3_text, granite, llama"):
         hf.apply(model)
     with pytest.raises(ValueError, match="needs a transformers model"):
         hf.apply(torch.nn.Linear(2, 2))
@@ -316,3 +319,24 @@ def test_apply_twice_is_harmless():
         warnings.simplefilter("error")
         report = hf.apply(model)
     assert report.fused_adds == 2 * LAYERS
+
+
+def test_gemma3_vision_language_model_converts_its_text_model():
+    _supported("gemma3_text")
+    text = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=300)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    original = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    converted = copy.deepcopy(original)
+    with pytest.warns(UserWarning, match="gemma3 converted partly \\(gemma3_text\\); left unconverted: "
+                                         "siglip_vision_model"):
+        report = hf.apply(converted)
+    assert report.fused_adds == 2 * LAYERS
+    ids = torch.randint(1, 200, (2, 8))
+    with torch.no_grad():
+        ref = copy.deepcopy(original).double()(input_ids=ids).logits
+        _check("gemma3 logits", converted(input_ids=ids).logits.double(), ref,
+               original(input_ids=ids).logits.double(), ATOL[torch.float32])

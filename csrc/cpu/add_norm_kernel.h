@@ -205,7 +205,7 @@ void fwd_rows(const AddNormFwdParams& p, const acc* w, const acc* b, bool stream
 template <typename acc>
 void fwd(const AddNormFwdParams& p) {
   const int64_t n = p.hidden;
-  const Param<acc> w(p.weight, p.weight_dtype, n), b(p.bias, p.bias_dtype, n);
+  const Param<acc> w(p.weight, p.weight_dtype, n, p.weight_offset), b(p.bias, p.bias_dtype, n);
   const int64_t row_bytes = elem_size(p.x_dtype) * 2 +
                             (p.residual ? elem_size(p.residual_dtype) : 0) +
                             (p.residual_out ? elem_size(p.residual_out_dtype) : 0);
@@ -397,7 +397,7 @@ void bwd(const AddNormBwdParams& p) {
   const int64_t n = p.hidden;
   const int64_t parts = p.partial_rows;
   if (p.rows == 0 || parts == 0) return;
-  const Param<acc> w(p.weight, p.weight_dtype, n), b(p.bias, p.bias_dtype, n);
+  const Param<acc> w(p.weight, p.weight_dtype, n, p.weight_offset), b(p.bias, p.bias_dtype, n);
   const int64_t per_part = (p.rows + parts - 1) / parts;
   const int64_t row_bytes = elem_size(p.dy_dtype) * 2 + elem_size(p.saved_dtype) +
                             (p.dresidual_out ? elem_size(p.dresidual_out_dtype) : 0) +

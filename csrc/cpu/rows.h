@@ -224,15 +224,21 @@ struct Param {
   const acc* ptr = nullptr;
   std::unique_ptr<acc[]> copy;
 
-  Param(const void* p, DType t, int64_t n) {
+  // offset (the weight's weight_offset) is added to each element in the compute type,
+  // only when nonzero (a -0.0 element keeps its sign without one).
+  Param(const void* p, DType t, int64_t n, double offset = 0.0) {
     if (p == nullptr) return;
-    if ((std::is_same_v<acc, float> && t == DType::kFloat32) ||
-        (std::is_same_v<acc, double> && t == DType::kFloat64)) {
+    const acc off = static_cast<acc>(offset);
+    if (off == acc(0) && ((std::is_same_v<acc, float> && t == DType::kFloat32) ||
+                          (std::is_same_v<acc, double> && t == DType::kFloat64))) {
       ptr = static_cast<const acc*>(p);
       return;
     }
     copy.reset(new acc[n]);
     load_row<false>(t, p, copy.get(), n);
+    if (off != acc(0)) {
+      for (int64_t i = 0; i < n; ++i) copy[i] += off;
+    }
     ptr = copy.get();
   }
 };

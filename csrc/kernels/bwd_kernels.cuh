@@ -136,7 +136,8 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
   __shared__ float red[2 * (MAX_BLOCK / 32)];
 
   StagedParam weight, bias;
-  stage_params<VEC>(p.weight, p.weight_dtype, p.memory_efficient ? p.bias : nullptr, p.bias_dtype,
+  stage_params<VEC>(p.weight, p.weight_dtype, float(p.weight_offset), p.memory_efficient ? p.bias : nullptr,
+                    p.bias_dtype,
                hidden, weight, bias);
   const int params_bytes = param_bytes(weight.ptr, p.weight_dtype, hidden) +
                            param_bytes(bias.ptr, p.bias_dtype, hidden);
@@ -293,7 +294,9 @@ struct StreamedRow {
     load_chunks<1, VEC>(saved, p.saved_dtype, col, 0, p.hidden, v);
     if (p.memory_efficient) {
       if (p.bias != nullptr) apply_affine<Affine::kSub>(p.bias, p.bias_dtype, col, 0, p.hidden, v);
-      if (p.weight != nullptr) apply_affine<Affine::kDiv>(p.weight, p.weight_dtype, col, 0, p.hidden, v);
+      if (p.weight != nullptr) {
+        apply_affine<Affine::kDiv>(p.weight, p.weight_dtype, col, 0, p.hidden, v, p.weight_offset);
+      }
     }
   }
 
@@ -338,7 +341,9 @@ __global__ void __launch_bounds__(BLOCK, 1) add_norm_bwd_streamed_kernel(const A
     for (int col = threadIdx.x * VEC; col < hidden; col += BLOCK * VEC) {
       acc_t v[1][VEC], g[1][VEC];
       r.xhat_and_dy(col, mean_v, v, g);
-      if (p.weight != nullptr) apply_affine<Affine::kMul>(p.weight, p.weight_dtype, col, 0, hidden, g);
+      if (p.weight != nullptr) {
+        apply_affine<Affine::kMul>(p.weight, p.weight_dtype, col, 0, hidden, g, p.weight_offset);
+      }
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         sums[0] += g[0][i];
@@ -381,7 +386,9 @@ __global__ void __launch_bounds__(BLOCK, 1) add_norm_bwd_streamed_kernel(const A
         for (int i = 0; i < VEC; ++i) b[i] += g[0][i];
         store_vec<acc_t, VEC>(db_out + out_row + col, b);
       }
-      if (p.weight != nullptr) apply_affine<Affine::kMul>(p.weight, p.weight_dtype, col, 0, hidden, g);
+      if (p.weight != nullptr) {
+        apply_affine<Affine::kMul>(p.weight, p.weight_dtype, col, 0, hidden, g, p.weight_offset);
+      }
 #pragma unroll
       for (int i = 0; i < VEC; ++i) g[0][i] = r.rstd * (g[0][i] - mean_g - v[0][i] * mean_gx);
       if (dres_out != nullptr) {

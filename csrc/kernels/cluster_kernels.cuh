@@ -164,7 +164,7 @@ add_norm_fwd_cluster_kernel(const AddNormFwdParams p) {
   constexpr bool kPipelined = kClusterPipelined<CHUNKS, VEC>;
   StagedParam weight, bias;
   stage_params<VEC>(slice_of<W>(p.weight, 0, 0, cs.begin, p.weight_dtype), p.weight_dtype,
-                    slice_of<W>(p.bias, 0, 0, cs.begin, p.bias_dtype), p.bias_dtype, len, weight, bias);
+                    float(p.weight_offset), slice_of<W>(p.bias, 0, 0, cs.begin, p.bias_dtype), p.bias_dtype, len, weight, bias);
   float* const slots = dynamic_smem() + (param_bytes(p.weight, p.weight_dtype, cs.slice) +
                                          param_bytes(p.bias, p.bias_dtype, cs.slice)) / 4;
   unsigned char* const buffers = reinterpret_cast<unsigned char*>(slots) + kClusterSlotBytes;
@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1) add_norm_bwd_cluster_kernel(cons
 
   StagedParam weight, bias;
   stage_params<VEC>(slice_of<W>(p.weight, 0, 0, cs.begin, p.weight_dtype), p.weight_dtype,
-                    p.memory_efficient ? slice_of<W>(p.bias, 0, 0, cs.begin, p.bias_dtype) : nullptr,
+                    float(p.weight_offset), p.memory_efficient ? slice_of<W>(p.bias, 0, 0, cs.begin, p.bias_dtype) : nullptr,
                     p.bias_dtype, len, weight, bias);
   float* const slots = dynamic_smem() + (param_bytes(weight.ptr, p.weight_dtype, cs.slice) +
                                          param_bytes(bias.ptr, p.bias_dtype, cs.slice)) / 4;

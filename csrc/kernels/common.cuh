@@ -173,18 +173,25 @@ __device__ __forceinline__ void store_chunks_of(T* dst, int col0, int stride, in
   }
 }
 
-// Combines the row with a [hidden] parameter vector, elementwise: v = v (op) param.
+// Combines the row with a [hidden] parameter vector, elementwise: v = v (op) (param +
+// offset). The offset (the weight's weight_offset, 0 for a bias) is added only when
+// nonzero, so a -0.0 weight element keeps its sign without one.
 enum class Affine { kMul, kAdd, kSub, kDiv };
 
-template <Affine OP, typename T, int CHUNKS, int VEC, typename acc_t>
+template <Affine OP, typename T, int CHUNKS, int VEC, typename acc_t, typename off_t = acc_t>
 __device__ __forceinline__ void apply_affine_of(const T* src, int col0, int stride, int hidden,
-                                                acc_t (&v)[CHUNKS][VEC]) {
+                                                acc_t (&v)[CHUNKS][VEC], off_t offset = off_t(0)) {
+  const acc_t off = acc_t(offset);
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
     const int col = col0 + c * stride;
     if (col < hidden) {
       acc_t q[VEC];
       load_vec<T, VEC>(src + col, q);
+      if (off != acc_t(0)) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) q[i] += off;
+      }
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         if constexpr (OP == Affine::kMul) v[c][i] *= q[i];
@@ -205,12 +212,13 @@ __device__ __forceinline__ void store_chunks(void* row, DType t, int col0, int s
   });
 }
 
-template <Affine OP, int CHUNKS, int VEC, typename acc_t>
+template <Affine OP, int CHUNKS, int VEC, typename acc_t, typename off_t = acc_t>
 __device__ __forceinline__ void apply_affine(const void* param, DType t, int col0, int stride,
-                                             int hidden, acc_t (&v)[CHUNKS][VEC]) {
+                                             int hidden, acc_t (&v)[CHUNKS][VEC],
+                                             off_t offset = off_t(0)) {
   dispatch_dtype(t, [&](auto tag) {
     using T = decltype(tag);
-    apply_affine_of<OP>(static_cast<const T*>(param), col0, stride, hidden, v);
+    apply_affine_of<OP>(static_cast<const T*>(param), col0, stride, hidden, v, offset);
   });
 }
 

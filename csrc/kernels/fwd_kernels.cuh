@@ -28,7 +28,8 @@ add_norm_fwd_rows_kernel(const AddNormFwdParams p) {
   __shared__ float red[MAX_BLOCK / 32];
 
   StagedParam weight, bias;
-  stage_params<VEC>(p.weight, p.weight_dtype, p.bias, p.bias_dtype, hidden, weight, bias);
+  stage_params<VEC>(p.weight, p.weight_dtype, float(p.weight_offset), p.bias, p.bias_dtype, hidden, weight,
+                    bias);
   __syncthreads();
 
   // Trip count is uniform across the CTA, so the reductions' barriers are safe.
@@ -183,7 +184,9 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1) add_norm_fwd_staged_kernel(const
       for (int c = 0; c < kGroup; ++c)
 #pragma unroll
         for (int i = 0; i < VEC; ++i) s[c][i] = (s[c][i] - mean) * rstd;
-      if (p.weight != nullptr) apply_affine<Affine::kMul>(p.weight, p.weight_dtype, gcol, stride, hidden, s);
+      if (p.weight != nullptr) {
+        apply_affine<Affine::kMul>(p.weight, p.weight_dtype, gcol, stride, hidden, s, p.weight_offset);
+      }
       if (p.bias != nullptr) apply_affine<Affine::kAdd>(p.bias, p.bias_dtype, gcol, stride, hidden, s);
       store_chunks<kGroup, VEC>(y, p.x_dtype, gcol, stride, hidden, s);
     }
@@ -272,7 +275,9 @@ __global__ void __launch_bounds__(BLOCK, 1) add_norm_fwd_streamed_kernel(const A
       if (res_out != nullptr) store_chunks<1, VEC>(res_out, p.residual_out_dtype, col, 0, hidden, s);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) s[0][i] = (s[0][i] - mean) * rstd;
-      if (p.weight != nullptr) apply_affine<Affine::kMul>(p.weight, p.weight_dtype, col, 0, hidden, s);
+      if (p.weight != nullptr) {
+        apply_affine<Affine::kMul>(p.weight, p.weight_dtype, col, 0, hidden, s, p.weight_offset);
+      }
       if (p.bias != nullptr) apply_affine<Affine::kAdd>(p.bias, p.bias_dtype, col, 0, hidden, s);
       store_chunks<1, VEC>(y, p.x_dtype, col, 0, hidden, s);
     }

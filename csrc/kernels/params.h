@@ -26,6 +26,8 @@ struct AddNormFwdParams {
   DType residual_dtype = DType::kFloat32;
   const void* weight = nullptr;        // [hidden] or null
   DType weight_dtype = DType::kFloat32;
+  double weight_offset = 0.0;          // the weight used is weight + weight_offset, added in
+                                       // the compute type (Gemma's 1 + w); 0 without a weight
   const void* bias = nullptr;          // [hidden] or null (always null for RMSNorm)
   DType bias_dtype = DType::kFloat32;
 
@@ -53,6 +55,8 @@ struct AddNormBwdParams {
   const void* rstd = nullptr;          // [rows], compute type
   const void* weight = nullptr;        // [hidden] or null
   DType weight_dtype = DType::kFloat32;
+  double weight_offset = 0.0;          // as the forward's: dx uses weight + weight_offset,
+                                       // dweight is the gradient of weight itself
   const void* bias = nullptr;          // [hidden] or null
   DType bias_dtype = DType::kFloat32;
 

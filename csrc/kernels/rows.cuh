@@ -172,24 +172,26 @@ __device__ __forceinline__ void copy_to_smem(unsigned char* dst, const void* src
   }
 }
 
-// A [hidden] parameter in shared memory: null when the op has none.
+// A [hidden] parameter in shared memory: null when the op has none. offset is added
+// to each element where it is used (the weight's weight_offset; 0 for the bias).
 struct StagedParam {
   const void* ptr;
   DType dtype;
+  float offset;
 };
 
 // Stages `a` then `b` at the start of dynamic shared memory; the caller synchronises.
 // VEC 8: the vectorised kernels, whose parameters are 16-byte aligned with
 // hidden % 8 == 0 (every dtype's row is a multiple of 16 bytes).
 template <int VEC>
-__device__ __forceinline__ void stage_params(const void* a, DType ta, const void* b, DType tb,
-                                             int hidden, StagedParam& sa, StagedParam& sb) {
+__device__ __forceinline__ void stage_params(const void* a, DType ta, float a_offset, const void* b,
+                                             DType tb, int hidden, StagedParam& sa, StagedParam& sb) {
   unsigned char* const base = reinterpret_cast<unsigned char*>(dynamic_smem());
   const int a_bytes = param_bytes(a, ta, hidden);
   if (a != nullptr) copy_to_smem<VEC % 8 == 0>(base, a, hidden * dtype_size(ta));
   if (b != nullptr) copy_to_smem<VEC % 8 == 0>(base + a_bytes, b, hidden * dtype_size(tb));
-  sa = {a == nullptr ? nullptr : base, ta};
-  sb = {b == nullptr ? nullptr : base + a_bytes, tb};
+  sa = {a == nullptr ? nullptr : base, ta, a_offset};
+  sb = {b == nullptr ? nullptr : base + a_bytes, tb, 0.f};
 }
 
 // v = v (op) param, elementwise over the thread's chunks, reading the staged copy.
@@ -197,9 +199,9 @@ template <Affine OP, typename T, int CHUNKS, int VEC>
 __device__ __forceinline__ void apply_param(const StagedParam& param, int col0, int stride,
                                             int hidden, float (&v)[CHUNKS][VEC]) {
   if constexpr (std::is_same<T, AnyType>::value) {
-    apply_affine<OP>(param.ptr, param.dtype, col0, stride, hidden, v);
+    apply_affine<OP>(param.ptr, param.dtype, col0, stride, hidden, v, param.offset);
   } else {
-    apply_affine_of<OP>(static_cast<const T*>(param.ptr), col0, stride, hidden, v);
+    apply_affine_of<OP>(static_cast<const T*>(param.ptr), col0, stride, hidden, v, param.offset);
   }
 }
 

@@ -118,10 +118,11 @@ def _share_parameters(fused: nn.Module, original: nn.Module) -> nn.Module:
     return fused
 
 
-def _kernel_rms_norm(norm: nn.Module) -> KernelRMSNorm:
+def _kernel_rms_norm(norm: nn.Module, weight_offset: float = 0.0) -> KernelRMSNorm:
     weight = norm.weight
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    fused = KernelRMSNorm(weight.shape, eps=eps, device=weight.device, dtype=weight.dtype)
+    fused = KernelRMSNorm(weight.shape, eps=eps, weight_offset=weight_offset, device=weight.device,
+                          dtype=weight.dtype)
     return _share_parameters(fused, norm)
 
 
@@ -129,9 +130,11 @@ def _add_norm(norm: nn.Module, x, residual):
     """(norm(x + residual), x + residual) in one fused call with `norm`'s parameters."""
     if isinstance(norm, FusedAddRMSNorm):
         return functional.add_rms_norm(x, residual, norm.weight, norm.eps, prenorm=True,
-                                       normalized_shape=norm.normalized_shape)
+                                       normalized_shape=norm.normalized_shape,
+                                       weight_offset=norm.weight_offset)
     return functional.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, prenorm=True,
-                                     normalized_shape=norm.normalized_shape)
+                                     normalized_shape=norm.normalized_shape,
+                                     weight_offset=norm.weight_offset)
 
 
 # ---- classes made by the conversion --------------------------------------------------------
@@ -166,15 +169,28 @@ def __getattr__(name: str):
 class Decoder:
     """A pre-norm decoder family built like Llama: ``transformers.models.<package>``
     with ``<prefix>Model`` (``layers``, ``norm``) and ``<prefix>DecoderLayer``
-    (``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``)."""
+    (``input_layernorm``, ``self_attn``, ``post_attention_layernorm``, ``mlp``).
+
+    ``sandwich``: Gemma 2/3's layer, where ``post_attention_layernorm`` and
+    ``post_feedforward_layernorm`` normalize each sublayer's output before its add
+    (on the kernel, without a residual) and ``pre_feedforward_layernorm`` is the MLP's
+    input norm (the attention's add is fused into it)."""
     package: str
     prefix: str
     branch: str = "plain"    # what the layer does to a sublayer's output before its add
     qk_norm: bool = False    # self_attn has q_norm / k_norm (RMSNorm over the head dim)
+    weight_offset: float = 0.0  # the norms use weight + weight_offset (Gemma: 1 + w)
+    sandwich: bool = False
+    model_class: str = ""    # when not <prefix>Model
 
     def classes(self) -> Tuple[type, type]:
         module = importlib.import_module(f"transformers.models.{self.package}.modeling_{self.package}")
-        return getattr(module, f"{self.prefix}Model"), getattr(module, f"{self.prefix}DecoderLayer")
+        return (getattr(module, self.model_class or f"{self.prefix}Model"),
+                getattr(module, f"{self.prefix}DecoderLayer"))
+
+    def norm_names(self) -> Tuple[str, ...]:
+        extra = ("pre_feedforward_layernorm", "post_feedforward_layernorm") if self.sandwich else ()
+        return ("input_layernorm", "post_attention_layernorm") + extra
 
 
 #: model_type -> family, for every pre-norm decoder :func:`apply` fuses.
@@ -188,6 +204,10 @@ DECODERS = {
     "qwen3_moe": Decoder("qwen3_moe", "Qwen3Moe", qk_norm=True),
     "granite": Decoder("granite", "Granite", branch="multiplier"),
     "phi3": Decoder("phi3", "Phi3", branch="dropout"),
+    "gemma": Decoder("gemma", "Gemma", weight_offset=1.0),
+    "gemma2": Decoder("gemma2", "Gemma2", weight_offset=1.0, sandwich=True),
+    "gemma3_text": Decoder("gemma3", "Gemma3", weight_offset=1.0, sandwich=True, qk_norm=True,
+                           model_class="Gemma3TextModel"),
 }
 
 
@@ -218,11 +238,16 @@ def _decoder_layer_forward(self, hidden_states, residual=None, **kwargs):
     else:  # the previous layer's MLP add, fused with this layer's input norm
         hidden_states, residual = _add_norm(self.input_layernorm, hidden_states, residual)
     attn = self.self_attn(hidden_states=hidden_states, **kwargs)
-    attn = attn[0] if isinstance(attn, tuple) else attn
-    hidden_states, residual = _add_norm(self.post_attention_layernorm,
-                                        _branch(self, spec, attn, "attn"), residual)
+    attn = _branch(self, spec, attn[0] if isinstance(attn, tuple) else attn, "attn")
+    if spec.sandwich:  # norm(attn) + residual, fused with the MLP's input norm
+        hidden_states, residual = _add_norm(self.pre_feedforward_layernorm,
+                                            self.post_attention_layernorm(attn), residual)
+    else:
+        hidden_states, residual = _add_norm(self.post_attention_layernorm, attn, residual)
     out = self.mlp(hidden_states)
     out = _branch(self, spec, out[0] if isinstance(out, tuple) else out, "mlp")
+    if spec.sandwich:
+        out = self.post_feedforward_layernorm(out)
     if _recording_hidden_states():
         return residual + out
     return out, residual  # added by the next layer's input norm or the final norm
@@ -264,19 +289,19 @@ def convert_decoder_model(model: nn.Module, model_type: str) -> ConversionReport
         if len(layers) != len(module.layers):
             raise ValueError(f"model: {type(module).__name__}.layers holds modules other than "
                              f"{layer_cls.__name__}; refusing a partial conversion")
+        spec = DECODERS[model_type]
         for layer in layers:
-            for name in ("input_layernorm", "post_attention_layernorm"):
-                if not isinstance(getattr(layer, name), KernelRMSNorm):
-                    setattr(layer, name, _kernel_rms_norm(getattr(layer, name)))
-            if DECODERS[model_type].qk_norm:
-                for name in ("q_norm", "k_norm"):
-                    if not isinstance(getattr(layer.self_attn, name), KernelRMSNorm):
-                        setattr(layer.self_attn, name, _kernel_rms_norm(getattr(layer.self_attn, name)))
-                report.norms_on_kernel += 2
-                report.norms_without_residual += 2
+            for parent, names in ((layer, spec.norm_names()),
+                                  (layer.self_attn, ("q_norm", "k_norm") if spec.qk_norm else ())):
+                for name in names:
+                    if not isinstance(getattr(parent, name), KernelRMSNorm):
+                        setattr(parent, name, _kernel_rms_norm(getattr(parent, name), spec.weight_offset))
+            extra = (2 if spec.qk_norm else 0) + (2 if spec.sandwich else 0)  # without a residual
+            report.norms_on_kernel += extra
+            report.norms_without_residual += extra
             layer.__class__ = made
         if not isinstance(module.norm, KernelRMSNorm):
-            module.norm = _kernel_rms_norm(module.norm)
+            module.norm = _kernel_rms_norm(module.norm, spec.weight_offset)
         report.layers += len(layers)
         report.fused_adds += 2 * len(layers)
         report.norms_on_kernel += 2 * len(layers) + 1

@@ -166,6 +166,10 @@ void emu_set_schedule(int schedule, unsigned long long seed) {
   emu::set_schedule(static_cast<emu::Schedule>(schedule), seed);
 }
 void emu_set_dry_run(int on) { emu::set_dry_run(on != 0); }
+
+// weight_offset of the following emu_fwd / emu_bwd calls (AddNorm*Params::weight_offset).
+static double g_weight_offset = 0.0;
+void emu_set_weight_offset(double offset) { g_weight_offset = offset; }
 void emu_set_mutant(int k) { emu::mutant = k; }
 void emu_set_resources(const char* name, const char* arch, int registers, int static_smem,
                        int max_threads) {
@@ -204,6 +208,7 @@ int emu_fwd(int64_t rows, int hidden, int is_rms_norm, double eps, const void* x
   p.residual_dtype = static_cast<DType>(residual_dtype);
   p.weight = weight;
   p.weight_dtype = static_cast<DType>(weight_dtype);
+  p.weight_offset = g_weight_offset;
   p.bias = bias;
   p.bias_dtype = static_cast<DType>(bias_dtype);
   p.y = y;
@@ -241,6 +246,7 @@ int emu_bwd(int64_t rows, int hidden, int is_rms_norm, int memory_efficient, con
   p.rstd = rstd;
   p.weight = weight;
   p.weight_dtype = static_cast<DType>(weight_dtype);
+  p.weight_offset = g_weight_offset;
   p.bias = bias;
   p.bias_dtype = static_cast<DType>(bias_dtype);
   p.dx = dx;
