@@ -47,9 +47,11 @@ TORCH_FLOORS = {
 TRANSFORMERS_RANGES = {
     "bert": ((4, 40), (6, 0)),
     "roberta": ((4, 40), (6, 0)),
+    # DistilBERT's block takes its mask by keyword and returns a tensor from transformers 5
+    "distilbert": ((5, 0), (6, 0)),
     **{family: ((5, 0), (6, 0)) for family in (
         "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "granite", "phi3",
-        "gemma", "gemma2", "gemma3_text")},
+        "gemma", "gemma2", "gemma3_text", "olmo2", "gpt2", "vit")},
 }
 
 

@@ -22,9 +22,10 @@ from residual_fused.integrations import huggingface as hf  # noqa: E402
 
 ATOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 HIDDEN, LAYERS, VOCAB = 64, 2, 100
-DECODERS = sorted(hf.DECODERS)
+DECODERS = sorted(t for t in hf.DECODERS if hf.DECODERS[t].style != "vit")  # token models
 ENCODERS = sorted(hf.ENCODERS)
-FAMILIES = DECODERS + ENCODERS
+NORMS_ONLY = sorted(hf.NORMS_ONLY)
+FAMILIES = DECODERS + ENCODERS + NORMS_ONLY
 
 
 def _supported(family):
@@ -37,8 +38,9 @@ def _supported(family):
 def _config(family):
     _supported(family)
     sizes = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
-                 vocab_size=VOCAB, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    if family in hf.DECODERS:
+                 vocab_size=VOCAB, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, resid_pdrop=0.0,
+                 embd_pdrop=0.0, attn_pdrop=0.0)
+    if family in hf.DECODERS or family in hf.NORMS_ONLY:
         sizes.update(num_key_value_heads=2, head_dim=16, pad_token_id=0)
     defaults = transformers.AutoConfig.for_model(family)
     for key, value in dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -130,17 +132,31 @@ def test_every_residual_add_of_a_decoder_is_fused(family):
         counts[name] = (mode.adds, mode.fused)
     spec = hf.DECODERS[family]
     alone = LAYERS * ((2 if spec.qk_norm else 0) + (2 if spec.sandwich else 0))  # norms without an add
-    assert counts["original"] == (2 * LAYERS, 0)
+    other = 1 if spec.style == "gpt2" else 0  # GPT-2 adds its position embeddings: not a residual add
+    assert counts["original"] == (2 * LAYERS + other, 0)
     # 2L adds fused in 2L + 1 norm calls (the first input norm has no add), plus QK-norms
     # and Gemma 2/3's norms of each sublayer's output
-    assert counts["converted"] == (0, 2 * LAYERS + 1 + alone)
+    assert counts["converted"] == (other, 2 * LAYERS + 1 + alone)
     report = hf.apply(_model(family))
     assert (report.fused_adds, report.layers, report.norms_on_kernel, report.norms_without_residual) == (
         2 * LAYERS, LAYERS, 2 * LAYERS + 1 + alone, 1 + alone)
     assert f"{2 * LAYERS} residual adds fused" in str(report)
 
 
-@pytest.mark.parametrize("family", DECODERS)
+def test_olmo2_norms_run_on_the_kernel_and_its_adds_are_reported():
+    original = _model("olmo2")
+    converted = _converted(original)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad(), _CountOps((2, 12, HIDDEN)) as mode:
+        converted(ids)
+    norms = 4 * LAYERS + 1  # two sublayer-output norms and two QK-norms per layer, the final norm
+    assert (mode.adds, mode.fused) == (2 * LAYERS, norms)
+    report = hf.apply(_model("olmo2"))
+    assert (report.fused_adds, report.norms_on_kernel, report.norms_without_residual) == (0, norms, norms)
+    assert "residual adds: each follows its norm" in str(report)
+
+
+@pytest.mark.parametrize("family", DECODERS + NORMS_ONLY)
 def test_generate_and_hidden_states_match(family):
     original = _model(family, causal=True)
     converted = _converted(original)
@@ -160,14 +176,18 @@ def test_generate_and_hidden_states_match(family):
         _check(f"{family} hidden state {k}", g.double(), w, b.double(), ATOL[torch.float32])
 
 
-def _grads(model, ids, checkpointing):
-    model.train()
+def _set_checkpointing(model, checkpointing):
     if checkpointing is None:
         getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
     elif hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": checkpointing})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+
+
+def _grads(model, ids, checkpointing):
+    model.train()
+    _set_checkpointing(model, checkpointing)
     model.zero_grad(set_to_none=True)
     out = model(ids).last_hidden_state
     (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
@@ -175,7 +195,7 @@ def _grads(model, ids, checkpointing):
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
-@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma3_text", "bert"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma3_text", "gpt2", "bert"])
 def test_activation_checkpointing(family, reentrant):
     model = _converted(_model(family))
     ids = torch.randint(0, VOCAB, (2, 12))
@@ -260,7 +280,7 @@ def test_unknown_model_type_names_the_supported_ones():
     model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(
         "gpt_bigcode", n_embd=32, n_layer=1, n_head=2, vocab_size=10))
     with pytest.raises(ValueError, match="model_type 'gpt_bigcode' is not supported .* supported model types: "
-                                         "bert, gemma, gemma2, gemma3_text, granite, llama"):
+                                         "bert, distilbert, gemma, gemma2, gemma3_text, gpt2, granite, llama"):
         hf.apply(model)
     with pytest.raises(ValueError, match="needs a transformers model"):
         hf.apply(torch.nn.Linear(2, 2))
@@ -340,3 +360,68 @@ def test_gemma3_vision_language_model_converts_its_text_model():
         ref = copy.deepcopy(original).double()(input_ids=ids).logits
         _check("gemma3 logits", converted(input_ids=ids).logits.double(), ref,
                original(input_ids=ids).logits.double(), ATOL[torch.float32])
+
+
+def _vit():
+    _supported("vit")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
+                                 num_attention_heads=4, image_size=32, patch_size=8, hidden_dropout_prob=0.0,
+                                 attention_probs_dropout_prob=0.0)
+    model = transformers.ViTModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("weight") else 0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_vit_every_residual_add_fused_and_matches(dtype):
+    original = _vit()
+    ref_model = copy.deepcopy(original).double()
+    original = original.to(dtype)
+    converted = copy.deepcopy(original)
+    report = hf.apply(converted)
+    assert (report.fused_adds, report.norms_on_kernel) == (2 * LAYERS, 2 * LAYERS + 1)
+    pixels = torch.randn(2, 3, 32, 32)
+    upstream = torch.randn(2, 17, HIDDEN) / 8
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        out = model(pixels.to(next(model.parameters()).dtype)).last_hidden_state
+        (out * upstream.to(out.dtype)).sum().backward()
+        return out.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, eager, ours = run(ref_model), run(original), run(converted)
+    _check("vit output", ours[0], ref[0], eager[0], ATOL[dtype])
+    assert ours[1].keys() == ref[1].keys()
+    for name in ref[1]:
+        _check(f"vit grad of {name}", ours[1][name], ref[1][name], eager[1][name], ATOL[dtype])
+    with torch.no_grad(), _CountOps((2, 17, HIDDEN)) as mode:
+        converted(pixels.to(dtype))
+    assert (mode.adds, mode.fused) == (1, 2 * LAYERS + 1)  # the position embeddings' add remains
+    with torch.no_grad():
+        got = converted(pixels.to(dtype), output_hidden_states=True).hidden_states
+        want = original(pixels.to(dtype), output_hidden_states=True).hidden_states
+    assert len(got) == len(want) and all(isinstance(g, torch.Tensor) for g in got)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_vit_activation_checkpointing(reentrant):
+    model = _vit()
+    hf.apply(model)
+    pixels = torch.randn(2, 3, 32, 32)
+
+    def grads(mode):
+        model.train()
+        _set_checkpointing(model, mode)
+        model.zero_grad(set_to_none=True)
+        out = model(pixels).last_hidden_state
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(None), grads(reentrant)
+    assert checkpointed.keys() == plain.keys()
+    for name in plain:
+        assert torch.equal(checkpointed[name], plain[name]), name

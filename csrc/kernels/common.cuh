@@ -178,22 +178,18 @@ __device__ __forceinline__ void store_chunks_of(T* dst, int col0, int stride, in
 // nonzero, so a -0.0 weight element keeps its sign without one.
 enum class Affine { kMul, kAdd, kSub, kDiv };
 
-template <Affine OP, typename T, int CHUNKS, int VEC, typename acc_t, typename off_t = acc_t>
-__device__ __forceinline__ void apply_affine_of(const T* src, int col0, int stride, int hidden,
-                                                acc_t (&v)[CHUNKS][VEC], off_t offset = off_t(0)) {
-  const acc_t off = acc_t(offset);
+template <Affine OP, bool OFFSET, typename T, int CHUNKS, int VEC, typename acc_t>
+__device__ __forceinline__ void apply_affine_chunks(const T* src, int col0, int stride, int hidden,
+                                                    acc_t (&v)[CHUNKS][VEC], acc_t off) {
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
     const int col = col0 + c * stride;
     if (col < hidden) {
       acc_t q[VEC];
       load_vec<T, VEC>(src + col, q);
-      if (off != acc_t(0)) {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) q[i] += off;
-      }
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
+        if constexpr (OFFSET) q[i] += off;
         if constexpr (OP == Affine::kMul) v[c][i] *= q[i];
         if constexpr (OP == Affine::kAdd) v[c][i] += q[i];
         if constexpr (OP == Affine::kSub) v[c][i] -= q[i];
@@ -201,6 +197,31 @@ __device__ __forceinline__ void apply_affine_of(const T* src, int col0, int stri
       }
     }
   }
+}
+
+// One uniform branch around the whole loop: without an offset the code is exactly
+// the offset-free one (same loads in flight, same registers).
+template <Affine OP, typename T, int CHUNKS, int VEC, typename acc_t, typename off_t = acc_t>
+__device__ __forceinline__ void apply_affine_of(const T* src, int col0, int stride, int hidden,
+                                                acc_t (&v)[CHUNKS][VEC], off_t offset = off_t(0)) {
+  const acc_t off = acc_t(offset);
+  if (off != acc_t(0)) {
+    apply_affine_chunks<OP, true>(src, col0, stride, hidden, v, off);
+  } else {
+    apply_affine_chunks<OP, false>(src, col0, stride, hidden, v, off);
+  }
+}
+
+// apply_affine with the offset's presence fixed at compile time, for a caller that
+// branches once around a longer stretch of code (the loads of the stretch can then be
+// scheduled together on either side).
+template <Affine OP, bool OFFSET, int CHUNKS, int VEC, typename acc_t>
+__device__ __forceinline__ void apply_affine_fixed(const void* param, DType t, int col0, int stride,
+                                                   int hidden, acc_t (&v)[CHUNKS][VEC], acc_t off) {
+  dispatch_dtype(t, [&](auto tag) {
+    using T = decltype(tag);
+    apply_affine_chunks<OP, OFFSET>(static_cast<const T*>(param), col0, stride, hidden, v, off);
+  });
 }
 
 template <int CHUNKS, int VEC, typename acc_t>

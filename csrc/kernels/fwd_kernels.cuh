@@ -171,24 +171,35 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1) add_norm_fwd_staged_kernel(const
     void* res_out = p.residual_out == nullptr
                         ? nullptr
                         : row_ptr(p.residual_out, row, hidden, p.residual_out_dtype);
+    // The weight offset's presence is fixed for the whole epilogue (one uniform branch),
+    // so the weight and bias loads of a group are issued together on either side.
+    const acc_t offset = static_cast<acc_t>(p.weight_offset);
+    auto epilogue = [&](auto with_offset) {
+      constexpr bool kOffset = decltype(with_offset)::value;
 #pragma unroll
-    for (int g = 0; g < CHUNKS; g += kGroup) {
-      const int gcol = col0 + g * stride;
-      acc_t s[kGroup][VEC];
+      for (int g = 0; g < CHUNKS; g += kGroup) {
+        const int gcol = col0 + g * stride;
+        acc_t s[kGroup][VEC];
 #pragma unroll
-      for (int c = 0; c < kGroup; ++c)
+        for (int c = 0; c < kGroup; ++c)
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) s[c][i] = valid(g + c) ? srow[(g + c) * VEC + i] : 0.f;
-      if (res_out != nullptr) store_chunks<kGroup, VEC>(res_out, p.residual_out_dtype, gcol, stride, hidden, s);
+          for (int i = 0; i < VEC; ++i) s[c][i] = valid(g + c) ? srow[(g + c) * VEC + i] : 0.f;
+        if (res_out != nullptr) store_chunks<kGroup, VEC>(res_out, p.residual_out_dtype, gcol, stride, hidden, s);
 #pragma unroll
-      for (int c = 0; c < kGroup; ++c)
+        for (int c = 0; c < kGroup; ++c)
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) s[c][i] = (s[c][i] - mean) * rstd;
-      if (p.weight != nullptr) {
-        apply_affine<Affine::kMul>(p.weight, p.weight_dtype, gcol, stride, hidden, s, p.weight_offset);
+          for (int i = 0; i < VEC; ++i) s[c][i] = (s[c][i] - mean) * rstd;
+        if (p.weight != nullptr) {
+          apply_affine_fixed<Affine::kMul, kOffset>(p.weight, p.weight_dtype, gcol, stride, hidden, s, offset);
+        }
+        if (p.bias != nullptr) apply_affine<Affine::kAdd>(p.bias, p.bias_dtype, gcol, stride, hidden, s);
+        store_chunks<kGroup, VEC>(y, p.x_dtype, gcol, stride, hidden, s);
       }
-      if (p.bias != nullptr) apply_affine<Affine::kAdd>(p.bias, p.bias_dtype, gcol, stride, hidden, s);
-      store_chunks<kGroup, VEC>(y, p.x_dtype, gcol, stride, hidden, s);
+    };
+    if (offset != acc_t(0)) {
+      epilogue(std::true_type{});
+    } else {
+      epilogue(std::false_type{});
     }
   }
 }

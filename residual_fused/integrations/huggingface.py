@@ -118,6 +118,16 @@ def _share_parameters(fused: nn.Module, original: nn.Module) -> nn.Module:
     return fused
 
 
+def _kernel_norm(norm: nn.Module, weight_offset: float = 0.0) -> nn.Module:
+    """`norm` (a LayerNorm or an RMSNorm) on the kernel, sharing its parameters."""
+    if isinstance(norm, nn.LayerNorm):
+        fused = KernelLayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
+                                bias=norm.bias is not None, weight_offset=weight_offset,
+                                device=norm.weight.device, dtype=norm.weight.dtype)
+        return _share_parameters(fused, norm)
+    return _kernel_rms_norm(norm, weight_offset)
+
+
 def _kernel_rms_norm(norm: nn.Module, weight_offset: float = 0.0) -> KernelRMSNorm:
     weight = norm.weight
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
@@ -182,15 +192,36 @@ class Decoder:
     weight_offset: float = 0.0  # the norms use weight + weight_offset (Gemma: 1 + w)
     sandwich: bool = False
     model_class: str = ""    # when not <prefix>Model
+    # "llama"; "gpt2": GPT-2's block (ln_1, attn, [ln_cross_attn, crossattention], ln_2,
+    # mlp; nn.LayerNorm; the model's h and ln_f); "vit": ViT's layer (layernorm_before,
+    # attention, layernorm_after, mlp, each output through dropout; the model's layernorm).
+    # gpt2 and vit loops pass arguments positionally.
+    style: str = "llama"
 
     def classes(self) -> Tuple[type, type]:
         module = importlib.import_module(f"transformers.models.{self.package}.modeling_{self.package}")
-        return (getattr(module, self.model_class or f"{self.prefix}Model"),
-                getattr(module, f"{self.prefix}DecoderLayer"))
+        layer = {"gpt2": "Block", "vit": "Layer"}.get(self.style, "DecoderLayer")
+        return (getattr(module, self.model_class or f"{self.prefix}Model"), getattr(module, self.prefix + layer))
 
     def norm_names(self) -> Tuple[str, ...]:
+        if self.style == "gpt2":
+            return ("ln_1", "ln_cross_attn", "ln_2")
+        if self.style == "vit":
+            return ("layernorm_before", "layernorm_after")
         extra = ("pre_feedforward_layernorm", "post_feedforward_layernorm") if self.sandwich else ()
         return ("input_layernorm", "post_attention_layernorm") + extra
+
+    @property
+    def layers(self) -> str:
+        return "h" if self.style == "gpt2" else "layers"
+
+    @property
+    def final_norm(self) -> str:
+        return {"gpt2": "ln_f", "vit": "layernorm"}.get(self.style, "norm")
+
+    @property
+    def attention(self) -> str:
+        return {"gpt2": "attn", "vit": "attention"}.get(self.style, "self_attn")
 
 
 #: model_type -> family, for every pre-norm decoder :func:`apply` fuses.
@@ -208,6 +239,8 @@ DECODERS = {
     "gemma2": Decoder("gemma2", "Gemma2", weight_offset=1.0, sandwich=True),
     "gemma3_text": Decoder("gemma3", "Gemma3", weight_offset=1.0, sandwich=True, qk_norm=True,
                            model_class="Gemma3TextModel"),
+    "gpt2": Decoder("gpt2", "GPT2", style="gpt2"),
+    "vit": Decoder("vit", "ViT", style="vit"),
 }
 
 
@@ -253,13 +286,54 @@ def _decoder_layer_forward(self, hidden_states, residual=None, **kwargs):
     return out, residual  # added by the next layer's input norm or the final norm
 
 
+def _gpt2_block_forward(self, hidden_states, residual=None, cache=None, attention_mask=None,
+                        encoder_hidden_states=None, encoder_attention_mask=None, use_cache=False, **kwargs):
+    if residual is None:
+        residual = hidden_states
+        hidden_states = self.ln_1(hidden_states)
+    else:
+        hidden_states, residual = _add_norm(self.ln_1, hidden_states, residual)
+    attn, _ = self.attn(hidden_states, cache=cache, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
+    if encoder_hidden_states is not None:
+        if not hasattr(self, "crossattention"):
+            raise ValueError(f"If `encoder_hidden_states` are passed, {self} has to be instantiated with "
+                             "cross-attention layers by setting `config.add_cross_attention=True`")
+        hidden_states, residual = _add_norm(self.ln_cross_attn, attn, residual)
+        attn, _ = self.crossattention(hidden_states, cache=cache, attention_mask=attention_mask,
+                                      encoder_hidden_states=encoder_hidden_states,
+                                      encoder_attention_mask=encoder_attention_mask)
+    hidden_states, residual = _add_norm(self.ln_2, attn, residual)
+    out = self.mlp(hidden_states)
+    if _recording_hidden_states():
+        return residual + out
+    return out, residual
+
+
+def _vit_layer_forward(self, hidden_states, residual=None, attention_mask=None, **kwargs):
+    if residual is None:
+        residual = hidden_states
+        hidden_states = self.layernorm_before(hidden_states)
+    else:
+        hidden_states, residual = _add_norm(self.layernorm_before, hidden_states, residual)
+    attn, _ = self.attention(hidden_states, attention_mask, **kwargs)
+    hidden_states, residual = _add_norm(self.layernorm_after, self.dropout(attn), residual)
+    out = self.dropout(self.mlp(hidden_states))
+    if _recording_hidden_states():
+        return residual + out
+    return out, residual
+
+
+_FORWARDS = {"llama": _decoder_layer_forward, "gpt2": _gpt2_block_forward, "vit": _vit_layer_forward}
+
+
 def _decoder_layer_call(self, hidden_states, *args, **kwargs):
-    if args:
+    if args and DECODERS[self._residual_fused_family].style == "llama":
         raise TypeError(f"{type(self).__name__} takes hidden_states positionally and every other "
                         f"argument by keyword (as the transformers model loop passes them)")
-    if isinstance(hidden_states, tuple):  # positional, so reentrant checkpointing tracks both
-        return nn.Module.__call__(self, *hidden_states, **kwargs)
-    return nn.Module.__call__(self, hidden_states, **kwargs)
+    # the pair (or the hidden state and None) positionally: reentrant checkpointing
+    # tracks only positional tensors
+    branch, residual = hidden_states if isinstance(hidden_states, tuple) else (hidden_states, None)
+    return nn.Module.__call__(self, branch, residual, *args, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -267,7 +341,7 @@ def _decoder_classes(model_type: str) -> Tuple[type, type, type]:
     """(model class, decoder layer class, converted decoder layer class)."""
     spec = DECODERS[model_type]
     model_cls, layer_cls = spec.classes()
-    made = _made_class(model_type, layer_cls, {"forward": _decoder_layer_forward,
+    made = _made_class(model_type, layer_cls, {"forward": _FORWARDS[spec.style],
                                                "__call__": _decoder_layer_call,
                                                "_residual_fused_family": model_type})
     return model_cls, layer_cls, made
@@ -285,23 +359,30 @@ def convert_decoder_model(model: nn.Module, model_type: str) -> ConversionReport
     for module in model.modules():
         if not isinstance(module, model_cls):
             continue
-        layers = [layer for layer in module.layers if type(layer) in (layer_cls, made)]
-        if len(layers) != len(module.layers):
-            raise ValueError(f"model: {type(module).__name__}.layers holds modules other than "
-                             f"{layer_cls.__name__}; refusing a partial conversion")
         spec = DECODERS[model_type]
+        module_layers = getattr(module, spec.layers)
+        layers = [layer for layer in module_layers if type(layer) in (layer_cls, made)]
+        if len(layers) != len(module_layers):
+            raise ValueError(f"model: {type(module).__name__}.{spec.layers} holds modules other than "
+                             f"{layer_cls.__name__}; refusing a partial conversion")
         for layer in layers:
+            attn = getattr(layer, spec.attention)
             for parent, names in ((layer, spec.norm_names()),
-                                  (layer.self_attn, ("q_norm", "k_norm") if spec.qk_norm else ())):
+                                  (attn, ("q_norm", "k_norm") if spec.qk_norm else ())):
                 for name in names:
-                    if not isinstance(getattr(parent, name), KernelRMSNorm):
-                        setattr(parent, name, _kernel_rms_norm(getattr(parent, name), spec.weight_offset))
+                    norm = getattr(parent, name, None)
+                    if norm is not None and not isinstance(norm, (KernelRMSNorm, KernelLayerNorm)):
+                        setattr(parent, name, _kernel_norm(norm, spec.weight_offset))
             extra = (2 if spec.qk_norm else 0) + (2 if spec.sandwich else 0)  # without a residual
             report.norms_on_kernel += extra
             report.norms_without_residual += extra
+            if spec.style == "gpt2" and hasattr(layer, "crossattention"):  # a third add, fused into ln_cross_attn
+                report.fused_adds += 1
+                report.norms_on_kernel += 1
             layer.__class__ = made
-        if not isinstance(module.norm, KernelRMSNorm):
-            module.norm = _kernel_rms_norm(module.norm, spec.weight_offset)
+        final = getattr(module, spec.final_norm)
+        if not isinstance(final, (KernelRMSNorm, KernelLayerNorm)):
+            setattr(module, spec.final_norm, _kernel_norm(final, spec.weight_offset))
         report.layers += len(layers)
         report.fused_adds += 2 * len(layers)
         report.norms_on_kernel += 2 * len(layers) + 1
@@ -325,10 +406,29 @@ def _output_forward(self, hidden_states, input_tensor):
     return self.LayerNorm(self.dropout(self.dense(hidden_states)), input_tensor)
 
 
-#: model_type -> (package, classes whose forward is LayerNorm(dropout(dense(h)) + input)).
+def _distilbert_block_forward(self, hidden_states, attention_mask=None, **kwargs):
+    attn, _ = self.attention(hidden_states, attention_mask=attention_mask, **kwargs)
+    attn = self.sa_layer_norm(attn, hidden_states)  # LayerNorm(attn + hidden_states), fused
+    return self.output_layer_norm(self.ffn(attn), attn)
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """A post-norm family: in ``transformers.models.<package>``, the ``classes`` whose
+    ``forward`` becomes ``forward`` (every ``norm(sublayer + input)`` one fused call)
+    and the LayerNorm attributes it uses."""
+    package: str
+    classes: Tuple[str, ...]
+    norms: Tuple[str, ...] = ("LayerNorm",)
+    forward: object = _output_forward
+
+
+#: model_type -> post-norm family.
 ENCODERS = {
-    "bert": ("bert", ("BertSelfOutput", "BertOutput")),
-    "roberta": ("roberta", ("RobertaSelfOutput", "RobertaOutput")),
+    "bert": Encoder("bert", ("BertSelfOutput", "BertOutput")),
+    "roberta": Encoder("roberta", ("RobertaSelfOutput", "RobertaOutput")),
+    "distilbert": Encoder("distilbert", ("TransformerBlock",), ("sa_layer_norm", "output_layer_norm"),
+                          _distilbert_block_forward),
 }
 
 
@@ -340,23 +440,25 @@ def convert_encoder_model(model: nn.Module, model_type: str, *,
         raise ValueError(f"model_type {model_type!r} is not a supported post-norm encoder; "
                          f"supported: {', '.join(sorted(ENCODERS))}")
     _check_version(model_type)
+    spec = ENCODERS[model_type]
     made = {cls.__mro__[1]: cls for cls in _encoder_classes(model_type)}
     report = ConversionReport(model_type)
     for module in model.modules():
         cls = type(module)
         if cls not in made:
             continue
-        ln = module.LayerNorm
-        fused = KernelLayerNorm(ln.normalized_shape, eps=ln.eps, elementwise_affine=ln.elementwise_affine,
-                                bias=ln.bias is not None, memory_efficient=memory_efficient,
-                                device=ln.weight.device, dtype=ln.weight.dtype)
-        module.LayerNorm = _share_parameters(fused, ln)
+        for name in spec.norms:
+            ln = getattr(module, name)
+            fused = KernelLayerNorm(ln.normalized_shape, eps=ln.eps, elementwise_affine=ln.elementwise_affine,
+                                    bias=ln.bias is not None, memory_efficient=memory_efficient,
+                                    device=ln.weight.device, dtype=ln.weight.dtype)
+            setattr(module, name, _share_parameters(fused, ln))
+            report.fused_adds += 1
+            report.norms_on_kernel += 1
         module.__class__ = made[cls]
-        report.fused_adds += 1
-        report.norms_on_kernel += 1
     report.layers = report.fused_adds // 2
     if report.fused_adds == 0:
-        raise ValueError(f"model: no {' or '.join(ENCODERS[model_type][1])} modules found to convert")
+        raise ValueError(f"model: no {' or '.join(spec.classes)} modules found to convert")
     return report
 
 
@@ -367,10 +469,46 @@ def convert_bert_model(model: nn.Module, *, memory_efficient: bool = False) -> n
     return model
 
 
+# ---- families whose norms come before their adds ----------------------------------------------
+
+#: model_type -> (package, RMSNorm class). OLMo 2 normalizes each sublayer's output and
+#: then adds it (``residual + norm(sublayer(h))``), and the next sublayer reads the sum
+#: without a norm: no add is followed by a norm to fuse it into. Its norms (QK-norms
+#: over the whole projection included) run on the kernel without a residual.
+NORMS_ONLY = {
+    "olmo2": ("olmo2", "Olmo2RMSNorm"),
+}
+
+
+def convert_norms_model(model: nn.Module, model_type: str) -> ConversionReport:
+    """Run every RMSNorm of the ``model_type`` model on the kernel (no add is fused).
+    Returns the report."""
+    if model_type not in NORMS_ONLY:
+        raise ValueError(f"model_type {model_type!r} is not a supported norms-only family; "
+                         f"supported: {', '.join(sorted(NORMS_ONLY))}")
+    _check_version(model_type)
+    package, name = NORMS_ONLY[model_type]
+    norm_cls = getattr(importlib.import_module(f"transformers.models.{package}.modeling_{package}"), name)
+    report = ConversionReport(model_type)
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is norm_cls:
+                setattr(parent, child_name, _kernel_rms_norm(child))
+                report.norms_on_kernel += 1
+                report.norms_without_residual += 1
+    if report.norms_on_kernel == 0:
+        raise ValueError(f"model: no {name} found to convert")
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0
+    report.layers = layers
+    report.left_alone.append(f"{2 * layers} residual adds: each follows its norm ({name} on each sublayer's "
+                             f"output), so there is no norm after them to fuse them into")
+    return report
+
+
 # ---- the entry point ------------------------------------------------------------------------
 
 def supported_model_types() -> List[str]:
-    return sorted(set(DECODERS) | set(ENCODERS))
+    return sorted(set(DECODERS) | set(ENCODERS) | set(NORMS_ONLY))
 
 
 def _model_types(config) -> Tuple[Optional[str], List[str]]:
@@ -386,6 +524,8 @@ def _model_types(config) -> Tuple[Optional[str], List[str]]:
 def _convert(model: nn.Module, model_type: str, memory_efficient: bool) -> ConversionReport:
     if model_type in DECODERS:
         return convert_decoder_model(model, model_type)
+    if model_type in NORMS_ONLY:
+        return convert_norms_model(model, model_type)
     return convert_encoder_model(model, model_type, memory_efficient=memory_efficient)
 
 
@@ -401,8 +541,9 @@ def apply(model: nn.Module, *, memory_efficient: bool = False) -> ConversionRepo
     if own is None:
         raise ValueError(f"model: apply needs a transformers model (a module with config.model_type); "
                          f"supported model types: {supported}")
-    wanted = [own] if own in DECODERS or own in ENCODERS or not subs else subs
-    todo = [t for t in wanted if t in DECODERS or t in ENCODERS]
+    known = set(supported_model_types())
+    wanted = [own] if own in known or not subs else subs
+    todo = [t for t in wanted if t in known]
     left = [t for t in wanted if t not in todo]
     if not todo:
         raise ValueError(f"model: model_type {own!r}{' (sub-models: ' + ', '.join(subs) + ')' if subs else ''} "
@@ -413,6 +554,7 @@ def apply(model: nn.Module, *, memory_efficient: bool = False) -> ConversionRepo
         part = _convert(model, model_type, memory_efficient)
         for field in ("fused_adds", "norms_on_kernel", "norms_without_residual", "layers"):
             setattr(report, field, getattr(report, field) + getattr(part, field))
+        report.left_alone += part.left_alone
     if left:
         report.left_alone += [f"sub-model of type {t!r} (not supported)" for t in left]
         warnings.warn(f"residual_fused: {own} converted partly ({', '.join(todo)}); left unconverted: "
@@ -421,9 +563,9 @@ def apply(model: nn.Module, *, memory_efficient: bool = False) -> ConversionRepo
 
 
 def _encoder_classes(model_type: str) -> List[type]:
-    package, names = ENCODERS[model_type]
-    module = importlib.import_module(f"transformers.models.{package}.modeling_{package}")
-    return [_made_class(model_type, getattr(module, name), {"forward": _output_forward}) for name in names]
+    spec = ENCODERS[model_type]
+    module = importlib.import_module(f"transformers.models.{spec.package}.modeling_{spec.package}")
+    return [_made_class(model_type, getattr(module, name), {"forward": spec.forward}) for name in spec.classes]
 
 
 _FAMILY_CLASSES = {**{t: functools.partial(_decoder_classes, t) for t in DECODERS},
