@@ -133,14 +133,16 @@ def test_every_residual_add_of_a_decoder_is_fused(family):
     spec = hf.DECODERS[family]
     alone = LAYERS * ((2 if spec.qk_norm else 0) + (2 if spec.sandwich else 0))  # norms without an add
     other = 1 if spec.style == "gpt2" else 0  # GPT-2 adds its position embeddings: not a residual add
+    # GPT-NeoX's parallel residual: attn + mlp stays a PyTorch add, ln2 runs without one
+    parallel = LAYERS if spec.style == "neox" and original.config.use_parallel_residual else 0
     assert counts["original"] == (2 * LAYERS + other, 0)
     # 2L adds fused in 2L + 1 norm calls (the first input norm has no add), plus QK-norms
     # and Gemma 2/3's norms of each sublayer's output
-    assert counts["converted"] == (other, 2 * LAYERS + 1 + alone)
+    assert counts["converted"] == (other + parallel, 2 * LAYERS + 1 + alone)
     report = hf.apply(_model(family))
     assert (report.fused_adds, report.layers, report.norms_on_kernel, report.norms_without_residual) == (
-        2 * LAYERS, LAYERS, 2 * LAYERS + 1 + alone, 1 + alone)
-    assert f"{2 * LAYERS} residual adds fused" in str(report)
+        2 * LAYERS - parallel, LAYERS, 2 * LAYERS + 1 + alone, 1 + alone + parallel)
+    assert f"{2 * LAYERS - parallel} residual adds fused" in str(report)
 
 
 def test_olmo2_norms_run_on_the_kernel_and_its_adds_are_reported():
@@ -280,7 +282,7 @@ def test_unknown_model_type_names_the_supported_ones():
     model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(
         "gpt_bigcode", n_embd=32, n_layer=1, n_head=2, vocab_size=10))
     with pytest.raises(ValueError, match="model_type 'gpt_bigcode' is not supported .* supported model types: "
-                                         "bert, distilbert, gemma, gemma2, gemma3_text, gpt2, granite, llama"):
+                                         "bert, distilbert, gemma, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama"):
         hf.apply(model)
     with pytest.raises(ValueError, match="needs a transformers model"):
         hf.apply(torch.nn.Linear(2, 2))
@@ -425,3 +427,23 @@ def test_vit_activation_checkpointing(reentrant):
     assert checkpointed.keys() == plain.keys()
     for name in plain:
         assert torch.equal(checkpointed[name], plain[name]), name
+
+
+def test_gpt_neox_without_parallel_residual_fuses_every_add():
+    cfg = _config("gpt_neox")
+    cfg.use_parallel_residual = False
+    torch.manual_seed(0)
+    original = transformers.AutoModel.from_config(cfg).eval()
+    ref_model = copy.deepcopy(original).double()
+    converted = copy.deepcopy(original)
+    report = hf.apply(converted)
+    assert (report.fused_adds, report.left_alone) == (2 * LAYERS, [])
+    ids = torch.randint(0, VOCAB, (2, 12))
+    upstream = torch.randn(2, 12, HIDDEN) / 8
+    ref, eager, ours = (_forward_backward(m, ids, upstream) for m in (ref_model, original, converted))
+    _check("gpt_neox output", ours[0], ref[0], eager[0], ATOL[torch.float32])
+    for name in ref[1]:
+        _check(f"gpt_neox grad of {name}", ours[1][name], ref[1][name], eager[1][name], ATOL[torch.float32])
+    with torch.no_grad(), _CountOps((2, 12, HIDDEN)) as mode:
+        converted(ids)
+    assert (mode.adds, mode.fused) == (0, 2 * LAYERS + 1)

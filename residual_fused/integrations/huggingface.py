@@ -195,12 +195,15 @@ class Decoder:
     # "llama"; "gpt2": GPT-2's block (ln_1, attn, [ln_cross_attn, crossattention], ln_2,
     # mlp; nn.LayerNorm; the model's h and ln_f); "vit": ViT's layer (layernorm_before,
     # attention, layernorm_after, mlp, each output through dropout; the model's layernorm).
-    # gpt2 and vit loops pass arguments positionally.
+    # gpt2 and vit loops pass arguments positionally. "neox": GPT-NeoX's layer, whose
+    # parallel residual adds both sublayers to the same input (x + attn(ln1(x)) +
+    # mlp(ln2(x))): attn + mlp stays a PyTorch add, its sum with x is fused into the
+    # next input norm, and ln2 normalizes the new residual without one.
     style: str = "llama"
 
     def classes(self) -> Tuple[type, type]:
         module = importlib.import_module(f"transformers.models.{self.package}.modeling_{self.package}")
-        layer = {"gpt2": "Block", "vit": "Layer"}.get(self.style, "DecoderLayer")
+        layer = {"gpt2": "Block", "vit": "Layer", "neox": "Layer"}.get(self.style, "DecoderLayer")
         return (getattr(module, self.model_class or f"{self.prefix}Model"), getattr(module, self.prefix + layer))
 
     def norm_names(self) -> Tuple[str, ...]:
@@ -217,11 +220,11 @@ class Decoder:
 
     @property
     def final_norm(self) -> str:
-        return {"gpt2": "ln_f", "vit": "layernorm"}.get(self.style, "norm")
+        return {"gpt2": "ln_f", "vit": "layernorm", "neox": "final_layer_norm"}.get(self.style, "norm")
 
     @property
     def attention(self) -> str:
-        return {"gpt2": "attn", "vit": "attention"}.get(self.style, "self_attn")
+        return {"gpt2": "attn", "vit": "attention", "neox": "attention"}.get(self.style, "self_attn")
 
 
 #: model_type -> family, for every pre-norm decoder :func:`apply` fuses.
@@ -241,6 +244,7 @@ DECODERS = {
                            model_class="Gemma3TextModel"),
     "gpt2": Decoder("gpt2", "GPT2", style="gpt2"),
     "vit": Decoder("vit", "ViT", style="vit"),
+    "gpt_neox": Decoder("gpt_neox", "GPTNeoX", style="neox"),
 }
 
 
@@ -323,7 +327,26 @@ def _vit_layer_forward(self, hidden_states, residual=None, attention_mask=None, 
     return out, residual
 
 
-_FORWARDS = {"llama": _decoder_layer_forward, "gpt2": _gpt2_block_forward, "vit": _vit_layer_forward}
+def _neox_layer_forward(self, hidden_states, residual=None, **kwargs):
+    if residual is None:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+    else:
+        hidden_states, residual = _add_norm(self.input_layernorm, hidden_states, residual)
+    attn, _ = self.attention(hidden_states, **kwargs)
+    attn = self.post_attention_dropout(attn)
+    if self.use_parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x)), as (mlp + attn) + x
+        out = self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(residual))) + attn
+    else:
+        hidden_states, residual = _add_norm(self.post_attention_layernorm, attn, residual)
+        out = self.post_mlp_dropout(self.mlp(hidden_states))
+    if _recording_hidden_states():
+        return out + residual
+    return out, residual
+
+
+_FORWARDS = {"llama": _decoder_layer_forward, "gpt2": _gpt2_block_forward, "vit": _vit_layer_forward,
+             "neox": _neox_layer_forward}
 
 
 def _decoder_layer_call(self, hidden_states, *args, **kwargs):
@@ -365,6 +388,7 @@ def convert_decoder_model(model: nn.Module, model_type: str) -> ConversionReport
         if len(layers) != len(module_layers):
             raise ValueError(f"model: {type(module).__name__}.{spec.layers} holds modules other than "
                              f"{layer_cls.__name__}; refusing a partial conversion")
+        parallel = 0
         for layer in layers:
             attn = getattr(layer, spec.attention)
             for parent, names in ((layer, spec.norm_names()),
@@ -379,10 +403,17 @@ def convert_decoder_model(model: nn.Module, model_type: str) -> ConversionReport
             if spec.style == "gpt2" and hasattr(layer, "crossattention"):  # a third add, fused into ln_cross_attn
                 report.fused_adds += 1
                 report.norms_on_kernel += 1
+            if spec.style == "neox" and layer.use_parallel_residual:  # ln2 reads x alone; attn + mlp unfused
+                report.fused_adds -= 1
+                report.norms_without_residual += 1
+                parallel += 1
             layer.__class__ = made
         final = getattr(module, spec.final_norm)
         if not isinstance(final, (KernelRMSNorm, KernelLayerNorm)):
             setattr(module, spec.final_norm, _kernel_norm(final, spec.weight_offset))
+        if parallel:
+            report.left_alone.append(f"{parallel} residual adds (attn + mlp of a parallel residual): "
+                                     f"their sum is added to x in the next fused call")
         report.layers += len(layers)
         report.fused_adds += 2 * len(layers)
         report.norms_on_kernel += 2 * len(layers) + 1
