@@ -51,7 +51,7 @@ TRANSFORMERS_RANGES = {
     "distilbert": ((5, 0), (6, 0)),
     **{family: ((5, 0), (6, 0)) for family in (
         "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "granite", "phi3",
-        "gemma", "gemma2", "gemma3_text", "olmo2", "gpt2", "vit", "gpt_neox")},
+        "gemma", "gemma2", "gemma3_text", "olmo2", "gpt2", "vit", "gpt_neox", "falcon", "t5", "whisper")},
 }
 
 

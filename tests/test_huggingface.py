@@ -24,7 +24,7 @@ ATOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 HIDDEN, LAYERS, VOCAB = 64, 2, 100
 DECODERS = sorted(t for t in hf.DECODERS if hf.DECODERS[t].style != "vit")  # token models
 ENCODERS = sorted(hf.ENCODERS)
-NORMS_ONLY = sorted(hf.NORMS_ONLY)
+NORMS_ONLY = sorted(t for t in hf.NORMS_ONLY if t not in ("t5", "whisper"))  # token decoders
 FAMILIES = DECODERS + ENCODERS + NORMS_ONLY
 
 
@@ -40,9 +40,11 @@ def _config(family):
     sizes = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
                  vocab_size=VOCAB, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, resid_pdrop=0.0,
                  embd_pdrop=0.0, attn_pdrop=0.0)
-    if family in hf.DECODERS or family in hf.NORMS_ONLY:
-        sizes.update(num_key_value_heads=2, head_dim=16, pad_token_id=0)
     defaults = transformers.AutoConfig.for_model(family)
+    if family in hf.DECODERS or family in hf.NORMS_ONLY:
+        sizes.update(num_key_value_heads=2, pad_token_id=0)
+        if not isinstance(getattr(type(defaults), "head_dim", None), property):  # Falcon derives it
+            sizes["head_dim"] = 16
     for key, value in dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                            shared_expert_intermediate_size=32).items():
         if hasattr(defaults, key):
@@ -156,6 +158,26 @@ def test_olmo2_norms_run_on_the_kernel_and_its_adds_are_reported():
     report = hf.apply(_model("olmo2"))
     assert (report.fused_adds, report.norms_on_kernel, report.norms_without_residual) == (0, norms, norms)
     assert "residual adds: each follows its norm" in str(report)
+
+
+@pytest.mark.parametrize("parallel_attn", [True, False], ids=["parallel", "sequential"])
+def test_falcon_norms_run_on_the_kernel(parallel_attn):
+    cfg = _config("falcon")
+    cfg.parallel_attn = parallel_attn
+    torch.manual_seed(0)
+    original = transformers.AutoModel.from_config(cfg).eval()
+    converted = copy.deepcopy(original)
+    report = hf.apply(converted)
+    norms = (1 if parallel_attn else 2) * LAYERS + 1
+    assert (report.fused_adds, report.norms_on_kernel) == (0, norms)
+    assert "the model's layer loop reads each layer's output" in str(report)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    upstream = torch.randn(2, 12, HIDDEN) / 8
+    ref, eager, ours = (_forward_backward(m, ids, upstream)
+                        for m in (copy.deepcopy(original).double(), original, converted))
+    _check("falcon output", ours[0], ref[0], eager[0], ATOL[torch.float32])
+    for name in ref[1]:
+        _check(f"falcon grad of {name}", ours[1][name], ref[1][name], eager[1][name], ATOL[torch.float32])
 
 
 @pytest.mark.parametrize("family", DECODERS + NORMS_ONLY)
@@ -282,7 +304,7 @@ def test_unknown_model_type_names_the_supported_ones():
     model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(
         "gpt_bigcode", n_embd=32, n_layer=1, n_head=2, vocab_size=10))
     with pytest.raises(ValueError, match="model_type 'gpt_bigcode' is not supported .* supported model types: "
-                                         "bert, distilbert, gemma, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama"):
+                                         "bert, distilbert, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama"):
         hf.apply(model)
     with pytest.raises(ValueError, match="needs a transformers model"):
         hf.apply(torch.nn.Linear(2, 2))
@@ -447,3 +469,51 @@ def test_gpt_neox_without_parallel_residual_fuses_every_add():
     with torch.no_grad(), _CountOps((2, 12, HIDDEN)) as mode:
         converted(ids)
     assert (mode.adds, mode.fused) == (0, 2 * LAYERS + 1)
+
+
+def _seq2seq(family):
+    _supported(family)
+    torch.manual_seed(0)
+    if family == "t5":
+        cfg = transformers.T5Config(d_model=HIDDEN, d_ff=128, num_layers=LAYERS, num_decoder_layers=LAYERS,
+                                    num_heads=4, d_kv=16, vocab_size=VOCAB, dropout_rate=0.0)
+        model = transformers.T5Model(cfg)
+        inputs = dict(input_ids=torch.randint(0, VOCAB, (2, 9)), decoder_input_ids=torch.randint(0, VOCAB, (2, 5)))
+        norms = 2 * LAYERS + 3 * LAYERS + 2  # encoder 2 per block, decoder 3, two final norms
+    else:
+        cfg = transformers.WhisperConfig(d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
+                                         encoder_attention_heads=4, decoder_attention_heads=4,
+                                         encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=8,
+                                         max_source_positions=8, vocab_size=VOCAB, dropout=0.0, pad_token_id=0,
+                                         bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+        model = transformers.WhisperModel(cfg)
+        inputs = dict(input_features=torch.randn(2, 8, 16), decoder_input_ids=torch.randint(0, VOCAB, (2, 5)))
+        norms = 2 * LAYERS + 3 * LAYERS + 2
+    model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("weight") else 0.3 * torch.randn_like(p))
+    return model, inputs, norms
+
+
+@pytest.mark.parametrize("family", ["t5", "whisper"])
+def test_encoder_decoder_norms_run_on_the_kernel(family):
+    original, inputs, norms = _seq2seq(family)
+    converted = copy.deepcopy(original)
+    report = hf.apply(converted)
+    assert (report.fused_adds, report.norms_on_kernel, report.norms_without_residual) == (0, norms, norms)
+    assert "the residual adds: each is followed by an fp16 clamp" in str(report)
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        cast = {k: v.to(next(model.parameters()).dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        out = model(**cast).last_hidden_state
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape).to(out.dtype) / 8).sum().backward()
+        return out.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref, eager, ours = run(copy.deepcopy(original).double()), run(original), run(converted)
+    _check(f"{family} output", ours[0], ref[0], eager[0], ATOL[torch.float32])
+    assert ours[1].keys() == ref[1].keys()
+    for name in ref[1]:
+        _check(f"{family} grad of {name}", ours[1][name], ref[1][name], eager[1][name], ATOL[torch.float32])

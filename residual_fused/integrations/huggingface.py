@@ -502,12 +502,22 @@ def convert_bert_model(model: nn.Module, *, memory_efficient: bool = False) -> n
 
 # ---- families whose norms come before their adds ----------------------------------------------
 
-#: model_type -> (package, RMSNorm class). OLMo 2 normalizes each sublayer's output and
-#: then adds it (``residual + norm(sublayer(h))``), and the next sublayer reads the sum
-#: without a norm: no add is followed by a norm to fuse it into. Its norms (QK-norms
-#: over the whole projection included) run on the kernel without a residual.
+#: model_type -> (package, norm class, why its adds stay in PyTorch). Their norms (QK-norms
+#: included) run on the kernel without a residual.
 NORMS_ONLY = {
-    "olmo2": ("olmo2", "Olmo2RMSNorm"),
+    # residual + norm(sublayer(h)), and the next sublayer reads the sum without a norm
+    "olmo2": ("olmo2", "Olmo2RMSNorm", "each follows its norm (Olmo2RMSNorm on each sublayer's output), so "
+                                       "there is no norm after them to fuse them into"),
+    # FalconModel collects output_hidden_states in its own loop from what each layer
+    # returns, so a layer cannot hand a (branch, residual) pair to the next one
+    "falcon": ("falcon", "LayerNorm", "the model's layer loop reads each layer's output as its hidden state, "
+                                      "so the add cannot move into the next layer's norm"),
+    # T5's blocks pass (hidden, position bias, ...) tuples and clamp fp16 values between
+    # each add and the next norm; Whisper's encoder layers clamp after their last add
+    "t5": ("t5", "T5LayerNorm", "each is followed by an fp16 clamp or a block boundary before the next norm, "
+                                "so it stays in PyTorch"),
+    "whisper": ("whisper", "nn.LayerNorm", "each is followed by an fp16 clamp or a layer boundary before the "
+                                           "next norm, so it stays in PyTorch"),
 }
 
 
@@ -518,21 +528,22 @@ def convert_norms_model(model: nn.Module, model_type: str) -> ConversionReport:
         raise ValueError(f"model_type {model_type!r} is not a supported norms-only family; "
                          f"supported: {', '.join(sorted(NORMS_ONLY))}")
     _check_version(model_type)
-    package, name = NORMS_ONLY[model_type]
-    norm_cls = getattr(importlib.import_module(f"transformers.models.{package}.modeling_{package}"), name)
+    package, name, why = NORMS_ONLY[model_type]
+    norm_cls = (nn.LayerNorm if name == "nn.LayerNorm" else
+                getattr(importlib.import_module(f"transformers.models.{package}.modeling_{package}"), name))
     report = ConversionReport(model_type)
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is norm_cls:
-                setattr(parent, child_name, _kernel_rms_norm(child))
+                setattr(parent, child_name, _kernel_norm(child))
                 report.norms_on_kernel += 1
                 report.norms_without_residual += 1
     if report.norms_on_kernel == 0:
         raise ValueError(f"model: no {name} found to convert")
-    layers = getattr(getattr(model, "config", None), "num_hidden_layers", 0) or 0
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", 0) or 0
     report.layers = layers
-    report.left_alone.append(f"{2 * layers} residual adds: each follows its norm ({name} on each sublayer's "
-                             f"output), so there is no norm after them to fuse them into")
+    report.left_alone.append(f"the residual adds: {why}")
     return report
 
 
