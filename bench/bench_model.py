@@ -2,6 +2,7 @@
 
     python bench/bench_model.py                  # both models, seq 512 and 2048 (GPU)
     python bench/bench_model.py --model llama --seq 2048 --layers 4
+    python bench/bench_model.py --families all   # every Hugging Face family apply() converts
 
 Two stacks with their real Add & Norm pattern, built from a config with random
 weights (nothing is downloaded). With ``transformers`` installed (``--source hf``,
@@ -254,6 +255,98 @@ def run(args):
     return results
 
 
+FAMILY_SHAPES = {"cuda": (2048, 16, 4, 1024, 4), "cpu": (512, 8, 4, 256, 4)}  # hidden, heads, layers, seq, batch
+
+
+def token_families():
+    """The model types of huggingface.apply whose models take input_ids alone."""
+    from residual_fused.integrations import huggingface as hf
+
+    return [t for t in hf.supported_model_types() if t not in ("vit", "t5", "whisper")]
+
+
+def family_model(family: str, hidden: int, heads: int, layers: int, device, dtype):
+    """A transformers model of ``family`` from its default config, resized, random weights."""
+    import transformers
+
+    sizes = dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                 num_attention_heads=heads, num_key_value_heads=heads, vocab_size=1000, pad_token_id=0,
+                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                 attn_pdrop=0.0)
+    defaults = transformers.AutoConfig.for_model(family)
+    if not isinstance(getattr(type(defaults), "head_dim", None), property):
+        sizes["head_dim"] = hidden // heads
+    for key, value in dict(num_local_experts=8, num_experts=8, num_experts_per_tok=2,
+                           moe_intermediate_size=hidden, shared_expert_intermediate_size=hidden).items():
+        if hasattr(defaults, key):
+            sizes[key] = value
+    torch.manual_seed(0)
+    return transformers.AutoModel.from_config(transformers.AutoConfig.for_model(family, **sizes)).to(
+        device=device, dtype=dtype)
+
+
+def run_families(args):
+    """Per family: a training step (forward, backward, no optimizer) of the converted
+    model against the unconverted one, timed in interleaved pairs; medians and the
+    spread of the ratio, and the largest output difference."""
+    from residual_fused.integrations import huggingface as hf
+
+    device = args.device
+    hidden, heads, layers, seq, batch = FAMILY_SHAPES["cuda" if device.startswith("cuda") else "cpu"]
+    if args.layers:
+        layers = args.layers
+    if args.seq != [512, 2048]:
+        seq = args.seq[0]
+    dtype = torch.bfloat16
+    names = token_families() if args.families == ["all"] else args.families
+    rows = []
+    for family in names:
+        base = family_model(family, hidden, heads, layers, device, dtype).train()
+        conv = copy.deepcopy(base)
+        report = hf.apply(conv)
+        x = torch.randint(1, 1000, (batch, seq), device=device)
+        with torch.no_grad():
+            want = base.eval()(x).last_hidden_state.float()
+            diff = (conv.eval()(x).last_hidden_state.float() - want).abs().max().item()
+        base.train(), conv.train()
+
+        def step(model):
+            model.zero_grad(set_to_none=True)
+            model(x).last_hidden_state.float().square().mean().backward()
+
+        def timed(model):
+            if device.startswith("cuda"):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step(model)
+                end.record()
+                torch.cuda.synchronize()
+                return start.elapsed_time(end)
+            t0 = time.perf_counter()
+            step(model)
+            return (time.perf_counter() - t0) * 1e3
+
+        for _ in range(2):
+            step(base), step(conv)
+        pairs = [(timed(base), timed(conv)) for _ in range(args.steps)]
+        ratios = sorted(c / b for b, c in pairs)
+        rows.append(dict(family=family, layers=layers, fused_adds=report.fused_adds, adds=2 * layers,
+                         norms_on_kernel=report.norms_on_kernel,
+                         unconverted_ms=statistics.median(b for b, _ in pairs),
+                         converted_ms=statistics.median(c for _, c in pairs),
+                         ratio=statistics.median(ratios), ratio_min=ratios[0], ratio_max=ratios[-1],
+                         max_abs_diff=diff))
+    print(f"families: bf16, hidden {hidden}, {heads} heads, {layers} layers, {batch} x {seq} tokens, "
+          f"{device}, torch threads {torch.get_num_threads()}, {args.steps} interleaved pairs")
+    print(f"{'family':12} {'adds fused':>10} {'unconverted':>12} {'converted':>10} {'ratio':>6} "
+          f"{'(min-max)':>12} {'max|diff|':>10}")
+    for r in rows:
+        print(f"{r['family']:12} {r['fused_adds']:>4} of {r['adds']:<3} {r['unconverted_ms']:>10.1f}ms "
+              f"{r['converted_ms']:>8.1f}ms {r['ratio']:>6.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) "
+              f"{r['max_abs_diff']:>10.3g}")
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -266,7 +359,11 @@ def main(argv=None):
     p.add_argument("--source", choices=["hf", "builtin"],
                    help="model code: Hugging Face transformers (default when importable) or built-in")
     p.add_argument("--out", help="write model.csv into this folder")
+    p.add_argument("--families", nargs="+",
+                   help="instead: Hugging Face families by model_type (or 'all'), converted vs unconverted")
     args = p.parse_args(argv)
+    if args.families:
+        return run_families(args)
     if args.source is None:
         try:
             import transformers  # noqa: F401

@@ -145,7 +145,7 @@ def checked_weight_offset(weight_offset, weight, where: str = "") -> float:
         if isinstance(weight_offset, bool) or not isinstance(weight_offset, (int, float)):
             raise ValueError(f"weight_offset{where} must be a finite number, got {weight_offset!r}")
         weight_offset = float(weight_offset)
-    if not math.isfinite(weight_offset):
+    if not -math.inf < weight_offset < math.inf:  # a comparison: torch.compile traces it (NaN fails it too)
         raise ValueError(f"weight_offset{where} must be a finite number, got {weight_offset!r}")
     if weight_offset != 0.0 and weight is None:
         raise ValueError(f"weight_offset{where} is {weight_offset}, but there is no weight to add it to "

@@ -9,6 +9,7 @@ Two layers live here:
   with the same signatures as the functional API, built on :func:`forward`.
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -20,7 +21,7 @@ from .support import compute_dtype
 
 def check_weight_offset(weight_offset: float, weight: Optional[Tensor]) -> None:
     """The ops' rule for weight_offset (the compiled kernels check the same)."""
-    if not torch.isfinite(torch.tensor(float(weight_offset), dtype=torch.float64)):
+    if not -math.inf < weight_offset < math.inf:
         raise RuntimeError(f"weight_offset must be finite, got {weight_offset}")
     if weight_offset != 0 and weight is None:
         raise RuntimeError("weight_offset: an offset is added to the weight, so it needs a weight")

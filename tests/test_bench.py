@@ -157,6 +157,20 @@ def test_model_benchmark_checks_and_times_both_stacks(source):
     assert all(r["step_ms"] > 0 for r in results)
 
 
+def test_model_benchmark_of_hugging_face_families():
+    pytest.importorskip("transformers")
+    from residual_fused.integrations import huggingface as hf
+
+    try:
+        hf._check_version("qwen3")
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    rows = bench_model.main(["--device", "cpu", "--families", "qwen3", "olmo2", "--steps", "1", "--layers", "1",
+                             "--seq", "16"])
+    assert [(r["family"], r["fused_adds"], r["adds"]) for r in rows] == [("qwen3", 2, 2), ("olmo2", 0, 2)]
+    assert all(r["converted_ms"] > 0 and r["max_abs_diff"] < 0.1 for r in rows)
+
+
 def test_results_page_from_a_recorded_folder(tmp_path):
     """A folder copied back from a GPU machine (results.csv + env.json) becomes the
     committed page without re-running anything, with types restored from the CSV."""

@@ -39,7 +39,7 @@ def _config(family):
     _supported(family)
     sizes = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
                  vocab_size=VOCAB, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, resid_pdrop=0.0,
-                 embd_pdrop=0.0, attn_pdrop=0.0)
+                 embd_pdrop=0.0, attn_pdrop=0.0, dropout=0.0, attention_dropout=0.0, hidden_dropout=0.0)
     defaults = transformers.AutoConfig.for_model(family)
     if family in hf.DECODERS or family in hf.NORMS_ONLY:
         sizes.update(num_key_value_heads=2, pad_token_id=0)
@@ -219,7 +219,7 @@ def _grads(model, ids, checkpointing):
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
-@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma3_text", "gpt2", "bert"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_activation_checkpointing(family, reentrant):
     model = _converted(_model(family))
     ids = torch.randint(0, VOCAB, (2, 12))
@@ -289,8 +289,9 @@ def test_save_pretrained_into_unconverted_and_torch_save(family, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_torch_compile_fullgraph_of_a_converted_decoder():
-    model = _converted(_model("qwen3"))
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "gpt2", "gpt_neox", "bert"])
+def test_torch_compile_fullgraph_of_a_converted_model(family):
+    model = _converted(_model(family))
     ids = torch.randint(0, VOCAB, (2, 8))
     with torch.no_grad():
         want = model(ids).last_hidden_state
