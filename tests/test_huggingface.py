@@ -499,12 +499,23 @@ def _seq2seq(family):
 
 
 @pytest.mark.parametrize("family", ["t5", "whisper"])
-def test_encoder_decoder_norms_run_on_the_kernel(family):
+def test_encoder_decoder_models(family):
     original, inputs, norms = _seq2seq(family)
     converted = copy.deepcopy(original)
     report = hf.apply(converted)
-    assert (report.fused_adds, report.norms_on_kernel, report.norms_without_residual) == (0, norms, norms)
-    assert "the residual adds: each is followed by an fp16 clamp" in str(report)
+    if family == "t5":  # norms on the kernel, adds in PyTorch
+        assert (report.fused_adds, report.norms_on_kernel, report.norms_without_residual) == (0, norms, norms)
+        assert "the residual adds: each is followed by an fp16 clamp" in str(report)
+    else:  # every add of both stacks fused: 2 per encoder layer, 3 per decoder layer
+        assert (report.fused_adds, report.norms_on_kernel, report.norms_without_residual) == (5 * LAYERS, norms, 2)
+        counts = []
+        for model in (original, converted):
+            with torch.no_grad(), _CountOps((2, 5, HIDDEN)) as dec, _CountOps((2, 8, HIDDEN)) as enc:
+                model(**inputs)
+            counts.append((dec.adds, enc.adds, dec.fused))
+        # the residual adds of the decoder (3 per layer) and the encoder (2) all fused;
+        # what is left is each stack's add of its position embeddings
+        assert counts == [(1 + 3 * LAYERS, 1 + 2 * LAYERS, 0), (1, 1, norms)]
 
     def run(model):
         model.zero_grad(set_to_none=True)
@@ -518,3 +529,49 @@ def test_encoder_decoder_norms_run_on_the_kernel(family):
     assert ours[1].keys() == ref[1].keys()
     for name in ref[1]:
         _check(f"{family} grad of {name}", ours[1][name], ref[1][name], eager[1][name], ATOL[torch.float32])
+
+
+def test_whisper_generate_checkpointing_and_fp16_clamp():
+    model, inputs, _ = _seq2seq("whisper")
+    cfg = model.config
+    torch.manual_seed(0)
+    original = transformers.WhisperForConditionalGeneration(cfg).eval()
+    original.model.load_state_dict(model.state_dict())
+    converted = copy.deepcopy(original)
+    hf.apply(converted)
+    features = inputs["input_features"]
+    kwargs = dict(max_new_tokens=5, do_sample=False, decoder_start_token_id=1)
+    assert torch.equal(original.generate(features, **kwargs), converted.generate(features, **kwargs))
+    with torch.no_grad():  # hidden states of both stacks are the unconverted model's
+        got = converted(input_features=features, decoder_input_ids=inputs["decoder_input_ids"],
+                        output_hidden_states=True)
+        want = original(input_features=features, decoder_input_ids=inputs["decoder_input_ids"],
+                        output_hidden_states=True)
+    for g, w in zip(got.encoder_hidden_states + got.decoder_hidden_states,
+                    want.encoder_hidden_states + want.decoder_hidden_states):
+        assert isinstance(g, torch.Tensor)
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    core = converted.model
+    grads = []
+    for mode in (None, False, True):
+        core.train()
+        _set_checkpointing(core, mode)
+        core.zero_grad(set_to_none=True)
+        out = core(**inputs).last_hidden_state
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in core.named_parameters() if p.grad is not None})
+    for other in grads[1:]:  # reentrant mode sums encoder_hidden_states' gradient in another order
+        assert other.keys() == grads[0].keys()
+        for n in other:
+            torch.testing.assert_close(other[n], grads[0][n], rtol=1e-5, atol=1e-6)
+    # fp16: each encoder layer's sum is clamped before the next norm, as in the original
+    half = copy.deepcopy(model).half().eval()
+    half_conv = copy.deepcopy(half)
+    hf.apply(half_conv)
+    enc_in = inputs["input_features"].half()
+    with torch.no_grad(), _CountOps((2, 8, HIDDEN)) as enc:
+        b = half_conv.encoder(enc_in).last_hidden_state
+    with torch.no_grad():
+        a = half.encoder(enc_in).last_hidden_state
+    assert enc.adds == 1 + LAYERS  # position embeddings, and each layer's clamped last add
+    torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)

@@ -36,6 +36,7 @@ import re
 import warnings
 from typing import Dict, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 from .. import functional
@@ -199,18 +200,26 @@ class Decoder:
     # parallel residual adds both sublayers to the same input (x + attn(ln1(x)) +
     # mlp(ln2(x))): attn + mlp stays a PyTorch add, its sum with x is fused into the
     # next input norm, and ln2 normalizes the new residual without one.
+    # "whisper_encoder" / "whisper_decoder": Whisper's layers (self_attn_layer_norm,
+    # [encoder_attn_layer_norm,] final_layer_norm; the stack's layer_norm).
     style: str = "llama"
+    layer_class: str = ""    # when not <prefix> + the style's layer name
 
     def classes(self) -> Tuple[type, type]:
         module = importlib.import_module(f"transformers.models.{self.package}.modeling_{self.package}")
         layer = {"gpt2": "Block", "vit": "Layer", "neox": "Layer"}.get(self.style, "DecoderLayer")
-        return (getattr(module, self.model_class or f"{self.prefix}Model"), getattr(module, self.prefix + layer))
+        return (getattr(module, self.model_class or f"{self.prefix}Model"),
+                getattr(module, self.layer_class or self.prefix + layer))
 
     def norm_names(self) -> Tuple[str, ...]:
         if self.style == "gpt2":
             return ("ln_1", "ln_cross_attn", "ln_2")
         if self.style == "vit":
             return ("layernorm_before", "layernorm_after")
+        if self.style == "whisper_encoder":
+            return ("self_attn_layer_norm", "final_layer_norm")
+        if self.style == "whisper_decoder":
+            return ("self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm")
         extra = ("pre_feedforward_layernorm", "post_feedforward_layernorm") if self.sandwich else ()
         return ("input_layernorm", "post_attention_layernorm") + extra
 
@@ -220,7 +229,8 @@ class Decoder:
 
     @property
     def final_norm(self) -> str:
-        return {"gpt2": "ln_f", "vit": "layernorm", "neox": "final_layer_norm"}.get(self.style, "norm")
+        return {"gpt2": "ln_f", "vit": "layernorm", "neox": "final_layer_norm", "whisper_encoder": "layer_norm",
+                "whisper_decoder": "layer_norm"}.get(self.style, "norm")
 
     @property
     def attention(self) -> str:
@@ -247,6 +257,19 @@ DECODERS = {
     "gpt_neox": Decoder("gpt_neox", "GPTNeoX", style="neox"),
 }
 
+#: The two stacks of an encoder-decoder family, converted together by its model_type
+#: (these keys name the converted classes; they are not model types).
+STACKS = {
+    "whisper": ("whisper_encoder", "whisper_decoder"),
+}
+_STACK_SPECS = {
+    "whisper_encoder": Decoder("whisper", "Whisper", style="whisper_encoder", model_class="WhisperEncoder",
+                               layer_class="WhisperEncoderLayer"),
+    "whisper_decoder": Decoder("whisper", "Whisper", style="whisper_decoder", model_class="WhisperDecoder",
+                               layer_class="WhisperDecoderLayer"),
+}
+_SPECS = {**DECODERS, **_STACK_SPECS}
+
 
 def _branch(layer, spec: Decoder, out, which: str):
     """A sublayer's output as the family adds it to the residual stream."""
@@ -268,7 +291,7 @@ def _recording_hidden_states() -> bool:
 
 
 def _decoder_layer_forward(self, hidden_states, residual=None, **kwargs):
-    spec = DECODERS[self._residual_fused_family]
+    spec = _SPECS[self._residual_fused_family]
     if residual is None:  # the first layer, or the layer before returned a hidden state
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
@@ -345,12 +368,61 @@ def _neox_layer_forward(self, hidden_states, residual=None, **kwargs):
     return out, residual
 
 
+def _whisper_mlp(self, hidden_states):
+    hidden_states = self.activation_fn(self.fc1(hidden_states))
+    hidden_states = nn.functional.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+    hidden_states = self.fc2(hidden_states)
+    return nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
+
+
+def _whisper_encoder_layer_forward(self, hidden_states, residual=None, attention_mask=None, **kwargs):
+    if residual is None:
+        residual = hidden_states
+        hidden_states = self.self_attn_layer_norm(hidden_states)
+    else:
+        hidden_states, residual = _add_norm(self.self_attn_layer_norm, hidden_states, residual)
+    attn, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
+    attn = nn.functional.dropout(attn, p=self.dropout, training=self.training)
+    hidden_states, residual = _add_norm(self.final_layer_norm, attn, residual)
+    out = _whisper_mlp(self, hidden_states)
+    if residual.dtype == torch.float16:  # the sum is clamped before the next norm: it stays here
+        total = residual + out
+        clamp = torch.finfo(total.dtype).max - 1000
+        return torch.clamp(total, min=-clamp, max=clamp)
+    if _recording_hidden_states():
+        return residual + out
+    return out, residual
+
+
+def _whisper_decoder_layer_forward(self, hidden_states, residual=None, attention_mask=None,
+                                   encoder_hidden_states=None, encoder_attention_mask=None, cache=None,
+                                   use_cache=True, **kwargs):
+    if residual is None:
+        residual = hidden_states
+        hidden_states = self.self_attn_layer_norm(hidden_states)
+    else:
+        hidden_states, residual = _add_norm(self.self_attn_layer_norm, hidden_states, residual)
+    attn, _ = self.self_attn(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
+    attn = nn.functional.dropout(attn, p=self.dropout, training=self.training)
+    if encoder_hidden_states is not None:
+        hidden_states, residual = _add_norm(self.encoder_attn_layer_norm, attn, residual)
+        attn, _ = self.encoder_attn(hidden_states, key_value_states=encoder_hidden_states,
+                                    attention_mask=encoder_attention_mask, cache=cache, **kwargs)
+        attn = nn.functional.dropout(attn, p=self.dropout, training=self.training)
+    hidden_states, residual = _add_norm(self.final_layer_norm, attn, residual)
+    out = _whisper_mlp(self, hidden_states)
+    if _recording_hidden_states():
+        return residual + out
+    return out, residual
+
+
 _FORWARDS = {"llama": _decoder_layer_forward, "gpt2": _gpt2_block_forward, "vit": _vit_layer_forward,
-             "neox": _neox_layer_forward}
+             "neox": _neox_layer_forward, "whisper_encoder": _whisper_encoder_layer_forward,
+             "whisper_decoder": _whisper_decoder_layer_forward}
 
 
 def _decoder_layer_call(self, hidden_states, *args, **kwargs):
-    if args and DECODERS[self._residual_fused_family].style == "llama":
+    if args and _SPECS[self._residual_fused_family].style == "llama":
         raise TypeError(f"{type(self).__name__} takes hidden_states positionally and every other "
                         f"argument by keyword (as the transformers model loop passes them)")
     # the pair (or the hidden state and None) positionally: reentrant checkpointing
@@ -362,7 +434,7 @@ def _decoder_layer_call(self, hidden_states, *args, **kwargs):
 @functools.lru_cache(maxsize=None)
 def _decoder_classes(model_type: str) -> Tuple[type, type, type]:
     """(model class, decoder layer class, converted decoder layer class)."""
-    spec = DECODERS[model_type]
+    spec = _SPECS[model_type]
     model_cls, layer_cls = spec.classes()
     made = _made_class(model_type, layer_cls, {"forward": _FORWARDS[spec.style],
                                                "__call__": _decoder_layer_call,
@@ -373,16 +445,17 @@ def _decoder_classes(model_type: str) -> Tuple[type, type, type]:
 def convert_decoder_model(model: nn.Module, model_type: str) -> ConversionReport:
     """Fuse every residual add of the ``model_type`` decoders inside ``model`` (see
     the module docstring); QK-norms run on the kernel. Returns the report."""
-    if model_type not in DECODERS:
+    if model_type not in _SPECS:
         raise ValueError(f"model_type {model_type!r} is not a supported pre-norm decoder; "
                          f"supported: {', '.join(sorted(DECODERS))}")
-    _check_version(model_type)
+    if model_type in DECODERS:
+        _check_version(model_type)
     model_cls, layer_cls, made = _decoder_classes(model_type)
     report = ConversionReport(model_type)
     for module in model.modules():
         if not isinstance(module, model_cls):
             continue
-        spec = DECODERS[model_type]
+        spec = _SPECS[model_type]
         module_layers = getattr(module, spec.layers)
         layers = [layer for layer in module_layers if type(layer) in (layer_cls, made)]
         if len(layers) != len(module_layers):
@@ -400,7 +473,8 @@ def convert_decoder_model(model: nn.Module, model_type: str) -> ConversionReport
             extra = (2 if spec.qk_norm else 0) + (2 if spec.sandwich else 0)  # without a residual
             report.norms_on_kernel += extra
             report.norms_without_residual += extra
-            if spec.style == "gpt2" and hasattr(layer, "crossattention"):  # a third add, fused into ln_cross_attn
+            if spec.style == "whisper_decoder" or (spec.style == "gpt2" and hasattr(layer, "crossattention")):
+                # a third add (after the self-attention, before the cross-attention's norm)
                 report.fused_adds += 1
                 report.norms_on_kernel += 1
             if spec.style == "neox" and layer.use_parallel_residual:  # ln2 reads x alone; attn + mlp unfused
@@ -513,11 +587,9 @@ NORMS_ONLY = {
     "falcon": ("falcon", "LayerNorm", "the model's layer loop reads each layer's output as its hidden state, "
                                       "so the add cannot move into the next layer's norm"),
     # T5's blocks pass (hidden, position bias, ...) tuples and clamp fp16 values between
-    # each add and the next norm; Whisper's encoder layers clamp after their last add
+    # each add and the next norm
     "t5": ("t5", "T5LayerNorm", "each is followed by an fp16 clamp or a block boundary before the next norm, "
                                 "so it stays in PyTorch"),
-    "whisper": ("whisper", "nn.LayerNorm", "each is followed by an fp16 clamp or a layer boundary before the "
-                                           "next norm, so it stays in PyTorch"),
 }
 
 
@@ -529,8 +601,7 @@ def convert_norms_model(model: nn.Module, model_type: str) -> ConversionReport:
                          f"supported: {', '.join(sorted(NORMS_ONLY))}")
     _check_version(model_type)
     package, name, why = NORMS_ONLY[model_type]
-    norm_cls = (nn.LayerNorm if name == "nn.LayerNorm" else
-                getattr(importlib.import_module(f"transformers.models.{package}.modeling_{package}"), name))
+    norm_cls = getattr(importlib.import_module(f"transformers.models.{package}.modeling_{package}"), name)
     report = ConversionReport(model_type)
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
@@ -547,10 +618,29 @@ def convert_norms_model(model: nn.Module, model_type: str) -> ConversionReport:
     return report
 
 
+def convert_stacks_model(model: nn.Module, model_type: str) -> ConversionReport:
+    """Fuse every residual add of both stacks of an encoder-decoder family (Whisper).
+    Each stack hands (branch, residual) pairs between its layers; its last add is fused
+    with its final norm. In fp16, Whisper's encoder clamps each layer's sum before the
+    next norm, so there each encoder layer's last add stays in PyTorch."""
+    if model_type not in STACKS:
+        raise ValueError(f"model_type {model_type!r} is not a supported encoder-decoder; "
+                         f"supported: {', '.join(sorted(STACKS))}")
+    _check_version(model_type)
+    report = ConversionReport(model_type)
+    for key in STACKS[model_type]:
+        part = convert_decoder_model(model, key)
+        for field in ("fused_adds", "norms_on_kernel", "norms_without_residual", "layers"):
+            setattr(report, field, getattr(report, field) + getattr(part, field))
+    if model_type == "whisper":
+        report.left_alone.append("in fp16 only: the last add of each encoder layer (clamped before the next norm)")
+    return report
+
+
 # ---- the entry point ------------------------------------------------------------------------
 
 def supported_model_types() -> List[str]:
-    return sorted(set(DECODERS) | set(ENCODERS) | set(NORMS_ONLY))
+    return sorted(set(DECODERS) | set(ENCODERS) | set(NORMS_ONLY) | set(STACKS))
 
 
 def _model_types(config) -> Tuple[Optional[str], List[str]]:
@@ -568,6 +658,8 @@ def _convert(model: nn.Module, model_type: str, memory_efficient: bool) -> Conve
         return convert_decoder_model(model, model_type)
     if model_type in NORMS_ONLY:
         return convert_norms_model(model, model_type)
+    if model_type in STACKS:
+        return convert_stacks_model(model, model_type)
     return convert_encoder_model(model, model_type, memory_efficient=memory_efficient)
 
 
@@ -610,5 +702,5 @@ def _encoder_classes(model_type: str) -> List[type]:
     return [_made_class(model_type, getattr(module, name), {"forward": spec.forward}) for name in spec.classes]
 
 
-_FAMILY_CLASSES = {**{t: functools.partial(_decoder_classes, t) for t in DECODERS},
+_FAMILY_CLASSES = {**{t: functools.partial(_decoder_classes, t) for t in _SPECS},
                    **{t: functools.partial(_encoder_classes, t) for t in ENCODERS}}
