@@ -5,6 +5,7 @@ the rule it broke. Nothing here touches tensor data (no device synchronisation).
 """
 
 import math
+import numbers
 import operator
 from typing import Optional, Sequence, Tuple
 
@@ -141,8 +142,8 @@ def checked_weight_offset(weight_offset, weight, where: str = "") -> float:
     """``weight_offset`` as a float; raises unless it is a finite number, and, when
     nonzero, unless there is a weight to add it to (``weight`` None only in a module
     without elementwise_affine or a call without weight)."""
-    if type(weight_offset) is not float:
-        if isinstance(weight_offset, bool) or not isinstance(weight_offset, (int, float)):
+    if type(weight_offset) is not float:  # any real number (numpy scalars too), not a bool
+        if isinstance(weight_offset, bool) or not isinstance(weight_offset, numbers.Real):
             raise ValueError(f"weight_offset{where} must be a finite number, got {weight_offset!r}")
         weight_offset = float(weight_offset)
     if not -math.inf < weight_offset < math.inf:  # a comparison: torch.compile traces it (NaN fails it too)

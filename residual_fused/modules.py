@@ -67,6 +67,14 @@ class _FusedAddNormBase(nn.Module):
         return text
 
     @staticmethod
+    def _no_offset_when_copying(kwargs: dict, method: str, source: str) -> None:
+        if kwargs.get("weight_offset", 0.0) != 0.0:
+            raise ValueError(f"weight_offset: {method} copies a {source}, whose weight is used as it is; with "
+                             f"weight_offset={kwargs['weight_offset']} the copy would use weight + "
+                             f"{kwargs['weight_offset']}. Construct the module with weight_offset and load the "
+                             f"checkpoint's raw weight instead")
+
+    @staticmethod
     def _factory_of(norm: nn.Module) -> dict:
         weight = getattr(norm, "weight", None)
         if weight is None:
@@ -105,6 +113,7 @@ class FusedAddNorm(_FusedAddNormBase):
     def from_layer_norm(cls, ln: nn.LayerNorm, **kwargs) -> "FusedAddNorm":
         """A ``FusedAddNorm`` with ``ln``'s shape, eps, affine/bias settings, device,
         dtype and (copied) parameters; ``kwargs`` set ``prenorm`` and the other flags."""
+        cls._no_offset_when_copying(kwargs, "from_layer_norm", "nn.LayerNorm")
         module = cls(ln.normalized_shape, eps=ln.eps, elementwise_affine=ln.elementwise_affine,
                      bias=getattr(ln, "bias", None) is not None, **cls._factory_of(ln), **kwargs)
         module.load_state_dict(ln.state_dict())
@@ -138,6 +147,7 @@ class FusedAddRMSNorm(_FusedAddNormBase):
     def from_rms_norm(cls, norm: nn.Module, **kwargs) -> "FusedAddRMSNorm":
         """A ``FusedAddRMSNorm`` with ``norm``'s shape, eps, affine setting, device,
         dtype and (copied) weight; ``kwargs`` set ``prenorm`` and the other flags."""
+        cls._no_offset_when_copying(kwargs, "from_rms_norm", "nn.RMSNorm")
         module = cls(norm.normalized_shape, eps=norm.eps,
                      elementwise_affine=norm.elementwise_affine, **cls._factory_of(norm),
                      **kwargs)

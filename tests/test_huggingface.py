@@ -7,6 +7,7 @@ ref is the original model in float64 and both others run in the tested dtype.
 """
 
 import copy
+import functools
 import os
 import subprocess
 import sys
@@ -575,3 +576,88 @@ def test_whisper_generate_checkpointing_and_fp16_clamp():
         a = half.encoder(enc_in).last_hidden_state
     assert enc.adds == 1 + LAYERS  # position embeddings, and each layer's clamped last add
     torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt_neox"])
+def test_reentrant_checkpointing_with_hidden_states(family):
+    """Under reentrant checkpointing the recompute runs in backward with no output
+    collector: the layers return hidden states in both runs (a pair in one and a sum
+    in the other would not match)."""
+    model = _converted(_model(family)).train()
+    ids = torch.randint(0, VOCAB, (2, 12))
+
+    def grads(mode):
+        _set_checkpointing(model, mode)
+        model.zero_grad(set_to_none=True)
+        out = model(ids, output_hidden_states=True)
+        loss = out.last_hidden_state.square().mean() + sum(h.square().mean() for h in out.hidden_states[1:-1])
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads(None)
+    for mode in (True, False):
+        got = grads(mode)
+        assert got.keys() == plain.keys()
+        for n in plain:
+            torch.testing.assert_close(got[n], plain[n], rtol=1e-4, atol=1e-6)
+
+
+def test_hooks_and_custom_loops_see_hidden_states():
+    original = _model("llama")
+    converted = _converted(original)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    seen = {}
+    for name, model in (("original", original), ("converted", converted)):
+        outs, ins = [], []
+        handles = [model.layers[1].register_forward_hook(lambda m, a, o: outs.append(o)),
+                   model.layers[1].register_forward_pre_hook(lambda m, a: ins.append(a[0]))]
+        with torch.no_grad():
+            model(ids)
+        for h in handles:
+            h.remove()
+        seen[name] = (ins[0], outs[0])
+    for got, want in zip(seen["converted"], seen["original"]):
+        assert isinstance(got, torch.Tensor)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # without hooks the layers hand pairs on again
+        with _CountOps((2, 12, HIDDEN)) as mode:
+            converted(ids)
+    assert mode.adds == 0
+    # a layer called by hand returns a pair, which cannot be mistaken for the hidden state
+    hidden = converted.embed_tokens(ids)
+    pos = converted.rotary_emb(hidden, torch.arange(12)[None])
+    with torch.no_grad():
+        pair = converted.layers[0](hidden, position_embeddings=pos)
+    assert isinstance(pair, hf.ResidualPair)
+    with pytest.raises(TypeError):
+        pair[0]
+    with pytest.raises(TypeError):
+        pair + 1
+    assert pair.hidden_state().shape == hidden.shape
+
+
+def test_t5_in_fp16_keeps_its_fp32_layers_and_norm_dtypes():
+    model, inputs, _ = _seq2seq("t5")
+    model = model.half()
+    for name, module in model.named_modules():  # as from_pretrained(dtype=float16) leaves T5
+        if name.endswith(".wo"):
+            module.float()
+    converted = copy.deepcopy(model)
+    hf.apply(converted)
+    with torch.no_grad():
+        want = model(**inputs).last_hidden_state
+        got = converted(**inputs).last_hidden_state
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_instance_forwards_and_hooked_norms_are_refused():
+    model = _model("llama")
+    layer = model.layers[0]
+    layer.forward = functools.partial(type(layer).forward, layer)  # as accelerate's dispatch does
+    with pytest.raises(ValueError, match=r"LlamaModel.layers\[0\] has a per-instance forward"):
+        hf.apply(model)
+    model = _model("llama")
+    model.norm.register_forward_hook(lambda m, a, o: None)
+    with pytest.raises(ValueError, match="LlamaRMSNorm has hooks or a per-instance forward"):
+        hf.apply(model)

@@ -140,3 +140,14 @@ def test_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="weight_offset must be finite"):
         torch.ops.residual_fused.add_norm_fwd(x, None, torch.ones(8), None, 1e-5, True, False, torch.float32,
                                               math.nan)
+
+
+def test_numpy_offset_and_copying_constructors():
+    np = pytest.importorskip("numpy")
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(rf.add_rms_norm(x, None, torch.zeros(8), weight_offset=np.float32(1.0)),
+                               rf.add_rms_norm(x, None, torch.ones(8)))
+    with pytest.raises(ValueError, match="from_layer_norm copies a nn.LayerNorm, whose weight is used as it is"):
+        rf.FusedAddNorm.from_layer_norm(torch.nn.LayerNorm(8), weight_offset=1.0)
+    with pytest.raises(ValueError, match="from_rms_norm copies a nn.RMSNorm"):
+        rf.FusedAddRMSNorm.from_rms_norm(torch.nn.RMSNorm(8), weight_offset=1.0)

@@ -11,16 +11,20 @@
   them in its own fused call, as inference engines do in their model code. That
   is ``2 L`` adds in ``2 L + 1`` kernel calls for ``L`` layers. QK-norms
   (``q_norm``/``k_norm``) run on the kernel without a residual.
-* **Post-norm encoders** (BERT, RoBERTa): every ``*SelfOutput`` / ``*Output``
-  (``LayerNorm(dropout(dense(h)) + input)``) becomes one fused call.
+* **Post-norm encoders** (BERT, RoBERTa, DistilBERT): every ``norm(sublayer + input)``
+  becomes one fused call.
+* **Norms only** (:data:`NORMS_ONLY`): norms on the kernel, the adds reported.
 
-What a converted decoder layer returns: the pair is a plain 2-tuple of tensors, so
-that activation checkpointing (both modes) tracks both as outputs, and it only
-ever travels between converted layers and the final norm. When something observes
-the layers' outputs (``output_hidden_states``), each layer returns the summed
-hidden state instead (the MLP add runs in PyTorch for that call), so the hidden
-states are the unconverted model's. A converted layer called on its own also
-returns the pair; add the two to get its hidden state.
+What a converted pre-norm layer returns: a :class:`ResidualPair`, which only travels
+between converted layers and the final norm (its forward returns a plain tuple, so
+that reentrant checkpointing tracks both tensors; the layer's call wraps it). It
+returns the summed hidden state instead (the add in PyTorch for that call) wherever
+a pair could be misread or could not travel: while the model collects
+``output_hidden_states`` (so they are the unconverted model's), when forward hooks or
+pre-hooks other than transformers' own watch the layer (they see hidden states,
+before and after), and under reentrant activation checkpointing (whose recompute
+must return what the forward returned). A converted layer called on its own returns
+a pair; ``pair.hidden_state()`` is its hidden state, and indexing it is an error.
 
 Parameter objects are reused, not copied, and attribute names are kept, so the
 ``state_dict`` keys do not change: checkpoints load both ways, ``save_pretrained``
@@ -87,11 +91,32 @@ class ConversionReport:
 
 # ---- norms on the kernel ----------------------------------------------------------------
 
+class ResidualPair:
+    """What a converted pre-norm layer hands to the next one: its last sublayer's
+    output (``branch``) and the residual stream before that add. The hidden state is
+    their sum, which the next layer's input norm (or the final norm) computes in its
+    fused call. Deliberately neither a tensor nor a tuple: code that indexes a layer's
+    output (``out[0]``) or uses it as the hidden state fails at once instead of
+    reading the branch alone; :meth:`hidden_state` gives the sum."""
+
+    __slots__ = ("branch", "residual")
+
+    def __init__(self, branch, residual):
+        self.branch, self.residual = branch, residual
+
+    def hidden_state(self):
+        return self.residual + self.branch
+
+    def __repr__(self) -> str:
+        return (f"ResidualPair(branch, residual: {tuple(self.branch.shape)}; the hidden state is "
+                f".hidden_state())")
+
+
 def _unpair(x, residual):
-    if isinstance(x, tuple):  # (branch, residual) from a converted decoder layer
-        if residual is not None or len(x) != 2:
-            raise TypeError("a converted norm takes a tensor or one (branch, residual) pair")
-        return x
+    if isinstance(x, ResidualPair):  # from a converted layer: the add is fused here
+        if residual is not None:
+            raise TypeError("a converted norm takes a tensor, or one ResidualPair without a residual")
+        return x.branch, x.residual
     return x, residual
 
 
@@ -111,6 +136,32 @@ class KernelLayerNorm(FusedAddNorm):
         return super().forward(*_unpair(x, residual))
 
 
+class T5KernelRMSNorm(KernelRMSNorm):
+    """T5's RMSNorm on the kernel, with its output dtype: the weight's when that is
+    16-bit, else fp32 (T5 keeps some layers in fp32 when loaded in fp16, so the
+    residual stream and the norm's weight can differ in dtype)."""
+
+    def forward(self, x, residual=None):
+        w = self.weight.dtype
+        out = w if w in (torch.float16, torch.bfloat16) else torch.promote_types(w, torch.float32)
+        if torch.finfo(out).bits > torch.finfo(x.dtype).bits:  # normalize in the wider dtype
+            x = x.to(out)
+            residual = None if residual is None else residual.to(out)
+        return super().forward(x, residual).to(out)
+
+
+def _check_replaceable(module: nn.Module, where: str, replaced: bool = True) -> None:
+    """A module whose forward was wrapped per instance (as accelerate's device_map
+    dispatch does) would be called wrongly once its class changes, and a module that is
+    replaced (a norm) would lose its hooks: refuse, naming it. (A converted layer keeps
+    its hooks: it is the same object.)"""
+    hooked = replaced and bool(module._forward_hooks or module._forward_pre_hooks)
+    if "forward" in module.__dict__ or hasattr(module, "_hf_hook") or hooked:
+        raise ValueError(f"model: {where} has {'hooks or ' if replaced else ''}a per-instance forward (as "
+                         f"accelerate's device_map dispatch installs); convert the model with apply() before "
+                         f"dispatching it{' or registering hooks on it' if replaced else ''}")
+
+
 def _share_parameters(fused: nn.Module, original: nn.Module) -> nn.Module:
     for name in ("weight", "bias"):
         param = getattr(original, name, None)
@@ -119,21 +170,23 @@ def _share_parameters(fused: nn.Module, original: nn.Module) -> nn.Module:
     return fused
 
 
-def _kernel_norm(norm: nn.Module, weight_offset: float = 0.0) -> nn.Module:
+def _kernel_norm(norm: nn.Module, weight_offset: float = 0.0, rms_class: type = None) -> nn.Module:
     """`norm` (a LayerNorm or an RMSNorm) on the kernel, sharing its parameters."""
+    _check_replaceable(norm, type(norm).__name__)
     if isinstance(norm, nn.LayerNorm):
         fused = KernelLayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
                                 bias=norm.bias is not None, weight_offset=weight_offset,
                                 device=norm.weight.device, dtype=norm.weight.dtype)
         return _share_parameters(fused, norm)
-    return _kernel_rms_norm(norm, weight_offset)
+    return _kernel_rms_norm(norm, weight_offset, rms_class or KernelRMSNorm)
 
 
-def _kernel_rms_norm(norm: nn.Module, weight_offset: float = 0.0) -> KernelRMSNorm:
+def _kernel_rms_norm(norm: nn.Module, weight_offset: float = 0.0, cls: type = None) -> KernelRMSNorm:
+    _check_replaceable(norm, type(norm).__name__)
     weight = norm.weight
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    fused = KernelRMSNorm(weight.shape, eps=eps, weight_offset=weight_offset, device=weight.device,
-                          dtype=weight.dtype)
+    fused = (cls or KernelRMSNorm)(weight.shape, eps=eps, weight_offset=weight_offset, device=weight.device,
+                                   dtype=weight.dtype)
     return _share_parameters(fused, norm)
 
 
@@ -280,6 +333,37 @@ def _branch(layer, spec: Decoder, out, which: str):
     return out
 
 
+def _observed(module: nn.Module) -> bool:
+    """True when hooks other than transformers' own output capturing watch ``module``
+    (or every module): they must see hidden states, not pairs."""
+    from torch.nn.modules import module as torch_module
+
+    hooks = list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values())
+    if any(getattr(h, "__name__", "") != "output_capturing_hook" for h in hooks):
+        return True
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
+def _reentrant_checkpointing(layer: nn.Module) -> bool:
+    """True when ``layer`` runs under reentrant activation checkpointing. Its recompute
+    (in backward, with no output collector active) must return what the forward
+    returned, so such layers always return hidden states."""
+    if not (getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()):
+        return False
+    keywords = getattr(getattr(layer, "_gradient_checkpointing_func", None), "keywords", None) or {}
+    return keywords.get("use_reentrant", True) is not False  # torch's default when unset
+
+
+def _layer_output(layer: nn.Module, out, residual, branch_first: bool = False):
+    """A converted layer's result: the (branch, residual) pair for the next fused call,
+    or the hidden state (the add in PyTorch, in the family's own order) where the pair
+    cannot travel: while hidden states are collected, under reentrant checkpointing,
+    and when hooks watch the layer."""
+    if _recording_hidden_states() or _reentrant_checkpointing(layer) or _observed(layer):
+        return out + residual if branch_first else residual + out
+    return out, residual
+
+
 def _recording_hidden_states() -> bool:
     """True while the model collects its layers' outputs (output_hidden_states)."""
     try:
@@ -308,9 +392,7 @@ def _decoder_layer_forward(self, hidden_states, residual=None, **kwargs):
     out = _branch(self, spec, out[0] if isinstance(out, tuple) else out, "mlp")
     if spec.sandwich:
         out = self.post_feedforward_layernorm(out)
-    if _recording_hidden_states():
-        return residual + out
-    return out, residual  # added by the next layer's input norm or the final norm
+    return _layer_output(self, out, residual)
 
 
 def _gpt2_block_forward(self, hidden_states, residual=None, cache=None, attention_mask=None,
@@ -331,9 +413,7 @@ def _gpt2_block_forward(self, hidden_states, residual=None, cache=None, attentio
                                       encoder_attention_mask=encoder_attention_mask)
     hidden_states, residual = _add_norm(self.ln_2, attn, residual)
     out = self.mlp(hidden_states)
-    if _recording_hidden_states():
-        return residual + out
-    return out, residual
+    return _layer_output(self, out, residual)
 
 
 def _vit_layer_forward(self, hidden_states, residual=None, attention_mask=None, **kwargs):
@@ -345,9 +425,7 @@ def _vit_layer_forward(self, hidden_states, residual=None, attention_mask=None, 
     attn, _ = self.attention(hidden_states, attention_mask, **kwargs)
     hidden_states, residual = _add_norm(self.layernorm_after, self.dropout(attn), residual)
     out = self.dropout(self.mlp(hidden_states))
-    if _recording_hidden_states():
-        return residual + out
-    return out, residual
+    return _layer_output(self, out, residual)
 
 
 def _neox_layer_forward(self, hidden_states, residual=None, **kwargs):
@@ -363,9 +441,7 @@ def _neox_layer_forward(self, hidden_states, residual=None, **kwargs):
     else:
         hidden_states, residual = _add_norm(self.post_attention_layernorm, attn, residual)
         out = self.post_mlp_dropout(self.mlp(hidden_states))
-    if _recording_hidden_states():
-        return out + residual
-    return out, residual
+    return _layer_output(self, out, residual, branch_first=True)
 
 
 def _whisper_mlp(self, hidden_states):
@@ -389,9 +465,7 @@ def _whisper_encoder_layer_forward(self, hidden_states, residual=None, attention
         total = residual + out
         clamp = torch.finfo(total.dtype).max - 1000
         return torch.clamp(total, min=-clamp, max=clamp)
-    if _recording_hidden_states():
-        return residual + out
-    return out, residual
+    return _layer_output(self, out, residual)
 
 
 def _whisper_decoder_layer_forward(self, hidden_states, residual=None, attention_mask=None,
@@ -411,9 +485,7 @@ def _whisper_decoder_layer_forward(self, hidden_states, residual=None, attention
         attn = nn.functional.dropout(attn, p=self.dropout, training=self.training)
     hidden_states, residual = _add_norm(self.final_layer_norm, attn, residual)
     out = _whisper_mlp(self, hidden_states)
-    if _recording_hidden_states():
-        return residual + out
-    return out, residual
+    return _layer_output(self, out, residual)
 
 
 _FORWARDS = {"llama": _decoder_layer_forward, "gpt2": _gpt2_block_forward, "vit": _vit_layer_forward,
@@ -425,10 +497,16 @@ def _decoder_layer_call(self, hidden_states, *args, **kwargs):
     if args and _SPECS[self._residual_fused_family].style == "llama":
         raise TypeError(f"{type(self).__name__} takes hidden_states positionally and every other "
                         f"argument by keyword (as the transformers model loop passes them)")
-    # the pair (or the hidden state and None) positionally: reentrant checkpointing
-    # tracks only positional tensors
-    branch, residual = hidden_states if isinstance(hidden_states, tuple) else (hidden_states, None)
-    return nn.Module.__call__(self, branch, residual, *args, **kwargs)
+    branch, residual = hidden_states, None
+    if isinstance(hidden_states, ResidualPair):
+        if _observed(self):  # pre-hooks see the hidden state
+            branch = hidden_states.hidden_state()
+        else:
+            branch, residual = hidden_states.branch, hidden_states.residual
+    # both positionally: reentrant checkpointing tracks only positional tensors, and the
+    # forward returns a plain (branch, residual) tuple so that it tracks both outputs
+    out = nn.Module.__call__(self, branch, residual, *args, **kwargs)
+    return ResidualPair(*out) if isinstance(out, tuple) else out
 
 
 @functools.lru_cache(maxsize=None)
@@ -462,6 +540,9 @@ def convert_decoder_model(model: nn.Module, model_type: str) -> ConversionReport
             raise ValueError(f"model: {type(module).__name__}.{spec.layers} holds modules other than "
                              f"{layer_cls.__name__}; refusing a partial conversion")
         parallel = 0
+        for k, layer in enumerate(layers):
+            if type(layer) is layer_cls:
+                _check_replaceable(layer, f"{type(module).__name__}.{spec.layers}[{k}]", replaced=False)
         for layer in layers:
             attn = getattr(layer, spec.attention)
             for parent, names in ((layer, spec.norm_names()),
@@ -552,8 +633,10 @@ def convert_encoder_model(model: nn.Module, model_type: str, *,
         cls = type(module)
         if cls not in made:
             continue
+        _check_replaceable(module, cls.__name__, replaced=False)
         for name in spec.norms:
             ln = getattr(module, name)
+            _check_replaceable(ln, f"{cls.__name__}.{name}")
             fused = KernelLayerNorm(ln.normalized_shape, eps=ln.eps, elementwise_affine=ln.elementwise_affine,
                                     bias=ln.bias is not None, memory_efficient=memory_efficient,
                                     device=ln.weight.device, dtype=ln.weight.dtype)
@@ -606,7 +689,8 @@ def convert_norms_model(model: nn.Module, model_type: str) -> ConversionReport:
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is norm_cls:
-                setattr(parent, child_name, _kernel_norm(child))
+                setattr(parent, child_name, _kernel_norm(child, rms_class=T5KernelRMSNorm if model_type == "t5"
+                                                         else None))
                 report.norms_on_kernel += 1
                 report.norms_without_residual += 1
     if report.norms_on_kernel == 0:
