@@ -84,6 +84,17 @@ def _weight(weight, n: int, offset: float) -> torch.Tensor:
     return torch.ones(n, dtype=torch.float64) if weight is None else _f64(weight) + offset
 
 
+def _weight_rounding(weight, offset: float, u: float):
+    """Error of the weight used, from rounding a weight wider than the compute type (an
+    fp64 weight, fp32 compute) before the offset is added, as Gemma's
+    ``1 + w.float()`` does: u |w|, absolute, so not relative to |w + offset| (which an
+    offset can cancel). 0 where that rounding is exact or there is no offset (the
+    relative KAPPA u terms cover it then)."""
+    if weight is None or offset == 0:
+        return 0
+    return 2 * u * _wider(weight, u)
+
+
 def forward_reference(x, residual, weight, bias, eps, is_rms_norm, weight_offset=0.0):
     """(y, s, rstd) in float64, and the compute tolerances of y, residual_out and rstd."""
     u = UNIT[torch.float64 if x.dtype == torch.float64 else torch.float32]
@@ -109,8 +120,8 @@ def forward_reference(x, residual, weight, bias, eps, is_rms_norm, weight_offset
     var = c.square().mean(-1)
     rel_rstd = ((2 * (c.abs() * shift).mean(-1) + g * var) / (2 * (var + eps)) + KAPPA * u)
     tol_rstd = rstd * rel_rstd
-    tol_y = (w.abs() * (r * shift + xhat.abs() * (_row(rel_rstd) + KAPPA * u))
-             + KAPPA * u * (y.abs() + b.abs()))
+    tol_y = ((w.abs() * (r * shift + xhat.abs() * (_row(rel_rstd) + KAPPA * u))
+              + KAPPA * u * (y.abs() + b.abs())) + xhat.abs() * _weight_rounding(weight, weight_offset, u))
     tol_res = s_err
     return (y, s, rstd), (tol_y, tol_res, tol_rstd)
 
@@ -126,6 +137,7 @@ def backward_reference(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm
                                             _f64(weight), _f64(bias), is_rms_norm, memory_efficient,
                                             weight_offset)
     w = _weight(weight, n, weight_offset)
+    dw_used = _weight_rounding(weight, weight_offset, u)  # the weight used's own error, absolute
     v = _f64(saved)
     if memory_efficient:
         if bias is not None:
@@ -134,19 +146,24 @@ def backward_reference(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm
     r = _row(_f64(rstd))
     scale = torch.ones_like(r) if memory_efficient else r
     xhat = (v - (0 if is_rms_norm else _row(v.mean(-1)))) * scale
-    # xhat rebuilt: the mean's sum error and the rounding of v (and of (y - b) / w).
+    # xhat rebuilt: the mean's sum error and the rounding of v (and of (y - b) / w, with
+    # w's own error relative to the weight used).
     d_xhat = scale * (u * v.abs() * (2 * KAPPA if memory_efficient else 1)) + KAPPA * u * xhat.abs()
+    if memory_efficient:
+        d_xhat = d_xhat + scale * v.abs() * dw_used / w.abs()
     if not is_rms_norm:
         d_xhat = d_xhat + scale * g_n * _row(v.abs().mean(-1))
     d_xhat_row = _row(d_xhat.amax(-1)) if n else d_xhat
     dy64 = _f64(dy)
     g = dy64 * w
+    d_g = dy64.abs() * dw_used  # g = dy * (weight used), from the weight's own error
     mean_g_abs = _row(g.abs().mean(-1))
     mean_gx = _row((g * xhat).mean(-1))
-    d_mean_g = g_n * mean_g_abs
-    d_mean_gx = g_n * _row((g * xhat).abs().mean(-1)) + mean_g_abs * d_xhat_row
+    d_mean_g = g_n * mean_g_abs + _row(d_g.mean(-1))
+    d_mean_gx = (g_n * _row((g * xhat).abs().mean(-1)) + mean_g_abs * d_xhat_row
+                 + _row((d_g * xhat.abs()).mean(-1)))
     core = g - (0 if is_rms_norm else _row(g.mean(-1))) - xhat * mean_gx
-    tol_ds = r * (KAPPA * u * g.abs() + (0 if is_rms_norm else d_mean_g) + d_xhat * mean_gx.abs()
+    tol_ds = r * (KAPPA * u * g.abs() + d_g + (0 if is_rms_norm else d_mean_g) + d_xhat * mean_gx.abs()
                   + xhat.abs() * d_mean_gx + KAPPA * u * core.abs())
     if dresidual_out is not None:
         tol_ds = tol_ds + 2 * u * (ds.abs() + _f64(dresidual_out).abs())
