@@ -174,10 +174,11 @@ _DOUBLE_BACKWARD = (
 
 
 def _first_order_only(backward):
-    """Run ``backward(ctx, saved_tensors, *grads)`` without recording a graph. Where the caller asked for one
-    (``create_graph=True``) and something it depends on requires grad, its outputs get
-    a grad_fn that raises ``_DOUBLE_BACKWARD`` if it is ever differentiated (as
-    once_differentiable does, with a message that says what to do instead)."""
+    """Run ``backward(ctx, saved_tensors, *grads)`` without recording a graph. Where the
+    caller asked for one (``create_graph=True``) and something it depends on requires
+    grad, its outputs get a grad_fn that raises ``_DOUBLE_BACKWARD`` if it is ever
+    differentiated (as once_differentiable does, with a message that says what to do
+    instead)."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):

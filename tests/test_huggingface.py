@@ -210,11 +210,12 @@ def _set_checkpointing(model, checkpointing):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
 
 
-def _grads(model, ids, checkpointing):
+def _grads(model, inputs, checkpointing):
+    """Every parameter's gradient of a fixed loss on the model's last hidden state."""
     model.train()
     _set_checkpointing(model, checkpointing)
     model.zero_grad(set_to_none=True)
-    out = model(ids).last_hidden_state
+    out = model(inputs).last_hidden_state
     (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -306,7 +307,8 @@ def test_unknown_model_type_names_the_supported_ones():
     model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(
         "gpt_bigcode", n_embd=32, n_layer=1, n_head=2, vocab_size=10))
     with pytest.raises(ValueError, match="model_type 'gpt_bigcode' is not supported .* supported model types: "
-                                         "bert, distilbert, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, granite, llama"):
+                                         "bert, distilbert, falcon, gemma, gemma2, gemma3_text, gpt2, gpt_neox, "
+                                         "granite, llama"):
         hf.apply(model)
     with pytest.raises(ValueError, match="needs a transformers model"):
         hf.apply(torch.nn.Linear(2, 2))
@@ -438,16 +440,7 @@ def test_vit_activation_checkpointing(reentrant):
     model = _vit()
     hf.apply(model)
     pixels = torch.randn(2, 3, 32, 32)
-
-    def grads(mode):
-        model.train()
-        _set_checkpointing(model, mode)
-        model.zero_grad(set_to_none=True)
-        out = model(pixels).last_hidden_state
-        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain, checkpointed = grads(None), grads(reentrant)
+    plain, checkpointed = _grads(model, pixels, None), _grads(model, pixels, reentrant)
     assert checkpointed.keys() == plain.keys()
     for name in plain:
         assert torch.equal(checkpointed[name], plain[name]), name

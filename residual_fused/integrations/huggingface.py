@@ -170,24 +170,30 @@ def _share_parameters(fused: nn.Module, original: nn.Module) -> nn.Module:
     return fused
 
 
-def _kernel_norm(norm: nn.Module, weight_offset: float = 0.0, rms_class: type = None) -> nn.Module:
-    """`norm` (a LayerNorm or an RMSNorm) on the kernel, sharing its parameters."""
-    _check_replaceable(norm, type(norm).__name__)
+def _kernel_norm(norm: nn.Module, weight_offset: float = 0.0, rms_class: type = KernelRMSNorm,
+                 memory_efficient: bool = False, where: str = "") -> nn.Module:
+    """`norm` (an nn.LayerNorm, or a model's RMSNorm as `rms_class`) on the kernel,
+    sharing its parameters; `where` names it in an error."""
+    _check_replaceable(norm, where or type(norm).__name__)
+    weight = norm.weight
+    factory = dict(weight_offset=weight_offset, memory_efficient=memory_efficient, device=weight.device,
+                   dtype=weight.dtype)
     if isinstance(norm, nn.LayerNorm):
         fused = KernelLayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
-                                bias=norm.bias is not None, weight_offset=weight_offset,
-                                device=norm.weight.device, dtype=norm.weight.dtype)
-        return _share_parameters(fused, norm)
-    return _kernel_rms_norm(norm, weight_offset, rms_class or KernelRMSNorm)
-
-
-def _kernel_rms_norm(norm: nn.Module, weight_offset: float = 0.0, cls: type = None) -> KernelRMSNorm:
-    _check_replaceable(norm, type(norm).__name__)
-    weight = norm.weight
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    fused = (cls or KernelRMSNorm)(weight.shape, eps=eps, weight_offset=weight_offset, device=weight.device,
-                                   dtype=weight.dtype)
+                                bias=norm.bias is not None, **factory)
+    else:
+        fused = rms_class(weight.shape, eps=getattr(norm, "variance_epsilon", getattr(norm, "eps", None)),
+                          **factory)
     return _share_parameters(fused, norm)
+
+
+def _input_norm(norm: nn.Module, hidden_states, residual):
+    """A layer's first norm: of the hidden state alone (the first layer, or after a
+    layer that returned a hidden state), or of the previous layer's pair, its last add
+    fused here. Returns (normalized, residual stream)."""
+    if residual is None:
+        return norm(hidden_states), hidden_states
+    return _add_norm(norm, hidden_states, residual)
 
 
 def _add_norm(norm: nn.Module, x, residual):
@@ -376,11 +382,7 @@ def _recording_hidden_states() -> bool:
 
 def _decoder_layer_forward(self, hidden_states, residual=None, **kwargs):
     spec = _SPECS[self._residual_fused_family]
-    if residual is None:  # the first layer, or the layer before returned a hidden state
-        residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
-    else:  # the previous layer's MLP add, fused with this layer's input norm
-        hidden_states, residual = _add_norm(self.input_layernorm, hidden_states, residual)
+    hidden_states, residual = _input_norm(self.input_layernorm, hidden_states, residual)
     attn = self.self_attn(hidden_states=hidden_states, **kwargs)
     attn = _branch(self, spec, attn[0] if isinstance(attn, tuple) else attn, "attn")
     if spec.sandwich:  # norm(attn) + residual, fused with the MLP's input norm
@@ -397,11 +399,7 @@ def _decoder_layer_forward(self, hidden_states, residual=None, **kwargs):
 
 def _gpt2_block_forward(self, hidden_states, residual=None, cache=None, attention_mask=None,
                         encoder_hidden_states=None, encoder_attention_mask=None, use_cache=False, **kwargs):
-    if residual is None:
-        residual = hidden_states
-        hidden_states = self.ln_1(hidden_states)
-    else:
-        hidden_states, residual = _add_norm(self.ln_1, hidden_states, residual)
+    hidden_states, residual = _input_norm(self.ln_1, hidden_states, residual)
     attn, _ = self.attn(hidden_states, cache=cache, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
     if encoder_hidden_states is not None:
         if not hasattr(self, "crossattention"):
@@ -417,11 +415,7 @@ def _gpt2_block_forward(self, hidden_states, residual=None, cache=None, attentio
 
 
 def _vit_layer_forward(self, hidden_states, residual=None, attention_mask=None, **kwargs):
-    if residual is None:
-        residual = hidden_states
-        hidden_states = self.layernorm_before(hidden_states)
-    else:
-        hidden_states, residual = _add_norm(self.layernorm_before, hidden_states, residual)
+    hidden_states, residual = _input_norm(self.layernorm_before, hidden_states, residual)
     attn, _ = self.attention(hidden_states, attention_mask, **kwargs)
     hidden_states, residual = _add_norm(self.layernorm_after, self.dropout(attn), residual)
     out = self.dropout(self.mlp(hidden_states))
@@ -429,11 +423,7 @@ def _vit_layer_forward(self, hidden_states, residual=None, attention_mask=None, 
 
 
 def _neox_layer_forward(self, hidden_states, residual=None, **kwargs):
-    if residual is None:
-        residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
-    else:
-        hidden_states, residual = _add_norm(self.input_layernorm, hidden_states, residual)
+    hidden_states, residual = _input_norm(self.input_layernorm, hidden_states, residual)
     attn, _ = self.attention(hidden_states, **kwargs)
     attn = self.post_attention_dropout(attn)
     if self.use_parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x)), as (mlp + attn) + x
@@ -452,11 +442,7 @@ def _whisper_mlp(self, hidden_states):
 
 
 def _whisper_encoder_layer_forward(self, hidden_states, residual=None, attention_mask=None, **kwargs):
-    if residual is None:
-        residual = hidden_states
-        hidden_states = self.self_attn_layer_norm(hidden_states)
-    else:
-        hidden_states, residual = _add_norm(self.self_attn_layer_norm, hidden_states, residual)
+    hidden_states, residual = _input_norm(self.self_attn_layer_norm, hidden_states, residual)
     attn, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
     attn = nn.functional.dropout(attn, p=self.dropout, training=self.training)
     hidden_states, residual = _add_norm(self.final_layer_norm, attn, residual)
@@ -471,11 +457,7 @@ def _whisper_encoder_layer_forward(self, hidden_states, residual=None, attention
 def _whisper_decoder_layer_forward(self, hidden_states, residual=None, attention_mask=None,
                                    encoder_hidden_states=None, encoder_attention_mask=None, cache=None,
                                    use_cache=True, **kwargs):
-    if residual is None:
-        residual = hidden_states
-        hidden_states = self.self_attn_layer_norm(hidden_states)
-    else:
-        hidden_states, residual = _add_norm(self.self_attn_layer_norm, hidden_states, residual)
+    hidden_states, residual = _input_norm(self.self_attn_layer_norm, hidden_states, residual)
     attn, _ = self.self_attn(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
     attn = nn.functional.dropout(attn, p=self.dropout, training=self.training)
     if encoder_hidden_states is not None:
@@ -635,12 +617,8 @@ def convert_encoder_model(model: nn.Module, model_type: str, *,
             continue
         _check_replaceable(module, cls.__name__, replaced=False)
         for name in spec.norms:
-            ln = getattr(module, name)
-            _check_replaceable(ln, f"{cls.__name__}.{name}")
-            fused = KernelLayerNorm(ln.normalized_shape, eps=ln.eps, elementwise_affine=ln.elementwise_affine,
-                                    bias=ln.bias is not None, memory_efficient=memory_efficient,
-                                    device=ln.weight.device, dtype=ln.weight.dtype)
-            setattr(module, name, _share_parameters(fused, ln))
+            setattr(module, name, _kernel_norm(getattr(module, name), memory_efficient=memory_efficient,
+                                               where=f"{cls.__name__}.{name}"))
             report.fused_adds += 1
             report.norms_on_kernel += 1
         module.__class__ = made[cls]
@@ -690,7 +668,7 @@ def convert_norms_model(model: nn.Module, model_type: str) -> ConversionReport:
         for child_name, child in list(parent.named_children()):
             if type(child) is norm_cls:
                 setattr(parent, child_name, _kernel_norm(child, rms_class=T5KernelRMSNorm if model_type == "t5"
-                                                         else None))
+                                                         else KernelRMSNorm))
                 report.norms_on_kernel += 1
                 report.norms_without_residual += 1
     if report.norms_on_kernel == 0:
