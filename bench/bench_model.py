@@ -3,6 +3,7 @@
     python bench/bench_model.py                  # both models, seq 512 and 2048 (GPU)
     python bench/bench_model.py --model llama --seq 2048 --layers 4
     python bench/bench_model.py --families all   # every Hugging Face family apply() converts
+    python bench/bench_model.py --families all --accuracy   # their errors against float64
 
 Two stacks with their real Add & Norm pattern, built from a config with random
 weights (nothing is downloaded). With ``transformers`` installed (``--source hf``,
@@ -258,14 +259,13 @@ def run(args):
 FAMILY_SHAPES = {"cuda": (2048, 16, 4, 1024, 4), "cpu": (512, 8, 4, 256, 4)}  # hidden, heads, layers, seq, batch
 
 
-def token_families():
-    """The model types of huggingface.apply whose models take input_ids alone."""
+def all_families():
     from residual_fused.integrations import huggingface as hf
 
-    return [t for t in hf.supported_model_types() if t not in ("vit", "t5", "whisper")]
+    return hf.supported_model_types()
 
 
-def family_model(family: str, hidden: int, heads: int, layers: int, device, dtype):
+def family_model(family: str, hidden: int, heads: int, layers: int, device, dtype, seq: int = 256):
     """A transformers model of ``family`` from its default config, resized, random weights."""
     import transformers
 
@@ -273,16 +273,50 @@ def family_model(family: str, hidden: int, heads: int, layers: int, device, dtyp
                  num_attention_heads=heads, num_key_value_heads=heads, vocab_size=1000, pad_token_id=0,
                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
                  attn_pdrop=0.0)
+    if family == "t5":
+        sizes = dict(d_model=hidden, d_ff=4 * hidden, num_layers=layers, num_decoder_layers=layers, num_heads=heads,
+                     d_kv=hidden // heads, vocab_size=1000, dropout_rate=0.0)
+    elif family == "whisper":
+        sizes = dict(d_model=hidden, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
+                     decoder_attention_heads=heads, encoder_ffn_dim=4 * hidden, decoder_ffn_dim=4 * hidden,
+                     num_mel_bins=80, max_source_positions=seq, vocab_size=1000, dropout=0.0, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    elif family == "vit":
+        sizes.update(image_size=256, patch_size=16)
     defaults = transformers.AutoConfig.for_model(family)
-    if not isinstance(getattr(type(defaults), "head_dim", None), property):
+    if family not in ("t5", "whisper") and not isinstance(getattr(type(defaults), "head_dim", None), property):
         sizes["head_dim"] = hidden // heads
     for key, value in dict(num_local_experts=8, num_experts=8, num_experts_per_tok=2,
                            moe_intermediate_size=hidden, shared_expert_intermediate_size=hidden).items():
         if hasattr(defaults, key):
             sizes[key] = value
+    config = transformers.AutoConfig.for_model(family, **sizes)
+    if dtype == torch.float64:
+        config._experts_implementation = "eager"  # grouped_mm has no float64
     torch.manual_seed(0)
-    return transformers.AutoModel.from_config(transformers.AutoConfig.for_model(family, **sizes)).to(
-        device=device, dtype=dtype)
+    return transformers.AutoModel.from_config(config).to(device=device, dtype=dtype)
+
+
+def family_inputs(family: str, model, batch: int, seq: int, device, dtype) -> dict:
+    """Inputs of ``seq`` tokens per sequence (the encoder-decoders' decoders get seq / 4;
+    ViT gets 256 patches, Whisper 2 * seq mel frames for seq encoder positions)."""
+    ids = torch.randint(1, 1000, (batch, seq), device=device)
+    if family == "t5":
+        return dict(input_ids=ids, decoder_input_ids=ids[:, : seq // 4])
+    if family == "whisper":
+        frames = 2 * model.config.max_source_positions
+        return dict(input_features=torch.randn(batch, model.config.num_mel_bins, frames, device=device, dtype=dtype),
+                    decoder_input_ids=ids[:, : seq // 4])
+    if family == "vit":
+        size = model.config.image_size
+        return dict(pixel_values=torch.randn(batch, 3, size, size, device=device, dtype=dtype))
+    return dict(input_ids=ids)
+
+
+def residual_adds(family: str, layers: int) -> int:
+    """Residual adds of the unconverted model: 2 per layer, 3 per decoder layer of an
+    encoder-decoder (a parallel residual's x + attn + mlp counts as 2)."""
+    return 5 * layers if family in ("t5", "whisper") else 2 * layers
 
 
 def run_families(args):
@@ -298,21 +332,21 @@ def run_families(args):
     if args.seq != [512, 2048]:
         seq = args.seq[0]
     dtype = torch.bfloat16
-    names = token_families() if args.families == ["all"] else args.families
+    names = all_families() if args.families == ["all"] else args.families
     rows = []
     for family in names:
-        base = family_model(family, hidden, heads, layers, device, dtype).train()
+        base = family_model(family, hidden, heads, layers, device, dtype, seq).train()
         conv = copy.deepcopy(base)
         report = hf.apply(conv)
-        x = torch.randint(1, 1000, (batch, seq), device=device)
+        x = family_inputs(family, base, batch, seq, device, dtype)
         with torch.no_grad():
-            want = base.eval()(x).last_hidden_state.float()
-            diff = (conv.eval()(x).last_hidden_state.float() - want).abs().max().item()
+            want = base.eval()(**x).last_hidden_state.float()
+            diff = (conv.eval()(**x).last_hidden_state.float() - want).abs().max().item()
         base.train(), conv.train()
 
         def step(model):
             model.zero_grad(set_to_none=True)
-            model(x).last_hidden_state.float().square().mean().backward()
+            model(**x).last_hidden_state.float().square().mean().backward()
 
         def timed(model):
             if device.startswith("cuda"):
@@ -330,7 +364,8 @@ def run_families(args):
             step(base), step(conv)
         pairs = [(timed(base), timed(conv)) for _ in range(args.steps)]
         ratios = sorted(c / b for b, c in pairs)
-        rows.append(dict(family=family, layers=layers, fused_adds=report.fused_adds, adds=2 * layers,
+        rows.append(dict(family=family, layers=layers, fused_adds=report.fused_adds,
+                         adds=residual_adds(family, layers),
                          norms_on_kernel=report.norms_on_kernel,
                          unconverted_ms=statistics.median(b for b, _ in pairs),
                          converted_ms=statistics.median(c for _, c in pairs),
@@ -344,6 +379,61 @@ def run_families(args):
         print(f"{r['family']:12} {r['fused_adds']:>4} of {r['adds']:<3} {r['unconverted_ms']:>10.1f}ms "
               f"{r['converted_ms']:>8.1f}ms {r['ratio']:>6.2f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) "
               f"{r['max_abs_diff']:>10.3g}")
+    return rows
+
+
+ACCURACY_SHAPE = (128, 4, 2, 32, 2)  # hidden, heads, layers, seq, batch
+
+
+def _loss_grads(model, inputs):
+    model.zero_grad(set_to_none=True)
+    dtype = next(model.parameters()).dtype
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    out = model(**cast).last_hidden_state
+    (out * torch.linspace(-1, 1, out.numel()).view(out.shape).to(out.dtype) / 8).sum().backward()
+    return out.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def family_accuracy(family: str, dtype) -> dict:
+    """Errors against the model in float64 (random weights, the norms' weights and
+    biases drawn away from ones and zeros): the last hidden state's largest absolute
+    error, and the largest error of any parameter's gradient relative to the largest
+    gradient element of the model, for the converted and the unconverted model in
+    ``dtype``."""
+    from residual_fused.integrations import huggingface as hf
+
+    hidden, heads, layers, seq, batch = ACCURACY_SHAPE
+    ref = family_model(family, hidden, heads, layers, "cpu", torch.float64, seq).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name.lower():
+                p.copy_(1 + 0.3 * torch.randn_like(p) if name.endswith("weight") else 0.3 * torch.randn_like(p))
+    base = copy.deepcopy(ref).to(dtype)
+    conv = copy.deepcopy(base)
+    report = hf.apply(conv)
+    inputs = family_inputs(family, ref, batch, seq, "cpu", torch.float64)
+    want = _loss_grads(ref, inputs)
+    row = dict(family=family, dtype=str(dtype).replace("torch.", ""), fused_adds=report.fused_adds,
+               adds=residual_adds(family, layers))
+    for name, model in (("converted", conv), ("unconverted", base)):
+        out, grads = _loss_grads(model, inputs)
+        row[f"{name}_out_err"] = (out - want[0]).abs().max().item()
+        scale = max(g.abs().max().item() for g in want[1].values())
+        row[f"{name}_grad_err"] = max((grads[n] - g).abs().max().item() for n, g in want[1].items()) / scale
+    return row
+
+
+def run_accuracy(args):
+    names = all_families() if args.families == ["all"] else args.families
+    rows = [family_accuracy(f, d) for f in names for d in (torch.float32, torch.bfloat16)]
+    hidden, heads, layers, seq, batch = ACCURACY_SHAPE
+    print(f"accuracy against float64: hidden {hidden}, {heads} heads, {layers} layers, {batch} x {seq} tokens; "
+          f"out: max|last hidden state - ref|; grad: max|g - g_ref| over all parameters / max|g_ref|")
+    print(f"{'family':12} {'dtype':8} {'adds fused':>10} {'out conv':>9} {'out base':>9} {'grad conv':>9} "
+          f"{'grad base':>9}")
+    for r in rows:
+        print(f"{r['family']:12} {r['dtype']:8} {r['fused_adds']:>4} of {r['adds']:<3} {r['converted_out_err']:>9.2g} "
+              f"{r['unconverted_out_err']:>9.2g} {r['converted_grad_err']:>9.2g} {r['unconverted_grad_err']:>9.2g}")
     return rows
 
 
@@ -361,9 +451,11 @@ def main(argv=None):
     p.add_argument("--out", help="write model.csv into this folder")
     p.add_argument("--families", nargs="+",
                    help="instead: Hugging Face families by model_type (or 'all'), converted vs unconverted")
+    p.add_argument("--accuracy", action="store_true",
+                   help="with --families: errors against float64 (fp32 and bf16) instead of step times")
     args = p.parse_args(argv)
     if args.families:
-        return run_families(args)
+        return run_accuracy(args) if args.accuracy else run_families(args)
     if args.source is None:
         try:
             import transformers  # noqa: F401

@@ -165,9 +165,10 @@ def test_model_benchmark_of_hugging_face_families():
         hf._check_version("qwen3")
     except RuntimeError as err:
         pytest.skip(str(err))
-    rows = bench_model.main(["--device", "cpu", "--families", "qwen3", "olmo2", "--steps", "1", "--layers", "1",
-                             "--seq", "16"])
-    assert [(r["family"], r["fused_adds"], r["adds"]) for r in rows] == [("qwen3", 2, 2), ("olmo2", 0, 2)]
+    rows = bench_model.main(["--device", "cpu", "--families", "qwen3", "olmo2", "t5", "--steps", "1", "--layers",
+                             "1", "--seq", "16"])
+    assert [(r["family"], r["fused_adds"], r["adds"]) for r in rows] == [("qwen3", 2, 2), ("olmo2", 0, 2),
+                                                                          ("t5", 5, 5)]
     assert all(r["converted_ms"] > 0 and r["max_abs_diff"] < 0.1 for r in rows)
 
 

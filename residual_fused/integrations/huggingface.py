@@ -11,9 +11,14 @@
   them in its own fused call, as inference engines do in their model code. That
   is ``2 L`` adds in ``2 L + 1`` kernel calls for ``L`` layers. QK-norms
   (``q_norm``/``k_norm``) run on the kernel without a residual.
+  Families whose attention and MLP read the same input (GPT-NeoX's parallel
+  residual, Falcon's parallel attention) sum the two branches in PyTorch and fuse
+  ``x +`` that sum.
+* **Encoder-decoders** (:data:`STACKS`: Whisper, T5): the same in each stack.
 * **Post-norm encoders** (BERT, RoBERTa, DistilBERT): every ``norm(sublayer + input)``
   becomes one fused call.
-* **Norms only** (:data:`NORMS_ONLY`): norms on the kernel, the adds reported.
+* **Norms only** (:data:`NORMS_ONLY`, OLMo2, whose norms come before its adds):
+  norms on the kernel, the adds reported.
 
 What a converted pre-norm layer returns: a :class:`ResidualPair`, which only travels
 between converted layers and the final norm (its forward returns a plain tuple, so
@@ -139,9 +144,16 @@ class KernelLayerNorm(FusedAddNorm):
 class T5KernelRMSNorm(KernelRMSNorm):
     """T5's RMSNorm on the kernel, with its output dtype: the weight's when that is
     16-bit, else fp32 (T5 keeps some layers in fp32 when loaded in fp16, so the
-    residual stream and the norm's weight can differ in dtype)."""
+    residual stream and the norm's weight can differ in dtype). A pair's add is fused
+    where the branch, the residual and the weight share a dtype other than fp16, and
+    done in PyTorch first otherwise."""
 
     def forward(self, x, residual=None):
+        x, residual = _unpair(x, residual)
+        if residual is not None:  # the stack's final norm after a converted block
+            if x.dtype == residual.dtype == self.weight.dtype != torch.float16:
+                return super().forward(x, residual)
+            x, residual = residual + x, None
         w = self.weight.dtype
         out = w if w in (torch.float16, torch.bfloat16) else torch.promote_types(w, torch.float32)
         if torch.finfo(out).bits > torch.finfo(x.dtype).bits:  # normalize in the wider dtype
@@ -261,16 +273,51 @@ class Decoder:
     # next input norm, and ln2 normalizes the new residual without one.
     # "whisper_encoder" / "whisper_decoder": Whisper's layers (self_attn_layer_norm,
     # [encoder_attn_layer_norm,] final_layer_norm; the stack's layer_norm).
+    # "falcon": Falcon's layer in its three shapes (sequential; parallel attention with
+    # one norm; the new architecture's ln_attn and ln_mlp, both of x); the model's h and
+    # ln_f; the layer returns (hidden, attn_weights). "t5": T5's block of sublayers
+    # (layer[0] self-attention, [layer[1] cross-attention,] layer[-1] feed-forward, each
+    # with its layer_norm); the stack's block and final_layer_norm; the block returns
+    # (hidden, self-attention bias, cross-attention bias).
     style: str = "llama"
     layer_class: str = ""    # when not <prefix> + the style's layer name
 
     def classes(self) -> Tuple[type, type]:
         module = importlib.import_module(f"transformers.models.{self.package}.modeling_{self.package}")
-        layer = {"gpt2": "Block", "vit": "Layer", "neox": "Layer"}.get(self.style, "DecoderLayer")
+        layer = {"gpt2": "Block", "vit": "Layer", "neox": "Layer", "t5": "Block"}.get(self.style, "DecoderLayer")
         return (getattr(module, self.model_class or f"{self.prefix}Model"),
                 getattr(module, self.layer_class or self.prefix + layer))
 
+    def norm_slots(self, layer: nn.Module) -> List[Tuple[nn.Module, str]]:
+        """(parent, attribute) of every norm of ``layer`` (QK-norms included)."""
+        if self.style == "t5":
+            return [(sub, "layer_norm") for sub in layer.layer]
+        slots = [(layer, name) for name in self.norm_names() if getattr(layer, name, None) is not None]
+        if self.qk_norm:
+            attn = getattr(layer, self.attention)
+            slots += [(attn, name) for name in ("q_norm", "k_norm") if getattr(attn, name, None) is not None]
+        return slots
+
+    def counts(self, layer: nn.Module) -> Tuple[int, int]:
+        """(residual adds ``layer`` fuses, its norms that run without a residual)."""
+        if self.style == "t5":
+            return len(layer.layer), 0
+        adds = 3 if self.style == "whisper_decoder" or (self.style == "gpt2" and hasattr(layer, "crossattention")) \
+            else 2
+        alone = (2 if self.qk_norm else 0) + (2 if self.sandwich else 0)
+        if _parallel(self, layer):  # one residual add; a second norm of x (GPT-NeoX's ln2, Falcon's ln_mlp)
+            second = self.style == "neox" or getattr(layer, "ln_mlp", None) is not None
+            return 1, alone + int(second)
+        return adds, alone
+
+    @property
+    def extra_outputs(self) -> int:
+        """How many outputs the family's layer returns after the hidden state."""
+        return {"falcon": 1, "t5": 2}.get(self.style, 0)
+
     def norm_names(self) -> Tuple[str, ...]:
+        if self.style == "falcon":
+            return ("input_layernorm", "post_attention_layernorm", "ln_attn", "ln_mlp")
         if self.style == "gpt2":
             return ("ln_1", "ln_cross_attn", "ln_2")
         if self.style == "vit":
@@ -284,16 +331,28 @@ class Decoder:
 
     @property
     def layers(self) -> str:
-        return "h" if self.style == "gpt2" else "layers"
+        return {"gpt2": "h", "falcon": "h", "t5": "block"}.get(self.style, "layers")
 
     @property
     def final_norm(self) -> str:
-        return {"gpt2": "ln_f", "vit": "layernorm", "neox": "final_layer_norm", "whisper_encoder": "layer_norm",
+        return {"gpt2": "ln_f", "falcon": "ln_f", "vit": "layernorm", "neox": "final_layer_norm",
+                "t5": "final_layer_norm", "whisper_encoder": "layer_norm",
                 "whisper_decoder": "layer_norm"}.get(self.style, "norm")
 
     @property
     def attention(self) -> str:
         return {"gpt2": "attn", "vit": "attention", "neox": "attention"}.get(self.style, "self_attn")
+
+
+def _parallel(spec: Decoder, layer: nn.Module) -> bool:
+    """True for a layer whose attention and MLP both read the same input and whose
+    outputs are summed before the one residual add (GPT-NeoX's parallel residual;
+    Falcon's parallel attention and new architecture)."""
+    if spec.style == "neox":
+        return bool(layer.use_parallel_residual)
+    if spec.style == "falcon":
+        return bool(layer.config.new_decoder_architecture or layer.config.parallel_attn)
+    return False
 
 
 #: model_type -> family, for every pre-norm decoder :func:`apply` fuses.
@@ -314,18 +373,21 @@ DECODERS = {
     "gpt2": Decoder("gpt2", "GPT2", style="gpt2"),
     "vit": Decoder("vit", "ViT", style="vit"),
     "gpt_neox": Decoder("gpt_neox", "GPTNeoX", style="neox"),
+    "falcon": Decoder("falcon", "Falcon", style="falcon"),
 }
 
 #: The two stacks of an encoder-decoder family, converted together by its model_type
 #: (these keys name the converted classes; they are not model types).
 STACKS = {
     "whisper": ("whisper_encoder", "whisper_decoder"),
+    "t5": ("t5",),  # T5Stack: the encoder and the decoder are instances of one class
 }
 _STACK_SPECS = {
     "whisper_encoder": Decoder("whisper", "Whisper", style="whisper_encoder", model_class="WhisperEncoder",
                                layer_class="WhisperEncoderLayer"),
     "whisper_decoder": Decoder("whisper", "Whisper", style="whisper_decoder", model_class="WhisperDecoder",
                                layer_class="WhisperDecoderLayer"),
+    "t5": Decoder("t5", "T5", style="t5", model_class="T5Stack"),
 }
 _SPECS = {**DECODERS, **_STACK_SPECS}
 
@@ -351,10 +413,13 @@ def _observed(module: nn.Module) -> bool:
 
 
 def _reentrant_checkpointing(layer: nn.Module) -> bool:
-    """True when ``layer`` runs under reentrant activation checkpointing. Its recompute
-    (in backward, with no output collector active) must return what the forward
-    returned, so such layers always return hidden states."""
-    if not (getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled()):
+    """True when ``layer`` may run under reentrant activation checkpointing. Its
+    recompute (in backward, with grad enabled and no output collector active) must
+    return what the forward returned (inside the checkpoint, where grad is disabled),
+    so the answer depends on the layer's settings alone, never on the grad mode: such
+    a layer returns hidden states in both runs (and also when called under no_grad in
+    training mode, where it is not checkpointed)."""
+    if not (getattr(layer, "gradient_checkpointing", False) and layer.training):
         return False
     keywords = getattr(getattr(layer, "_gradient_checkpointing_func", None), "keywords", None) or {}
     return keywords.get("use_reentrant", True) is not False  # torch's default when unset
@@ -376,6 +441,8 @@ def _recording_hidden_states() -> bool:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # cannot tell: never hand a pair to an observer
         return True
+    if torch.compiler.is_compiling() and not getattr(_active_collector, "compiling", True):
+        return False  # no collector was set while compiling (dynamo cannot read the ContextVar itself)
     collected = _active_collector.get()
     return collected is not None and "hidden_states" in collected
 
@@ -434,6 +501,103 @@ def _neox_layer_forward(self, hidden_states, residual=None, **kwargs):
     return _layer_output(self, out, residual, branch_first=True)
 
 
+def _falcon_layer_forward(self, hidden_states, residual=None, attention_mask=None, position_ids=None,
+                          layer_past=None, use_cache=False, output_attentions=False, position_embeddings=None,
+                          **kwargs):
+    config = self.config
+    two_norms = config.new_decoder_architecture and config.num_ln_in_parallel_attn == 2
+    hidden_states, residual = _input_norm(self.ln_attn if two_norms else self.input_layernorm,
+                                          hidden_states, residual)
+    mlp_input = self.ln_mlp(residual) if two_norms else hidden_states
+    attn, attn_weights = self.self_attention(hidden_states, layer_past=layer_past, attention_mask=attention_mask,
+                                             position_ids=position_ids, use_cache=use_cache,
+                                             output_attentions=output_attentions,
+                                             position_embeddings=position_embeddings)
+    if not _parallel(_SPECS["falcon"], self):  # residual + dropout(attn), fused with the MLP's norm
+        attn = nn.functional.dropout(attn, p=config.attention_dropout, training=self.training)
+        mlp_input, residual = _add_norm(self.post_attention_layernorm, attn, residual)
+    out = self.mlp(mlp_input)
+    if _parallel(_SPECS["falcon"], self):  # mlp + attn: the branch of the one residual add
+        out = out + attn
+    out = nn.functional.dropout(out, p=config.hidden_dropout, training=self.training)
+    return _with_extras(_layer_output(self, out, residual), attn_weights)
+
+
+def _with_extras(out, *extras):
+    """A layer's flat result: (branch, residual, *extras) or (hidden, *extras). Flat,
+    so that reentrant checkpointing tracks every tensor; the layer's call regroups it."""
+    return (*out, *extras) if isinstance(out, tuple) else (out, *extras)
+
+
+# T5: the block hands (branch, residual) from sublayer to sublayer; each sublayer's
+# layer_norm adds them in its fused call. In fp16 T5 clamps every sum before the next
+# norm, so there (and where a norm's weight differs in dtype from the hidden states,
+# whose output dtype T5 sets apart) the add stays in PyTorch.
+
+def _t5_norm(norm: nn.Module, x, residual):
+    """(norm(x + residual), x + residual); fused where the dtypes allow."""
+    if residual is None:
+        return norm(x), x
+    if x.dtype == residual.dtype == norm.weight.dtype != torch.float16:
+        return _add_norm(norm, x, residual)
+    total = residual + x
+    return norm(total), total
+
+
+def _t5_clamped(x, residual):
+    """T5's fp16 clamp of a sublayer's sum: the sum is formed here and handed on alone."""
+    if residual is None or torch.promote_types(x.dtype, residual.dtype) != torch.float16:
+        return x, residual
+    total = residual + x
+    limit = torch.where(torch.isinf(total).any(), torch.finfo(total.dtype).max - 1000, torch.finfo(total.dtype).max)
+    return torch.clamp(total, min=-limit, max=limit), None
+
+
+def _t5_self_attention_forward(self, hidden_states, residual=None, attention_mask=None, position_bias=None,
+                               cache=None, **kwargs):
+    normed, residual = _t5_norm(self.layer_norm, hidden_states, residual)
+    attn, position_bias, attn_weights = self.SelfAttention(normed, mask=attention_mask, position_bias=position_bias,
+                                                           cache=cache, **kwargs)
+    return self.dropout(attn), residual, position_bias, attn_weights
+
+
+def _t5_cross_attention_forward(self, hidden_states, residual, key_value_states, attention_mask=None,
+                                position_bias=None, cache=None, **kwargs):
+    normed, residual = _t5_norm(self.layer_norm, hidden_states, residual)
+    attn, position_bias, attn_weights = self.EncDecAttention(normed, mask=attention_mask,
+                                                             key_value_states=key_value_states,
+                                                             position_bias=position_bias, cache=cache, **kwargs)
+    return self.dropout(attn), residual, position_bias, attn_weights
+
+
+def _t5_feed_forward_forward(self, hidden_states, residual=None):
+    normed, residual = _t5_norm(self.layer_norm, hidden_states, residual)
+    return self.dropout(self.DenseReluDense(normed)), residual
+
+
+_T5_SUBLAYERS = {"T5LayerSelfAttention": _t5_self_attention_forward,
+                 "T5LayerCrossAttention": _t5_cross_attention_forward,
+                 "T5LayerFF": _t5_feed_forward_forward}
+
+
+def _t5_block_forward(self, hidden_states, residual=None, attention_mask=None, position_bias=None,
+                      encoder_hidden_states=None, encoder_attention_mask=None, encoder_decoder_position_bias=None,
+                      cache=None, **kwargs):
+    x, residual, self_bias, _ = self.layer[0](hidden_states, residual, attention_mask=attention_mask,
+                                              position_bias=position_bias, cache=cache, **kwargs)
+    x, residual = _t5_clamped(x, residual)
+    cross_bias = None
+    if self.is_decoder and encoder_hidden_states is not None:
+        x, residual, cross_bias, _ = self.layer[1](x, residual, key_value_states=encoder_hidden_states,
+                                                   attention_mask=encoder_attention_mask,
+                                                   position_bias=encoder_decoder_position_bias, cache=cache,
+                                                   **kwargs)
+        x, residual = _t5_clamped(x, residual)
+    x, residual = _t5_clamped(*self.layer[-1](x, residual))
+    out = x if residual is None else _layer_output(self, x, residual)
+    return _with_extras(out, self_bias, cross_bias)
+
+
 def _whisper_mlp(self, hidden_states):
     hidden_states = self.activation_fn(self.fc1(hidden_states))
     hidden_states = nn.functional.dropout(hidden_states, p=self.activation_dropout, training=self.training)
@@ -472,7 +636,8 @@ def _whisper_decoder_layer_forward(self, hidden_states, residual=None, attention
 
 _FORWARDS = {"llama": _decoder_layer_forward, "gpt2": _gpt2_block_forward, "vit": _vit_layer_forward,
              "neox": _neox_layer_forward, "whisper_encoder": _whisper_encoder_layer_forward,
-             "whisper_decoder": _whisper_decoder_layer_forward}
+             "whisper_decoder": _whisper_decoder_layer_forward, "falcon": _falcon_layer_forward,
+             "t5": _t5_block_forward}
 
 
 def _decoder_layer_call(self, hidden_states, *args, **kwargs):
@@ -486,9 +651,14 @@ def _decoder_layer_call(self, hidden_states, *args, **kwargs):
         else:
             branch, residual = hidden_states.branch, hidden_states.residual
     # both positionally: reentrant checkpointing tracks only positional tensors, and the
-    # forward returns a plain (branch, residual) tuple so that it tracks both outputs
+    # forward returns a flat tuple, (branch, residual, *extras) or (hidden, *extras), so
+    # that it tracks every output
     out = nn.Module.__call__(self, branch, residual, *args, **kwargs)
-    return ResidualPair(*out) if isinstance(out, tuple) else out
+    extras = _SPECS[self._residual_fused_family].extra_outputs
+    if not isinstance(out, tuple) or len(out) != extras + 2:
+        return out
+    pair = ResidualPair(out[0], out[1])
+    return (pair, *out[2:]) if extras else pair
 
 
 @functools.lru_cache(maxsize=None)
@@ -502,6 +672,31 @@ def _decoder_classes(model_type: str) -> Tuple[type, type, type]:
     return model_cls, layer_cls, made
 
 
+@functools.lru_cache(maxsize=None)
+def _t5_sublayer_classes() -> Dict[type, type]:
+    """T5's sublayer classes -> their converted classes (which take and return pairs)."""
+    module = importlib.import_module("transformers.models.t5.modeling_t5")
+    return {getattr(module, name): _made_class("t5", getattr(module, name), {"forward": forward})
+            for name, forward in _T5_SUBLAYERS.items()}
+
+
+def _pairs_to_hidden_states(module, args, output):
+    """Forward hook of a model whose own layer loop collects output_hidden_states from
+    what each layer returns (Falcon): the pairs it collected become hidden states, the
+    same tensors as the unconverted model's."""
+    def fixed(states):
+        if isinstance(states, tuple) and any(isinstance(h, ResidualPair) for h in states):
+            return tuple(h.hidden_state() if isinstance(h, ResidualPair) else h for h in states)
+        return states
+
+    if isinstance(output, tuple):
+        return tuple(fixed(v) for v in output)
+    states = getattr(output, "hidden_states", None)
+    if states is not None:
+        output.hidden_states = fixed(states)
+    return output
+
+
 def convert_decoder_model(model: nn.Module, model_type: str) -> ConversionReport:
     """Fuse every residual add of the ``model_type`` decoders inside ``model`` (see
     the module docstring); QK-norms run on the kernel. Returns the report."""
@@ -511,11 +706,12 @@ def convert_decoder_model(model: nn.Module, model_type: str) -> ConversionReport
     if model_type in DECODERS:
         _check_version(model_type)
     model_cls, layer_cls, made = _decoder_classes(model_type)
+    spec = _SPECS[model_type]
+    rms_class = T5KernelRMSNorm if spec.style == "t5" else KernelRMSNorm
     report = ConversionReport(model_type)
     for module in model.modules():
         if not isinstance(module, model_cls):
             continue
-        spec = _SPECS[model_type]
         module_layers = getattr(module, spec.layers)
         layers = [layer for layer in module_layers if type(layer) in (layer_cls, made)]
         if len(layers) != len(module_layers):
@@ -524,37 +720,37 @@ def convert_decoder_model(model: nn.Module, model_type: str) -> ConversionReport
         parallel = 0
         for k, layer in enumerate(layers):
             if type(layer) is layer_cls:
-                _check_replaceable(layer, f"{type(module).__name__}.{spec.layers}[{k}]", replaced=False)
+                where = f"{type(module).__name__}.{spec.layers}[{k}]"
+                _check_replaceable(layer, where, replaced=False)
+                for j, sub in enumerate(layer.layer if spec.style == "t5" else ()):
+                    _check_replaceable(sub, f"{where}.layer[{j}]", replaced=False)
         for layer in layers:
-            attn = getattr(layer, spec.attention)
-            for parent, names in ((layer, spec.norm_names()),
-                                  (attn, ("q_norm", "k_norm") if spec.qk_norm else ())):
-                for name in names:
-                    norm = getattr(parent, name, None)
-                    if norm is not None and not isinstance(norm, (KernelRMSNorm, KernelLayerNorm)):
-                        setattr(parent, name, _kernel_norm(norm, spec.weight_offset))
-            extra = (2 if spec.qk_norm else 0) + (2 if spec.sandwich else 0)  # without a residual
-            report.norms_on_kernel += extra
-            report.norms_without_residual += extra
-            if spec.style == "whisper_decoder" or (spec.style == "gpt2" and hasattr(layer, "crossattention")):
-                # a third add (after the self-attention, before the cross-attention's norm)
-                report.fused_adds += 1
-                report.norms_on_kernel += 1
-            if spec.style == "neox" and layer.use_parallel_residual:  # ln2 reads x alone; attn + mlp unfused
-                report.fused_adds -= 1
-                report.norms_without_residual += 1
-                parallel += 1
+            for parent, name in spec.norm_slots(layer):
+                norm = getattr(parent, name)
+                if not isinstance(norm, (KernelRMSNorm, KernelLayerNorm)):
+                    setattr(parent, name, _kernel_norm(norm, spec.weight_offset, rms_class=rms_class))
+            adds, alone = spec.counts(layer)
+            report.fused_adds += adds
+            report.norms_on_kernel += adds + alone
+            report.norms_without_residual += alone
+            parallel += _parallel(spec, layer)
+            if spec.style == "t5":
+                sublayers = _t5_sublayer_classes()
+                for sub in layer.layer:
+                    sub.__class__ = sublayers.get(type(sub), type(sub))
             layer.__class__ = made
         final = getattr(module, spec.final_norm)
         if not isinstance(final, (KernelRMSNorm, KernelLayerNorm)):
-            setattr(module, spec.final_norm, _kernel_norm(final, spec.weight_offset))
+            setattr(module, spec.final_norm, _kernel_norm(final, spec.weight_offset, rms_class=rms_class))
+        if spec.style == "falcon" and _pairs_to_hidden_states not in module._forward_hooks.values():
+            module.register_forward_hook(_pairs_to_hidden_states)
         if parallel:
-            report.left_alone.append(f"{parallel} residual adds (attn + mlp of a parallel residual): "
-                                     f"their sum is added to x in the next fused call")
+            report.left_alone.append(f"{parallel} adds of attn + mlp (a parallel residual's branches): their sum "
+                                     f"is added to x in the next fused call")
         report.layers += len(layers)
-        report.fused_adds += 2 * len(layers)
-        report.norms_on_kernel += 2 * len(layers) + 1
-        report.norms_without_residual += 1 if layers else 0  # the first layer's input norm
+        if layers:  # the first layer's input norm: no residual yet
+            report.norms_on_kernel += 1
+            report.norms_without_residual += 1
     if report.layers == 0:
         raise ValueError(f"model: no {model_cls.__name__} found to convert")
     return report
@@ -643,14 +839,6 @@ NORMS_ONLY = {
     # residual + norm(sublayer(h)), and the next sublayer reads the sum without a norm
     "olmo2": ("olmo2", "Olmo2RMSNorm", "each follows its norm (Olmo2RMSNorm on each sublayer's output), so "
                                        "there is no norm after them to fuse them into"),
-    # FalconModel collects output_hidden_states in its own loop from what each layer
-    # returns, so a layer cannot hand a (branch, residual) pair to the next one
-    "falcon": ("falcon", "LayerNorm", "the model's layer loop reads each layer's output as its hidden state, "
-                                      "so the add cannot move into the next layer's norm"),
-    # T5's blocks pass (hidden, position bias, ...) tuples and clamp fp16 values between
-    # each add and the next norm
-    "t5": ("t5", "T5LayerNorm", "each is followed by an fp16 clamp or a block boundary before the next norm, "
-                                "so it stays in PyTorch"),
 }
 
 
@@ -667,8 +855,7 @@ def convert_norms_model(model: nn.Module, model_type: str) -> ConversionReport:
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is norm_cls:
-                setattr(parent, child_name, _kernel_norm(child, rms_class=T5KernelRMSNorm if model_type == "t5"
-                                                         else KernelRMSNorm))
+                setattr(parent, child_name, _kernel_norm(child))
                 report.norms_on_kernel += 1
                 report.norms_without_residual += 1
     if report.norms_on_kernel == 0:
@@ -681,10 +868,10 @@ def convert_norms_model(model: nn.Module, model_type: str) -> ConversionReport:
 
 
 def convert_stacks_model(model: nn.Module, model_type: str) -> ConversionReport:
-    """Fuse every residual add of both stacks of an encoder-decoder family (Whisper).
-    Each stack hands (branch, residual) pairs between its layers; its last add is fused
-    with its final norm. In fp16, Whisper's encoder clamps each layer's sum before the
-    next norm, so there each encoder layer's last add stays in PyTorch."""
+    """Fuse every residual add of both stacks of an encoder-decoder family (Whisper,
+    T5). Each stack hands (branch, residual) pairs between its layers; its last add is
+    fused with its final norm. In fp16, Whisper's encoder clamps each layer's sum before
+    the next norm, and T5 clamps every sum: there those adds stay in PyTorch."""
     if model_type not in STACKS:
         raise ValueError(f"model_type {model_type!r} is not a supported encoder-decoder; "
                          f"supported: {', '.join(sorted(STACKS))}")
@@ -696,6 +883,9 @@ def convert_stacks_model(model: nn.Module, model_type: str) -> ConversionReport:
             setattr(report, field, getattr(report, field) + getattr(part, field))
     if model_type == "whisper":
         report.left_alone.append("in fp16 only: the last add of each encoder layer (clamped before the next norm)")
+    if model_type == "t5":
+        report.left_alone.append("in fp16 only (T5 clamps each sum before the next norm), and where a norm's weight "
+                                 "differs in dtype from the hidden states: the adds")
     return report
 
 
