@@ -775,6 +775,26 @@ def test_torch_compile_fullgraph_of_a_converted_encoder_decoder(family):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("family", ["t5", "whisper"])
+def test_torch_save_of_a_converted_encoder_decoder(family, tmp_path):
+    model, inputs, _ = _seq2seq(family)
+    hf.apply(model)
+    with torch.no_grad():
+        want = model(**inputs).last_hidden_state
+    torch.save(model, tmp_path / "model.pt")
+    torch.save({"inputs": inputs, "want": want}, tmp_path / "io.pt")
+    code = ("import torch, sys; m = torch.load(sys.argv[1], weights_only=False); io = torch.load(sys.argv[2]);"
+            "names = {type(x).__name__ for x in m.modules()};"
+            "assert {'Fused_t5_T5Block', 'Fused_t5_T5LayerFF'} <= names or 'Fused_whisper_encoder_WhisperEncoderLayer'"
+            " in names, names;"
+            "torch.set_grad_enabled(False);"  # as want was computed
+            "assert torch.equal(m(**io['inputs']).last_hidden_state, io['want'])")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.pt"), str(tmp_path / "io.pt")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_t5_in_fp16_keeps_its_fp32_layers_and_norm_dtypes():
     model, inputs, _ = _seq2seq("t5")
     model = model.half()

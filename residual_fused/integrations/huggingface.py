@@ -954,5 +954,10 @@ def _encoder_classes(model_type: str) -> List[type]:
     return [_made_class(model_type, getattr(module, name), {"forward": spec.forward}) for name in spec.classes]
 
 
+def _t5_classes():
+    return _decoder_classes("t5"), _t5_sublayer_classes()
+
+
 _FAMILY_CLASSES = {**{t: functools.partial(_decoder_classes, t) for t in _SPECS},
-                   **{t: functools.partial(_encoder_classes, t) for t in ENCODERS}}
+                   **{t: functools.partial(_encoder_classes, t) for t in ENCODERS},
+                   "t5": _t5_classes}
