@@ -6,6 +6,7 @@ against the original: max|converted - ref| <= 2 * max|original - ref| + atol, wh
 ref is the original model in float64 and both others run in the tested dtype.
 """
 
+import contextlib
 import copy
 import functools
 import os
@@ -682,6 +683,71 @@ def test_reentrant_recompute_returns_what_the_forward_returned(family):
     recompute = shapes[len(forward):]
     assert all(grad for grad, _ in recompute)
     assert sorted(map(str, recompute)) == sorted(str((True, s)) for _, s in forward)
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_layers_compiled_one_by_one_keep_hidden_states_and_fusion(family):
+    """Regional compilation (each layer compiled on its own, as accelerate's
+    compile_regions does): the output collector is set outside the compiled code,
+    and the layers still return hidden states to it, pairs otherwise."""
+    if family == "t5":
+        original, inputs, _ = _seq2seq("t5")
+        shapes, adds = [(2, 5, HIDDEN), (2, 9, HIDDEN)], (0, 0)
+    else:
+        original, inputs = _model(family), {"input_ids": torch.randint(0, VOCAB, (2, 12))}
+        shapes, adds = [(2, 12, HIDDEN)], (0,)
+    converted = copy.deepcopy(original)
+    hf.apply(converted)
+    torch._dynamo.reset()
+    for layer in converted.modules():
+        if type(layer).__name__.startswith(("Fused_llama_LlamaDecoderLayer", "Fused_t5_T5Block")):
+            layer.compile(backend="eager")  # (transformers' own capture hooks break the graph)
+    with torch.no_grad():
+        got = converted(**inputs, output_hidden_states=True)
+        want = original(**inputs, output_hidden_states=True)
+    keys = ["hidden_states"] if family != "t5" else ["encoder_hidden_states", "decoder_hidden_states"]
+    for key in keys:
+        assert len(got[key]) == len(want[key])
+        for g, w in zip(got[key], want[key]):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        modes = [stack.enter_context(_CountOps(shape)) for shape in shapes]
+        converted(**inputs)
+    assert tuple(m.adds for m in modes) == adds
+
+
+def test_hooks_on_t5_sublayers_see_the_original_tensors():
+    model, inputs, _ = _seq2seq("t5")
+    converted = copy.deepcopy(model)
+    hf.apply(converted)
+    seen = {}
+    for name, m in (("original", model), ("converted", converted)):
+        outs, ins = [], []
+        handles = [m.encoder.block[1].layer[0].register_forward_hook(lambda mod, a, o: outs.append(o[0])),
+                   m.decoder.block[0].layer[-1].register_forward_pre_hook(lambda mod, a: ins.append(a[0]))]
+        with torch.no_grad():
+            out = m(**inputs).last_hidden_state
+        for h in handles:
+            h.remove()
+        seen[name] = (outs[0], ins[0], out)
+    for got, want in zip(seen["converted"], seen["original"]):
+        assert isinstance(got, torch.Tensor)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_falcon_hooks_see_hidden_states_and_invalid_configs_are_refused():
+    cfg = _config("falcon")
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(cfg).eval()
+    seen = []
+    model.register_forward_hook(lambda mod, a, out: seen.extend(out.hidden_states))
+    hf.apply(model)  # the conversion's own hook runs before the user's
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (2, 12)), output_hidden_states=True)
+    assert len(seen) == LAYERS + 1 and all(isinstance(h, torch.Tensor) for h in seen)
+    cfg.new_decoder_architecture, cfg.parallel_attn = True, False  # transformers' forward fails on it
+    with pytest.raises(ValueError, match="new_decoder_architecture=True with parallel_attn=False"):
+        hf.apply(transformers.AutoModel.from_config(cfg))
 
 
 def test_hooks_and_custom_loops_see_hidden_states():

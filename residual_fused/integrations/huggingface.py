@@ -425,29 +425,44 @@ def _reentrant_checkpointing(layer: nn.Module) -> bool:
     return keywords.get("use_reentrant", True) is not False  # torch's default when unset
 
 
-def _layer_output(layer: nn.Module, out, residual, branch_first: bool = False):
+def _layer_output(layer: nn.Module, out, residual, hidden_state: Optional[bool], branch_first: bool = False):
     """A converted layer's result: the (branch, residual) pair for the next fused call,
-    or the hidden state (the add in PyTorch, in the family's own order) where the pair
-    cannot travel: while hidden states are collected, under reentrant checkpointing,
-    and when hooks watch the layer."""
-    if _recording_hidden_states() or _reentrant_checkpointing(layer) or _observed(layer):
+    or, where ``hidden_state`` (decided by the layer's call, else here; see
+    :func:`_returns_hidden_state`), the hidden state: the add in PyTorch, in the
+    family's own order."""
+    if _returns_hidden_state(layer) if hidden_state is None else hidden_state:
         return out + residual if branch_first else residual + out
     return out, residual
 
 
-def _recording_hidden_states() -> bool:
-    """True while the model collects its layers' outputs (output_hidden_states)."""
+def _returns_hidden_state(layer: nn.Module) -> bool:
+    """Whether ``layer`` must return its hidden state rather than a pair: while the
+    model collects hidden states, under reentrant checkpointing, and when hooks watch
+    the layer."""
+    return _recording_hidden_states(layer) or _reentrant_checkpointing(layer) or _observed(layer)
+
+
+def _recording_hidden_states(layer: nn.Module) -> bool:
+    """True while the model collects its layers' outputs (output_hidden_states) from
+    what they return. Falcon's model collects them in its own loop and a hook on it
+    turns the pairs into hidden states, so its layers never need to."""
+    if _SPECS[layer._residual_fused_family].style == "falcon":
+        return False
     try:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # cannot tell: never hand a pair to an observer
         return True
     if torch.compiler.is_compiling() and not getattr(_active_collector, "compiling", True):
-        return False  # no collector was set while compiling (dynamo cannot read the ContextVar itself)
+        # No collector was set inside this compiled code, but one may be active outside
+        # it (each layer compiled on its own), and dynamo cannot read the ContextVar:
+        # the safe answer. (A layer compiled with layer.compile() is called from
+        # uncompiled code, which decides; see _decoder_layer_call.)
+        return True
     collected = _active_collector.get()
     return collected is not None and "hidden_states" in collected
 
 
-def _decoder_layer_forward(self, hidden_states, residual=None, **kwargs):
+def _decoder_layer_forward(self, hidden_states, residual=None, *, _return_hidden_state=None, **kwargs):
     spec = _SPECS[self._residual_fused_family]
     hidden_states, residual = _input_norm(self.input_layernorm, hidden_states, residual)
     attn = self.self_attn(hidden_states=hidden_states, **kwargs)
@@ -461,11 +476,12 @@ def _decoder_layer_forward(self, hidden_states, residual=None, **kwargs):
     out = _branch(self, spec, out[0] if isinstance(out, tuple) else out, "mlp")
     if spec.sandwich:
         out = self.post_feedforward_layernorm(out)
-    return _layer_output(self, out, residual)
+    return _layer_output(self, out, residual, _return_hidden_state)
 
 
 def _gpt2_block_forward(self, hidden_states, residual=None, cache=None, attention_mask=None,
-                        encoder_hidden_states=None, encoder_attention_mask=None, use_cache=False, **kwargs):
+                        encoder_hidden_states=None, encoder_attention_mask=None, use_cache=False, *,
+                        _return_hidden_state=None, **kwargs):
     hidden_states, residual = _input_norm(self.ln_1, hidden_states, residual)
     attn, _ = self.attn(hidden_states, cache=cache, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
     if encoder_hidden_states is not None:
@@ -478,18 +494,19 @@ def _gpt2_block_forward(self, hidden_states, residual=None, cache=None, attentio
                                       encoder_attention_mask=encoder_attention_mask)
     hidden_states, residual = _add_norm(self.ln_2, attn, residual)
     out = self.mlp(hidden_states)
-    return _layer_output(self, out, residual)
+    return _layer_output(self, out, residual, _return_hidden_state)
 
 
-def _vit_layer_forward(self, hidden_states, residual=None, attention_mask=None, **kwargs):
+def _vit_layer_forward(self, hidden_states, residual=None, attention_mask=None, *, _return_hidden_state=None,
+                       **kwargs):
     hidden_states, residual = _input_norm(self.layernorm_before, hidden_states, residual)
     attn, _ = self.attention(hidden_states, attention_mask, **kwargs)
     hidden_states, residual = _add_norm(self.layernorm_after, self.dropout(attn), residual)
     out = self.dropout(self.mlp(hidden_states))
-    return _layer_output(self, out, residual)
+    return _layer_output(self, out, residual, _return_hidden_state)
 
 
-def _neox_layer_forward(self, hidden_states, residual=None, **kwargs):
+def _neox_layer_forward(self, hidden_states, residual=None, *, _return_hidden_state=None, **kwargs):
     hidden_states, residual = _input_norm(self.input_layernorm, hidden_states, residual)
     attn, _ = self.attention(hidden_states, **kwargs)
     attn = self.post_attention_dropout(attn)
@@ -498,12 +515,12 @@ def _neox_layer_forward(self, hidden_states, residual=None, **kwargs):
     else:
         hidden_states, residual = _add_norm(self.post_attention_layernorm, attn, residual)
         out = self.post_mlp_dropout(self.mlp(hidden_states))
-    return _layer_output(self, out, residual, branch_first=True)
+    return _layer_output(self, out, residual, _return_hidden_state, branch_first=True)
 
 
 def _falcon_layer_forward(self, hidden_states, residual=None, attention_mask=None, position_ids=None,
                           layer_past=None, use_cache=False, output_attentions=False, position_embeddings=None,
-                          **kwargs):
+                          *, _return_hidden_state=None, **kwargs):
     config = self.config
     two_norms = config.new_decoder_architecture and config.num_ln_in_parallel_attn == 2
     hidden_states, residual = _input_norm(self.ln_attn if two_norms else self.input_layernorm,
@@ -520,7 +537,7 @@ def _falcon_layer_forward(self, hidden_states, residual=None, attention_mask=Non
     if _parallel(_SPECS["falcon"], self):  # mlp + attn: the branch of the one residual add
         out = out + attn
     out = nn.functional.dropout(out, p=config.hidden_dropout, training=self.training)
-    return _with_extras(_layer_output(self, out, residual), attn_weights)
+    return _with_extras(_layer_output(self, out, residual, _return_hidden_state), attn_weights)
 
 
 def _with_extras(out, *extras):
@@ -548,31 +565,49 @@ def _t5_clamped(x, residual):
     """T5's fp16 clamp of a sublayer's sum: the sum is formed here and handed on alone."""
     if residual is None or torch.promote_types(x.dtype, residual.dtype) != torch.float16:
         return x, residual
-    total = residual + x
-    limit = torch.where(torch.isinf(total).any(), torch.finfo(total.dtype).max - 1000, torch.finfo(total.dtype).max)
-    return torch.clamp(total, min=-limit, max=limit), None
+    return _t5_clamp(residual + x), None
+
+
+def _t5_clamp(hidden):
+    """T5's clamp of an fp16 hidden state (to keep infinities out of fp16 training)."""
+    if hidden.dtype != torch.float16:
+        return hidden
+    limit = torch.where(torch.isinf(hidden).any(), torch.finfo(hidden.dtype).max - 1000,
+                        torch.finfo(hidden.dtype).max)
+    return torch.clamp(hidden, min=-limit, max=limit)
+
+
+# A converted sublayer takes (x, residual) and returns (branch, residual, *extras);
+# with paired=False (the block does so when hooks watch any of its sublayers) it takes
+# and returns what the original does, so that hooks see the original's tensors.
+
+def _t5_sublayer_output(paired, branch, residual, *extras):
+    if paired:
+        return (branch, residual, *extras)
+    total = residual + branch
+    return (total, *extras) if extras else total
 
 
 def _t5_self_attention_forward(self, hidden_states, residual=None, attention_mask=None, position_bias=None,
-                               cache=None, **kwargs):
+                               cache=None, *, paired=True, **kwargs):
     normed, residual = _t5_norm(self.layer_norm, hidden_states, residual)
     attn, position_bias, attn_weights = self.SelfAttention(normed, mask=attention_mask, position_bias=position_bias,
                                                            cache=cache, **kwargs)
-    return self.dropout(attn), residual, position_bias, attn_weights
+    return _t5_sublayer_output(paired, self.dropout(attn), residual, position_bias, attn_weights)
 
 
-def _t5_cross_attention_forward(self, hidden_states, residual, key_value_states, attention_mask=None,
-                                position_bias=None, cache=None, **kwargs):
+def _t5_cross_attention_forward(self, hidden_states, residual=None, key_value_states=None, attention_mask=None,
+                                position_bias=None, cache=None, *, paired=True, **kwargs):
     normed, residual = _t5_norm(self.layer_norm, hidden_states, residual)
     attn, position_bias, attn_weights = self.EncDecAttention(normed, mask=attention_mask,
                                                              key_value_states=key_value_states,
                                                              position_bias=position_bias, cache=cache, **kwargs)
-    return self.dropout(attn), residual, position_bias, attn_weights
+    return _t5_sublayer_output(paired, self.dropout(attn), residual, position_bias, attn_weights)
 
 
-def _t5_feed_forward_forward(self, hidden_states, residual=None):
+def _t5_feed_forward_forward(self, hidden_states, residual=None, *, paired=True):
     normed, residual = _t5_norm(self.layer_norm, hidden_states, residual)
-    return self.dropout(self.DenseReluDense(normed)), residual
+    return _t5_sublayer_output(paired, self.dropout(self.DenseReluDense(normed)), residual)
 
 
 _T5_SUBLAYERS = {"T5LayerSelfAttention": _t5_self_attention_forward,
@@ -582,7 +617,10 @@ _T5_SUBLAYERS = {"T5LayerSelfAttention": _t5_self_attention_forward,
 
 def _t5_block_forward(self, hidden_states, residual=None, attention_mask=None, position_bias=None,
                       encoder_hidden_states=None, encoder_attention_mask=None, encoder_decoder_position_bias=None,
-                      cache=None, **kwargs):
+                      cache=None, *, _return_hidden_state=None, **kwargs):
+    if any(_observed(sub) for sub in self.layer):
+        return _t5_block_unpaired(self, hidden_states, residual, attention_mask, position_bias, encoder_hidden_states,
+                                  encoder_attention_mask, encoder_decoder_position_bias, cache, **kwargs)
     x, residual, self_bias, _ = self.layer[0](hidden_states, residual, attention_mask=attention_mask,
                                               position_bias=position_bias, cache=cache, **kwargs)
     x, residual = _t5_clamped(x, residual)
@@ -594,8 +632,25 @@ def _t5_block_forward(self, hidden_states, residual=None, attention_mask=None, p
                                                    **kwargs)
         x, residual = _t5_clamped(x, residual)
     x, residual = _t5_clamped(*self.layer[-1](x, residual))
-    out = x if residual is None else _layer_output(self, x, residual)
+    out = x if residual is None else _layer_output(self, x, residual, _return_hidden_state)
     return _with_extras(out, self_bias, cross_bias)
+
+
+def _t5_block_unpaired(self, hidden_states, residual, attention_mask, position_bias, encoder_hidden_states,
+                       encoder_attention_mask, encoder_decoder_position_bias, cache, **kwargs):
+    """T5's own block, sublayers called as the original calls them (hooks watch one)."""
+    hidden = hidden_states if residual is None else residual + hidden_states  # (fp16 sums come clamped)
+    hidden, self_bias, _ = self.layer[0](hidden, attention_mask=attention_mask, position_bias=position_bias,
+                                         cache=cache, paired=False, **kwargs)
+    hidden = _t5_clamp(hidden)
+    cross_bias = None
+    if self.is_decoder and encoder_hidden_states is not None:
+        hidden, cross_bias, _ = self.layer[1](hidden, key_value_states=encoder_hidden_states,
+                                              attention_mask=encoder_attention_mask,
+                                              position_bias=encoder_decoder_position_bias, cache=cache, paired=False,
+                                              **kwargs)
+        hidden = _t5_clamp(hidden)
+    return _t5_clamp(self.layer[-1](hidden, paired=False)), self_bias, cross_bias
 
 
 def _whisper_mlp(self, hidden_states):
@@ -605,7 +660,8 @@ def _whisper_mlp(self, hidden_states):
     return nn.functional.dropout(hidden_states, p=self.dropout, training=self.training)
 
 
-def _whisper_encoder_layer_forward(self, hidden_states, residual=None, attention_mask=None, **kwargs):
+def _whisper_encoder_layer_forward(self, hidden_states, residual=None, attention_mask=None, *,
+                                   _return_hidden_state=None, **kwargs):
     hidden_states, residual = _input_norm(self.self_attn_layer_norm, hidden_states, residual)
     attn, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
     attn = nn.functional.dropout(attn, p=self.dropout, training=self.training)
@@ -615,12 +671,12 @@ def _whisper_encoder_layer_forward(self, hidden_states, residual=None, attention
         total = residual + out
         clamp = torch.finfo(total.dtype).max - 1000
         return torch.clamp(total, min=-clamp, max=clamp)
-    return _layer_output(self, out, residual)
+    return _layer_output(self, out, residual, _return_hidden_state)
 
 
 def _whisper_decoder_layer_forward(self, hidden_states, residual=None, attention_mask=None,
                                    encoder_hidden_states=None, encoder_attention_mask=None, cache=None,
-                                   use_cache=True, **kwargs):
+                                   use_cache=True, *, _return_hidden_state=None, **kwargs):
     hidden_states, residual = _input_norm(self.self_attn_layer_norm, hidden_states, residual)
     attn, _ = self.self_attn(hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
     attn = nn.functional.dropout(attn, p=self.dropout, training=self.training)
@@ -631,7 +687,7 @@ def _whisper_decoder_layer_forward(self, hidden_states, residual=None, attention
         attn = nn.functional.dropout(attn, p=self.dropout, training=self.training)
     hidden_states, residual = _add_norm(self.final_layer_norm, attn, residual)
     out = _whisper_mlp(self, hidden_states)
-    return _layer_output(self, out, residual)
+    return _layer_output(self, out, residual, _return_hidden_state)
 
 
 _FORWARDS = {"llama": _decoder_layer_forward, "gpt2": _gpt2_block_forward, "vit": _vit_layer_forward,
@@ -652,7 +708,11 @@ def _decoder_layer_call(self, hidden_states, *args, **kwargs):
             branch, residual = hidden_states.branch, hidden_states.residual
     # both positionally: reentrant checkpointing tracks only positional tensors, and the
     # forward returns a flat tuple, (branch, residual, *extras) or (hidden, *extras), so
-    # that it tracks every output
+    # that it tracks every output. Whether it returns the hidden state is decided here,
+    # outside the forward: a layer compiled on its own (layer.compile()) then still sees
+    # the output collector, which compiled code cannot read, and a checkpoint's
+    # recompute gets the same answer as its forward.
+    kwargs["_return_hidden_state"] = _returns_hidden_state(self)
     out = nn.Module.__call__(self, branch, residual, *args, **kwargs)
     extras = _SPECS[self._residual_fused_family].extra_outputs
     if not isinstance(out, tuple) or len(out) != extras + 2:
@@ -718,6 +778,11 @@ def convert_decoder_model(model: nn.Module, model_type: str) -> ConversionReport
             raise ValueError(f"model: {type(module).__name__}.{spec.layers} holds modules other than "
                              f"{layer_cls.__name__}; refusing a partial conversion")
         parallel = 0
+        config = getattr(module, "config", None)
+        if spec.style == "falcon" and config.new_decoder_architecture and not config.parallel_attn:
+            raise ValueError(f"model: {type(module).__name__}'s config has new_decoder_architecture=True with "
+                             f"parallel_attn=False, a layer transformers' own Falcon forward cannot run; "
+                             f"refusing to convert it")
         for k, layer in enumerate(layers):
             if type(layer) is layer_cls:
                 where = f"{type(module).__name__}.{spec.layers}[{k}]"
@@ -743,7 +808,7 @@ def convert_decoder_model(model: nn.Module, model_type: str) -> ConversionReport
         if not isinstance(final, (KernelRMSNorm, KernelLayerNorm)):
             setattr(module, spec.final_norm, _kernel_norm(final, spec.weight_offset, rms_class=rms_class))
         if spec.style == "falcon" and _pairs_to_hidden_states not in module._forward_hooks.values():
-            module.register_forward_hook(_pairs_to_hidden_states)
+            module.register_forward_hook(_pairs_to_hidden_states, prepend=True)  # before the user's hooks
         if parallel:
             report.left_alone.append(f"{parallel} adds of attn + mlp (a parallel residual's branches): their sum "
                                      f"is added to x in the next fused call")
