@@ -1,6 +1,6 @@
 # The two entry points of the README. Both set up ./.venv (or use the active
 # virtualenv) on first use; neither replaces an installed torch.
-.PHONY: bench test gpu-check fuzz mutants coverage
+.PHONY: bench test gpu-check gpu-tune fuzz mutants coverage
 
 bench:
 	bash scripts/bench.sh $(ARGS)
@@ -12,6 +12,13 @@ test:
 # benchmark, ncu; logs in bench/out/gpu-check. Stages: make gpu-check ARGS="build tests".
 gpu-check:
 	bash scripts/gpu_check.sh $(ARGS)
+
+# On a CUDA machine, one call of at most 6 minutes (build included): every provider side
+# by side over the sweep and the decode shapes, results appended to
+# bench/out/gpu-tune/results.csv as they come (bench/gpu_tune.py). Carry peers' wheels
+# fetched by scripts/fetch_peers.sh in peers/. ARGS="--dry-run" prints the plan anywhere.
+gpu-tune:
+	bash scripts/gpu_tune.sh $(ARGS)
 
 # Longer runs of the emulated checks CI samples; each sets up the test environment first.
 # The fuzzer for ARGS (default: 30 minutes with a fresh seed), e.g. ARGS="--seconds 600 --seed 7".

@@ -1,0 +1,499 @@
+"""One GPU call that answers the benchmark's questions (``make gpu-tune``).
+
+    python bench/gpu_tune.py --out bench/out/gpu-tune       # on a CUDA machine
+    python bench/gpu_tune.py --dry-run                      # anywhere: the plan, predicted
+
+GPU machines are lent rarely and briefly, so one run measures, side by side and in
+priority order: eager PyTorch, torch.compile of the same eager code, this library
+and every peer that imports there (Liger-Kernel, QuACK, Apex, TransformerEngine,
+flash-attn's Triton norm), over the sweep of hidden sizes, norms, forms, directions
+and dtype mixes, and the decode shapes.
+
+How a run is organised:
+
+* **Jobs in priority order.** A job is one config (norm, form, dtype mix, rows x
+  hidden) with its directions. bf16 comes first, then the decode shapes, then bf16
+  with an fp32 residual stream, fp16 and fp32. Each job's device seconds are
+  predicted from its bytes (``predict_seconds``); a job that would overrun the
+  deadline is not started, and the jobs after it are still tried (smaller ones may fit).
+* **One deadline, stage limits.** ``--deadline`` seconds from the start; each stage
+  also has its own limit (``STAGE_LIMITS``), so a stage that takes longer than
+  planned cannot starve the rest.
+* **Results as they come.** Every finished job appends its rows to
+  ``results.csv`` at once; a cut-off run still returns what it measured, and a rerun
+  with the same ``--out`` resumes after the jobs already there.
+* **torch.compile without waiting for it.** Worker processes compile every job's
+  eager code from the start of the run (filling inductor's on-disk cache), while the
+  main process times the other providers; the compiled provider is timed in a second
+  pass, where its graphs load from the cache. It is never skipped for time: a job's
+  compile row waits for its worker (the deadline decides only which jobs start).
+* **Copy bandwidth at each row's own size.** The % of copy compares each row with a
+  device-to-device clone that moves the same number of bytes as the row's floor
+  (cached per size), not one 1 GiB copy.
+* **Correctness first.** The library's forward and backward are checked against the
+  float64 reference on three sizes per dtype mix before anything is timed; every
+  provider's forward is checked again per job (bench_add_norm.check_output).
+
+Kernel variants: the library dispatches one kernel shape per hidden size, chosen by
+rule (csrc/kernels/dispatch.cu); the variant list below is that single point
+("default") until shapes can be chosen at run time. The dry run prints the plan: the
+stages, the jobs that fit the deadline and the predicted device seconds (the model's
+assumptions are in ``DeviceModel``; they are predictions, not measurements).
+"""
+
+import argparse
+import csv
+import dataclasses
+import importlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_add_norm as bench  # noqa: E402
+import providers  # noqa: E402
+import report  # noqa: E402
+from byte_model import MODES, Config, eager_bytes, fused_bytes  # noqa: E402
+
+HIDDEN = (512, 768, 1024, 2048, 2560, 4096, 5120, 8192, 12288, 16384, 24576, 32768, 65536, 131072, 262144)
+ELEMENTS = 1 << 26  # rows * hidden of each sweep config
+DECODE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DECODE_HIDDEN = (2048, 4096, 8192)
+#: dtype mixes in priority order (bench_add_norm.DTYPES keys).
+DTYPE_ORDER = ("bf16", "bf16-fp32res", "fp16", "fp32")
+#: the kernel variants the library can run; one until shapes are chosen at run time.
+VARIANTS = ("default",)
+CORRECTNESS_HIDDEN = (768, 8200, 65536)  # a rows kernel, an unaligned-to-the-chunk size, a cluster
+STAGES = ("env", "correct", "sweep", "page")
+#: each stage's own limit, seconds (capped by what is left before the deadline).
+STAGE_LIMITS = {"env": 30, "correct": 40, "sweep": 300, "page": 20}
+REPEATS = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    table: str  # "sweep" or "decode"
+    priority: int  # lower runs first
+    cfg: Config
+    modes: tuple
+
+    @property
+    def key(self) -> str:
+        c = self.cfg
+        return "|".join(map(str, (self.table, c.norm, "pre" if c.prenorm else "post", dtype_label(c),
+                                  c.rows, c.hidden)))
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceModel:
+    """What a prediction assumes (an H100 unless told otherwise). Not measured here:
+    adjust from the first run's stage times (they are written to stages.json)."""
+    copy_gbs: float = 3000.0  # device copy bandwidth
+    efficiency: float = 0.6  # fraction of it a timed provider reaches (conservative)
+    flush_ms: float = 0.12  # the 256 MiB L2 flush before every timed call
+    call_ms: float = 0.03  # launch and host time per call
+    setup_s: float = 0.08  # per job and provider: inputs, the float64 check, building the call
+    compile_load_s: float = 0.6  # per job and direction: dynamo trace and cached graph load
+    warmup: int = 5
+
+    def provider_seconds(self, job: Job, provider: str, repeats: int) -> float:
+        seconds = self.setup_s
+        for mode in job.modes:
+            nbytes = (fused_bytes if providers.fuses_add(provider, job.cfg) else eager_bytes)(job.cfg, mode)
+            call = nbytes / (self.copy_gbs * 1e9 * self.efficiency) * 1e3 + self.call_ms + self.flush_ms
+            seconds += (repeats + self.warmup) * call * 1e-3
+        if provider == "compile":
+            seconds += self.compile_load_s * (2 if any(m != "fwd" for m in job.modes) else 1)
+        return seconds
+
+
+def dtype_label(cfg: Config) -> str:
+    """The dtype label the CSV rows carry (bench_add_norm._row)."""
+    name = str(cfg.x_dtype).replace("torch.", "")
+    return name if cfg.residual_dtype == cfg.x_dtype else f"{name}+fp32res"
+
+
+def plan_jobs(hidden: Iterable[int] = HIDDEN, dtypes: Iterable[str] = DTYPE_ORDER, decode: bool = True,
+              modes: Iterable[str] = MODES, elements: int = ELEMENTS) -> List[Job]:
+    """Every job of a run, in the order they run."""
+    jobs = []
+    for rank, name in enumerate(dtypes):
+        x_dtype, res_dtype = bench.DTYPES[name]
+        weight = torch.float32 if res_dtype == torch.float32 else x_dtype
+        for h in hidden:
+            for norm in ("rms", "layer"):
+                for prenorm in (True, False):
+                    cfg = Config(norm=norm, prenorm=prenorm, rows=max(1, elements // h), hidden=h, x_dtype=x_dtype,
+                                 residual_dtype=res_dtype, weight_dtype=weight)
+                    jobs.append(Job("sweep", 2 * rank if rank else 0, cfg, tuple(modes)))
+        if rank == 0 and decode:  # serving shapes right after the main dtype
+            for h in DECODE_HIDDEN:
+                for rows in DECODE_ROWS:
+                    jobs.append(Job("decode", 1, Config(norm="rms", prenorm=True, rows=rows, hidden=h), ("fwd",)))
+                    jobs.append(Job("decode", 1, Config(norm="layer", prenorm=False, rows=rows, hidden=h), ("fwd",)))
+    return sorted(jobs, key=lambda j: j.priority)
+
+
+def schedule(jobs: List[Job], names: List[str], model: DeviceModel, budget_s: float, repeats: int = REPEATS):
+    """(jobs that fit in budget_s in order, jobs cut, predicted seconds of those that fit)."""
+    kept, cut, total = [], [], 0.0
+    for job in jobs:
+        seconds = sum(model.provider_seconds(job, name, repeats) for name in names)
+        if total + seconds <= budget_s:
+            kept.append(job)
+            total += seconds
+        else:
+            cut.append(job)
+    return kept, cut, total
+
+
+def probe_peers() -> Dict[str, str]:
+    """Which peers import here: name -> version, or why not."""
+    found = {}
+    for name, module in (("liger", "liger_kernel"), ("quack", "quack"), ("apex", "apex"),
+                         ("transformer_engine", "transformer_engine"), ("flash_attn", "flash_attn")):
+        try:
+            mod = importlib.import_module(module)
+            found[name] = str(getattr(mod, "__version__", "installed"))
+        except Exception as err:  # not installed, or broken: both mean "not here"
+            found[name] = f"not available ({type(err).__name__})"
+    return found
+
+
+# ---- compile warm-up, in worker processes ------------------------------------------
+
+def _warm(cfg: Config, modes: tuple, table: str, device: str) -> float:
+    """Compile the eager provider's code for cfg (forward, and backward where timed;
+    decode rows run without grad, as they are timed) once, so the main process loads
+    it from inductor's cache. Returns seconds."""
+    t0 = time.perf_counter()
+    inputs, grads = bench.make_inputs(cfg, device)
+    fn = providers.make("compile", cfg, device)
+    with torch.set_grad_enabled(table != "decode"):
+        for mode in modes:
+            bench.step(fn, mode, inputs, grads, cfg.prenorm)()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+class Warmers:
+    """Worker processes compiling jobs' graphs in the jobs' order."""
+
+    def __init__(self, jobs: List[Job], device: str, workers: int):
+        self.futures = {}
+        self.pool = None
+        if workers <= 0 or not jobs:
+            return
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        for job in jobs:
+            self.futures[job.key] = self.pool.submit(_warm, job.cfg, job.modes, job.table, device)
+
+    def wait(self, job: Job) -> Optional[float]:
+        future = self.futures.get(job.key)
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except Exception as err:  # the main process compiles it itself, and reports any error
+            print(f"warm-up of {job.key} failed in its worker: {type(err).__name__}: {err}"[:300])
+            return None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---- the run ----------------------------------------------------------------------
+
+class Clock:
+    """Seconds since the run started; the deadline and each stage's limit."""
+
+    def __init__(self, deadline_s: float, now: Callable[[], float] = time.monotonic):
+        self.now, self.start, self.deadline = now, now(), deadline_s
+
+    def elapsed(self) -> float:
+        return self.now() - self.start
+
+    def left(self) -> float:
+        return self.deadline - self.elapsed()
+
+
+def done_keys(csv_path: str) -> set:
+    """Jobs (by key) whose rows a previous run already wrote."""
+    if not os.path.exists(csv_path):
+        return set()
+    keys = set()
+    for row in report.read_csv(csv_path):
+        keys.add("|".join(map(str, (row["table"], row["norm"], row["form"], row["dtype"], row["rows"],
+                                    row["hidden"]))) + "|" + row["provider"])
+    return keys
+
+
+def append_rows(rows: List[dict], csv_path: str) -> None:
+    new = not os.path.exists(csv_path)
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(report.FIELDS))
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k) for k in report.FIELDS})
+
+
+class RowCopyBandwidth:
+    """The copy bandwidth a row is compared with. CUDA: a clone that moves as many
+    bytes as the row's floor (measured once per size, in whole MiB). CPU: the clone
+    of the row's input that bench_add_norm times between the providers' calls."""
+
+    def __init__(self, device: str):
+        self.device, self.cache = device, {}
+
+    def for_bytes(self, nbytes: int) -> float:
+        size = max(1 << 20, (nbytes // 2) >> 20 << 20)  # bytes read (= written), whole MiB
+        if size not in self.cache:
+            self.cache[size] = bench.copy_bandwidth_gbs(self.device, size)
+        return self.cache[size]
+
+    def for_job(self, job: "Job"):
+        """bench_add_norm.run_table's copy_gbs argument for this job."""
+        owner = self
+
+        class ForJob:
+            def __call__(self, cfg):
+                return owner.for_bytes(fused_bytes(cfg, job.modes[-1]))
+
+            def record(self, moved, ms):
+                gbs = moved / (ms * 1e-3) / 1e9
+                owner.cache.setdefault(moved // 2, gbs)
+                return gbs
+
+        return ForJob()
+
+
+def correctness(device: str, dtypes: Iterable[str], clock: Optional["Clock"] = None, end: float = 1e9) -> List[dict]:
+    """Every variant's forward and backward against the float64 reference; checks
+    left when the stage's time is up are reported as not checked."""
+    results = []
+    for variant in VARIANTS:
+        for name in dtypes:
+            x_dtype, res_dtype = bench.DTYPES[name]
+            for h in CORRECTNESS_HIDDEN:
+                for norm in ("rms", "layer"):
+                    if clock is not None and clock.elapsed() > end:
+                        results.append(dict(variant=variant, dtype=name, hidden=h, norm=norm,
+                                            verdict="not checked (stage limit)"))
+                        continue
+                    cfg = Config(norm=norm, prenorm=True, rows=64, hidden=h, x_dtype=x_dtype, residual_dtype=res_dtype,
+                                 weight_dtype=torch.float32 if res_dtype == torch.float32 else x_dtype)
+                    inputs, grads = bench.make_inputs(cfg, device)
+                    fn = providers.make("residual_fused", cfg, device)
+                    try:
+                        bench.check_output("residual_fused", cfg, fn, inputs)
+                        check_backward(cfg, fn, inputs, grads)
+                        verdict = "ok"
+                    except providers.Unavailable as why:
+                        verdict = f"WRONG: {why}"
+                    results.append(dict(variant=variant, dtype=name, hidden=h, norm=norm, verdict=verdict))
+    return results
+
+
+def check_backward(cfg: Config, fn, inputs, grads) -> None:
+    """The library's input gradients against float64 autograd of the reference."""
+    ref = bench.rf.reference.add_rms_norm if cfg.norm == "rms" else bench.rf.reference.add_layer_norm
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    args = leaves[:3] if cfg.norm == "rms" else leaves
+    want = torch.autograd.grad(bench._as_tuple(ref(*args, providers.EPS[cfg.norm], prenorm=True)),
+                               args, [g.double() for g in grads])
+    got = torch.autograd.grad(bench._as_tuple(fn(*inputs)), inputs[:len(args)], grads)
+    for name, g, w in zip(("dx", "dresidual", "dweight", "dbias"), got, want):
+        err = (g.double() - w).abs().max().item()
+        tol = bench.TOLERANCE.get(g.dtype, 1e-4) * max(1.0, w.abs().max().item())
+        if not err <= tol:
+            raise providers.Unavailable(f"{name} differs from the reference by {err:.3g}")
+
+
+def run_job(job: Job, names: List[str], device: str, repeats: int, copy: RowCopyBandwidth) -> List[dict]:
+    """Time one job's providers (bench_add_norm's row logic, with per-row copy)."""
+    args = argparse.Namespace(device=device, repeats=repeats, providers=names)
+    return bench.run_table(job.table, [job.cfg], list(job.modes), args, copy.for_job(job), _Quiet())
+
+
+class _Quiet:
+    def step(self, label):
+        pass
+
+
+def run(args) -> dict:
+    """The whole run; returns what happened (also written to stages.json)."""
+    device = args.device
+    clock = Clock(args.deadline)
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, "results.csv")
+    summary = {"stages": {}, "deadline_s": args.deadline}
+    peers = probe_peers()
+    names = [n for n in ("eager", "compile", "residual_fused") if n in args.providers]
+    names += [n for n in providers.PROVIDERS if n in args.providers and n not in names
+              and not peers.get(n, "").startswith("not available") and device.startswith("cuda")]
+    model = DeviceModel()
+    jobs = plan_jobs(args.hidden, args.dtypes, not args.no_decode, args.modes, args.elements)
+    done = done_keys(csv_path)
+    todo = [j for j in jobs if not all(f"{j.key}|{n}" in done for n in names)]
+    summary["resumed_past"] = len(jobs) - len(todo)
+
+    def stage(name, fn):
+        limit = min(STAGE_LIMITS[name], clock.left())
+        t0 = clock.elapsed()
+        if limit < 1:
+            summary["stages"][name] = {"skipped": "deadline"}
+            return None
+        result = fn(limit)
+        summary["stages"][name] = {"seconds": round(clock.elapsed() - t0, 1), "limit": round(limit, 1)}
+        return result
+
+    def env_stage(limit):
+        env = bench.environment(device)
+        env["peers"] = peers
+        env["variants"] = list(VARIANTS)
+        report.write_json(env, os.path.join(args.out, "env.json"))
+        return env
+
+    # compile workers start first, so that their graphs are cached when the sweep's
+    # second pass reaches them
+    warmers = Warmers(todo if "compile" in names else [], device, args.compile_workers)
+    env = stage("env", env_stage)
+    checked = stage("correct", lambda limit: correctness(device, args.dtypes, clock, clock.elapsed() + limit)) or []
+    summary["correctness"] = {"checked": sum(r["verdict"] == "ok" or r["verdict"].startswith("WRONG") for r in checked),
+                              "wrong": [r for r in checked if r["verdict"].startswith("WRONG")],
+                              "not_checked": sum(r["verdict"].startswith("not checked") for r in checked)}
+
+    warm_names = [n for n in names if n != "compile"]
+    def sweep_stage(limit):
+        end = clock.elapsed() + limit
+        copy = RowCopyBandwidth(device)
+        measured, cut = [], []
+        # pass 1: every provider but compile; pass 2: compile, graphs from the workers' cache
+        for pass_names in (warm_names, ["compile"] if "compile" in names else []):
+            for job in todo:
+                if not pass_names:
+                    break
+                want = [n for n in pass_names if f"{job.key}|{n}" not in done]
+                if not want:
+                    continue
+                need = sum(model.provider_seconds(job, n, args.repeats) for n in want)
+                if clock.elapsed() + need > end:
+                    cut.append(f"{job.key}|{'+'.join(want)}")
+                    continue
+                if want == ["compile"]:
+                    warmers.wait(job)
+                rows = run_job(job, want, device, args.repeats, copy)
+                append_rows(rows, csv_path)
+                measured.append(job.key)
+        return {"measured": len(measured), "cut": cut, "copy_gbs": copy.cache}
+
+    try:
+        sweep = stage("sweep", sweep_stage) or {}
+    finally:
+        warmers.close()
+    summary["measured_jobs"] = sweep.get("measured", 0)
+    summary["cut"] = sweep.get("cut", [])
+
+    def page_stage(limit):
+        rows = report.read_csv(csv_path) if os.path.exists(csv_path) else []
+        report.add_speedups(rows)
+        report.write_csv(rows, csv_path)
+        if env and rows:
+            copy = sweep.get("copy_gbs") or {0: 0.0}
+            env["copy_gbs"] = max(copy.values()) if copy else 0.0
+            report.write_json(env, os.path.join(args.out, "env.json"))
+        return len(rows)
+
+    stage("page", page_stage)
+    summary["elapsed_s"] = round(clock.elapsed(), 1)
+    report.write_json(summary, os.path.join(args.out, "stages.json"))
+    return summary
+
+
+def dry_run(args) -> dict:
+    """The plan and its predicted device seconds, without a device. The run's budget
+    is the deadline less the build (``--build-seconds``, done before this script by
+    scripts/gpu_tune.sh) and the first stages' limits."""
+    peers = [n for n in args.providers if n not in ("eager", "compile", "residual_fused")]
+    names = [n for n in ("eager", "compile", "residual_fused") if n in args.providers]
+    model = DeviceModel()
+    jobs = plan_jobs(args.hidden, args.dtypes, not args.no_decode, args.modes, args.elements)
+    fixed = {"build": float(args.build_seconds), "env": 5.0,
+             "correct": 0.4 * len(VARIANTS) * len(args.dtypes) * len(CORRECTNESS_HIDDEN) * 2}
+    budget = max(0.0, min(STAGE_LIMITS["sweep"], args.deadline - sum(fixed.values())))
+    kept, cut, sweep_s = schedule(jobs, names, model, budget, args.repeats)
+    with_peer, _, _ = schedule(jobs, names + ["liger"], model, budget, args.repeats)
+    total = sweep_s + sum(fixed.values())
+    by_table = {}
+    for job in kept:
+        by_table[job.table] = by_table.get(job.table, 0) + 1
+    plan = {
+        "variants": list(VARIANTS),
+        "stages": ["build"] + list(STAGES),
+        "providers": names,
+        "jobs": len(jobs),
+        "jobs_that_fit": len(kept),
+        "jobs_that_fit_by_table": by_table,
+        "jobs_cut": len(cut),
+        "first_cut": cut[0].key if cut else None,
+        "jobs_that_fit_with_liger": len(with_peer),
+        "predicted_seconds": {**{k: round(v, 1) for k, v in fixed.items()}, "sweep": round(sweep_s, 1),
+                              "total": round(total, 1)},
+        "deadline_s": args.deadline,
+        "model": dataclasses.asdict(model),
+    }
+    print(f"gpu-tune dry run: {len(VARIANTS)} variant(s) ({', '.join(VARIANTS)}); providers "
+          f"{', '.join(names)}, plus the peers that import on the machine ({', '.join(peers) or 'none asked'})")
+    print(f"jobs: {len(jobs)} planned; {len(kept)} fit the sweep's {budget:.0f} s "
+          f"({', '.join(f'{k} {v}' for k, v in by_table.items())}; {len(with_peer)} with Liger beside them); "
+          f"{len(cut)} cut{', the first ' + cut[0].key if cut else ''}")
+    print("predicted device seconds (DeviceModel's assumptions, not a measurement): "
+          + ", ".join(f"{k} {v}" for k, v in plan["predicted_seconds"].items())
+          + f"; deadline {args.deadline:.0f} s")
+    return plan
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="bench/out/gpu-tune")
+    p.add_argument("--deadline", type=float, default=360.0, help="seconds from the start for the whole run")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and its predicted device time")
+    p.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN))
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPE_ORDER), choices=list(bench.DTYPES))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--no-decode", action="store_true")
+    p.add_argument("--providers", nargs="+", default=list(providers.PROVIDERS), choices=list(providers.PROVIDERS))
+    p.add_argument("--repeats", type=int, default=REPEATS)
+    p.add_argument("--elements", type=int, default=ELEMENTS, help="rows * hidden per sweep job")
+    p.add_argument("--compile-workers", type=int, default=max(0, min(12, (os.cpu_count() or 2) - 2)))
+    p.add_argument("--build-seconds", type=float, default=120.0,
+                   help="dry run: the build's predicted seconds, counted against the deadline")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dry_run:
+        plan = dry_run(args)
+        print(json.dumps(plan["predicted_seconds"]))
+        return plan
+    summary = run(args)
+    print(json.dumps({k: v for k, v in summary.items() if k != "cut"}, indent=1))
+    if summary.get("cut"):
+        print(f"{len(summary['cut'])} job(s) cut by the deadline, the first: {summary['cut'][0]}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
