@@ -408,16 +408,43 @@ def run(args) -> dict:
         rows = report.read_csv(csv_path) if os.path.exists(csv_path) else []
         report.add_speedups(rows)
         report.write_csv(rows, csv_path)
-        if env and rows:
-            copy = sweep.get("copy_gbs") or {0: 0.0}
-            env["copy_gbs"] = max(copy.values()) if copy else 0.0
-            report.write_json(env, os.path.join(args.out, "env.json"))
+        if not (env and rows):
+            return 0
+        copies = [r["copy_gbs"] for r in rows if r["copy_gbs"]]
+        env["copy_gbs"] = max(copies) if copies else 0.0
+        report.write_json(env, os.path.join(args.out, "env.json"))
+        page = bench.write_results_page(rows, env, "make gpu-tune (bench/gpu_tune.py)",
+                                        base=os.path.join(args.out, "page"))
+        with open(page, "a") as f:
+            f.write("\n" + "\n".join(versus_best(rows)) + "\n")
+        summary["page"] = page
         return len(rows)
 
     stage("page", page_stage)
     summary["elapsed_s"] = round(clock.elapsed(), 1)
     report.write_json(summary, os.path.join(args.out, "stages.json"))
     return summary
+
+
+def versus_best(rows: List[dict], ours: str = "residual_fused") -> List[str]:
+    """Markdown: for every timed row, ours against the fastest other provider."""
+    groups = {}
+    for r in rows:
+        if r["ms"] is not None:
+            key = tuple(r[k] for k in ("table", "norm", "form", "mode", "dtype", "rows", "hidden"))
+            groups.setdefault(key, {})[r["provider"]] = r
+    out = ["## Ours against the fastest other provider", "",
+           "| table | norm | form | mode | dtype | rows | hidden | ours | % of copy | best other | its time "
+           "| ours / best |", "|" + "---|" * 12]
+    for key, by_name in groups.items():
+        mine = by_name.get(ours)
+        others = [r for name, r in by_name.items() if name != ours]
+        if mine is None or not others:
+            continue
+        best = min(others, key=lambda r: r["ms"])
+        out.append("| " + " | ".join(map(str, key)) + f" | {mine['ms'] * 1e3:.1f} us | {mine['pct_copy']:.0f}% | "
+                   f"{best['provider']} | {best['ms'] * 1e3:.1f} us | {mine['ms'] / best['ms']:.2f} |")
+    return out
 
 
 def dry_run(args) -> dict:

@@ -60,6 +60,10 @@ def test_run_appends_as_it_goes_and_resumes(tmp_path):
     assert again["resumed_past"] == 8 and again["measured_jobs"] == 0
     assert len(report.read_csv(os.path.join(out, "results.csv"))) == len(rows)
     assert os.path.exists(os.path.join(out, "stages.json")) and os.path.exists(os.path.join(out, "env.json"))
+    with open(first["page"]) as f:  # the results page, with ours against the fastest other provider
+        page = f.read()
+    assert "## Ours against the fastest other provider" in page
+    assert page.count("| sweep | ") >= 8 * 2  # every job and mode
 
 
 def test_deadline_cuts_the_sweep_and_keeps_what_was_measured(tmp_path):
