@@ -241,7 +241,7 @@ def _row(table, cfg, mode, provider, **extra):
     return row
 
 
-def timed(calls, device, repeats, cfg, x, copy_gbs):
+def timed(calls, device, repeats, cfg, x, copy_gbs, mode="fwd"):
     """({provider: Timing}, copy GB/s for these rows).
 
     CUDA: each provider timed on its own, the L2 flushed before every call, against
@@ -250,7 +250,7 @@ def timed(calls, device, repeats, cfg, x, copy_gbs):
     so a shared machine's slow moments hit all of them alike."""
     if device.startswith("cuda"):
         return ({name: time_stats(call, device, repeats=repeats) for name, call in calls.items()},
-                copy_gbs(cfg))
+                copy_gbs(cfg, mode))
     source = x.detach()
     timings = time_interleaved({**calls, COPY: source.clone}, repeats=repeats)
     copy = copy_gbs.record(2 * source.numel() * source.element_size(), timings.pop(COPY).ms)
@@ -258,7 +258,7 @@ def timed(calls, device, repeats, cfg, x, copy_gbs):
 
 
 def run_table(table, configs, modes, args, copy_gbs, progress):
-    """``copy_gbs(cfg)``: the copy bandwidth a config's rows are compared with."""
+    """``copy_gbs(cfg, mode)``: the copy bandwidth a config's rows are compared with."""
     device = args.device
     repeats = args.repeats or (100 if device.startswith("cuda") else 20)
     rows = []
@@ -281,11 +281,11 @@ def run_table(table, configs, modes, args, copy_gbs, progress):
             if table == "decode":
                 with torch.no_grad():  # serving: no autograd
                     calls = {name: (lambda fn=fn: fn(*inputs)) for name, fn in fns.items()}
-                    timings, copy = timed(calls, device, repeats, cfg, inputs[0], copy_gbs)
+                    timings, copy = timed(calls, device, repeats, cfg, inputs[0], copy_gbs, mode)
                     hosts = {name: host_overhead_us(call, repeats=400) for name, call in calls.items()}
             else:
                 calls = {name: step(fn, mode, inputs, grads, cfg.prenorm) for name, fn in fns.items()}
-                timings, copy = timed(calls, device, repeats, cfg, inputs[0], copy_gbs)
+                timings, copy = timed(calls, device, repeats, cfg, inputs[0], copy_gbs, mode)
                 hosts = {}
             for name in fns:
                 timing, host = timings[name], hosts.get(name)
@@ -309,7 +309,7 @@ class CopyBandwidth:
         if device.startswith("cuda"):
             self.measured[1 << 30] = [copy_bandwidth_gbs(device, 1 << 30)]
 
-    def __call__(self, cfg: Config) -> float:
+    def __call__(self, cfg: Config, mode: str = "fwd") -> float:
         return self.measured[1 << 30][0]
 
     def record(self, moved: int, ms: float) -> float:

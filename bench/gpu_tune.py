@@ -71,9 +71,9 @@ DTYPE_ORDER = ("bf16", "bf16-fp32res", "fp16", "fp32")
 #: the kernel variants the library can run; one until shapes are chosen at run time.
 VARIANTS = ("default",)
 CORRECTNESS_HIDDEN = (768, 8200, 65536)  # a rows kernel, an unaligned-to-the-chunk size, a cluster
-STAGES = ("env", "correct", "sweep", "page")
+STAGES = ("correct", "sweep", "page")
 #: each stage's own limit, seconds (capped by what is left before the deadline).
-STAGE_LIMITS = {"env": 30, "correct": 40, "sweep": 300, "page": 20}
+STAGE_LIMITS = {"correct": 40, "sweep": 300, "page": 20}
 REPEATS = 30
 
 
@@ -169,14 +169,24 @@ def probe_peers() -> Dict[str, str]:
 
 # ---- compile warm-up, in worker processes ------------------------------------------
 
+def _worker_init() -> None:
+    # One compile thread per worker: N workers with inductor's default pool (one
+    # process per core each) would oversubscribe the machine and jitter the host
+    # times the main process measures.
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+
+
 def _warm(cfg: Config, modes: tuple, table: str, device: str) -> float:
-    """Compile the eager provider's code for cfg (forward, and backward where timed;
-    decode rows run without grad, as they are timed) once, so the main process loads
-    it from inductor's cache. Returns seconds."""
+    """Compile the eager provider's code for cfg as the timed pass will run it, so
+    that pass loads every graph from inductor's on-disk cache: the inference graph
+    (the forward check, and decode rows, run without grad) and, for the sweep, the
+    training forward and backward. Returns seconds."""
     t0 = time.perf_counter()
     inputs, grads = bench.make_inputs(cfg, device)
     fn = providers.make("compile", cfg, device)
-    with torch.set_grad_enabled(table != "decode"):
+    with torch.no_grad():
+        fn(*inputs)
+    if table != "decode":
         for mode in modes:
             bench.step(fn, mode, inputs, grads, cfg.prenorm)()
     if device.startswith("cuda"):
@@ -185,56 +195,79 @@ def _warm(cfg: Config, modes: tuple, table: str, device: str) -> float:
 
 
 class Warmers:
-    """Worker processes compiling jobs' graphs in the jobs' order."""
+    """Worker processes compiling jobs' graphs, in the jobs' order."""
 
     def __init__(self, jobs: List[Job], device: str, workers: int):
-        self.futures = {}
-        self.pool = None
+        self.futures, self.pool = {}, None
         if workers <= 0 or not jobs:
             return
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_worker_init)
         for job in jobs:
             self.futures[job.key] = self.pool.submit(_warm, job.cfg, job.modes, job.table, device)
 
-    def wait(self, job: Job) -> Optional[float]:
+    def ready(self, job: Job) -> bool:
+        """Whether the job's graphs are compiled (or no worker compiles them)."""
+        future = self.futures.get(job.key)
+        return future is None or future.done()
+
+    def wait(self, job: Job, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for the job's graphs; True when ready."""
         future = self.futures.get(job.key)
         if future is None:
-            return None
+            return True
         try:
-            return future.result()
-        except Exception as err:  # the main process compiles it itself, and reports any error
+            future.result(timeout=max(0.0, timeout))
+        except TimeoutError:
+            return False
+        except Exception as err:  # the timed pass compiles it itself, and reports any error
             print(f"warm-up of {job.key} failed in its worker: {type(err).__name__}: {err}"[:300])
-            return None
+        return True
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the workers now: queued and running compiles alike (an exiting
+        interpreter would otherwise wait for every one of them)."""
+        if self.pool is None:
+            return
+        processes = list(getattr(self.pool, "_processes", {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join(timeout=5)
+        self.pool = None
 
 
 # ---- the run ----------------------------------------------------------------------
 
 class Clock:
-    """Seconds since the run started; the deadline and each stage's limit."""
+    """Seconds since the run started and seconds left. ``end_at``: an absolute end
+    (epoch seconds, from scripts/gpu_tune.sh, so the build and the imports count),
+    else ``deadline_s`` from now."""
 
-    def __init__(self, deadline_s: float, now: Callable[[], float] = time.monotonic):
-        self.now, self.start, self.deadline = now, now(), deadline_s
+    def __init__(self, deadline_s: float, end_at: Optional[float] = None, now: Callable[[], float] = time.time):
+        self.now, self.start = now, now()
+        self.end = end_at if end_at is not None else self.start + deadline_s
 
     def elapsed(self) -> float:
         return self.now() - self.start
 
     def left(self) -> float:
-        return self.deadline - self.elapsed()
+        return self.end - self.now()
+
+
+def row_key(row: dict) -> str:
+    return "|".join(map(str, (row["table"], row["norm"], row["form"], row["dtype"], row["rows"], row["hidden"],
+                              row["mode"], row["provider"])))
 
 
 def done_keys(csv_path: str) -> set:
-    """Jobs (by key) whose rows a previous run already wrote."""
+    """(job, mode, provider) keys a previous run settled: measured, or not available
+    (a provider that failed is tried again)."""
     if not os.path.exists(csv_path):
         return set()
-    keys = set()
-    for row in report.read_csv(csv_path):
-        keys.add("|".join(map(str, (row["table"], row["norm"], row["form"], row["dtype"], row["rows"],
-                                    row["hidden"]))) + "|" + row["provider"])
-    return keys
+    return {row_key(r) for r in report.read_csv(csv_path)
+            if r["ms"] is not None or not str(r["note"]).startswith("failed")}
 
 
 def append_rows(rows: List[dict], csv_path: str) -> None:
@@ -247,37 +280,45 @@ def append_rows(rows: List[dict], csv_path: str) -> None:
             writer.writerow({k: row.get(k) for k in report.FIELDS})
 
 
+def machine_of(env: dict) -> str:
+    return env.get("gpu") or env.get("cpu") or env.get("device", "unknown")
+
+
+def start_or_resume(out: str, env: dict) -> str:
+    """results.csv to append to: the previous run's when it ran on this kind of
+    machine; otherwise that file is kept aside (results.<its machine>.csv)."""
+    csv_path, env_path = os.path.join(out, "results.csv"), os.path.join(out, "env.json")
+    if os.path.exists(csv_path) and os.path.exists(env_path):
+        with open(env_path) as f:
+            before = machine_of(json.load(f))
+        if before != machine_of(env):
+            aside = os.path.join(out, f"results.{bench._slug(before)}.csv")
+            os.replace(csv_path, aside)
+            print(f"results.csv came from {before}, not {machine_of(env)}: kept aside as {aside}")
+    return csv_path
+
+
 class RowCopyBandwidth:
-    """The copy bandwidth a row is compared with. CUDA: a clone that moves as many
-    bytes as the row's floor (measured once per size, in whole MiB). CPU: the clone
-    of the row's input that bench_add_norm times between the providers' calls."""
+    """The copy bandwidth a row is compared with. CUDA: a clone moving as many bytes
+    as the row's floor (its own mode), measured once per size (4 KiB steps). CPU: the
+    clone of the row's input that bench_add_norm times between the providers' calls."""
 
     def __init__(self, device: str):
         self.device, self.cache = device, {}
 
-    def for_bytes(self, nbytes: int) -> float:
-        size = max(1 << 20, (nbytes // 2) >> 20 << 20)  # bytes read (= written), whole MiB
+    def __call__(self, cfg: Config, mode: str = "fwd") -> float:
+        size = max(4096, (fused_bytes(cfg, mode) // 2) >> 12 << 12)  # bytes read (= written)
         if size not in self.cache:
-            self.cache[size] = bench.copy_bandwidth_gbs(self.device, size)
+            self.cache[size] = bench.copy_bandwidth_gbs(self.device, size, dtype=torch.uint8)
         return self.cache[size]
 
-    def for_job(self, job: "Job"):
-        """bench_add_norm.run_table's copy_gbs argument for this job."""
-        owner = self
-
-        class ForJob:
-            def __call__(self, cfg):
-                return owner.for_bytes(fused_bytes(cfg, job.modes[-1]))
-
-            def record(self, moved, ms):
-                gbs = moved / (ms * 1e-3) / 1e9
-                owner.cache.setdefault(moved // 2, gbs)
-                return gbs
-
-        return ForJob()
+    def record(self, moved: int, ms: float) -> float:
+        gbs = moved / (ms * 1e-3) / 1e9
+        self.cache.setdefault(moved // 2, gbs)
+        return gbs
 
 
-def correctness(device: str, dtypes: Iterable[str], clock: Optional["Clock"] = None, end: float = 1e9) -> List[dict]:
+def correctness(device: str, dtypes: Iterable[str], clock: Optional[Clock] = None, end: float = 1e18) -> List[dict]:
     """Every variant's forward and backward against the float64 reference; checks
     left when the stage's time is up are reported as not checked."""
     results = []
@@ -286,21 +327,23 @@ def correctness(device: str, dtypes: Iterable[str], clock: Optional["Clock"] = N
             x_dtype, res_dtype = bench.DTYPES[name]
             for h in CORRECTNESS_HIDDEN:
                 for norm in ("rms", "layer"):
-                    if clock is not None and clock.elapsed() > end:
-                        results.append(dict(variant=variant, dtype=name, hidden=h, norm=norm,
-                                            verdict="not checked (stage limit)"))
+                    where = dict(variant=variant, dtype=name, hidden=h, norm=norm)
+                    if clock is not None and clock.now() > end:
+                        results.append(dict(where, verdict="not checked (stage limit)"))
                         continue
                     cfg = Config(norm=norm, prenorm=True, rows=64, hidden=h, x_dtype=x_dtype, residual_dtype=res_dtype,
                                  weight_dtype=torch.float32 if res_dtype == torch.float32 else x_dtype)
-                    inputs, grads = bench.make_inputs(cfg, device)
-                    fn = providers.make("residual_fused", cfg, device)
                     try:
+                        inputs, grads = bench.make_inputs(cfg, device)
+                        fn = providers.make("residual_fused", cfg, device)
                         bench.check_output("residual_fused", cfg, fn, inputs)
                         check_backward(cfg, fn, inputs, grads)
                         verdict = "ok"
                     except providers.Unavailable as why:
                         verdict = f"WRONG: {why}"
-                    results.append(dict(variant=variant, dtype=name, hidden=h, norm=norm, verdict=verdict))
+                    except Exception as err:  # an error is a wrong variant too, and the run goes on
+                        verdict = f"WRONG: {type(err).__name__}: {err}"[:300]
+                    results.append(dict(where, verdict=verdict))
     return results
 
 
@@ -319,10 +362,16 @@ def check_backward(cfg: Config, fn, inputs, grads) -> None:
             raise providers.Unavailable(f"{name} differs from the reference by {err:.3g}")
 
 
-def run_job(job: Job, names: List[str], device: str, repeats: int, copy: RowCopyBandwidth) -> List[dict]:
-    """Time one job's providers (bench_add_norm's row logic, with per-row copy)."""
+def run_job(job: Job, names: List[str], modes: List[str], device: str, repeats: int,
+            copy: RowCopyBandwidth) -> List[dict]:
+    """Time one job's providers (bench_add_norm's row logic, with per-row copy). An
+    error is a row that says so (and is tried again by a resumed run), not a lost run."""
     args = argparse.Namespace(device=device, repeats=repeats, providers=names)
-    return bench.run_table(job.table, [job.cfg], list(job.modes), args, copy.for_job(job), _Quiet())
+    try:
+        return bench.run_table(job.table, [job.cfg], modes, args, copy, _Quiet())
+    except Exception as err:
+        note = f"failed: {type(err).__name__}: {err}"[:160]
+        return [bench._row(job.table, job.cfg, mode, name, note=note) for name in names for mode in modes]
 
 
 class _Quiet:
@@ -330,90 +379,120 @@ class _Quiet:
         pass
 
 
+#: seconds the sweep leaves for the results page
+PAGE_RESERVE_S = 15.0
+#: seconds scripts/gpu_tune.sh keeps between the run's end and the hard limit
+MARGIN_S = 15.0
+
+
 def run(args) -> dict:
-    """The whole run; returns what happened (also written to stages.json)."""
+    """The whole run; returns what happened (also in stages.json, rewritten after
+    every stage and job so that a run cut off from outside keeps it)."""
     device = args.device
-    clock = Clock(args.deadline)
+    clock = Clock(args.deadline, args.end_at)
     os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, "results.csv")
-    summary = {"stages": {}, "deadline_s": args.deadline}
-    peers = probe_peers()
+    summary = {"stages": {}, "deadline_s": round(clock.left(), 1), "measured_jobs": 0, "cut": []}
+    stages_path = os.path.join(args.out, "stages.json")
+    env = bench.environment(device)
+    env["peers"] = probe_peers()
+    env["variants"] = list(VARIANTS)
+    csv_path = start_or_resume(args.out, env)
+    report.write_json(env, os.path.join(args.out, "env.json"))
     names = [n for n in ("eager", "compile", "residual_fused") if n in args.providers]
-    names += [n for n in providers.PROVIDERS if n in args.providers and n not in names
-              and not peers.get(n, "").startswith("not available") and device.startswith("cuda")]
+    names += [n for n in providers.PROVIDERS if n in args.providers and n not in names and device.startswith("cuda")
+              and not env["peers"].get(n, "not available").startswith("not available")]
     model = DeviceModel()
     jobs = plan_jobs(args.hidden, args.dtypes, not args.no_decode, args.modes, args.elements)
     done = done_keys(csv_path)
-    todo = [j for j in jobs if not all(f"{j.key}|{n}" in done for n in names)]
-    summary["resumed_past"] = len(jobs) - len(todo)
 
-    def stage(name, fn):
-        limit = min(STAGE_LIMITS[name], clock.left())
+    def missing(job, which):
+        return {n: [m for m in job.modes if f"{job.key}|{m}|{n}" not in done] for n in which}
+
+    todo = [j for j in jobs if any(missing(j, names).values())]
+    summary["resumed_past"] = len(jobs) - len(todo)
+    budget = clock.left() - STAGE_LIMITS["correct"] - PAGE_RESERVE_S
+    planned, _, _ = schedule(todo, names, model, max(0.0, min(STAGE_LIMITS["sweep"], budget)), args.repeats)
+    # workers compile only what the plan expects to reach, from the start of the run
+    warmers = Warmers([j for j in planned if missing(j, ["compile"]).get("compile")] if "compile" in names else [],
+                      device, args.compile_workers)
+
+    def stage(name, fn, reserve=0.0):
+        limit = min(STAGE_LIMITS[name], clock.left() - reserve)
         t0 = clock.elapsed()
         if limit < 1:
             summary["stages"][name] = {"skipped": "deadline"}
             return None
-        result = fn(limit)
+        result = fn(clock.now() + limit)
         summary["stages"][name] = {"seconds": round(clock.elapsed() - t0, 1), "limit": round(limit, 1)}
+        report.write_json(summary, stages_path)
         return result
 
-    def env_stage(limit):
-        env = bench.environment(device)
-        env["peers"] = peers
-        env["variants"] = list(VARIANTS)
-        report.write_json(env, os.path.join(args.out, "env.json"))
-        return env
-
-    # compile workers start first, so that their graphs are cached when the sweep's
-    # second pass reaches them
-    warmers = Warmers(todo if "compile" in names else [], device, args.compile_workers)
-    env = stage("env", env_stage)
-    checked = stage("correct", lambda limit: correctness(device, args.dtypes, clock, clock.elapsed() + limit)) or []
-    summary["correctness"] = {"checked": sum(r["verdict"] == "ok" or r["verdict"].startswith("WRONG") for r in checked),
-                              "wrong": [r for r in checked if r["verdict"].startswith("WRONG")],
-                              "not_checked": sum(r["verdict"].startswith("not checked") for r in checked)}
-
-    warm_names = [n for n in names if n != "compile"]
-    def sweep_stage(limit):
-        end = clock.elapsed() + limit
-        copy = RowCopyBandwidth(device)
-        measured, cut = [], []
-        # pass 1: every provider but compile; pass 2: compile, graphs from the workers' cache
-        for pass_names in (warm_names, ["compile"] if "compile" in names else []):
-            for job in todo:
-                if not pass_names:
-                    break
-                want = [n for n in pass_names if f"{job.key}|{n}" not in done]
-                if not want:
-                    continue
-                need = sum(model.provider_seconds(job, n, args.repeats) for n in want)
-                if clock.elapsed() + need > end:
-                    cut.append(f"{job.key}|{'+'.join(want)}")
-                    continue
-                if want == ["compile"]:
-                    warmers.wait(job)
-                rows = run_job(job, want, device, args.repeats, copy)
-                append_rows(rows, csv_path)
-                measured.append(job.key)
-        return {"measured": len(measured), "cut": cut, "copy_gbs": copy.cache}
-
     try:
-        sweep = stage("sweep", sweep_stage) or {}
+        checked = stage("correct", lambda end: correctness(device, args.dtypes, clock, end),
+                        reserve=PAGE_RESERVE_S) or []
+        summary["correctness"] = {
+            "checked": sum(not r["verdict"].startswith("not checked") for r in checked),
+            "wrong": [r for r in checked if r["verdict"].startswith("WRONG")],
+            "not_checked": sum(r["verdict"].startswith("not checked") for r in checked)}
+
+        def sweep_stage(end):
+            copy = RowCopyBandwidth(device)
+            pending = []  # jobs whose compile rows wait for their worker
+            measured = set()
+
+            def time_job(job, which):
+                want = {n: ms for n, ms in missing(job, which).items() if ms}
+                if not want:
+                    return True
+                need = sum(model.provider_seconds(job, n, args.repeats) for n in want)
+                if clock.now() + need > end:
+                    summary["cut"].append(f"{job.key}|{'+'.join(want)}")
+                    return False
+                modes = [m for m in job.modes if any(m in ms for ms in want.values())]
+                rows = run_job(job, list(want), modes, device, args.repeats, copy)
+                append_rows(rows, csv_path)
+                measured.add(job.key)
+                done.update(row_key(r) for r in rows if r["ms"] is not None or not r["note"].startswith("failed"))
+                return True
+
+            def drain(block_until_ready: bool):
+                for job in list(pending):
+                    if block_until_ready and not warmers.wait(job, end - clock.now() - 1):
+                        break
+                    if warmers.ready(job):
+                        pending.remove(job)
+                        time_job(job, ["compile"])
+
+            for job in todo:  # priority order; each job's compile rows as soon as its graphs are ready
+                ran = time_job(job, [n for n in names if n != "compile"])
+                if "compile" in names and ran:
+                    pending.append(job)
+                drain(block_until_ready=False)
+                summary["measured_jobs"] = len(measured)
+                report.write_json(summary, stages_path)
+            drain(block_until_ready=True)
+            summary["measured_jobs"] = len(measured)
+            for job in pending:
+                summary["cut"].append(f"{job.key}|compile (its graphs were not ready in time)")
+            return {"copy_gbs": copy.cache}
+
+        stage("sweep", sweep_stage, reserve=PAGE_RESERVE_S)
     finally:
         warmers.close()
-    summary["measured_jobs"] = sweep.get("measured", 0)
-    summary["cut"] = sweep.get("cut", [])
 
-    def page_stage(limit):
+    def page_stage(end):
         rows = report.read_csv(csv_path) if os.path.exists(csv_path) else []
-        report.add_speedups(rows)
-        report.write_csv(rows, csv_path)
-        if not (env and rows):
+        latest = {}
+        for r in rows:  # a job tried again replaces its failed rows
+            latest[row_key(r)] = r
+        rows = list(latest.values())
+        if not rows:
             return 0
+        report.add_speedups(rows)
         copies = [r["copy_gbs"] for r in rows if r["copy_gbs"]]
-        env["copy_gbs"] = max(copies) if copies else 0.0
-        report.write_json(env, os.path.join(args.out, "env.json"))
-        page = bench.write_results_page(rows, env, "make gpu-tune (bench/gpu_tune.py)",
+        page_env = dict(env, copy_gbs=max(copies) if copies else 0.0)
+        report.write_json(page_env, os.path.join(args.out, "env.json"))
+        page = bench.write_results_page(rows, page_env, "make gpu-tune (bench/gpu_tune.py)",
                                         base=os.path.join(args.out, "page"))
         with open(page, "a") as f:
             f.write("\n" + "\n".join(versus_best(rows)) + "\n")
@@ -422,7 +501,7 @@ def run(args) -> dict:
 
     stage("page", page_stage)
     summary["elapsed_s"] = round(clock.elapsed(), 1)
-    report.write_json(summary, os.path.join(args.out, "stages.json"))
+    report.write_json(summary, stages_path)
     return summary
 
 
@@ -455,8 +534,9 @@ def dry_run(args) -> dict:
     names = [n for n in ("eager", "compile", "residual_fused") if n in args.providers]
     model = DeviceModel()
     jobs = plan_jobs(args.hidden, args.dtypes, not args.no_decode, args.modes, args.elements)
-    fixed = {"build": float(args.build_seconds), "env": 5.0,
-             "correct": 0.4 * len(VARIANTS) * len(args.dtypes) * len(CORRECTNESS_HIDDEN) * 2}
+    fixed = {"build": float(args.build_seconds), "imports and env": 10.0,
+             "correct": 0.4 * len(VARIANTS) * len(args.dtypes) * len(CORRECTNESS_HIDDEN) * 2,
+             "page": PAGE_RESERVE_S, "margin": MARGIN_S}
     budget = max(0.0, min(STAGE_LIMITS["sweep"], args.deadline - sum(fixed.values())))
     kept, cut, sweep_s = schedule(jobs, names, model, budget, args.repeats)
     with_peer, _, _ = schedule(jobs, names + ["liger"], model, budget, args.repeats)
@@ -466,7 +546,7 @@ def dry_run(args) -> dict:
         by_table[job.table] = by_table.get(job.table, 0) + 1
     plan = {
         "variants": list(VARIANTS),
-        "stages": ["build"] + list(STAGES),
+        "stages": ["build", "imports and env"] + list(STAGES),
         "providers": names,
         "jobs": len(jobs),
         "jobs_that_fit": len(kept),
@@ -495,6 +575,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench/out/gpu-tune")
     p.add_argument("--deadline", type=float, default=360.0, help="seconds from the start for the whole run")
+    p.add_argument("--end-at", type=float, help="instead: the run's end, in epoch seconds (scripts/gpu_tune.sh)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and its predicted device time")
     p.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN))
     p.add_argument("--dtypes", nargs="+", default=list(DTYPE_ORDER), choices=list(bench.DTYPES))

@@ -7,5 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 mkdir -p peers
-"$PY" -m pip download --quiet --no-deps --only-binary=:all: --dest peers liger-kernel
+# Pinned: the version the provider code was written against (bench/providers.py).
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: --dest peers "liger-kernel==0.8.5"
 ls -l peers/*.whl

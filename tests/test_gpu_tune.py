@@ -5,6 +5,7 @@ The timed runs here are on CPU with tiny shapes (their times mean nothing)."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,7 +24,7 @@ def test_dry_run_fits_six_minutes_and_runs_the_main_rows_first(capsys):
     seconds = plan["predicted_seconds"]
     assert seconds["total"] <= 360 and seconds["build"] > 0 and seconds["sweep"] > 0
     assert plan["variants"] == list(gpu_tune.VARIANTS)
-    assert plan["stages"] == ["build", "env", "correct", "sweep", "page"]
+    assert plan["stages"] == ["build", "imports and env", "correct", "sweep", "page"]
     jobs = gpu_tune.plan_jobs()
     # bf16 over every hidden size, then the decode shapes, before any other dtype mix
     assert [j.cfg.hidden for j in jobs[:60:4]] == list(gpu_tune.HIDDEN)
@@ -55,7 +56,7 @@ def test_run_appends_as_it_goes_and_resumes(tmp_path):
     assert first["correctness"]["wrong"] == [] and first["correctness"]["checked"] == 6  # bf16: 3 sizes x 2 norms
     assert len(rows) == 8 * 2 * 2  # jobs x modes x providers
     assert all(r["ms"] > 0 and r["pct_copy"] > 0 for r in rows)
-    assert set(first["stages"]) == {"env", "correct", "sweep", "page"}
+    assert set(first["stages"]) == {"correct", "sweep", "page"}
     again = gpu_tune.main(TINY + ["--providers", "eager", "residual_fused", "--out", out])
     assert again["resumed_past"] == 8 and again["measured_jobs"] == 0
     assert len(report.read_csv(os.path.join(out, "results.csv"))) == len(rows)
@@ -66,26 +67,84 @@ def test_run_appends_as_it_goes_and_resumes(tmp_path):
     assert page.count("| sweep | ") >= 8 * 2  # every job and mode
 
 
-def test_deadline_cuts_the_sweep_and_keeps_what_was_measured(tmp_path):
+def test_deadline_cuts_the_sweep_and_keeps_what_was_measured(tmp_path, monkeypatch):
+    class Slow(gpu_tune.DeviceModel):  # each job predicted at 4 s: more than the sweep has
+        def __init__(self):
+            super().__init__(setup_s=2.0)
+
+    monkeypatch.setattr(gpu_tune, "DeviceModel", Slow)
+    monkeypatch.setattr(gpu_tune, "PAGE_RESERVE_S", 1.0)
+    monkeypatch.setattr(gpu_tune, "correctness", lambda *args: [])
     out = str(tmp_path / "tune")
-    summary = gpu_tune.main(TINY + ["--providers", "eager", "residual_fused", "--out", out, "--deadline", "0.5"])
-    assert summary["measured_jobs"] < 8
-    assert summary["stages"]["sweep"] == {"skipped": "deadline"} or summary["cut"]
+    t0 = time.time()
+    summary = gpu_tune.main(TINY + ["--providers", "eager", "residual_fused", "--out", out, "--deadline", "3"])
+    assert time.time() - t0 < 3 + 5
+    assert summary["measured_jobs"] < 8 and summary["cut"]
     rows = report.read_csv(os.path.join(out, "results.csv")) if os.path.exists(os.path.join(out, "results.csv")) \
         else []
     assert len(rows) == summary["measured_jobs"] * 2 * 2
+    assert os.path.exists(os.path.join(out, "stages.json"))
 
 
-def test_compile_is_timed_from_graphs_a_worker_compiled(tmp_path):
+def test_compile_rows_load_the_graphs_workers_compiled_and_the_run_ends_on_time(tmp_path):
+    from torch._dynamo.utils import counters
+
     out = str(tmp_path / "tune")
     args = ["--device", "cpu", "--hidden", "64", "--dtypes", "bf16", "--modes", "fwd", "--no-decode",
             "--repeats", "2", "--elements", "1024", "--compile-workers", "1", "--out", out,
             "--providers", "eager", "compile", "residual_fused"]
-    summary = gpu_tune.main(args)
+    hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+    summary = gpu_tune.main(args + ["--deadline", "120"])
     rows = report.read_csv(os.path.join(out, "results.csv"))
-    assert summary["measured_jobs"] == 4 * 2  # each job twice: pass 1 (eager, ours), pass 2 (compile)
-    assert {r["provider"] for r in rows} == {"eager", "compile", "residual_fused"}
+    compiled = [r for r in rows if r["provider"] == "compile"]
+    assert summary["measured_jobs"] == 4 and len(compiled) == 4 and not summary["cut"]
     assert all(r["ms"] > 0 for r in rows)
+    # every graph the timed pass used came from the worker's cache
+    assert counters["inductor"]["fxgraph_cache_hit"] > hits
+    assert counters["inductor"]["fxgraph_cache_miss"] == misses
+    # a short deadline with workers still compiling: the run returns on time anyway
+    t0 = time.time()
+    gpu_tune.main(args + ["--deadline", "8", "--out", str(tmp_path / "short"), "--hidden", "96", "128", "160"])
+    assert time.time() - t0 < 8 + 6
+
+
+def test_resumption_keys_on_mode_and_retries_failed_rows(tmp_path):
+    out = str(tmp_path / "tune")
+    base = ["--device", "cpu", "--hidden", "64", "--dtypes", "bf16", "--no-decode", "--repeats", "2",
+            "--elements", "1024", "--compile-workers", "0", "--providers", "eager", "residual_fused", "--out", out]
+    gpu_tune.main(base + ["--modes", "fwd"])
+    path = os.path.join(out, "results.csv")
+    assert len(report.read_csv(path)) == 4 * 2
+    second = gpu_tune.main(base + ["--modes", "fwd", "bwd"])  # only the bwd rows are new
+    rows = report.read_csv(path)
+    assert second["resumed_past"] == 0 and len(rows) == 4 * 2 * 2
+    assert sorted(r["mode"] for r in rows).count("bwd") == 4 * 2
+    rows[0]["ms"], rows[0]["note"] = None, "failed: RuntimeError: out of memory"
+    report.write_csv(rows, path)
+    assert gpu_tune.row_key(rows[0]) not in gpu_tune.done_keys(path)
+    third = gpu_tune.main(base + ["--modes", "fwd", "bwd"])
+    assert third["measured_jobs"] == 1  # the job of the failed row, tried again
+
+
+def test_a_failing_check_is_reported_and_the_run_goes_on(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gpu_tune, "check_backward", broken)
+    summary = gpu_tune.main(TINY + ["--providers", "eager", "residual_fused", "--out", str(tmp_path / "t")])
+    assert len(summary["correctness"]["wrong"]) == 6 and "illegal memory access" in \
+        summary["correctness"]["wrong"][0]["verdict"]
+    assert summary["measured_jobs"] == 8
+
+
+def test_results_of_another_machine_are_kept_aside(tmp_path):
+    out = tmp_path / "tune"
+    out.mkdir()
+    report.write_json({"gpu": "NVIDIA H200", "device": "cuda"}, str(out / "env.json"))
+    (out / "results.csv").write_text(",".join(report.FIELDS) + "\n")
+    gpu_tune.main(TINY + ["--providers", "eager", "residual_fused", "--out", str(out), "--hidden", "64"])
+    assert (out / "results.nvidia_h200.csv").exists()
+    assert len(report.read_csv(str(out / "results.csv"))) == 4 * 2 * 2
 
 
 def test_make_target_dry_run():
