@@ -374,6 +374,19 @@ def run_job(job: Job, names: List[str], modes: List[str], device: str, repeats: 
         return [bench._row(job.table, job.cfg, mode, name, note=note) for name in names for mode in modes]
 
 
+def compile_cache_counters() -> dict:
+    """This process's compile-cache lookups: a miss is a cold compile in the timed
+    pass (its graphs should all come from the workers' cache)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    return {"aot_autograd_hits": counters["aot_autograd"]["autograd_cache_hit"],
+            "aot_autograd_misses": counters["aot_autograd"]["autograd_cache_miss"],
+            "inductor_hits": counters["inductor"]["fxgraph_cache_hit"],
+            "inductor_misses": counters["inductor"]["fxgraph_cache_miss"]}
+
+
 class _Quiet:
     def step(self, label):
         pass
@@ -500,6 +513,7 @@ def run(args) -> dict:
         return len(rows)
 
     stage("page", page_stage)
+    summary["compile_cache"] = compile_cache_counters()
     summary["elapsed_s"] = round(clock.elapsed(), 1)
     report.write_json(summary, stages_path)
     return summary
