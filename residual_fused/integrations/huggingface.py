@@ -148,18 +148,30 @@ class T5KernelRMSNorm(KernelRMSNorm):
     where the branch, the residual and the weight share a dtype other than fp16, and
     done in PyTorch first otherwise."""
 
+    def fuses(self, x, residual) -> bool:
+        """Whether the add of ``x`` and ``residual`` runs in this norm's kernel call."""
+        return x.dtype == residual.dtype == self.weight.dtype != torch.float16
+
+    def add_norm(self, x, residual):
+        """(norm(x + residual), x + residual); the residual None: (norm(x), x)."""
+        if residual is None:
+            return self(x), x
+        if self.fuses(x, residual):
+            return _add_norm(self, x, residual)
+        total = residual + x
+        return self(total), total
+
     def forward(self, x, residual=None):
         x, residual = _unpair(x, residual)
         if residual is not None:  # the stack's final norm after a converted block
-            if x.dtype == residual.dtype == self.weight.dtype != torch.float16:
+            if self.fuses(x, residual):
                 return super().forward(x, residual)
-            x, residual = residual + x, None
+            x = residual + x
         w = self.weight.dtype
         out = w if w in (torch.float16, torch.bfloat16) else torch.promote_types(w, torch.float32)
         if torch.finfo(out).bits > torch.finfo(x.dtype).bits:  # normalize in the wider dtype
             x = x.to(out)
-            residual = None if residual is None else residual.to(out)
-        return super().forward(x, residual).to(out)
+        return super().forward(x).to(out)
 
 
 def _check_replaceable(module: nn.Module, where: str, replaced: bool = True) -> None:
@@ -435,11 +447,13 @@ def _layer_output(layer: nn.Module, out, residual, hidden_state: Optional[bool],
     return out, residual
 
 
-def _returns_hidden_state(layer: nn.Module) -> bool:
-    """Whether ``layer`` must return its hidden state rather than a pair: while the
-    model collects hidden states, under reentrant checkpointing, and when hooks watch
-    the layer."""
-    return _recording_hidden_states(layer) or _reentrant_checkpointing(layer) or _observed(layer)
+def _returns_hidden_state(layer: nn.Module, observed: Optional[bool] = None) -> bool:
+    """Whether ``layer`` must return its hidden state rather than a pair: when hooks
+    watch the layer (``observed``, if the caller already knows), while the model
+    collects hidden states, and under reentrant checkpointing."""
+    if _observed(layer) if observed is None else observed:
+        return True
+    return _recording_hidden_states(layer) or _reentrant_checkpointing(layer)
 
 
 def _recording_hidden_states(layer: nn.Module) -> bool:
@@ -530,11 +544,12 @@ def _falcon_layer_forward(self, hidden_states, residual=None, attention_mask=Non
                                              position_ids=position_ids, use_cache=use_cache,
                                              output_attentions=output_attentions,
                                              position_embeddings=position_embeddings)
-    if not _parallel(_SPECS["falcon"], self):  # residual + dropout(attn), fused with the MLP's norm
+    parallel = _parallel(_SPECS["falcon"], self)
+    if not parallel:  # residual + dropout(attn), fused with the MLP's norm
         attn = nn.functional.dropout(attn, p=config.attention_dropout, training=self.training)
         mlp_input, residual = _add_norm(self.post_attention_layernorm, attn, residual)
     out = self.mlp(mlp_input)
-    if _parallel(_SPECS["falcon"], self):  # mlp + attn: the branch of the one residual add
+    if parallel:  # mlp + attn: the branch of the one residual add
         out = out + attn
     out = nn.functional.dropout(out, p=config.hidden_dropout, training=self.training)
     return _with_extras(_layer_output(self, out, residual, _return_hidden_state), attn_weights)
@@ -547,19 +562,9 @@ def _with_extras(out, *extras):
 
 
 # T5: the block hands (branch, residual) from sublayer to sublayer; each sublayer's
-# layer_norm adds them in its fused call. In fp16 T5 clamps every sum before the next
-# norm, so there (and where a norm's weight differs in dtype from the hidden states,
-# whose output dtype T5 sets apart) the add stays in PyTorch.
-
-def _t5_norm(norm: nn.Module, x, residual):
-    """(norm(x + residual), x + residual); fused where the dtypes allow."""
-    if residual is None:
-        return norm(x), x
-    if x.dtype == residual.dtype == norm.weight.dtype != torch.float16:
-        return _add_norm(norm, x, residual)
-    total = residual + x
-    return norm(total), total
-
+# layer_norm adds them in its fused call (T5KernelRMSNorm.add_norm). In fp16 T5 clamps
+# every sum before the next norm, so there (and where a norm's weight differs in dtype
+# from the hidden states, whose output dtype T5 sets apart) the add stays in PyTorch.
 
 def _t5_clamped(x, residual):
     """T5's fp16 clamp of a sublayer's sum: the sum is formed here and handed on alone."""
@@ -590,7 +595,7 @@ def _t5_sublayer_output(paired, branch, residual, *extras):
 
 def _t5_self_attention_forward(self, hidden_states, residual=None, attention_mask=None, position_bias=None,
                                cache=None, *, paired=True, **kwargs):
-    normed, residual = _t5_norm(self.layer_norm, hidden_states, residual)
+    normed, residual = self.layer_norm.add_norm(hidden_states, residual)
     attn, position_bias, attn_weights = self.SelfAttention(normed, mask=attention_mask, position_bias=position_bias,
                                                            cache=cache, **kwargs)
     return _t5_sublayer_output(paired, self.dropout(attn), residual, position_bias, attn_weights)
@@ -598,7 +603,7 @@ def _t5_self_attention_forward(self, hidden_states, residual=None, attention_mas
 
 def _t5_cross_attention_forward(self, hidden_states, residual=None, key_value_states=None, attention_mask=None,
                                 position_bias=None, cache=None, *, paired=True, **kwargs):
-    normed, residual = _t5_norm(self.layer_norm, hidden_states, residual)
+    normed, residual = self.layer_norm.add_norm(hidden_states, residual)
     attn, position_bias, attn_weights = self.EncDecAttention(normed, mask=attention_mask,
                                                              key_value_states=key_value_states,
                                                              position_bias=position_bias, cache=cache, **kwargs)
@@ -606,7 +611,7 @@ def _t5_cross_attention_forward(self, hidden_states, residual=None, key_value_st
 
 
 def _t5_feed_forward_forward(self, hidden_states, residual=None, *, paired=True):
-    normed, residual = _t5_norm(self.layer_norm, hidden_states, residual)
+    normed, residual = self.layer_norm.add_norm(hidden_states, residual)
     return _t5_sublayer_output(paired, self.dropout(self.DenseReluDense(normed)), residual)
 
 
@@ -701,8 +706,9 @@ def _decoder_layer_call(self, hidden_states, *args, **kwargs):
         raise TypeError(f"{type(self).__name__} takes hidden_states positionally and every other "
                         f"argument by keyword (as the transformers model loop passes them)")
     branch, residual = hidden_states, None
+    observed = _observed(self)
     if isinstance(hidden_states, ResidualPair):
-        if _observed(self):  # pre-hooks see the hidden state
+        if observed:  # pre-hooks see the hidden state
             branch = hidden_states.hidden_state()
         else:
             branch, residual = hidden_states.branch, hidden_states.residual
@@ -712,7 +718,7 @@ def _decoder_layer_call(self, hidden_states, *args, **kwargs):
     # outside the forward: a layer compiled on its own (layer.compile()) then still sees
     # the output collector, which compiled code cannot read, and a checkpoint's
     # recompute gets the same answer as its forward.
-    kwargs["_return_hidden_state"] = _returns_hidden_state(self)
+    kwargs["_return_hidden_state"] = _returns_hidden_state(self, observed)
     out = nn.Module.__call__(self, branch, residual, *args, **kwargs)
     extras = _SPECS[self._residual_fused_family].extra_outputs
     if not isinstance(out, tuple) or len(out) != extras + 2:
