@@ -203,6 +203,14 @@ def step(fn, mode: str, inputs, grads, prenorm: bool):
     return lambda: torch.autograd.grad(_as_tuple(fn(*inputs)), inputs, ups, allow_unused=True)
 
 
+def mix_config(mix: str, **fields) -> Config:
+    """A Config in the dtype mix ``mix`` (a DTYPES key): the weight is fp32 with an
+    fp32 residual stream, else in x's dtype."""
+    x_dtype, res_dtype = DTYPES[mix]
+    return Config(x_dtype=x_dtype, residual_dtype=res_dtype,
+                  weight_dtype=torch.float32 if res_dtype == torch.float32 else x_dtype, **fields)
+
+
 def sweep_configs(args, kind: str):
     full = args.full
     dtypes = args.dtypes or (list(DTYPES) if full else SWEEP_DTYPES[kind])
@@ -210,16 +218,13 @@ def sweep_configs(args, kind: str):
     mems = {"off": [False], "on": [True], "both": [False, True]}[mem]
     for elements in args.elements or SWEEP_ELEMENTS[kind]:
         for name in dtypes:
-            x_dtype, res_dtype = DTYPES[name]
             for hidden in args.hidden or SWEEP_HIDDEN[kind]:
                 for norm in args.norms:
                     for form in args.forms:
                         for me in mems:
-                            yield Config(
-                                norm=norm, prenorm=form == "pre", rows=max(1, elements // hidden),
-                                hidden=hidden, x_dtype=x_dtype, residual_dtype=res_dtype,
-                                weight_dtype=torch.float32 if res_dtype == torch.float32 else x_dtype,
-                                memory_efficient=me)
+                            yield mix_config(name, norm=norm, prenorm=form == "pre",
+                                             rows=max(1, elements // hidden), hidden=hidden,
+                                             memory_efficient=me)
 
 
 def decode_configs(kind: str):

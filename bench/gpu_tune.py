@@ -42,7 +42,6 @@ assumptions are in ``DeviceModel``; they are predictions, not measurements).
 """
 
 import argparse
-import csv
 import dataclasses
 import importlib
 import json
@@ -86,9 +85,12 @@ class Job:
 
     @property
     def key(self) -> str:
-        c = self.cfg
-        return "|".join(map(str, (self.table, c.norm, "pre" if c.prenorm else "post", dtype_label(c),
-                                  c.rows, c.hidden)))
+        """The job: its rows' key without mode and provider."""
+        return self.row_key("", "").rsplit("|", 2)[0]
+
+    def row_key(self, mode: str, provider: str) -> str:
+        """The key of the CSV row this job writes for (mode, provider)."""
+        return row_key(bench._row(self.table, self.cfg, mode, provider))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,24 +116,15 @@ class DeviceModel:
         return seconds
 
 
-def dtype_label(cfg: Config) -> str:
-    """The dtype label the CSV rows carry (bench_add_norm._row)."""
-    name = str(cfg.x_dtype).replace("torch.", "")
-    return name if cfg.residual_dtype == cfg.x_dtype else f"{name}+fp32res"
-
-
 def plan_jobs(hidden: Iterable[int] = HIDDEN, dtypes: Iterable[str] = DTYPE_ORDER, decode: bool = True,
               modes: Iterable[str] = MODES, elements: int = ELEMENTS) -> List[Job]:
     """Every job of a run, in the order they run."""
     jobs = []
     for rank, name in enumerate(dtypes):
-        x_dtype, res_dtype = bench.DTYPES[name]
-        weight = torch.float32 if res_dtype == torch.float32 else x_dtype
         for h in hidden:
             for norm in ("rms", "layer"):
                 for prenorm in (True, False):
-                    cfg = Config(norm=norm, prenorm=prenorm, rows=max(1, elements // h), hidden=h, x_dtype=x_dtype,
-                                 residual_dtype=res_dtype, weight_dtype=weight)
+                    cfg = bench.mix_config(name, norm=norm, prenorm=prenorm, rows=max(1, elements // h), hidden=h)
                     jobs.append(Job("sweep", 2 * rank if rank else 0, cfg, tuple(modes)))
         if rank == 0 and decode:  # serving shapes right after the main dtype
             for h in DECODE_HIDDEN:
@@ -256,9 +249,12 @@ class Clock:
         return self.end - self.now()
 
 
+#: what identifies a CSV row (bench_add_norm._row's fields)
+ROW_KEY = ("table", "norm", "form", "dtype", "rows", "hidden", "mode", "provider")
+
+
 def row_key(row: dict) -> str:
-    return "|".join(map(str, (row["table"], row["norm"], row["form"], row["dtype"], row["rows"], row["hidden"],
-                              row["mode"], row["provider"])))
+    return "|".join(str(row[k]) for k in ROW_KEY)
 
 
 def done_keys(csv_path: str) -> set:
@@ -268,16 +264,6 @@ def done_keys(csv_path: str) -> set:
         return set()
     return {row_key(r) for r in report.read_csv(csv_path)
             if r["ms"] is not None or not str(r["note"]).startswith("failed")}
-
-
-def append_rows(rows: List[dict], csv_path: str) -> None:
-    new = not os.path.exists(csv_path)
-    with open(csv_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(report.FIELDS))
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k) for k in report.FIELDS})
 
 
 def machine_of(env: dict) -> str:
@@ -298,24 +284,20 @@ def start_or_resume(out: str, env: dict) -> str:
     return csv_path
 
 
-class RowCopyBandwidth:
+class RowCopyBandwidth(bench.CopyBandwidth):
     """The copy bandwidth a row is compared with. CUDA: a clone moving as many bytes
-    as the row's floor (its own mode), measured once per size (4 KiB steps). CPU: the
-    clone of the row's input that bench_add_norm times between the providers' calls."""
+    as the row's floor (its own mode), measured once per size (4 KiB steps), not one
+    1 GiB clone. CPU: as bench_add_norm (the clone of the row's input, timed between
+    the providers' calls and recorded)."""
 
     def __init__(self, device: str):
-        self.device, self.cache = device, {}
+        self.device, self.measured = device, {}
 
     def __call__(self, cfg: Config, mode: str = "fwd") -> float:
         size = max(4096, (fused_bytes(cfg, mode) // 2) >> 12 << 12)  # bytes read (= written)
-        if size not in self.cache:
-            self.cache[size] = bench.copy_bandwidth_gbs(self.device, size, dtype=torch.uint8)
-        return self.cache[size]
-
-    def record(self, moved: int, ms: float) -> float:
-        gbs = moved / (ms * 1e-3) / 1e9
-        self.cache.setdefault(moved // 2, gbs)
-        return gbs
+        if size not in self.measured:
+            self.measured[size] = [bench.copy_bandwidth_gbs(self.device, size, dtype=torch.uint8)]
+        return self.measured[size][0]
 
 
 def correctness(device: str, dtypes: Iterable[str], clock: Optional[Clock] = None, end: float = 1e18) -> List[dict]:
@@ -324,15 +306,13 @@ def correctness(device: str, dtypes: Iterable[str], clock: Optional[Clock] = Non
     results = []
     for variant in VARIANTS:
         for name in dtypes:
-            x_dtype, res_dtype = bench.DTYPES[name]
             for h in CORRECTNESS_HIDDEN:
                 for norm in ("rms", "layer"):
                     where = dict(variant=variant, dtype=name, hidden=h, norm=norm)
                     if clock is not None and clock.now() > end:
                         results.append(dict(where, verdict="not checked (stage limit)"))
                         continue
-                    cfg = Config(norm=norm, prenorm=True, rows=64, hidden=h, x_dtype=x_dtype, residual_dtype=res_dtype,
-                                 weight_dtype=torch.float32 if res_dtype == torch.float32 else x_dtype)
+                    cfg = bench.mix_config(name, norm=norm, prenorm=True, rows=64, hidden=h)
                     try:
                         inputs, grads = bench.make_inputs(cfg, device)
                         fn = providers.make("residual_fused", cfg, device)
@@ -419,7 +399,7 @@ def run(args) -> dict:
     done = done_keys(csv_path)
 
     def missing(job, which):
-        return {n: [m for m in job.modes if f"{job.key}|{m}|{n}" not in done] for n in which}
+        return {n: [m for m in job.modes if job.row_key(m, n) not in done] for n in which}
 
     todo = [j for j in jobs if any(missing(j, names).values())]
     summary["resumed_past"] = len(jobs) - len(todo)
@@ -463,7 +443,7 @@ def run(args) -> dict:
                     return False
                 modes = [m for m in job.modes if any(m in ms for ms in want.values())]
                 rows = run_job(job, list(want), modes, device, args.repeats, copy)
-                append_rows(rows, csv_path)
+                report.write_csv(rows, csv_path, append=True)
                 measured.add(job.key)
                 done.update(row_key(r) for r in rows if r["ms"] is not None or not r["note"].startswith("failed"))
                 return True
@@ -487,7 +467,6 @@ def run(args) -> dict:
             summary["measured_jobs"] = len(measured)
             for job in pending:
                 summary["cut"].append(f"{job.key}|compile (its graphs were not ready in time)")
-            return {"copy_gbs": copy.cache}
 
         stage("sweep", sweep_stage, reserve=PAGE_RESERVE_S)
     finally:

@@ -84,11 +84,14 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: List[dict], path: str) -> None:
-    with open(path, "w", newline="") as f:
+def write_csv(rows: List[dict], path: str, append: bool = False) -> None:
+    """``rows`` as CSV; ``append`` adds them to the file (its header written once)."""
+    header = not (append and os.path.exists(path))
+    with open(path, "a" if append else "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(FIELDS))
-        writer.writeheader()
-        writer.writerows(rows)
+        if header:
+            writer.writeheader()
+        writer.writerows({k: row.get(k) for k in FIELDS} for row in rows)
 
 
 _INT_FIELDS = ("rows", "hidden", "bytes")
