@@ -34,14 +34,19 @@ How a run is organised:
   float64 reference on three sizes per dtype mix before anything is timed; every
   provider's forward is checked again per job (bench_add_norm.check_output).
 
-Kernel variants: the library dispatches one kernel shape per hidden size, chosen by
-rule (csrc/kernels/dispatch.cu); the variant list below is that single point
-("default") until shapes can be chosen at run time. The dry run prints the plan: the
+Kernel variants (csrc/kernels/variant.h, candidates in bench/variants.py): the
+correctness stage checks every candidate of each direction against the float64
+reference on three sizes (a wrong one is reported and never timed or chosen); the
+sweep times every candidate beside the rule for the jobs of ``--variant-dtypes``
+(rows ``residual_fused[<variant>]``, with what ran in the ``variant`` column; a
+variant that cannot run a shape is a row that says why). ``bench/make_table.py``
+turns the CSV into the table dispatch follows. The dry run prints the plan: the
 stages, the jobs that fit the deadline and the predicted device seconds (the model's
 assumptions are in ``DeviceModel``; they are predictions, not measurements).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -59,6 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_add_norm as bench  # noqa: E402
 import providers  # noqa: E402
 import report  # noqa: E402
+import variants  # noqa: E402
 from byte_model import MODES, Config, eager_bytes, fused_bytes  # noqa: E402
 
 HIDDEN = (512, 768, 1024, 2048, 2560, 4096, 5120, 8192, 12288, 16384, 24576, 32768, 65536, 131072, 262144)
@@ -67,26 +73,31 @@ DECODE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DECODE_HIDDEN = (2048, 4096, 8192)
 #: dtype mixes in priority order (bench_add_norm.DTYPES keys).
 DTYPE_ORDER = ("bf16", "bf16-fp32res", "fp16", "fp32")
-#: the kernel variants the library can run; one until shapes are chosen at run time.
-VARIANTS = ("default",)
+#: the kernel variants checked and timed per direction ("rule": the documented rule)
+VARIANTS = variants.CANDIDATES
+VARIANT_DTYPES = ("bf16",)  # the sweep jobs whose variants are all timed
 CORRECTNESS_HIDDEN = (768, 8200, 65536)  # a rows kernel, an unaligned-to-the-chunk size, a cluster
 STAGES = ("correct", "sweep", "page")
 #: each stage's own limit, seconds (capped by what is left before the deadline).
-STAGE_LIMITS = {"correct": 40, "sweep": 300, "page": 20}
+STAGE_LIMITS = {"correct": 50, "sweep": 300, "page": 20}
 REPEATS = 30
+VARIANT_REPEATS = 20  # each variant's timed calls (a median still; more variants fit)
+#: the order the variant jobs run in: every hidden size of one (norm, form) before the next
+VARIANT_FORMS = (("rms", True), ("layer", True), ("layer", False), ("rms", False))
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
     table: str  # "sweep" or "decode"
-    priority: int  # lower runs first
+    priority: float  # lower runs first
     cfg: Config
     modes: tuple
+    tune: bool = False  # the job times the library's kernel variants (not the providers)
 
     @property
     def key(self) -> str:
         """The job: its rows' key without mode and provider."""
-        return self.row_key("", "").rsplit("|", 2)[0]
+        return self.row_key("", "").rsplit("|", 2)[0] + ("|variants" if self.tune else "")
 
     def row_key(self, mode: str, provider: str) -> str:
         """The key of the CSV row this job writes for (mode, provider)."""
@@ -105,6 +116,21 @@ class DeviceModel:
     compile_load_s: float = 0.6  # per job and direction: dynamo trace and cached graph load
     warmup: int = 5
 
+    # share of a direction's candidates that can run a sweep shape: 381 of 630 on the
+    # emulated H100's plans over HIDDEN (bf16 LayerNorm, pre-norm)
+    variant_applies: float = 0.6
+    variant_check_s: float = 0.03  # per variant and mode: its output checked against the rule's
+    check_s: float = 0.1  # per correctness check (one variant, dtype, size, norm)
+
+    def variant_seconds(self, job: Job, repeats: int) -> float:
+        """Timing every candidate variant of the job's fwd and bwd modes."""
+        seconds = 0.0
+        for mode in job.modes:
+            call = fused_bytes(job.cfg, mode) / (self.copy_gbs * 1e9 * self.efficiency) * 1e3 + self.call_ms
+            timed = (len(VARIANTS[mode]) - 1) * self.variant_applies
+            seconds += timed * ((repeats + self.warmup) * (call + self.flush_ms) * 1e-3 + self.variant_check_s)
+        return seconds
+
     def provider_seconds(self, job: Job, provider: str, repeats: int) -> float:
         seconds = self.setup_s
         for mode in job.modes:
@@ -117,15 +143,22 @@ class DeviceModel:
 
 
 def plan_jobs(hidden: Iterable[int] = HIDDEN, dtypes: Iterable[str] = DTYPE_ORDER, decode: bool = True,
-              modes: Iterable[str] = MODES, elements: int = ELEMENTS) -> List[Job]:
-    """Every job of a run, in the order they run."""
+              modes: Iterable[str] = MODES, elements: int = ELEMENTS,
+              variant_dtypes: Iterable[str] = VARIANT_DTYPES) -> List[Job]:
+    """Every job of a run, in the order they run: the main dtype's sweep, the decode
+    shapes, the kernel variants of the ``variant_dtypes`` sweep (fwd and bwd), then the
+    other dtype mixes."""
     jobs = []
+    tuned_modes = tuple(m for m in modes if m in VARIANTS)
     for rank, name in enumerate(dtypes):
         for h in hidden:
             for norm in ("rms", "layer"):
                 for prenorm in (True, False):
                     cfg = bench.mix_config(name, norm=norm, prenorm=prenorm, rows=max(1, elements // h), hidden=h)
                     jobs.append(Job("sweep", 2 * rank if rank else 0, cfg, tuple(modes)))
+                    if name in variant_dtypes and tuned_modes:
+                        rank_form = VARIANT_FORMS.index((norm, prenorm))
+                        jobs.append(Job("sweep", 1.5 + 0.01 * rank_form, cfg, tuned_modes, tune=True))
         if rank == 0 and decode:  # serving shapes right after the main dtype
             for h in DECODE_HIDDEN:
                 for rows in DECODE_ROWS:
@@ -134,11 +167,19 @@ def plan_jobs(hidden: Iterable[int] = HIDDEN, dtypes: Iterable[str] = DTYPE_ORDE
     return sorted(jobs, key=lambda j: j.priority)
 
 
+def job_seconds(job: Job, names: List[str], model: DeviceModel, repeats: int) -> float:
+    """A job's predicted device seconds: its providers', or its variants' (none
+    without the library among the providers; VARIANT_REPEATS calls each)."""
+    if job.tune:
+        return model.variant_seconds(job, min(repeats, VARIANT_REPEATS)) if "residual_fused" in names else 0.0
+    return sum(model.provider_seconds(job, name, repeats) for name in names)
+
+
 def schedule(jobs: List[Job], names: List[str], model: DeviceModel, budget_s: float, repeats: int = REPEATS):
     """(jobs that fit in budget_s in order, jobs cut, predicted seconds of those that fit)."""
     kept, cut, total = [], [], 0.0
     for job in jobs:
-        seconds = sum(model.provider_seconds(job, name, repeats) for name in names)
+        seconds = job_seconds(job, names, model, repeats)
         if total + seconds <= budget_s:
             kept.append(job)
             total += seconds
@@ -300,31 +341,107 @@ class RowCopyBandwidth(bench.CopyBandwidth):
         return self.measured[size][0]
 
 
-def correctness(device: str, dtypes: Iterable[str], clock: Optional[Clock] = None, end: float = 1e18) -> List[dict]:
-    """Every variant's forward and backward against the float64 reference; checks
-    left when the stage's time is up are reported as not checked."""
+def tuning_entry(device: str) -> Optional[variants.Entry]:
+    """The library's variant entry points where its CUDA kernels are loaded, else None."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        return variants.loaded()
+    except (RuntimeError, OSError, AttributeError):
+        return None
+
+
+def _refusal(err: Exception) -> bool:
+    """Whether an error is the library refusing a variant for a shape it cannot run."""
+    return "the tuning variant" in str(err)
+
+
+def correctness(device: str, dtypes: Iterable[str], clock: Optional[Clock] = None, end: float = 1e18,
+                variant_dtypes: Iterable[str] = VARIANT_DTYPES) -> List[dict]:
+    """The rule's forward and backward against the float64 reference in every dtype
+    mix, then every candidate variant of each direction in ``variant_dtypes`` (where
+    the CUDA kernels are loaded). Verdicts: ok; WRONG: why; n/a: why the variant cannot
+    run that shape; not checked (stage limit)."""
+    entry = tuning_entry(device)
+    dtypes = list(dtypes)
+    checks = [("both", "rule", name) for name in dtypes]
+    if entry is not None:
+        checks += [(d, v, name) for name in variant_dtypes if name in dtypes
+                   for d, names in VARIANTS.items() for v in names if v != "rule"]
     results = []
-    for variant in VARIANTS:
-        for name in dtypes:
-            for h in CORRECTNESS_HIDDEN:
-                for norm in ("rms", "layer"):
-                    where = dict(variant=variant, dtype=name, hidden=h, norm=norm)
-                    if clock is not None and clock.now() > end:
-                        results.append(dict(where, verdict="not checked (stage limit)"))
-                        continue
-                    cfg = bench.mix_config(name, norm=norm, prenorm=True, rows=64, hidden=h)
-                    try:
-                        inputs, grads = bench.make_inputs(cfg, device)
-                        fn = providers.make("residual_fused", cfg, device)
-                        bench.check_output("residual_fused", cfg, fn, inputs)
-                        check_backward(cfg, fn, inputs, grads)
-                        verdict = "ok"
-                    except providers.Unavailable as why:
-                        verdict = f"WRONG: {why}"
-                    except Exception as err:  # an error is a wrong variant too, and the run goes on
-                        verdict = f"WRONG: {type(err).__name__}: {err}"[:300]
-                    results.append(dict(where, verdict=verdict))
+    for direction, variant, name in checks:
+        for h in CORRECTNESS_HIDDEN:
+            for norm in ("rms", "layer"):
+                where = dict(direction=direction, variant=variant, dtype=name, hidden=h, norm=norm)
+                if clock is not None and clock.now() > end:
+                    results.append(dict(where, verdict="not checked (stage limit)"))
+                    continue
+                cfg = bench.mix_config(name, norm=norm, prenorm=True, rows=64, hidden=h)
+                forced = entry.override(direction, variant) if direction != "both" else contextlib.nullcontext()
+                try:
+                    inputs, grads = bench.make_inputs(cfg, device)
+                    fn = providers.make("residual_fused", cfg, device)
+                    with forced:
+                        if direction in ("both", "fwd"):
+                            bench.check_output("residual_fused", cfg, fn, inputs)
+                        if direction in ("both", "bwd"):
+                            check_backward(cfg, fn, inputs, grads)
+                    verdict = "ok"
+                except providers.Unavailable as why:
+                    verdict = f"WRONG: {why}"
+                except Exception as err:  # an error is a wrong variant too, and the run goes on
+                    verdict = (f"n/a: {err}" if _refusal(err) else f"WRONG: {type(err).__name__}: {err}")[:300]
+                results.append(dict(where, verdict=verdict))
     return results
+
+
+def _outputs(call) -> List[torch.Tensor]:
+    return [t.detach().clone() for t in bench._as_tuple(call()) if t is not None]
+
+
+def run_variants(job: Job, device: str, repeats: int, copy: "RowCopyBandwidth", entry: variants.Entry,
+                 skip: Callable[[str, str], bool], wrong: set) -> List[dict]:
+    """Every candidate variant of the job's fwd and bwd modes, timed as the rule's own
+    row is: rows ``residual_fused[<variant>]`` with what ran in ``variant``. A variant
+    that cannot run the shape, whose outputs differ from the rule's, or that the
+    correctness stage found wrong, is a row that says so (never timed)."""
+    cfg = job.cfg
+    inputs, grads = bench.make_inputs(cfg, device)
+    fn = providers.make("residual_fused", cfg, device)
+    rows = []
+    for mode in (m for m in job.modes if m in VARIANTS):
+        rule = _outputs(bench.step(fn, mode, inputs, grads, cfg.prenorm))
+        nbytes = fused_bytes(cfg, mode)
+        for v in VARIANTS[mode]:
+            name = variants.provider_name(v)
+            if v == "rule" or skip(mode, name):
+                continue
+            if (mode, v) in wrong:
+                rows.append(bench._row(job.table, cfg, mode, name, note="WRONG in the correctness stage: not timed"))
+                continue
+            try:
+                with entry.override(mode, v):
+                    call = bench.step(fn, mode, inputs, grads, cfg.prenorm)
+                    for want, got in zip(rule, _outputs(call)):
+                        err = (got.double() - want.double()).abs().max().item()
+                        tol = bench.TOLERANCE.get(got.dtype, 1e-4) * max(1.0, want.double().abs().max().item())
+                        if not err <= tol:
+                            raise providers.Unavailable(f"differs from the rule's output by {err:.3g}")
+                    timing = bench.time_stats(call, device, repeats=repeats)
+                    ran = entry.last(mode)
+            except providers.Unavailable as why:
+                rows.append(bench._row(job.table, cfg, mode, name, note=f"WRONG: {why}"))
+                continue
+            except Exception as err:
+                note = f"refused: {err}" if _refusal(err) else f"failed: {type(err).__name__}: {err}"
+                rows.append(bench._row(job.table, cfg, mode, name, note=note[:200]))
+                continue
+            gbs = nbytes / (timing.ms * 1e-3) / 1e9
+            copy_gbs = copy(cfg, mode)
+            rows.append(bench._row(job.table, cfg, mode, name, fused_add=True, ms=timing.ms, spread=timing.spread,
+                                   bytes=nbytes, gbs=gbs, copy_gbs=copy_gbs, pct_copy=100 * gbs / copy_gbs,
+                                   variant=ran))
+    return rows
 
 
 def check_backward(cfg: Config, fn, inputs, grads) -> None:
@@ -343,15 +460,23 @@ def check_backward(cfg: Config, fn, inputs, grads) -> None:
 
 
 def run_job(job: Job, names: List[str], modes: List[str], device: str, repeats: int,
-            copy: RowCopyBandwidth) -> List[dict]:
+            copy: RowCopyBandwidth, entry: Optional[variants.Entry] = None) -> List[dict]:
     """Time one job's providers (bench_add_norm's row logic, with per-row copy). An
-    error is a row that says so (and is tried again by a resumed run), not a lost run."""
+    error is a row that says so (and is tried again by a resumed run), not a lost run.
+    With the library's entry points, its rows say which variant the rule ran."""
     args = argparse.Namespace(device=device, repeats=repeats, providers=names)
     try:
-        return bench.run_table(job.table, [job.cfg], modes, args, copy, _Quiet())
+        rows = bench.run_table(job.table, [job.cfg], modes, args, copy, _Quiet())
     except Exception as err:
         note = f"failed: {type(err).__name__}: {err}"[:160]
         return [bench._row(job.table, job.cfg, mode, name, note=note) for name in names for mode in modes]
+    if entry is not None:  # the rule's choice depends on the shape alone: the last launch's
+        ran = {"fwd": entry.last("fwd"), "bwd": entry.last("bwd")}
+        ran["fwd+bwd"] = f"{ran['fwd']} + {ran['bwd']}"
+        for r in rows:
+            if r["provider"] == "residual_fused" and r["ms"] is not None:
+                r["variant"] = ran.get(r["mode"], "")
+    return rows
 
 
 def compile_cache_counters() -> dict:
@@ -388,26 +513,33 @@ def run(args) -> dict:
     stages_path = os.path.join(args.out, "stages.json")
     env = bench.environment(device)
     env["peers"] = probe_peers()
-    env["variants"] = list(VARIANTS)
+    env["variants"] = {d: list(v) for d, v in VARIANTS.items()}
+    entry = tuning_entry(device) if "residual_fused" in args.providers else None
+    env["tuned_table"] = entry.table_source() if entry is not None else None
     csv_path = start_or_resume(args.out, env)
     report.write_json(env, os.path.join(args.out, "env.json"))
     names = [n for n in ("eager", "compile", "residual_fused") if n in args.providers]
     names += [n for n in providers.PROVIDERS if n in args.providers and n not in names and device.startswith("cuda")
               and not env["peers"].get(n, "not available").startswith("not available")]
     model = DeviceModel()
-    jobs = plan_jobs(args.hidden, args.dtypes, not args.no_decode, args.modes, args.elements)
+    jobs = plan_jobs(args.hidden, args.dtypes, not args.no_decode, args.modes, args.elements,
+                     args.variant_dtypes if entry is not None else ())
     done = done_keys(csv_path)
 
     def missing(job, which):
         return {n: [m for m in job.modes if job.row_key(m, n) not in done] for n in which}
 
-    todo = [j for j in jobs if any(missing(j, names).values())]
+    def variants_missing(job):
+        return "residual_fused" in names and any(job.row_key(m, variants.provider_name(v)) not in done
+                                                 for m in job.modes for v in VARIANTS[m] if v != "rule")
+
+    todo = [j for j in jobs if (variants_missing(j) if j.tune else any(missing(j, names).values()))]
     summary["resumed_past"] = len(jobs) - len(todo)
     budget = clock.left() - STAGE_LIMITS["correct"] - PAGE_RESERVE_S
     planned, _, _ = schedule(todo, names, model, max(0.0, min(STAGE_LIMITS["sweep"], budget)), args.repeats)
     # workers compile only what the plan expects to reach, from the start of the run
-    warmers = Warmers([j for j in planned if missing(j, ["compile"]).get("compile")] if "compile" in names else [],
-                      device, args.compile_workers)
+    warmers = Warmers([j for j in planned if not j.tune and missing(j, ["compile"]).get("compile")]
+                      if "compile" in names else [], device, args.compile_workers)
 
     def stage(name, fn, reserve=0.0):
         limit = min(STAGE_LIMITS[name], clock.left() - reserve)
@@ -421,12 +553,15 @@ def run(args) -> dict:
         return result
 
     try:
-        checked = stage("correct", lambda end: correctness(device, args.dtypes, clock, end),
+        checked = stage("correct", lambda end: correctness(device, args.dtypes, clock, end, args.variant_dtypes),
                         reserve=PAGE_RESERVE_S) or []
         summary["correctness"] = {
             "checked": sum(not r["verdict"].startswith("not checked") for r in checked),
             "wrong": [r for r in checked if r["verdict"].startswith("WRONG")],
+            "not_applicable": sum(r["verdict"].startswith("n/a") for r in checked),
             "not_checked": sum(r["verdict"].startswith("not checked") for r in checked)}
+        report.write_json(checked, os.path.join(args.out, "correctness.json"))
+        wrong = {(r["direction"], r["variant"]) for r in summary["correctness"]["wrong"]}
 
         def sweep_stage(end):
             copy = RowCopyBandwidth(device)
@@ -434,15 +569,19 @@ def run(args) -> dict:
             measured = set()
 
             def time_job(job, which):
-                want = {n: ms for n, ms in missing(job, which).items() if ms}
-                if not want:
+                want = {} if job.tune else {n: ms for n, ms in missing(job, which).items() if ms}
+                if not want and not (job.tune and variants_missing(job)):
                     return True
-                need = sum(model.provider_seconds(job, n, args.repeats) for n in want)
+                need = job_seconds(job, list(want) or names, model, args.repeats)
                 if clock.now() + need > end:
-                    summary["cut"].append(f"{job.key}|{'+'.join(want)}")
+                    summary["cut"].append(f"{job.key}|{'+'.join(want) or 'variants'}")
                     return False
-                modes = [m for m in job.modes if any(m in ms for ms in want.values())]
-                rows = run_job(job, list(want), modes, device, args.repeats, copy)
+                if job.tune:
+                    rows = run_variants(job, device, min(args.repeats, VARIANT_REPEATS), copy, entry,
+                                        lambda mode, name: job.row_key(mode, name) in done, wrong)
+                else:
+                    modes = [m for m in job.modes if any(m in ms for ms in want.values())]
+                    rows = run_job(job, list(want), modes, device, args.repeats, copy, entry)
                 report.write_csv(rows, csv_path, append=True)
                 measured.add(job.key)
                 done.update(row_key(r) for r in rows if r["ms"] is not None or not r["note"].startswith("failed"))
@@ -458,7 +597,7 @@ def run(args) -> dict:
 
             for job in todo:  # priority order; each job's compile rows as soon as its graphs are ready
                 ran = time_job(job, [n for n in names if n != "compile"])
-                if "compile" in names and ran:
+                if "compile" in names and ran and not job.tune:
                     pending.append(job)
                 drain(block_until_ready=False)
                 summary["measured_jobs"] = len(measured)
@@ -488,7 +627,15 @@ def run(args) -> dict:
                                         base=os.path.join(args.out, "page"))
         with open(page, "a") as f:
             f.write("\n" + "\n".join(versus_best(rows)) + "\n")
+            f.write("\n" + "\n".join(variant_summary(rows)) + "\n")
         summary["page"] = page
+        if env.get("gpu"):  # the table this run gives, for csrc/kernels/tuned_table.h
+            import make_table
+
+            table = os.path.join(args.out, "tuned_table.h")
+            with open(table, "w") as f:
+                f.write(make_table.build([csv_path]))
+            summary["tuned_table"] = table
         return len(rows)
 
     stage("page", page_stage)
@@ -510,12 +657,36 @@ def versus_best(rows: List[dict], ours: str = "residual_fused") -> List[str]:
            "| ours / best |", "|" + "---|" * 12]
     for key, by_name in groups.items():
         mine = by_name.get(ours)
-        others = [r for name, r in by_name.items() if name != ours]
+        others = [r for name, r in by_name.items() if name != ours and variants.variant_of_provider(name) is None]
         if mine is None or not others:
             continue
         best = min(others, key=lambda r: r["ms"])
         out.append("| " + " | ".join(map(str, key)) + f" | {mine['ms'] * 1e3:.1f} us | {mine['pct_copy']:.0f}% | "
                    f"{best['provider']} | {best['ms'] * 1e3:.1f} us | {mine['ms'] / best['ms']:.2f} |")
+    return out
+
+
+def variant_summary(rows: List[dict], ours: str = "residual_fused") -> List[str]:
+    """Markdown: for every row whose variants were timed, the rule's time and variant
+    against the fastest variant (what bench/make_table.py would pick, before its margin)."""
+    groups = {}
+    for r in rows:
+        key = tuple(r[k] for k in ("table", "norm", "form", "mode", "dtype", "rows", "hidden"))
+        groups.setdefault(key, []).append(r)
+    out = ["## Kernel variants: the rule against the fastest variant", "",
+           "| table | norm | form | mode | dtype | rows | hidden | rule | its variant | fastest variant | its time "
+           "| % of copy | rule / fastest | timed | refused |", "|" + "---|" * 15]
+    for key, group in groups.items():
+        rule = next((r for r in group if r["provider"] == ours and r["ms"] is not None), None)
+        tried = [r for r in group if variants.variant_of_provider(r["provider"]) is not None]
+        timed = [r for r in tried if r["ms"] is not None]
+        if rule is None or not timed:
+            continue
+        best = min(timed, key=lambda r: r["ms"])
+        out.append("| " + " | ".join(map(str, key)) + f" | {rule['ms'] * 1e3:.1f} us | {rule.get('variant') or '?'} | "
+                   f"{best.get('variant') or variants.variant_of_provider(best['provider'])} | "
+                   f"{best['ms'] * 1e3:.1f} us | {best['pct_copy']:.0f}% | {rule['ms'] / best['ms']:.2f} | "
+                   f"{len(timed)} | {sum(str(r['note']).startswith('refused') for r in tried)} |")
     return out
 
 
@@ -526,9 +697,11 @@ def dry_run(args) -> dict:
     peers = [n for n in args.providers if n not in ("eager", "compile", "residual_fused")]
     names = [n for n in ("eager", "compile", "residual_fused") if n in args.providers]
     model = DeviceModel()
-    jobs = plan_jobs(args.hidden, args.dtypes, not args.no_decode, args.modes, args.elements)
+    tuned = [n for n in args.variant_dtypes if n in args.dtypes] if "residual_fused" in names else []
+    jobs = plan_jobs(args.hidden, args.dtypes, not args.no_decode, args.modes, args.elements, tuned)
+    checks = len(args.dtypes) + len(tuned) * sum(len(v) - 1 for v in VARIANTS.values())
     fixed = {"build": float(args.build_seconds), "imports and env": 10.0,
-             "correct": 0.4 * len(VARIANTS) * len(args.dtypes) * len(CORRECTNESS_HIDDEN) * 2,
+             "correct": min(STAGE_LIMITS["correct"], model.check_s * checks * len(CORRECTNESS_HIDDEN) * 2),
              "page": PAGE_RESERVE_S, "margin": MARGIN_S}
     budget = max(0.0, min(STAGE_LIMITS["sweep"], args.deadline - sum(fixed.values())))
     kept, cut, sweep_s = schedule(jobs, names, model, budget, args.repeats)
@@ -536,9 +709,12 @@ def dry_run(args) -> dict:
     total = sweep_s + sum(fixed.values())
     by_table = {}
     for job in kept:
-        by_table[job.table] = by_table.get(job.table, 0) + 1
+        table = "variants" if job.tune else job.table
+        by_table[table] = by_table.get(table, 0) + 1
     plan = {
-        "variants": list(VARIANTS),
+        "variants": {d: list(v) for d, v in VARIANTS.items()},
+        "variants_timed_for": tuned,
+        "jobs_timing_variants": sum(j.tune for j in kept),
         "stages": ["build", "imports and env"] + list(STAGES),
         "providers": names,
         "jobs": len(jobs),
@@ -552,7 +728,9 @@ def dry_run(args) -> dict:
         "deadline_s": args.deadline,
         "model": dataclasses.asdict(model),
     }
-    print(f"gpu-tune dry run: {len(VARIANTS)} variant(s) ({', '.join(VARIANTS)}); providers "
+    print(f"gpu-tune dry run: variants {', '.join(f'{d} {len(v)}' for d, v in VARIANTS.items())} "
+          f"(bench/variants.py), each checked on {len(CORRECTNESS_HIDDEN)} sizes and timed in the "
+          f"{'/'.join(tuned) or 'no'} sweep jobs ({plan['jobs_timing_variants']} fit); providers "
           f"{', '.join(names)}, plus the peers that import on the machine ({', '.join(peers) or 'none asked'})")
     print(f"jobs: {len(jobs)} planned; {len(kept)} fit the sweep's {budget:.0f} s "
           f"({', '.join(f'{k} {v}' for k, v in by_table.items())}; {len(with_peer)} with Liger beside them); "
@@ -576,6 +754,8 @@ def parse_args(argv=None):
     p.add_argument("--no-decode", action="store_true")
     p.add_argument("--providers", nargs="+", default=list(providers.PROVIDERS), choices=list(providers.PROVIDERS))
     p.add_argument("--repeats", type=int, default=REPEATS)
+    p.add_argument("--variant-dtypes", nargs="*", default=list(VARIANT_DTYPES), choices=list(bench.DTYPES),
+                   help="the sweep jobs whose kernel variants are all timed (none: the rule only)")
     p.add_argument("--elements", type=int, default=ELEMENTS, help="rows * hidden per sweep job")
     p.add_argument("--compile-workers", type=int, default=max(0, min(12, (os.cpu_count() or 2) - 2)))
     p.add_argument("--build-seconds", type=float, default=120.0,

@@ -11,9 +11,19 @@ import sys
 from collections import defaultdict
 from typing import Dict, List, Optional
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import variants  # noqa: E402
+
+
+def _page_rows(rows: List[dict]) -> List[dict]:
+    """The rows a page shows in its tables and plots: not the timed kernel variants
+    (make gpu-tune summarises those on its own; the CSV keeps every row)."""
+    return [r for r in rows if variants.variant_of_provider(str(r["provider"])) is None]
+
 FIELDS = ("table", "norm", "form", "mode", "dtype", "residual", "memory_efficient", "rows",
           "hidden", "provider", "fused_add", "ms", "spread", "host_us", "bytes", "gbs",
-          "copy_gbs", "pct_copy", "vs_eager", "vs_compile", "note")
+          "copy_gbs", "pct_copy", "vs_eager", "vs_compile", "variant", "note")
 
 LEGEND = """columns: time = median of the repeats; spread = interquartile range / median;
 host = host time per call (decode rows, no synchronisation); GB/s = the bytes the
@@ -85,7 +95,13 @@ def format_table(rows: List[dict]) -> str:
 
 
 def write_csv(rows: List[dict], path: str, append: bool = False) -> None:
-    """``rows`` as CSV; ``append`` adds them to the file (its header written once)."""
+    """``rows`` as CSV; ``append`` adds them to the file (its header written once; a
+    file with other columns, from an older version, is rewritten with these first)."""
+    if append and os.path.exists(path):
+        with open(path, newline="") as f:
+            if next(csv.reader(f), None) != list(FIELDS):
+                rows = read_csv(path) + list(rows)
+                append = False
     header = not (append and os.path.exists(path))
     with open(path, "a" if append else "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(FIELDS))
@@ -140,7 +156,7 @@ def plot(rows: List[dict], copy_gbs: float, out_dir: str, title: str) -> List[st
     except ImportError:
         print("plots skipped: matplotlib is not installed", file=sys.stderr)
         return []
-    sweep = [r for r in rows if r["table"] == "sweep" and r["gbs"] is not None]
+    sweep = [r for r in _page_rows(rows) if r["table"] == "sweep" and r["gbs"] is not None]
     sizes = sorted({r["rows"] * r["hidden"] for r in sweep})
     sized = len(sizes) > 1  # then a plot per size too (rows * hidden is the same within a plot)
     written = []
@@ -208,7 +224,9 @@ def summary(rows: List[dict], provider: str = "residual_fused") -> List[str]:
 def markdown(rows: List[dict], env: dict, command: str, images: List[str],
              headline_hidden: Optional[List[int]] = None) -> str:
     """The results page: environment header, headline table, plots (``images``: paths
-    relative to the page), full tables."""
+    relative to the page), full tables. The variant column says which kernel variant
+    the library's rows ran, where the run recorded it."""
+    rows = _page_rows(rows)
     out = [f"# Add & Norm benchmark: {env.get('gpu') or env.get('cpu') or env['device']}", ""]
     out += ["| environment | |", "|---|---|"]
     for k in ("date", "gpu", "driver", "cuda", "cpu", "threads", "cpu_capability", "torch",
@@ -222,13 +240,15 @@ def markdown(rows: List[dict], env: dict, command: str, images: List[str],
              and (headline_hidden is None or r["hidden"] in headline_hidden)]
     cols = ("norm", "form", "mode", "dtype", "rows", "hidden", "provider", "ms", "spread",
             "gbs", "pct_copy", "vs_eager", "vs_compile")
+    if any(r.get("variant") for r in rows):
+        cols += ("variant",)
 
     def table(sel):
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in sel:
             cells = []
             for c in cols:
-                v = r[c]
+                v = (r.get(c) or "") if c == "variant" else r[c]
                 if c == "ms":
                     v = f"{v * 1e3:.1f} us"
                 elif c == "gbs":

@@ -90,6 +90,9 @@ def doctor(out=sys.stdout) -> None:
                 else f"built for torch {torch.__version__}")
         line("loaded library", f"{path} ({kind})")
     line("build on first use", "on" if _jit.enabled() else "off (RESIDUAL_FUSED_JIT=0)")
+    if os.environ.get("RESIDUAL_FUSED_VARIANT"):  # a tuning override: every CUDA call runs it or fails
+        line("kernel variant", f"{os.environ['RESIDUAL_FUSED_VARIANT']} (RESIDUAL_FUSED_VARIANT, for tuning: "
+                               "calls it cannot run fail; unset it to let dispatch choose)")
     line("build cache", _cache_summary())
     root = _jit.source_root()
     if root is not None:

@@ -28,12 +28,12 @@ ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
 KERNELS = os.path.join(ROOT, "csrc", "kernels")
 EMULATOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "emulator")
 KERNEL_SOURCES = ["fwd_rows.cu", "fwd_streamed.cu", "bwd_rows.cu", "bwd_streamed.cu", "cluster_rows.cu",
-                  "dispatch.cu"]
+                  "variant.cu", "dispatch.cu"]
 RUNTIME_SOURCES = ["scheduler.cpp", "device.cpp", "memory.cpp", "checker.cpp", "api.cpp"]
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 SCHEDULES = {"round_robin": 0, "reverse": 1, "random": 2, "warp_greedy": 3, "cta_greedy": 4}
 PROFILES = ("h100", "a100", "sm86")
-INJECT = {"set_attribute": 0, "occupancy": 1, "func_attributes": 2, "launch": 3}
+INJECT = {"set_attribute": 0, "occupancy": 1, "func_attributes": 2, "launch": 3, "device_properties": 4}
 SANITIZE = ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fsanitize-undefined-trap-on-error"]
 # Every load and store of the kernel sources calls __asan_load<N>/__asan_store<N>, which
 # tests/emulator/checker.cpp implements (no AddressSanitizer runtime): GCC's and
@@ -307,6 +307,8 @@ class Emulator:
                                           ctypes.POINTER(i32)]
         L.emu_plan_boundaries.argtypes = [i32, i64, i32, i32, i32, i32, i32, ctypes.POINTER(i32), i32]
         L.emu_set_dry_run.argtypes = [i32]
+        L.emu_set_device_name.argtypes = [ctypes.c_char_p]
+        L.residual_fused_last_refusal.restype = ctypes.c_char_p
         L.emu_set_weight_offset.argtypes = [dbl]
         L.emu_clear_recorded.argtypes = []
         L.emu_set_schedule.argtypes = [i32, u64]
@@ -356,6 +358,11 @@ class Emulator:
             assert device >= KMAX_DEVICES, f"device {device} is in dispatch.cu's caches: only fresh indices"
         self.lib.emu_configure(device, PROFILES.index(profile), sm_count, int(clusters), code_arch)
 
+    def set_device_name(self, name: str) -> None:
+        """The configured GPU reports this name (the measured table is keyed by it)
+        until the next configure."""
+        self.lib.emu_set_device_name(name.encode())
+
     def schedule(self, name: str, seed: int = 1) -> None:
         self.lib.emu_set_schedule(SCHEDULES[name], seed)
 
@@ -398,7 +405,9 @@ class Emulator:
         return f"\n  at {out}" if out else ""
 
     def _fail(self, status: int, what: str):
-        message = self.lib.emu_message().decode() or "(no message)"
+        refusal = self.lib.residual_fused_last_refusal()
+        message = (self.lib.emu_message().decode() or (refusal.decode() if refusal else "")
+                   or "(no message)")
         raise EmulatorError(f"emulated {what} failed (cudaError {status}): {message}{self._where()}")
 
     # ---- memory --------------------------------------------------------------------

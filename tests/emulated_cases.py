@@ -10,6 +10,7 @@ sizes on every GPU profile. Exits 1 at the first failure, saying what failed.
 """
 
 import argparse
+import ctypes
 import dataclasses
 import os
 import re
@@ -145,9 +146,10 @@ def _vector(hidden, dtype, gen, away_from_zero=False):
     return v.to(dtype)
 
 
-def check(emu, rows, hidden, flags: Flags, layout="contiguous", seed=0):
-    """Forward and backward of one case against the float64 reference, within the bounds
-    of tests/numerics.py; returns every output the kernels wrote, by name."""
+def check(emu, rows, hidden, flags: Flags, layout="contiguous", seed=0, directions=("fwd", "bwd")):
+    """Forward and backward (or those of ``directions``) of one case against the float64
+    reference, within the bounds of tests/numerics.py; returns every output the kernels
+    wrote, by name. The backward's inputs come from the reference, not the forward."""
     gen = torch.Generator().manual_seed(seed)
     f = flags
     # Rows with a mean far from zero, as residual streams have: a term that wrongly
@@ -162,15 +164,19 @@ def check(emu, rows, hidden, flags: Flags, layout="contiguous", seed=0):
     # it is within the rounding of a wide row's variance).
     eps = 0.1 if f.x == torch.float32 else 1e-5
     args = (x, residual, weight, bias, eps, f.rms, f.store, out_dtype)
-    y, res, rstd = emu.fwd(*args)
-    got = {"y": y, "residual_out": res, "rstd": rstd}
-    numerics.check_forward(got, x, residual, weight, bias, eps, f.rms, f.store)
-    outputs = {k: v for k, v in got.items() if v is not None}
+    outputs = {}
+    if "fwd" in directions:
+        y, res, rstd = emu.fwd(*args)
+        got = {"y": y, "residual_out": res, "rstd": rstd}
+        numerics.check_forward(got, x, residual, weight, bias, eps, f.rms, f.store)
+        outputs.update({k: v for k, v in got.items() if v is not None})
+    if "bwd" not in directions:
+        return outputs
 
     # The backward's inputs: what the forward saved, as the float64 reference has it.
     (y64, s64, rstd64), _ = numerics.forward_reference(x, residual, weight, bias, eps, f.rms)
     saved = (y64.to(f.x) if f.memory_efficient else (s64.to(out_dtype) if f.store else x))
-    rstd_in = rstd64.to(rstd.dtype)
+    rstd_in = rstd64.to(torch.float64 if f.x == torch.float64 else torch.float32)
     dy = _tensor(rows, hidden, f.x, gen, layout) / 8
     dres_out = _tensor(rows, hidden, out_dtype, gen, "contiguous") / 8 if f.dres_out else None
     dres_dtype = residual.dtype if residual is not None and residual.dtype != x.dtype else None
@@ -509,6 +515,182 @@ def check_cluster_plans(emu):
         emu.configure()
 
 
+# Sizes that reach every family's limits (bench/variants.py's candidates are tried on
+# each, in their own direction): rows of 1-2 warps several per CTA, strided; the
+# generic mix with fp32 outputs; element-wise rows (vectorised variants refused);
+# float64 (streamed only); 32 per thread, staged rows and clusters of 2 with a short
+# last slice; clusters of 2-4; clusters of 4-16 (staged rows too wide for shared
+# memory); a 99 KB part without clusters (the backward's rows do not fit there).
+VARIANT_CASES = [
+    (520, 9, "ln_bf16_pre", "strided", "h100"),
+    (1000, 5, "rms_f32_any_mem", "contiguous", "h100"),
+    (1001, 5, "ln_mixed_pre", "contiguous", "h100"),
+    (40, 3, "ln_fp64", "contiguous", "h100"),
+    (8200, 3, "ln_fp32_pre", "contiguous", "h100"),
+    (16392, 3, "ln_mixed_pre", "contiguous", "h100"),
+    (65536, 2, "rms_bf16_mem", "contiguous", "h100"),
+    (16384, 2, "ln_bf16_pre", "contiguous", "sm86"),
+]
+# Variants whose choices do not apply to their family or direction: refused at the
+# call (on H = 1024, which each family could otherwise run), never run as another.
+MISAPPLIED_VARIANTS = [("fwd", "rows:cs=2"), ("fwd", "staged:pt=16"), ("fwd", "staged:cps=1"),
+                       ("fwd", "cluster:tb=256"), ("fwd", "streamed:pt=16"), ("fwd", "rows:red=columns"),
+                       ("bwd", "staged"), ("bwd", "cluster:cps=2"), ("bwd", "streamed:tb=256"),
+                       ("bwd", "rows:cs=2")]
+# Texts the parser must refuse: each of its rules.
+BAD_VARIANTS = ["tiles", "rule:pt=16", "rows:pt=24", "rows:pt=", "rows:tb=100", "rows:tb=2048",
+                "rows:cps=0", "rows:cps=99", "cluster:cs=17", "rows:red=atomic", "rows:warp=2",
+                "rows:pt=16,", "rows:pt=12345678"]
+
+
+def variant_agrees(asked: str, ran: str) -> bool:
+    """Whether the variant a launch ran (every choice filled in) is the one asked for:
+    the same family, and every choice asked for with its value ("rule": anything)."""
+    if asked == "rule":
+        return bool(ran)
+    family, _, choices = asked.partition(":")
+    ran_family, _, ran_choices = ran.partition(":")
+    have = dict(c.split("=") for c in ran_choices.split(",") if c)
+    return family == ran_family and all(have.get(k) == v for k, v in
+                                        (c.split("=") for c in choices.split(",") if c))
+
+
+def _refused(emu, entry, direction, name, case) -> bool:
+    """Runs one case under the override; True if the variant was refused (with a reason
+    naming it), False if it ran as asked and within the reference's bounds."""
+    hidden, rows, flag, layout, profile = case
+    emu.configure(profile, sm_count=16 if hidden > 16384 else 3)
+    with entry.override(direction, name):
+        try:
+            check(emu, rows, hidden, FLAGS[flag], layout, directions=(direction,))
+        except cuda_emulator.EmulatorError as err:
+            assert name != "rule" and f"the tuning variant '{name}'" in str(err), (name, case, err)
+            return True
+    got = entry.last(direction)
+    assert variant_agrees(name, got), (direction, name, case, got)
+    return False
+
+
+# RESIDUAL_FUSED_VARIANT values: (value, what a forward+backward does: the variants
+# each direction ran, or a text the refusal contains).
+VARIANT_SETTINGS = [
+    ("fwd=streamed;bwd=rows:pt=32", ("streamed", "rows:pt=32,tb=512,red=columns")),
+    ("bwd=streamed", ("rows:pt=16,tb=256", "streamed:red=columns")),
+    ("rows:pt=32,tb=128", ("rows:pt=32,tb=128", "rows:pt=32,tb=128,red=columns")),
+    ("rows:pt=24", "RESIDUAL_FUSED_VARIANT='rows:pt=24': pt (elements per thread) must be 16 or 32"),
+    ("fwd=rows;xyz=streamed", "expected '<variant>' or 'fwd=<variant>;bwd=<variant>', got 'xyz=streamed'"),
+    ("fwd=rows;bwd=tiles", "unknown variant family 'tiles'"),
+]
+
+
+def check_variant_environment(emu):
+    """The RESIDUAL_FUSED_VARIANT setting (applied as the first call applies the
+    variable): each direction runs what it says, and a value that does not parse
+    refuses every call, saying why, rather than being ignored."""
+    apply = emu.lib.residual_fused_apply_variant_environment
+    apply.argtypes = [ctypes.c_char_p]
+    import variants
+
+    entry = variants.Entry(emu.lib)
+    try:
+        for value, want in VARIANT_SETTINGS:
+            emu.configure("h100", sm_count=3)
+            apply(value.encode())
+            try:
+                check(emu, 5, 1024, FLAGS["ln_bf16_pre"])
+                got = (entry.last("fwd"), entry.last("bwd"))
+            except cuda_emulator.EmulatorError as err:
+                got = str(err)
+            assert (got == want if isinstance(want, tuple) else want in str(got)), (value, got, want)
+    finally:
+        apply(None)
+        emu.configure()
+
+
+def table_variant(rows, device, direction, rms, prenorm, mix, hidden):
+    """The variant a parsed tuned table (bench/make_table.parse_table) lists for a call,
+    or None where it lists none."""
+    for r in rows:
+        if (r["device"], r["direction"], r["rms"], r["prenorm"], r["mix"]) == (device, direction, rms, prenorm, mix) \
+                and r["lo"] <= hidden <= r["hi"]:
+            return r["variant"]
+    return None
+
+
+def check_tuned_table(emu, table_path=None, hiddens=(1024, 16392)):
+    """Every GPU the tuned table lists (csrc/kernels/tuned_table.h, or the one the
+    library was built with): all-bf16 pre-norm LayerNorm calls on an emulated H100 of
+    that name run the table's variant, or the rule where the table says "rule" (the
+    same variant as on a GPU of another name) or its variant cannot run the call; an
+    all-fp32 call (a mix the table may not list) runs as the table or the rule says;
+    a failed name query runs the rule, leaves no error behind and is asked again."""
+    import make_table
+    import variants
+
+    entry = variants.Entry(emu.lib)
+    with open(table_path or os.path.join(cuda_emulator.KERNELS, "tuned_table.h")) as f:
+        text = f.read()
+    rows = make_table.parse_table(text)
+    devices = sorted({r["device"] for r in rows if r["device"]})
+    assert bool(entry.table_source()) == bool(devices) and all(d in entry.table_source() for d in devices)
+    other = "a GPU the table does not list"
+    try:
+        for device in devices:
+            for hidden, flag in [(h, "ln_bf16_pre") for h in hiddens] + [(hiddens[0], "ln_fp32_pre")]:
+                mix = variants.TABLE_MIXES.index("fp32" if flag == "ln_fp32_pre" else "bf16")
+                ran = {}
+                for name in (device, other):
+                    emu.configure("h100", sm_count=16)
+                    emu.set_device_name(name)
+                    check(emu, 2, hidden, FLAGS[flag])
+                    ran[name] = (entry.last("fwd"), entry.last("bwd"))
+                for d, direction in enumerate(("fwd", "bwd")):
+                    want = table_variant(rows, device, direction, False, True, mix, hidden)
+                    got, rule = ran[device][d], ran[other][d]
+                    assert got == rule if want in (None, "rule") else got in (want, rule), \
+                        (device, direction, hidden, flag, want, got, rule)
+            emu.configure("h100", sm_count=16)
+            emu.set_device_name(device)
+            emu.inject("device_properties", after=0)
+            check(emu, 2, hiddens[0], FLAGS["ln_bf16_pre"])  # the rule; finish() sees nothing pending
+            emu.clear_injections()
+            check(emu, 2, hiddens[0], FLAGS["ln_bf16_pre"])
+    finally:
+        emu.clear_injections()
+        emu.configure()
+
+
+def check_variants(emu):
+    """Every candidate variant on VARIANT_CASES (an H100 of 3 SMs, so persistent CTAs
+    loop, or 16 for clusters of up to 16): it runs, within the reference's bounds and
+    as asked, or it is refused with a reason naming it; each runs on at least one case.
+    Misapplied choices are refused at the call, bad texts when set."""
+    import variants
+
+    entry = variants.Entry(emu.lib)
+    ran = set()
+    try:
+        for direction, names in variants.CANDIDATES.items():
+            for name in names:
+                for case in VARIANT_CASES:
+                    if not _refused(emu, entry, direction, name, case):
+                        ran.add((direction, name))
+        never = [k for k in variants.all_candidates() if k not in ran]
+        assert not never, f"candidates no case runs: {never}"
+        for direction, name in MISAPPLIED_VARIANTS:
+            assert _refused(emu, entry, direction, name, (1024, 3, "ln_bf16_pre", "contiguous", "h100")), name
+        for text in BAD_VARIANTS:
+            try:
+                entry.set("fwd", text)
+            except variants.VariantError:
+                continue
+            raise AssertionError(f"variant {text!r} was accepted")
+    finally:
+        entry.set("fwd", "")
+        entry.set("bwd", "")
+        emu.configure()
+
+
 def run_all(emu, quick=False) -> None:
     """Everything, stopping at the first failure. `quick`: one flag set and two
     schedules per path, and the sweep only up to H = 20000 (where the shared-memory
@@ -538,6 +720,9 @@ def run_all(emu, quick=False) -> None:
         check_failed_queries(emu)
     check_failed_launch_is_cleared(emu)
     check_workspace_mismatch_is_refused(emu)
+    check_variants(emu)
+    check_variant_environment(emu)
+    check_tuned_table(emu)
 
 
 def main(argv=None) -> int:

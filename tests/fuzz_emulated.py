@@ -193,8 +193,35 @@ def _under_schedules(emu, case: Case, run):
 
 # ---- one case -------------------------------------------------------------------------------------
 
+def _variant_entry(emu):
+    """The entry points that apply a case's kernel variant on this target: the
+    emulator's, or the loaded library's on a GPU; None on the CPU kernels (no variants)."""
+    sys.path.insert(0, os.path.join(HERE, "..", "bench"))
+    import variants
+
+    if isinstance(emu, OpsTarget):
+        return variants.loaded() if emu.device.type == "cuda" else None
+    return variants.Entry(emu.lib)
+
+
+def _under_variant(emu, case: Case, direction: str, run):
+    """run() under the case's variant when it is for `direction`; None when the library
+    refuses the variant for this call (with the reason naming it)."""
+    entry = _variant_entry(emu) if case.variant and case.variant[0] == direction else None
+    if entry is None:
+        return run()
+    with entry.override(*case.variant):
+        try:
+            return run()
+        except (cuda_emulator.EmulatorError, RuntimeError) as err:
+            if f"the tuning variant '{case.variant[1]}'" in str(err):
+                return None
+            raise
+
+
 def run_case(emu, case: Case) -> Dict[str, float]:
-    """Forward then backward of `case`; returns each output's worst error / bound."""
+    """Forward then backward of `case` (one of them under the case's kernel variant,
+    if it has one); returns each output's worst error / bound."""
     dt = fuzz_space.tensor_dtypes(case)
     f, b = case.fwd, case.bwd
     lay = case.layout
@@ -223,8 +250,9 @@ def run_case(emu, case: Case) -> Dict[str, float]:
 
     emu.configure(*case.device)
     try:
-        got = _under_schedules(emu, case, forward)
-        worst = numerics.check_forward(got, x, residual, weight, bias, case.eps, case.rms, store, offset)
+        got = _under_variant(emu, case, "fwd", lambda: _under_schedules(emu, case, forward))
+        worst = ({} if got is None else
+                 numerics.check_forward(got, x, residual, weight, bias, case.eps, case.rms, store, offset))
 
         # The backward's inputs: what the forward saved, as the float64 reference has it.
         (y64, s64, rstd64), _ = numerics.forward_reference(x, residual, weight, bias, case.eps, case.rms, offset)
@@ -243,9 +271,10 @@ def run_case(emu, case: Case) -> Dict[str, float]:
                                        dres_dtype, out_offsets=out_off, weight_offset=offset)
             return {"dx": dx, "dresidual": dres, "dweight": dw, "dbias": db}
 
-        got = _under_schedules(emu, case, backward)
-        worst.update(numerics.check_backward(got, dy, dro, saved, rstd, weight, bias, case.rms,
-                                             b["memory_efficient"], offset))
+        got = _under_variant(emu, case, "bwd", lambda: _under_schedules(emu, case, backward))
+        if got is not None:
+            worst.update(numerics.check_backward(got, dy, dro, saved, rstd, weight, bias, case.rms,
+                                                 b["memory_efficient"], offset))
     finally:
         emu.configure()
     after = [t for t in (x, residual, weight, bias, saved, rstd, dy, dro) if t is not None]

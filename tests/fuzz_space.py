@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import sys
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -177,6 +178,8 @@ class Case:
     scale: float = 1.0          # magnitude of x and the residual
     threads: Optional[int] = None  # CPU target: torch threads of the calls (None: 1 + seed % 3)
     weight_offset: float = 0.0     # the weight used is weight + weight_offset (needs a weight)
+    variant: Optional[list] = None  # [direction, variant]: a tuning override (bench/variants.py) the
+                                    # case runs under; a refusal for the shape is accepted
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
@@ -195,6 +198,8 @@ class Case:
             parts.append("mem")
         if self.weight_offset:
             parts.append(f"w+{self.weight_offset:g}")
+        if self.variant:
+            parts.append(f"{self.variant[0]}={self.variant[1]}")
         odd = [f"{k}@{v[0]}" + (f"/s{v[1]}" if len(v) > 1 and v[1] != self.hidden else "")
                for k, v in self.layout.items() if v[0] or (len(v) > 1 and v[1] != self.hidden)]
         if odd:
@@ -477,4 +482,13 @@ def generate(rng: random.Random, emu, boundaries: Tuple[int, ...]) -> Case:
         # them now with Gemma's offset of 1 (or another).
         draw = random.Random(case.seed ^ 0x0FF5E7).random()
         case.weight_offset = 1.0 if draw < 0.2 else (-0.5 if draw < 0.25 else 0.0)
+    # A quarter of the cases run one direction under a candidate kernel variant (from
+    # the seed too, so earlier cases keep their draws).
+    draw = random.Random(case.seed ^ 0x7A41A7)
+    if draw.random() < 0.25:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+        import variants
+
+        direction = draw.choice(("fwd", "bwd"))
+        case.variant = [direction, draw.choice(variants.CANDIDATES[direction][1:])]
     return case

@@ -14,7 +14,9 @@ mutation is mechanical:
 and a fixed list: the shared-memory opt-in dropped, the fit check without the
 kernel's static shared memory, the alignment check dropped (a misaligned 16-byte
 access), the dtype-mix check dropped (a fast path reading the wrong element type);
-for the cluster kernels, the exchange slots not double-buffered, a CTA's slice not
+a variant chosen for a shape it cannot handle (each refusal of the variant plans
+dropped in turn), the tuning override ignored; for the cluster kernels, the exchange
+slots not double-buffered, a CTA's slice not
 offset by its rank, a wait that leaves the current row's copies in flight, the next
 row fetched into the buffer being read, and the non-portable cluster size not
 allowed (the widest rows silently leave the cluster path). Each mutant is built from
@@ -109,6 +111,19 @@ def catalogue() -> List[Mutation]:
          r"fetch\(row \+ clusters, parity \^ 1\);", "fetch(row + clusters, parity);"),
         ("backward fetches into the buffer being read", "cluster_kernels.cuh",
          r"fetch\(row \+ clusters, parity \^ 1\);", "fetch(row + clusters, parity);", 1),
+        # variant selection: a variant chosen for a shape it cannot handle
+        ("rows variant too narrow for the row", "fwd_rows.cu",
+         r"if \(row_threads > MAX_BLOCK\) return refused", "if (false) return refused"),
+        ("backward rows variant too narrow for the row", "bwd_rows.cu",
+         r"if \(row_threads > MAX_BLOCK\) return refused", "if (false) return refused"),
+        ("cluster variant of partial warps", "cluster_rows.cu", r"if \(shape\.block < 32\)", "if (false)"),
+        ("cluster variant slice wider than a CTA", "cluster_rows.cu", r"if \(shape\.block > kClusterBlock\)",
+         "if (false)"),
+        ("variant choices not checked against the family", "dispatch.cu",
+         r"if \(const char\* why = choices_refusal\(v, Direction::kFwd\)\) return refused\(why\);", ""),
+        ("staged variant without vectorised rows", "dispatch.cu", r"if \(!vec8 && v\.family != Family::kRows && ",
+         "if (false && "),
+        ("tuning override ignored", "dispatch.cu", r"if \(variant_override\(d, &v\)\)", "if (false)"),
         ("non-portable cluster size not allowed", "dispatch.cu",
          r"cudaFuncAttributeNonPortableClusterSizeAllowed, 1\)", "cudaFuncAttributeNonPortableClusterSizeAllowed, 0)"),
     ]
@@ -178,7 +193,7 @@ def test_catalogue_covers_every_family():
     for family in ("sync ", "mask ", "bound ", "idle ", "opt-in dropped", "fit check", "alignment",
                    "planned again", "left pending", "dtype mix", "threads per row", "cluster ",
                    "exchange slots", "rank", "waits for the next row", "buffer being read",
-                   "non-portable"):
+                   "non-portable", "variant", "tuning override"):
         assert family in names, f"no mutation of family {family!r}: did a pattern stop matching?"
     for m in MUTATIONS:  # every fixed mutation still applies to today's sources
         with open(os.path.join(cuda_emulator.KERNELS, m.file)) as fh:

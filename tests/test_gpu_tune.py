@@ -2,6 +2,7 @@
 stages and their limits, the deadline, results appended as they come, resumption.
 The timed runs here are on CPU with tiny shapes (their times mean nothing)."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -24,14 +25,20 @@ def test_dry_run_fits_six_minutes_and_runs_the_main_rows_first(capsys):
     plan = gpu_tune.main(["--dry-run"])
     seconds = plan["predicted_seconds"]
     assert seconds["total"] <= 360 and seconds["build"] > 0 and seconds["sweep"] > 0
-    assert plan["variants"] == list(gpu_tune.VARIANTS)
+    assert plan["variants"] == {d: list(v) for d, v in gpu_tune.VARIANTS.items()}
     assert plan["stages"] == ["build", "imports and env", "correct", "sweep", "page"]
     jobs = gpu_tune.plan_jobs()
     # bf16 over every hidden size, then the decode shapes, before any other dtype mix
     assert [j.cfg.hidden for j in jobs[:60:4]] == list(gpu_tune.HIDDEN)
     assert {j.table for j in jobs[60:60 + 54]} == {"decode"}
-    assert plan["jobs_that_fit"] >= 60 + 54, plan  # bf16 and decode fit the deadline
-    assert plan["jobs"] == len(jobs) == 4 * 60 + 54
+    # then the bf16 kernel variants, every hidden size of one (norm, form) before the next
+    tune = jobs[114:174]
+    assert all(j.tune and j.modes == ("fwd", "bwd") for j in tune) and not any(j.tune for j in jobs[:114])
+    assert [(j.cfg.norm, j.cfg.prenorm) for j in tune[::15]] == list(gpu_tune.VARIANT_FORMS)
+    assert [j.cfg.hidden for j in tune[:15]] == list(gpu_tune.HIDDEN)
+    assert plan["jobs_that_fit"] >= 60 + 54 + 15, plan  # bf16, decode and one form's variants fit
+    assert plan["jobs_timing_variants"] >= 15
+    assert plan["jobs"] == len(jobs) == 4 * 60 + 54 + 60
     out = capsys.readouterr().out
     assert "predicted device seconds" in out and "not a measurement" in out
 
@@ -66,6 +73,84 @@ def test_run_appends_as_it_goes_and_resumes(tmp_path):
         page = f.read()
     assert "## Ours against the fastest other provider" in page
     assert page.count("| sweep | ") >= 8 * 2  # every job and mode
+
+
+class FakeEntry:
+    """The library's variant entry points, as a CPU run can have them: the override is
+    recorded, the library's CPU kernels run whatever it says, and the fake provider
+    below refuses or corrupts the forward variants a test names."""
+
+    def __init__(self):
+        self.forced = {"fwd": "", "bwd": ""}
+
+    @contextlib.contextmanager
+    def override(self, direction, text):
+        self.forced[direction] = text
+        try:
+            yield
+        finally:
+            self.forced[direction] = ""
+
+    def last(self, direction):
+        return self.forced[direction] or "rows:pt=16,tb=256"
+
+    def table_source(self):
+        return ""
+
+
+def test_every_variant_is_checked_then_timed_or_reported(tmp_path, monkeypatch):
+    """Through run() on CPU with FakeEntry: a forward variant refused for a shape and
+    one that computes wrong (found by the correctness stage, then never timed) are rows
+    that say so; every other candidate of each direction is timed with what ran; a
+    rerun resumes past them all; the page summarises the variants."""
+    entry = FakeEntry()
+    refused, wrong = "staged", "streamed"
+    make = gpu_tune.providers.make
+
+    def fake_make(name, cfg, device):
+        fn = make(name, cfg, device)
+        if name != "residual_fused":
+            return fn
+
+        def call(*args):
+            v = entry.forced["fwd"]
+            if v == refused:
+                raise RuntimeError(f"residual_fused::add_norm_fwd: kernel launch failed: the tuning variant '{v}' "
+                                   f"cannot run this call (hidden {cfg.hidden}): staged: the row is too wide")
+            out = fn(*args)
+            return tuple(o * 1.5 for o in out) if v == wrong and isinstance(out, tuple) else (
+                out * 1.5 if v == wrong else out)
+        return call
+
+    monkeypatch.setattr(gpu_tune, "tuning_entry", lambda device: entry)
+    monkeypatch.setattr(gpu_tune.providers, "make", fake_make)
+    monkeypatch.setattr(gpu_tune, "CORRECTNESS_HIDDEN", (768,))  # CPU: one size keeps it short
+    out = str(tmp_path / "tune")
+    args = TINY + ["--hidden", "64", "--providers", "eager", "residual_fused", "--out", out]
+    summary = gpu_tune.main(args)
+    rows = report.read_csv(os.path.join(out, "results.csv"))
+    found = {(r["direction"], r["variant"]) for r in summary["correctness"]["wrong"]}
+    assert found == {("fwd", wrong)}, summary["correctness"]
+    tuned = [r for r in rows if gpu_tune.variants.variant_of_provider(r["provider"])]
+    for mode, names in gpu_tune.VARIANTS.items():
+        for v in names[1:]:
+            got = [r for r in tuned if r["mode"] == mode and r["provider"] == gpu_tune.variants.provider_name(v)]
+            assert len(got) == 4, (mode, v, got)  # one per (norm, form)
+            for r in got:
+                if (mode, v) == ("fwd", refused):
+                    assert r["ms"] is None and r["note"].startswith("refused: ") and "staged" in r["note"]
+                elif (mode, v) == ("fwd", wrong):
+                    assert r["ms"] is None and r["note"].startswith("WRONG in the correctness stage")
+                else:
+                    assert r["ms"] > 0 and r["variant"] == v and r["pct_copy"] > 0, r
+    rule = [r for r in rows if r["provider"] == "residual_fused"]
+    assert rule and all(r["variant"] for r in rule)  # which variant the rule's rows ran
+    again = gpu_tune.main(args)
+    assert again["resumed_past"] == 8 and len(report.read_csv(os.path.join(out, "results.csv"))) == len(rows)
+    with open(summary["page"]) as f:
+        page = f.read()
+    assert "## Kernel variants: the rule against the fastest variant" in page
+    assert "residual_fused[" not in page.split("## Ours against")[0]  # the main tables show no variant rows
 
 
 def test_deadline_cuts_the_sweep_and_keeps_what_was_measured(tmp_path, monkeypatch):

@@ -46,6 +46,9 @@ def test_doctor_says_why_and_how_to_fix(monkeypatch):
     assert "RESIDUAL_FUSED_JIT=0. Fix: python -m residual_fused build" in _doctor()
     monkeypatch.setenv("RESIDUAL_FUSED_JIT", "1")
     assert "the first cpu op builds them" in _doctor()
+    assert "kernel variant" not in _doctor()
+    monkeypatch.setenv("RESIDUAL_FUSED_VARIANT", "rows:pt=32")  # a tuning override is never silent
+    assert "kernel variant         rows:pt=32 (RESIDUAL_FUSED_VARIANT, for tuning" in _doctor()
 
 
 def test_cache_key_changes_with_torch_sources_and_cuda(monkeypatch, tmp_path):

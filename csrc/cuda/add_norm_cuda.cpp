@@ -26,9 +26,11 @@ int64_t checked_hidden(const Tensor& t, const char* name) {
   return hidden;
 }
 
+// A refusal before any launch (a tuning variant that cannot run the call) says why.
 void check_launch(cudaError_t err, const char* op) {
+  const char* refusal = last_refusal();
   TORCH_CHECK(err == cudaSuccess, "residual_fused::", op, ": kernel launch failed: ",
-              cudaGetErrorString(err));
+              *refusal != '\0' ? refusal : cudaGetErrorString(err));
 }
 
 std::tuple<Tensor, Tensor, Tensor> add_norm_fwd_cuda(const Tensor& x, const OptTensor& residual,

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include "params.h"
+#include "variant.h"
 
 namespace residual_fused {
 
@@ -22,6 +23,8 @@ struct LaunchPlan {
   int block = 0;
   size_t smem = 0;  // dynamic shared memory, bytes
   int cluster = 1;  // CTAs per thread-block cluster (1: launched without clusters)
+  Variant variant;  // the point of the variant space it is (variant.h), every choice filled in
+  const char* why = nullptr;  // kernel null: why the requested variant cannot run the call
 };
 
 // The backward of one call, planned once: the caller sizes the workspace from it and
@@ -34,6 +37,8 @@ struct AddNormBwdPlan {
 };
 
 // Launch the forward on `stream`. Returns the launch status; never synchronises.
+// cudaErrorInvalidValue when the tuning override (variant.h) cannot run the call;
+// last_refusal() then says why.
 cudaError_t launch_add_norm_fwd(const AddNormFwdParams& params, cudaStream_t stream);
 
 // The backward's plan for `params` on the current device.
@@ -45,5 +50,9 @@ AddNormBwdPlan plan_add_norm_bwd(const AddNormBwdParams& params);
 // launch. A failed launch leaves no error pending for a later call to report.
 cudaError_t launch_add_norm_bwd(const AddNormBwdParams& params, const AddNormBwdPlan& plan,
                                 cudaStream_t stream);
+
+// Why this thread's last launch was refused before reaching the GPU (a variant that
+// cannot run the call, an unparsable RESIDUAL_FUSED_VARIANT), or "" if it was not.
+const char* last_refusal();
 
 }  // namespace residual_fused

@@ -442,7 +442,6 @@ __global__ void __launch_bounds__(kReduceBlock, 1) reduce_partials_kernel(const 
 // busy and every load is coalesced; the sliced kernel above would launch 16 idle
 // slices per column. Even blocks reduce dweight, odd blocks dbias.
 constexpr int kReduceColumnsBlock = 256;
-constexpr int64_t kReduceColumnsMaxRows = 32;
 
 template <typename acc_t>
 __global__ void __launch_bounds__(kReduceColumnsBlock) reduce_partial_columns_kernel(const AddNormBwdParams p) {

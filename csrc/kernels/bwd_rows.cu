@@ -14,31 +14,37 @@ namespace {
 constexpr int kBwdTargetBlock = 512;
 
 template <class MIX, int CHUNKS, int VEC, int MAX_BLOCK>
-LaunchPlan rows_plan(const AddNormBwdParams& p) {
+LaunchPlan rows_plan(const AddNormBwdParams& p, const Variant& v) {
   const int row_threads = row_threads_for(p.hidden, CHUNKS * VEC);
-  const int rows_per_cta = std::max(1, kBwdTargetBlock / row_threads);
+  const int target = v.target_block != 0 ? v.target_block : kBwdTargetBlock;
+  if (row_threads > MAX_BLOCK) return refused(kRowsTooWide);
+  if (target > MAX_BLOCK) return refused(kRowsBlockTooLarge);
+  const int rows_per_cta = std::max(1, target / row_threads);
   LaunchPlan plan;
   plan.kernel = reinterpret_cast<const void*>(&add_norm_bwd_rows_kernel<MIX, CHUNKS, VEC, MAX_BLOCK>);
   plan.block = rows_per_cta * row_threads;
   plan.smem = bwd_rows_smem<CHUNKS, VEC>(p, plan.block);
-  plan.grid = persistent_grid(plan, ceil_div(p.rows, rows_per_cta));
+  plan.grid = persistent_grid(plan, ceil_div(p.rows, rows_per_cta), v.ctas_per_sm);
+  plan.variant = {Family::kRows, VEC == 8 ? CHUNKS * VEC : 0, target, v.ctas_per_sm, 0, v.reduce};
   return plan;
 }
 
 template <int CHUNKS, int VEC, int MAX_BLOCK>
-LaunchPlan rows_plan_for_mix(const AddNormBwdParams& p) {
-  return plan_for_mix(p, FastMixes{}, [&](auto mix) { return rows_plan<decltype(mix), CHUNKS, VEC, MAX_BLOCK>(p); });
+LaunchPlan rows_plan_for_mix(const AddNormBwdParams& p, const Variant& v) {
+  return plan_for_mix(p, FastMixes{},
+                      [&](auto mix) { return rows_plan<decltype(mix), CHUNKS, VEC, MAX_BLOCK>(p, v); });
 }
 
 }  // namespace
 
-LaunchPlan plan_bwd_rows_vec8(const AddNormBwdParams& p) {
-  if (p.hidden <= kBwdRegs16MaxVec8) return rows_plan_for_mix<2, 8, 512>(p);
-  return rows_plan_for_mix<4, 8, 512>(p);
+LaunchPlan plan_bwd_rows_vec8(const AddNormBwdParams& p, const Variant& v) {
+  const int per_thread = v.per_thread != 0 ? v.per_thread : p.hidden <= kBwdRegs16MaxVec8 ? 16 : 32;
+  return per_thread == 16 ? rows_plan_for_mix<2, 8, 512>(p, v) : rows_plan_for_mix<4, 8, 512>(p, v);
 }
 
-LaunchPlan plan_bwd_rows_vec1(const AddNormBwdParams& p) {
-  return rows_plan<AnyMix, 4, 1, 1024>(p);
+LaunchPlan plan_bwd_rows_vec1(const AddNormBwdParams& p, const Variant& v) {
+  if (v.per_thread != 0) return refused(kRowsPtNeedsVec8);
+  return rows_plan<AnyMix, 4, 1, 1024>(p, v);
 }
 
 }  // namespace residual_fused

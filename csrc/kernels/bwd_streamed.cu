@@ -11,26 +11,29 @@ namespace {
 constexpr int kBlock = 512;
 
 template <int VEC, typename acc_t>
-LaunchPlan streamed_plan(const AddNormBwdParams& p) {
+LaunchPlan streamed_plan(const AddNormBwdParams& p, const Variant& v) {
   LaunchPlan plan;
   plan.kernel = reinterpret_cast<const void*>(&add_norm_bwd_streamed_kernel<VEC, acc_t, kBlock>);
   plan.block = kBlock;
   // Every CTA must own at least one row: its partial row is written, not accumulated,
   // on its first row.
-  plan.grid = std::min<int64_t>(p.rows, int64_t{sm_count()} * max_ctas_per_sm(plan));
+  plan.grid = persistent_grid(plan, p.rows, v.ctas_per_sm);
+  plan.variant.family = Family::kStreamed;
+  plan.variant.ctas_per_sm = v.ctas_per_sm;
+  plan.variant.reduce = v.reduce;
   return plan;
 }
 
 }  // namespace
 
-LaunchPlan plan_bwd_streamed(const AddNormBwdParams& p, int vec) {
-  if (p.dy_dtype == DType::kFloat64) return streamed_plan<1, double>(p);
-  return vec == 8 ? streamed_plan<8, float>(p) : streamed_plan<1, float>(p);
+LaunchPlan plan_bwd_streamed(const AddNormBwdParams& p, int vec, const Variant& v) {
+  if (p.dy_dtype == DType::kFloat64) return streamed_plan<1, double>(p, v);
+  return vec == 8 ? streamed_plan<8, float>(p, v) : streamed_plan<1, float>(p, v);
 }
 
-LaunchPlan plan_reduce_partials(const AddNormBwdParams& p) {
+LaunchPlan plan_reduce_partials(const AddNormBwdParams& p, Reduce reduce) {
   LaunchPlan plan;
-  if (p.partial_rows <= kReduceColumnsMaxRows) {
+  if (reduce == Reduce::kColumns) {
     plan.kernel = p.dy_dtype == DType::kFloat64
                       ? reinterpret_cast<const void*>(&reduce_partial_columns_kernel<double>)
                       : reinterpret_cast<const void*>(&reduce_partial_columns_kernel<float>);

@@ -32,7 +32,7 @@ constexpr int kMaxCluster = 16;
 
 // Columns per CTA when a row of `hidden` is split `cluster` ways: equal slices of a
 // multiple of 8 columns (16-byte vectors), the last one shorter. Every slice is
-// non-empty for the sizes the plans use (hidden / cluster >= 4096).
+// non-empty for the shapes the plans use (cluster_rows.cu: whole warps per CTA).
 __host__ __device__ inline int cluster_slice(int hidden, int cluster) {
   return ((hidden + cluster - 1) / cluster + 7) / 8 * 8;
 }

@@ -29,17 +29,33 @@ struct ClusterShape {
   int block;       // threads per CTA
 };
 
-ClusterShape cluster_shape(int hidden, int per_thread) {
-  const int cluster = static_cast<int>(ceil_div(hidden, kClusterBlock * per_thread));
+// The fewest CTAs whose slices hold the row, or `cluster` when given.
+ClusterShape cluster_shape(int hidden, int per_thread, int cluster = 0) {
+  if (cluster == 0) cluster = static_cast<int>(ceil_div(hidden, kClusterBlock * per_thread));
   const int slice = cluster_slice(hidden, cluster);
   return {per_thread, cluster, slice, row_threads_for(slice, per_thread)};
 }
 
-// Persistent clusters: one per row up to as many as are resident at once. Grid 0 when
+// Why `shape` cannot split a row, or nullptr.
+const char* shape_refusal(const ClusterShape& shape) {
+  if (shape.cluster < 2) return "cluster: a row split across fewer than 2 CTAs is the rows family";
+  if (shape.block > kClusterBlock) return "cluster: a slice needs more than 512 threads (cs or pt too small)";
+  // Whole warps per CTA: slices of at least 32 x per_thread columns, so with at most
+  // 16 CTAs (and slices rounded up by at most 8) the last slice is never empty.
+  if (shape.block < 32) return "cluster: a slice must give each CTA whole warps, 32 x pt columns (cs too large)";
+  return nullptr;
+}
+
+// Persistent clusters: one per row up to as many as are resident at once. Refused when
 // none can run here (no clusters on this device or build, or too little shared memory).
-void finish_plan(LaunchPlan& plan, int64_t rows) {
+void finish_plan(LaunchPlan& plan, int64_t rows, const ClusterShape& shape, Reduce reduce) {
   const int clusters = fits_on_device(plan) ? max_active_clusters(plan) : 0;
-  plan.grid = clusters <= 0 ? 0 : std::min<int64_t>(rows, clusters) * plan.cluster;
+  if (clusters <= 0) {
+    plan = refused("cluster: no cluster of this shape can run on this device or build");
+    return;
+  }
+  plan.grid = std::min<int64_t>(rows, clusters) * plan.cluster;
+  plan.variant = {Family::kCluster, shape.per_thread, 0, 0, shape.cluster, reduce};
 }
 
 template <class MIX, int CHUNKS>
@@ -49,50 +65,59 @@ LaunchPlan fwd_plan_of(const AddNormFwdParams& p, const ClusterShape& shape) {
   plan.block = shape.block;
   plan.cluster = shape.cluster;
   plan.smem = fwd_cluster_smem<CHUNKS, 8>(p, shape.slice);
-  finish_plan(plan, p.rows);
+  finish_plan(plan, p.rows, shape, Reduce::kAuto);
   return plan;
 }
 
 template <class MIX, int CHUNKS>
-LaunchPlan bwd_plan_of(const AddNormBwdParams& p, const ClusterShape& shape) {
-  LaunchPlan plan;
-  plan.kernel = reinterpret_cast<const void*>(&add_norm_bwd_cluster_kernel<MIX, CHUNKS, 8, kClusterBlock>);
-  plan.block = shape.block;
-  plan.cluster = shape.cluster;
-  plan.smem = bwd_cluster_smem<CHUNKS, 8>(p, shape.slice, shape.block);
-  finish_plan(plan, p.rows);
-  return plan;
+LaunchPlan bwd_plan_of(const AddNormBwdParams& p, const ClusterShape& shape, Reduce reduce) {
+  if constexpr (CHUNKS == 4 && std::is_same<MIX, AnyMix>::value) {
+    // The run-time-dtype kernel would spill at 32 elements per thread: such mixes
+    // stream what 16 elements per thread cannot hold.
+    return refused("cluster: pt=32 has no backward kernel for this dtype mix (it would spill)");
+  } else {
+    LaunchPlan plan;
+    plan.kernel = reinterpret_cast<const void*>(&add_norm_bwd_cluster_kernel<MIX, CHUNKS, 8, kClusterBlock>);
+    plan.block = shape.block;
+    plan.cluster = shape.cluster;
+    plan.smem = bwd_cluster_smem<CHUNKS, 8>(p, shape.slice, shape.block);
+    finish_plan(plan, p.rows, shape, reduce);
+    return plan;
+  }
+}
+
+// The shape rule (top of this file) or the variant's choices: `plan_of(mix, chunks,
+// shape)` builds one shape's plan.
+template <class Params, class PlanOf>
+LaunchPlan cluster_plan(const Params& p, const Variant& v, PlanOf&& plan_of) {
+  const int hidden = p.hidden;
+  return plan_for_mix(p, FastMixes{}, [&](auto mix) {
+    if (v.per_thread != 0 || v.cluster != 0) {
+      const ClusterShape shape = cluster_shape(hidden, v.per_thread != 0 ? v.per_thread : 16, v.cluster);
+      if (const char* why = shape_refusal(shape)) return refused(why);
+      return shape.per_thread == 16 ? plan_of(mix, std::integral_constant<int, 2>{}, shape)
+                                    : plan_of(mix, std::integral_constant<int, 4>{}, shape);
+    }
+    const ClusterShape narrow = cluster_shape(hidden, 16), wide = cluster_shape(hidden, 32);
+    if (narrow.cluster <= kPortableCluster) {
+      const LaunchPlan plan = plan_of(mix, std::integral_constant<int, 2>{}, narrow);
+      if (plan.kernel != nullptr) return plan;
+    }
+    return plan_of(mix, std::integral_constant<int, 4>{}, wide);
+  });
 }
 
 }  // namespace
 
-LaunchPlan plan_fwd_cluster(const AddNormFwdParams& p) {
-  const ClusterShape narrow = cluster_shape(p.hidden, 16), wide = cluster_shape(p.hidden, 32);
-  return plan_for_mix(p, FastMixes{}, [&](auto mix) {
-    using MIX = decltype(mix);
-    if (narrow.cluster <= kPortableCluster) {
-      const LaunchPlan plan = fwd_plan_of<MIX, 2>(p, narrow);
-      if (plan.grid > 0) return plan;
-    }
-    return fwd_plan_of<MIX, 4>(p, wide);
+LaunchPlan plan_fwd_cluster(const AddNormFwdParams& p, const Variant& v) {
+  return cluster_plan(p, v, [&](auto mix, auto chunks, const ClusterShape& shape) {
+    return fwd_plan_of<decltype(mix), decltype(chunks)::value>(p, shape);
   });
 }
 
-LaunchPlan plan_bwd_cluster(const AddNormBwdParams& p) {
-  const ClusterShape narrow = cluster_shape(p.hidden, 16), wide = cluster_shape(p.hidden, 32);
-  return plan_for_mix(p, FastMixes{}, [&](auto mix) {
-    using MIX = decltype(mix);
-    if (narrow.cluster <= kPortableCluster) {
-      const LaunchPlan plan = bwd_plan_of<MIX, 2>(p, narrow);
-      if (plan.grid > 0) return plan;
-    }
-    if constexpr (std::is_same<MIX, AnyMix>::value) {
-      // The run-time-dtype kernel would spill at 32 elements per thread: such mixes
-      // stream what 16 elements per thread cannot hold.
-      return LaunchPlan{};
-    } else {
-      return bwd_plan_of<MIX, 4>(p, wide);
-    }
+LaunchPlan plan_bwd_cluster(const AddNormBwdParams& p, const Variant& v) {
+  return cluster_plan(p, v, [&](auto mix, auto chunks, const ClusterShape& shape) {
+    return bwd_plan_of<decltype(mix), decltype(chunks)::value>(p, shape, v.reduce);
   });
 }
 

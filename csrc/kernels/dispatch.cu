@@ -1,6 +1,10 @@
 // Entry points of add_norm.h: choose a kernel family per call and launch it.
 //
-// Vectorised (8-element, 16-byte) kernels need hidden % 8 == 0 and every row start
+// A call runs the tuning override's variant if one is set (refused if that variant
+// cannot run it), else the variant the measured table (tuned_table.h) lists for this
+// GPU and call where it can run it, else the rule below (variant.h).
+//
+// The rule. Vectorised (8-element, 16-byte) kernels need hidden % 8 == 0 and every row start
 // 16-byte aligned; anything else (odd hidden sizes, odd offsets or strides) takes the
 // element-wise kernels of the same design. On sm_90, vectorised rows wider than
 // kClusterMinHidden are split across a thread-block cluster; elsewhere, rows too wide
@@ -10,11 +14,13 @@
 #include <cstdint>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <utility>
 
 #include "common.cuh"
 #include "launch.h"
+#include "mixes.h"
 
 namespace residual_fused {
 namespace {
@@ -176,46 +182,188 @@ cudaError_t launch(const LaunchPlan& plan, const Params& params, cudaStream_t st
   return launched;
 }
 
-LaunchPlan fwd_plan(const AddNormFwdParams& p) {
-  if (p.x_dtype == DType::kFloat64) return plan_fwd_streamed(p, 1);
+bool fwd_vec8(const AddNormFwdParams& p) {
   const int h = p.hidden;
-  const bool vec8 = h % 8 == 0 && aligned16(p.x, p.x_row_stride, p.x_dtype) &&
-                    aligned16(p.residual, p.residual_row_stride, p.residual_dtype) &&
-                    aligned16(p.weight, 0, p.weight_dtype) && aligned16(p.bias, 0, p.bias_dtype) &&
-                    aligned16(p.y, h, p.x_dtype) &&
-                    aligned16(p.residual_out, h, p.residual_out_dtype);
+  return h % 8 == 0 && aligned16(p.x, p.x_row_stride, p.x_dtype) &&
+         aligned16(p.residual, p.residual_row_stride, p.residual_dtype) &&
+         aligned16(p.weight, 0, p.weight_dtype) && aligned16(p.bias, 0, p.bias_dtype) &&
+         aligned16(p.y, h, p.x_dtype) && aligned16(p.residual_out, h, p.residual_out_dtype);
+}
+
+bool bwd_vec8(const AddNormBwdParams& p) {
+  const int h = p.hidden;
+  return h % 8 == 0 && aligned16(p.dy, p.dy_row_stride, p.dy_dtype) &&
+         aligned16(p.dresidual_out, p.dresidual_out_row_stride, p.dresidual_out_dtype) &&
+         aligned16(p.saved, p.saved_row_stride, p.saved_dtype) && aligned16(p.weight, 0, p.weight_dtype) &&
+         aligned16(p.bias, 0, p.bias_dtype) && aligned16(p.dx, h, p.dy_dtype) &&
+         aligned16(p.dresidual, h, p.dresidual_dtype);
+}
+
+// The documented rule (top of this file).
+LaunchPlan fwd_rule_plan(const AddNormFwdParams& p, bool vec8) {
+  const Variant none;
+  if (p.x_dtype == DType::kFloat64) return plan_fwd_streamed(p, 1, none);
+  const int h = p.hidden;
   if (vec8 && h > kClusterMinHidden) {
-    const LaunchPlan plan = plan_fwd_cluster(p);
-    if (plan.grid > 0) return plan;  // else: no clusters here
+    const LaunchPlan plan = plan_fwd_cluster(p, none);
+    if (plan.kernel != nullptr) return plan;  // else: no clusters here
   }
   if (h <= (vec8 ? kFwdRowsMaxVec8 : kFwdRowsMaxVec1)) {
-    const LaunchPlan plan = vec8 ? plan_fwd_rows_vec8(p) : plan_fwd_rows_vec1(p);
+    const LaunchPlan plan =
+        !vec8 ? plan_fwd_rows_vec1(p, none) : h <= kFwdRegsMaxVec8 ? plan_fwd_rows_vec8(p, none) : plan_fwd_staged(p);
     // Staged rows need hidden fp32 values of shared memory per CTA.
-    if (fits_on_device(plan)) return plan;
+    if (plan.kernel != nullptr && fits_on_device(plan)) return plan;
   }
-  return plan_fwd_streamed(p, vec8 ? 8 : 1);
+  return plan_fwd_streamed(p, vec8 ? 8 : 1, none);
+}
+
+LaunchPlan bwd_rule_plan(const AddNormBwdParams& p, bool vec8) {
+  const Variant none;
+  if (p.dy_dtype == DType::kFloat64) return plan_bwd_streamed(p, 1, none);
+  const int h = p.hidden;
+  if (vec8 && h > kClusterMinHidden) {
+    const LaunchPlan plan = plan_bwd_cluster(p, none);
+    if (plan.kernel != nullptr) return plan;  // else: no clusters here
+  }
+  if (h <= (vec8 ? kBwdRowsMaxVec8 : kBwdRowsMaxVec1)) {
+    const LaunchPlan plan = vec8 ? plan_bwd_rows_vec8(p, none) : plan_bwd_rows_vec1(p, none);
+    // Whole-block rows keep about 2 * hidden fp32 partials in shared memory; GPUs with
+    // less shared memory per block (e.g. 99 KB on sm_86/sm_89) stream the widest rows.
+    if (plan.kernel != nullptr && fits_on_device(plan)) return plan;
+  }
+  return plan_bwd_streamed(p, vec8 ? 8 : 1, none);
+}
+
+// Why variant v's choices do not apply to its family or to direction d, or nullptr.
+const char* choices_refusal(const Variant& v, Direction d) {
+  const bool fwd = d == Direction::kFwd;
+  if (v.family == Family::kRows && v.cluster != 0) return "rows: cs applies to the cluster family";
+  if (v.family == Family::kStaged) {
+    if (!fwd) return "staged: the backward has no staged kernel";
+    if (v.per_thread != 0 || v.target_block != 0 || v.ctas_per_sm != 0 || v.cluster != 0) {
+      return "staged: takes no pt, tb, cps or cs (one CTA per row, 128 columns per thread)";
+    }
+  }
+  if (v.family == Family::kCluster && (v.target_block != 0 || v.ctas_per_sm != 0)) {
+    return "cluster: takes no tb or cps (one cluster per row)";
+  }
+  if (v.family == Family::kStreamed && (v.per_thread != 0 || v.target_block != 0 || v.cluster != 0)) {
+    return "streamed: takes no pt, tb or cs (512 threads per row)";
+  }
+  if (fwd && v.reduce != Reduce::kAuto) return "red applies to the backward";
+  return nullptr;
+}
+
+// The plan of variant v (not the rule) for p, or a refused plan saying why v cannot
+// run it.
+LaunchPlan fwd_variant_plan(const AddNormFwdParams& p, const Variant& v, bool vec8) {
+  if (const char* why = choices_refusal(v, Direction::kFwd)) return refused(why);
+  if (p.x_dtype == DType::kFloat64 && v.family != Family::kStreamed) {
+    return refused("float64 runs only the streamed kernel");
+  }
+  if (!vec8 && v.family != Family::kRows && v.family != Family::kStreamed) {
+    return refused("staged and cluster kernels need vectorised rows (hidden % 8 == 0, 16-byte aligned)");
+  }
+  LaunchPlan plan;
+  switch (v.family) {
+    case Family::kRows:
+      plan = vec8 ? plan_fwd_rows_vec8(p, v) : plan_fwd_rows_vec1(p, v);
+      break;
+    case Family::kStaged:
+      plan = plan_fwd_staged(p);
+      break;
+    case Family::kCluster:
+      plan = plan_fwd_cluster(p, v);
+      break;
+    default:
+      plan = plan_fwd_streamed(p, vec8 ? 8 : 1, v);
+      break;
+  }
+  if (plan.kernel != nullptr && !fits_on_device(plan)) return refused("its shared memory does not fit on this device");
+  return plan;
+}
+
+LaunchPlan bwd_variant_plan(const AddNormBwdParams& p, const Variant& v, bool vec8) {
+  if (const char* why = choices_refusal(v, Direction::kBwd)) return refused(why);
+  if (p.dy_dtype == DType::kFloat64 && v.family != Family::kStreamed) {
+    return refused("float64 runs only the streamed kernel");
+  }
+  if (!vec8 && v.family == Family::kCluster) {
+    return refused("cluster kernels need vectorised rows (hidden % 8 == 0, 16-byte aligned)");
+  }
+  LaunchPlan plan;
+  switch (v.family) {
+    case Family::kRows:
+      plan = vec8 ? plan_bwd_rows_vec8(p, v) : plan_bwd_rows_vec1(p, v);
+      break;
+    case Family::kCluster:
+      plan = plan_bwd_cluster(p, v);
+      break;
+    default:
+      plan = plan_bwd_streamed(p, vec8 ? 8 : 1, v);
+      break;
+  }
+  if (plan.kernel != nullptr && !fits_on_device(plan)) return refused("its shared memory does not fit on this device");
+  return plan;
+}
+
+// Index of p's dtype mix in FastMixes (the table's mix), or -1.
+template <class Params, class... MIXES>
+int8_t fast_mix_index(const Params& p, MixList<MIXES...>) {
+  int8_t index = -1, i = 0;
+  ((index < 0 && mix_matches<MIXES>(p) ? index = i : 0, ++i), ...);
+  return index;
+}
+
+// Why this thread's last call was refused before any launch ("" if it was not).
+thread_local std::string t_last_refusal;
+
+// A call's plan: the tuning override, else the measured table's variant where it can
+// run the call, else the rule (variant.h). A refused override says why in
+// t_last_refusal, naming the variant and where it was set.
+template <class Params, class RulePlan, class VariantPlan>
+LaunchPlan choose_plan(const Params& p, Direction d, bool prenorm, RulePlan&& rule, VariantPlan&& variant_plan) {
+  if (!variant_env_error().empty()) {
+    t_last_refusal = variant_env_error();
+    return refused("RESIDUAL_FUSED_VARIANT does not parse");
+  }
+  Variant v;
+  if (variant_override(d, &v)) {
+    if (v.family == Family::kRule) return rule();
+    const LaunchPlan plan = variant_plan(v);
+    if (plan.kernel == nullptr) {
+      t_last_refusal = "the tuning variant '" + variant_name(v) + "' (set by RESIDUAL_FUSED_VARIANT or " +
+                       "residual_fused_set_variant) cannot run this call (hidden " + std::to_string(p.hidden) +
+                       "): " + plan.why;
+    }
+    return plan;
+  }
+  const TunedKey key{d, p.is_rms_norm, prenorm, fast_mix_index(p, FastMixes{}), p.hidden};
+  if (const Variant* tuned = tuned_variant(key)) {
+    const LaunchPlan plan = variant_plan(*tuned);
+    if (plan.kernel != nullptr) return plan;  // else: the rule (e.g. the call is misaligned)
+  }
+  return rule();
+}
+
+LaunchPlan fwd_plan(const AddNormFwdParams& p) {
+  const bool vec8 = fwd_vec8(p);
+  return choose_plan(
+      p, Direction::kFwd, p.residual_out != nullptr, [&] { return fwd_rule_plan(p, vec8); },
+      [&](const Variant& v) { return fwd_variant_plan(p, v, vec8); });
 }
 
 LaunchPlan bwd_plan(const AddNormBwdParams& p) {
-  if (p.dy_dtype == DType::kFloat64) return plan_bwd_streamed(p, 1);
-  const int h = p.hidden;
-  const bool vec8 =
-      h % 8 == 0 && aligned16(p.dy, p.dy_row_stride, p.dy_dtype) &&
-      aligned16(p.dresidual_out, p.dresidual_out_row_stride, p.dresidual_out_dtype) &&
-      aligned16(p.saved, p.saved_row_stride, p.saved_dtype) &&
-      aligned16(p.weight, 0, p.weight_dtype) && aligned16(p.bias, 0, p.bias_dtype) &&
-      aligned16(p.dx, h, p.dy_dtype) && aligned16(p.dresidual, h, p.dresidual_dtype);
-  if (vec8 && h > kClusterMinHidden) {
-    const LaunchPlan plan = plan_bwd_cluster(p);
-    if (plan.grid > 0) return plan;  // else: no clusters here
-  }
-  if (h <= (vec8 ? kBwdRowsMaxVec8 : kBwdRowsMaxVec1)) {
-    const LaunchPlan plan = vec8 ? plan_bwd_rows_vec8(p) : plan_bwd_rows_vec1(p);
-    // Whole-block rows keep about 2 * hidden fp32 partials in shared memory; GPUs with
-    // less shared memory per block (e.g. 99 KB on sm_86/sm_89) stream the widest rows.
-    if (fits_on_device(plan)) return plan;
-  }
-  return plan_bwd_streamed(p, vec8 ? 8 : 1);
+  const bool vec8 = bwd_vec8(p);
+  return choose_plan(
+      p, Direction::kBwd, p.dresidual_out != nullptr, [&] { return bwd_rule_plan(p, vec8); },
+      [&](const Variant& v) { return bwd_variant_plan(p, v, vec8); });
+}
+
+// The status of a refused plan (t_last_refusal says why).
+cudaError_t refuse(const LaunchPlan& plan) {
+  if (t_last_refusal.empty()) t_last_refusal = plan.why != nullptr ? plan.why : "no kernel can run this call";
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
@@ -279,22 +427,39 @@ int max_active_clusters(const LaunchPlan& plan) {
   return clusters;
 }
 
-int64_t persistent_grid(const LaunchPlan& plan, int64_t work) {
+int64_t persistent_grid(const LaunchPlan& plan, int64_t work, int ctas_per_sm) {
   const int64_t sms = sm_count();
   if (work <= sms) return work;
-  return std::min<int64_t>(work, sms * max_ctas_per_sm(plan));
+  const int fit = max_ctas_per_sm(plan);
+  return std::min<int64_t>(work, sms * (ctas_per_sm > 0 ? std::min(fit, ctas_per_sm) : fit));
 }
 
+const char* last_refusal() { return t_last_refusal.c_str(); }
+
 cudaError_t launch_add_norm_fwd(const AddNormFwdParams& p, cudaStream_t stream) {
+  t_last_refusal.clear();
   if (p.rows == 0) return cudaSuccess;
-  return launch(fwd_plan(p), p, stream);
+  const LaunchPlan plan = fwd_plan(p);
+  if (plan.kernel == nullptr) return refuse(plan);
+  const cudaError_t err = launch(plan, p, stream);
+  if (err == cudaSuccess) record_variant(Direction::kFwd, plan.variant);
+  return err;
 }
 
 AddNormBwdPlan plan_add_norm_bwd(const AddNormBwdParams& p) {
+  t_last_refusal.clear();
   AddNormBwdPlan plan;
   if (p.rows == 0) return plan;
   plan.main = bwd_plan(p);
-  if (p.weight != nullptr || p.bias != nullptr) plan.partial_rows = plan.main.grid / plan.main.cluster;
+  if (plan.main.kernel == nullptr) {
+    refuse(plan.main);  // launch_add_norm_bwd refuses the plan; the reason stays for the caller
+    return plan;
+  }
+  if (p.weight != nullptr || p.bias != nullptr) {
+    plan.partial_rows = plan.main.grid / plan.main.cluster;
+    Reduce& reduce = plan.main.variant.reduce;  // auto resolved here: the name says what runs
+    if (reduce == Reduce::kAuto) reduce = plan.partial_rows <= kReduceColumnsMaxRows ? Reduce::kColumns : Reduce::kSliced;
+  }
   return plan;
 }
 
@@ -302,16 +467,18 @@ cudaError_t launch_add_norm_bwd(const AddNormBwdParams& p, const AddNormBwdPlan&
                                 cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   const bool partials = p.dweight != nullptr || p.dbias != nullptr;
+  if (plan.main.kernel == nullptr) return refuse(plan.main);
   // Launch only the plan the workspace was sized for: one partial row per CTA (cluster).
-  if (plan.main.kernel == nullptr || plan.main.cluster < 1 || p.partial_rows != plan.partial_rows ||
+  if (plan.main.cluster < 1 || p.partial_rows != plan.partial_rows ||
       (partials && (plan.partial_rows != plan.main.grid / plan.main.cluster ||
                     (p.dweight != nullptr && p.dweight_partial == nullptr) ||
                     (p.dbias != nullptr && p.dbias_partial == nullptr)))) {
     return cudaErrorInvalidValue;
   }
-  const cudaError_t err = launch(plan.main, p, stream);
-  if (err != cudaSuccess || !partials) return err;
-  return launch(plan_reduce_partials(p), p, stream);
+  cudaError_t err = launch(plan.main, p, stream);
+  if (err == cudaSuccess && partials) err = launch(plan_reduce_partials(p, plan.main.variant.reduce), p, stream);
+  if (err == cudaSuccess) record_variant(Direction::kBwd, plan.main.variant);
+  return err;
 }
 
 }  // namespace residual_fused

@@ -98,9 +98,11 @@ cudaStream_t current_stream(const Tensor& t) {
   return static_cast<cudaStream_t>(stream);
 }
 
+// A refusal before any launch (a tuning variant that cannot run the call) says why.
 void check_launch(cudaError_t err, const char* op) {
+  const char* refusal = last_refusal();
   StableGlue::check(err == cudaSuccess, "residual_fused::", op, ": kernel launch failed: ",
-                    cudaGetErrorString(err));
+                    *refusal != '\0' ? refusal : cudaGetErrorString(err));
 }
 
 std::tuple<Tensor, Tensor, Tensor> add_norm_fwd_cuda(Tensor x, OptTensor residual,

@@ -166,6 +166,7 @@ void emu_set_schedule(int schedule, unsigned long long seed) {
   emu::set_schedule(static_cast<emu::Schedule>(schedule), seed);
 }
 void emu_set_dry_run(int on) { emu::set_dry_run(on != 0); }
+void emu_set_device_name(const char* name) { emu::set_device_name(name); }
 
 // weight_offset of the following emu_fwd / emu_bwd calls (AddNorm*Params::weight_offset).
 static double g_weight_offset = 0.0;

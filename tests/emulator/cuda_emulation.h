@@ -100,6 +100,7 @@ inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
 namespace emu {
 cudaError_t get_device(int* device);
 cudaError_t device_attribute(int* value, cudaDeviceAttr attr, int device);
+cudaError_t device_properties(cudaDeviceProp* prop, int device);
 cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int value);
 cudaError_t occupancy(int* ctas, const void* func, int block, size_t smem);
 cudaError_t occupancy_clusters(int* clusters, const void* func, const cudaLaunchConfig_t* config);
@@ -112,6 +113,7 @@ cudaError_t launch_kernel_ex(const cudaLaunchConfig_t* config, const void* func,
 }  // namespace emu
 #define cudaGetDevice(d) ::emu::get_device(d)
 #define cudaDeviceGetAttribute(v, a, d) ::emu::device_attribute(v, a, d)
+#define cudaGetDeviceProperties(p, d) ::emu::device_properties(p, d)
 #define cudaFuncSetAttribute(f, a, v) ::emu::func_set_attribute(f, a, v)
 #define cudaOccupancyMaxActiveBlocksPerMultiprocessor(c, f, b, s) ::emu::occupancy(c, f, b, s)
 #define cudaOccupancyMaxActiveClusters(n, f, c) ::emu::occupancy_clusters(n, f, c)

@@ -15,8 +15,10 @@
 // sets the runtime's last error, which cudaGetLastError returns and clears.
 #include <algorithm>
 #include <climits>
+#include <cstdio>
 #include <map>
 #include <sstream>
+#include <string>
 
 #include "cuda_emulation.h"
 #include "emulator.h"
@@ -88,7 +90,7 @@ struct Injection {
   int after = -1;
   cudaError_t error = cudaSuccess;
 };
-Injection g_inject[4];  // InjectKind
+Injection g_inject[5];  // InjectKind
 
 bool injected(int kind) {
   Injection& in = g_inject[kind];
@@ -113,7 +115,7 @@ int max_dynamic(const void* func) {
 
 }  // namespace
 
-enum InjectKind { kSetAttribute = 0, kOccupancy = 1, kFuncAttributes = 2, kLaunch = 3 };
+enum InjectKind { kSetAttribute = 0, kOccupancy = 1, kFuncAttributes = 2, kLaunch = 3, kDeviceProperties = 4 };
 
 const Profile& profile() { return profiles()[g_profile]; }
 bool dry_run() { return g_dry_run; }
@@ -140,6 +142,28 @@ int ctas_per_sm(const void* func, int block, size_t dynamic_smem) {
 
 cudaError_t get_device(int* device) {
   *device = g_device;
+  return cudaSuccess;
+}
+
+// The GPU's name as the real runtime reports it (the measured table is keyed by it);
+// a configuration may take another GPU's name (an H200 is an H100 profile by name).
+std::string g_device_name;
+
+const char* full_name(const std::string& profile_name) {
+  if (profile_name == "h100") return "NVIDIA H100 80GB HBM3";
+  if (profile_name == "a100") return "NVIDIA A100-SXM4-80GB";
+  return "NVIDIA RTX A6000";
+}
+
+cudaError_t device_properties(cudaDeviceProp* prop, int) {
+  if (injected(kDeviceProperties)) return g_last_error;
+  const Profile& dev = profile();
+  *prop = cudaDeviceProp{};
+  std::snprintf(prop->name, sizeof(prop->name), "%s",
+                g_device_name.empty() ? full_name(dev.name) : g_device_name.c_str());
+  prop->major = dev.arch[0] - '0';
+  prop->minor = 0;
+  prop->multiProcessorCount = g_sm_override > 0 ? g_sm_override : dev.sm_count;
   return cudaSuccess;
 }
 
@@ -320,7 +344,10 @@ void configure(int device, int profile_index, int sm_count, bool clusters, int c
   g_profile = profile_index;
   g_sm_override = sm_count;
   g_clusters = clusters;
+  g_device_name.clear();
 }
+
+void set_device_name(const std::string& name) { g_device_name = name; }
 
 void set_dry_run(bool on) { g_dry_run = on; }
 

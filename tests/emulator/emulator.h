@@ -51,7 +51,10 @@ const char* profile_name(int i);
 // sm_count 0: the profile's; clusters false: an sm_90 part that refuses cluster launches
 // (cudaDevAttrClusterLaunch 0), as under MIG or a driver without them.
 void configure(int device, int profile_index, int sm_count, bool clusters = true, int code_arch = 0);
-void set_dry_run(bool on);  // launches are checked, not executed
+void set_dry_run(bool on);
+// The name the next device queries report (cudaGetDeviceProperties), until the next
+// configure: another GPU of the same profile (e.g. an H200 for h100).
+void set_device_name(const std::string& name);  // launches are checked, not executed
 struct LaunchRecord {
   const void* func;
   int64_t grid;
@@ -63,7 +66,8 @@ std::vector<LaunchRecord>& recorded_launches();  // by dry runs, in order
 void set_resources(const std::string& name, const std::string& arch, int registers,
                    int static_smem, int max_threads);
 // The call of `kind` (0 cudaFuncSetAttribute, 1 occupancy query, 2 cudaFuncGetAttributes,
-// 3 cudaLaunchKernel) after `after` more successful ones fails with `error`.
+// 3 cudaLaunchKernel, 4 cudaGetDeviceProperties) after `after` more successful ones fails
+// with `error`.
 void inject(int kind, int after, int error);
 int peek_last_error();  // the runtime's last error, not cleared
 Resources resources(const void* func);
