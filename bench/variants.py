@@ -108,12 +108,17 @@ class Entry:
 
 def loaded() -> Entry:
     """The entry points of the loaded library holding residual_fused's CUDA kernels."""
+    import torch
+
     from residual_fused import ops
 
-    for path in ops.loaded_libraries:
-        cdll = ctypes.CDLL(path)
-        if hasattr(cdll, "residual_fused_set_variant"):
-            return Entry(cdll)
+    for attempt in range(2):
+        for path in ops.loaded_libraries:
+            cdll = ctypes.CDLL(path)
+            if hasattr(cdll, "residual_fused_set_variant"):
+                return Entry(cdll)
+        if attempt == 0 and torch.cuda.is_available():  # not built yet: build and load them now
+            ops._build_on_first_use(torch.device("cuda"))
     raise RuntimeError("residual_fused's CUDA kernels are not loaded: no variant can be chosen")
 
 
