@@ -127,7 +127,7 @@ class DeviceModel:
         seconds = 0.0
         for mode in job.modes:
             call = fused_bytes(job.cfg, mode) / (self.copy_gbs * 1e9 * self.efficiency) * 1e3 + self.call_ms
-            timed = (len(VARIANTS[mode]) - 1) * self.variant_applies
+            timed = 1 + (len(VARIANTS[mode]) - 1) * self.variant_applies  # the rule always runs
             seconds += timed * ((repeats + self.warmup) * (call + self.flush_ms) * 1e-3 + self.variant_check_s)
         return seconds
 
@@ -401,8 +401,10 @@ def _outputs(call) -> List[torch.Tensor]:
 
 def run_variants(job: Job, device: str, repeats: int, copy: "RowCopyBandwidth", entry: variants.Entry,
                  skip: Callable[[str, str], bool], wrong: set) -> List[dict]:
-    """Every candidate variant of the job's fwd and bwd modes, timed as the rule's own
-    row is: rows ``residual_fused[<variant>]`` with what ran in ``variant``. A variant
+    """Every candidate variant of the job's fwd and bwd modes, and the rule itself (under
+    the override: the baseline of bench/make_table.py, whatever table the library
+    has), timed as the library's own row is: rows ``residual_fused[<variant>]`` with
+    what ran in ``variant``. A variant
     that cannot run the shape, whose outputs differ from the rule's, or that the
     correctness stage found wrong, is a row that says so (never timed)."""
     cfg = job.cfg
@@ -414,7 +416,7 @@ def run_variants(job: Job, device: str, repeats: int, copy: "RowCopyBandwidth", 
         nbytes = fused_bytes(cfg, mode)
         for v in VARIANTS[mode]:
             name = variants.provider_name(v)
-            if v == "rule" or skip(mode, name):
+            if skip(mode, name):
                 continue
             if (mode, v) in wrong:
                 rows.append(bench._row(job.table, cfg, mode, name, note="WRONG in the correctness stage: not timed"))
@@ -531,7 +533,7 @@ def run(args) -> dict:
 
     def variants_missing(job):
         return "residual_fused" in names and any(job.row_key(m, variants.provider_name(v)) not in done
-                                                 for m in job.modes for v in VARIANTS[m] if v != "rule")
+                                                 for m in job.modes for v in VARIANTS[m])
 
     todo = [j for j in jobs if (variants_missing(j) if j.tune else any(missing(j, names).values()))]
     summary["resumed_past"] = len(jobs) - len(todo)

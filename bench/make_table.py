@@ -5,14 +5,16 @@
 
 Each run is a results CSV of ``make gpu-tune`` (or bench_add_norm) with its env.json
 beside it (the GPU's name keys the table). For every (GPU, direction, norm, form,
-dtype mix, hidden size) measured, the fastest of the library's rows wins: the rule's
-own row (``residual_fused``; the entry is then "rule", so dispatch keeps deciding by
-rule there) or a timed variant (``residual_fused[<variant>]``; the entry is what it
-ran, every choice filled in, from its ``variant`` column). A variant must beat the
-rule's time by more than MARGIN to win, so noise does not bake a variant in. Rows
-that failed, were refused, or belong to a variant the run found wrong (stages.json
-beside the CSV, ``correctness.wrong``) never win. Only sweep rows of the compiled
-fast mixes count, not memory-efficient ones (dispatch does not key on that).
+dtype mix, hidden size) measured, the fastest of the library's rows wins: the rule
+(``residual_fused[rule]``, timed under the override; the entry is then "rule", so
+dispatch keeps deciding by rule there) or a timed variant (``residual_fused[<variant>]``;
+the entry is the variant as asked for). A variant must beat the rule's time by more
+than MARGIN to win, so noise does not bake a variant in; where the rule's row is
+missing, the fastest wins. Rows that failed, were refused, or belong to a variant
+the run found wrong (stages.json beside the CSV, ``correctness.wrong``) never win.
+Only sweep rows of the compiled fast mixes count, not memory-efficient ones
+(dispatch does not key on that). Several runs of one GPU are pooled: give runs of
+the same sizes (rows x hidden), as make gpu-tune's are.
 
 Buckets: each measured hidden size owns the sizes up to the geometric midpoint to
 the next measured one; the first starts at 1 and the last ends at 262144, so every
@@ -60,22 +62,34 @@ def run_of(csv_path: str) -> Tuple[dict, List[dict], set]:
 
 
 def candidates(runs) -> Dict[Key, Dict[int, List[Tuple[float, str]]]]:
-    """{key: {hidden: [(ms, variant), ...]}} of the rows that may win."""
+    """{key: {hidden: [(ms, variant), ...]}} of the rows that may win. A variant is
+    entered as it was asked for (its automatic choices stay automatic: they resolve per
+    call, e.g. the reduction by the row count). The rule's time is its row under the
+    override (``residual_fused[rule]``); a run without one (before variants existed)
+    gives the library's own row, which then ran the rule."""
     out: Dict[Key, Dict[int, List[Tuple[float, str]]]] = {}
     for env, rows, wrong in runs:
         device = env.get("gpu")
         if not device:
             continue  # a CPU run
+        forced_rule = {_where(r) for r in rows if r["provider"] == variants.provider_name("rule")}
         for r in rows:
             mix = MIX_OF_ROW.get((r["dtype"], r["residual"]))
-            asked = "rule" if r["provider"] == "residual_fused" else variants.variant_of_provider(r["provider"])
-            ran = "rule" if asked == "rule" else (r.get("variant") or asked)
+            if r["provider"] == "residual_fused":
+                asked = None if _where(r) in forced_rule else "rule"
+            else:
+                asked = variants.variant_of_provider(r["provider"])
             if (r["table"] != "sweep" or r["mode"] not in MODES or r["memory_efficient"] or mix is None
                     or asked is None or r["ms"] is None or (r["mode"], asked) in wrong):
                 continue
             key = (device, r["mode"], r["norm"], r["form"], mix)
-            out.setdefault(key, {}).setdefault(r["hidden"], []).append((r["ms"], ran))
+            out.setdefault(key, {}).setdefault(r["hidden"], []).append((r["ms"], asked))
     return out
+
+
+def _where(r: dict) -> tuple:
+    return tuple(r[k] for k in ("table", "norm", "form", "mode", "dtype", "residual", "memory_efficient", "rows",
+                                "hidden"))
 
 
 def winner(timed: List[Tuple[float, str]]) -> str:

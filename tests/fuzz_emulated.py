@@ -212,11 +212,16 @@ def _under_variant(emu, case: Case, direction: str, run):
         return run()
     with entry.override(*case.variant):
         try:
-            return run()
+            got = run()
         except (cuda_emulator.EmulatorError, RuntimeError) as err:
             if f"the tuning variant '{case.variant[1]}'" in str(err):
                 return None
             raise
+    import emulated_cases
+
+    ran = entry.last(direction)
+    assert emulated_cases.variant_agrees(case.variant[1], ran, case.hidden), f"asked {case.variant[1]}, ran {ran}"
+    return got
 
 
 def run_case(emu, case: Case) -> Dict[str, float]:

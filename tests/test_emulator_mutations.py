@@ -119,6 +119,8 @@ def catalogue() -> List[Mutation]:
         ("cluster variant of partial warps", "cluster_rows.cu", r"if \(shape\.block < 32\)", "if (false)"),
         ("cluster variant slice wider than a CTA", "cluster_rows.cu", r"if \(shape\.block > kClusterBlock\)",
          "if (false)"),
+        ("bare cluster variant on a row too narrow to split", "cluster_rows.cu",
+         r"if \(const char\* why = shape_refusal\(wide\)\) return refused\(why\);", ""),
         ("variant choices not checked against the family", "dispatch.cu",
          r"if \(const char\* why = choices_refusal\(v, Direction::kFwd\)\) return refused\(why\);", ""),
         ("staged variant without vectorised rows", "dispatch.cu", r"if \(!vec8 && v\.family != Family::kRows && ",

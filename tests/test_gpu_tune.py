@@ -143,6 +143,8 @@ def test_every_variant_is_checked_then_timed_or_reported(tmp_path, monkeypatch):
                     assert r["ms"] is None and r["note"].startswith("WRONG in the correctness stage")
                 else:
                     assert r["ms"] > 0 and r["variant"] == v and r["pct_copy"] > 0, r
+    forced = [r for r in tuned if r["provider"] == gpu_tune.variants.provider_name("rule")]
+    assert len(forced) == 2 * 4 and all(r["ms"] > 0 for r in forced)  # the rule under the override: the baseline
     rule = [r for r in rows if r["provider"] == "residual_fused"]
     assert rule and all(r["variant"] for r in rule)  # which variant the rule's rows ran
     again = gpu_tune.main(args)

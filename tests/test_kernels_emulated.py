@@ -13,6 +13,8 @@ bugs fail these tests.
 
 import ctypes
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -139,3 +141,26 @@ def test_a_read_past_the_end_is_reported_with_the_allocation(emu):
             g.free()
     assert status != 0
     assert "past the end of x" in message and "add_norm_fwd_rows_kernel" in message, message
+
+
+@pytest.mark.parametrize("value, want", [
+    ("fwd=streamed;bwd=rows:pt=32", "streamed rows:pt=32,tb=512,red=columns"),
+    ("rows:pt=24", "RESIDUAL_FUSED_VARIANT='rows:pt=24': pt (elements per thread) must be 16 or 32"),
+])
+def test_the_variant_variable_is_read_at_the_first_call(emu, value, want):
+    """RESIDUAL_FUSED_VARIANT itself (emulated_cases.check_variant_environment applies
+    values through the same function in-process): a process started with it runs what
+    it says, or refuses every call saying why."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = (f"import sys; sys.path[:0] = [{here!r}, {os.path.join(here, '..', 'bench')!r}]\n"
+              "import cuda_emulator, emulated_cases as c, variants\n"
+              f"emu = cuda_emulator.Emulator({emu.path!r})\n"
+              "try:\n"
+              "    c.check(emu, 3, 1024, c.FLAGS['ln_bf16_pre'])\n"
+              "    e = variants.Entry(emu.lib)\n"
+              "    print(e.last('fwd'), e.last('bwd'))\n"
+              "except cuda_emulator.EmulatorError as err:\n"
+              "    print(err)\n")
+    env = dict(os.environ, RESIDUAL_FUSED_VARIANT=value)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert want in proc.stdout, proc.stdout + proc.stderr[-2000:]

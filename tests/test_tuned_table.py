@@ -116,9 +116,21 @@ def test_the_generator_picks_the_fastest_correct_variant_per_bucket(tmp_path):
     groups = check_coverage(rows)
     assert set(groups) == {("NVIDIA H200", "fwd", False, True, 0), ("NVIDIA H200", "bwd", False, True, 0)}
     fwd = [(r["lo"], r["hi"], r["variant"]) for r in groups[("NVIDIA H200", "fwd", False, True, 0)]]
-    assert fwd == [(1, 2048, "rows:pt=32,tb=512"), (2049, 16384, "rule"), (16385, 262144, "cluster:pt=32,cs=4")]
+    # variants as asked: what they resolved at the run's row count (cs=4, red=sliced) stays automatic
+    assert fwd == [(1, 2048, "rows:pt=32,tb=512"), (2049, 16384, "rule"), (16385, 262144, "cluster:pt=32")]
     bwd = [(r["lo"], r["hi"], r["variant"]) for r in groups[("NVIDIA H200", "bwd", False, True, 0)]]
-    assert bwd == [(1, 262144, "rows:pt=32,tb=512,red=sliced")]
+    assert bwd == [(1, 262144, "rows:pt=32,tb=512")]
+
+
+def test_the_baseline_is_the_rule_under_the_override_when_the_run_has_it(tmp_path):
+    """The library's own row ran whatever table it had; with the rule timed under the
+    override beside it, only that counts as the rule."""
+    rows_in = [row(1024, "residual_fused", 0.50, variant="rows:pt=32,tb=512"),  # the old table's choice
+               row(1024, V("rule"), 1.00, variant="rows:pt=16,tb=256"),
+               row(1024, V("rows:pt=32,tb=512"), 0.52, variant="rows:pt=32,tb=512")]
+    path = write_run(str(tmp_path / "run"), rows_in)
+    rows = make_table.parse_table(make_table.build([path]))
+    assert [(r["lo"], r["hi"], r["variant"]) for r in rows] == [(1, 262144, "rows:pt=32,tb=512")]
 
 
 def test_a_variant_found_wrong_never_wins_even_alone(tmp_path):
@@ -174,12 +186,12 @@ def test_dispatch_follows_a_table_made_from_a_recorded_run(tmp_path, request):
         cases.check(emu, 3, hidden, cases.FLAGS[flags])
         return entry.last("fwd"), entry.last("bwd")
 
-    assert ran("NVIDIA H200", 1024) == ("rows:pt=32,tb=512", "rows:pt=32,tb=512,red=sliced")
+    assert ran("NVIDIA H200", 1024) == ("rows:pt=32,tb=512", "rows:pt=32,tb=512,red=columns")
     assert ran("NVIDIA H100 80GB HBM3", 1024) == ("rows:pt=16,tb=256", "rows:pt=16,tb=512,red=columns")
     assert ran("NVIDIA H200", 4096)[0] == "rows:pt=16,tb=256"  # "rule"
     assert ran("NVIDIA H200", 1001)[0] == "rows:tb=256"  # element-wise: the table's pt cannot run
     assert ran("NVIDIA H200", 1024, "ln_mixed_pre")[0] == "rows:pt=16,tb=256"  # a mix the table does not list
-    assert ran("NVIDIA H200", 16392)[0] == "cluster:pt=32,cs=4"  # a cluster the rule would not pick
+    assert ran("NVIDIA H200", 16392)[0] == "cluster:pt=32,cs=2"  # a cluster the rule would not pick
     assert ran("NVIDIA H100 80GB HBM3", 16392)[0] == "cluster:pt=16,cs=3"
     cases.check_tuned_table(emu, os.path.join(kernels, "tuned_table.h"))
     assert entry.table_source().endswith("(NVIDIA H200, 2026-12-05, torch test)")

@@ -25,7 +25,8 @@ LaunchPlan rows_plan(const AddNormBwdParams& p, const Variant& v) {
   plan.block = rows_per_cta * row_threads;
   plan.smem = bwd_rows_smem<CHUNKS, VEC>(p, plan.block);
   plan.grid = persistent_grid(plan, ceil_div(p.rows, rows_per_cta), v.ctas_per_sm);
-  plan.variant = {Family::kRows, VEC == 8 ? CHUNKS * VEC : 0, target, v.ctas_per_sm, 0, v.reduce};
+  // tb as launched (rows per CTA x threads per row): one name per plan
+  plan.variant = {Family::kRows, VEC == 8 ? CHUNKS * VEC : 0, plan.block, v.ctas_per_sm, 0, v.reduce};
   return plan;
 }
 

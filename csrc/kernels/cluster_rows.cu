@@ -98,11 +98,14 @@ LaunchPlan cluster_plan(const Params& p, const Variant& v, PlanOf&& plan_of) {
       return shape.per_thread == 16 ? plan_of(mix, std::integral_constant<int, 2>{}, shape)
                                     : plan_of(mix, std::integral_constant<int, 4>{}, shape);
     }
+    // The rule's shapes are checked too: a bare "cluster" variant may ask for a row
+    // too narrow to split (the rule itself only splits rows wider than 16384).
     const ClusterShape narrow = cluster_shape(hidden, 16), wide = cluster_shape(hidden, 32);
-    if (narrow.cluster <= kPortableCluster) {
+    if (narrow.cluster <= kPortableCluster && shape_refusal(narrow) == nullptr) {
       const LaunchPlan plan = plan_of(mix, std::integral_constant<int, 2>{}, narrow);
       if (plan.kernel != nullptr) return plan;
     }
+    if (const char* why = shape_refusal(wide)) return refused(why);
     return plan_of(mix, std::integral_constant<int, 4>{}, wide);
   });
 }

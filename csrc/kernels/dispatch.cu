@@ -323,10 +323,7 @@ thread_local std::string t_last_refusal;
 // t_last_refusal, naming the variant and where it was set.
 template <class Params, class RulePlan, class VariantPlan>
 LaunchPlan choose_plan(const Params& p, Direction d, bool prenorm, RulePlan&& rule, VariantPlan&& variant_plan) {
-  if (!variant_env_error().empty()) {
-    t_last_refusal = variant_env_error();
-    return refused("RESIDUAL_FUSED_VARIANT does not parse");
-  }
+  if (variant_env_error(&t_last_refusal)) return refused("RESIDUAL_FUSED_VARIANT does not parse");
   Variant v;
   if (variant_override(d, &v)) {
     if (v.family == Family::kRule) return rule();

@@ -25,7 +25,8 @@ LaunchPlan rows_plan(const AddNormFwdParams& p, const Variant& v) {
   plan.block = rows_per_cta * row_threads;
   plan.smem = param_bytes(p.weight, p.weight_dtype, p.hidden) + param_bytes(p.bias, p.bias_dtype, p.hidden);
   plan.grid = persistent_grid(plan, ceil_div(p.rows, rows_per_cta), v.ctas_per_sm);
-  plan.variant = {Family::kRows, VEC == 8 ? CHUNKS * VEC : 0, target, v.ctas_per_sm, 0, Reduce::kAuto};
+  // tb as launched (rows per CTA x threads per row): one name per plan
+  plan.variant = {Family::kRows, VEC == 8 ? CHUNKS * VEC : 0, plan.block, v.ctas_per_sm, 0, Reduce::kAuto};
   return plan;
 }
 

@@ -23,8 +23,12 @@ namespace {
 const char* const kFamilyNames[] = {"rule", "rows", "staged", "cluster", "streamed"};
 const char* const kReduceNames[] = {"auto", "columns", "sliced"};
 
+// A decimal in [lo, hi] (lo >= 1), written without leading zeros: one text per variant.
 bool parse_int(const std::string& text, int lo, int hi, int* out) {
-  if (text.empty() || text.size() > 7 || text.find_first_not_of("0123456789") != std::string::npos) return false;
+  if (text.empty() || text.size() > 7 || text.rfind("0", 0) == 0 ||
+      text.find_first_not_of("0123456789") != std::string::npos) {
+    return false;
+  }
   const int v = std::atoi(text.c_str());
   if (v < lo || v > hi) return false;
   *out = v;
@@ -80,10 +84,18 @@ bool parse_variant(const std::string& text, Variant* out, std::string* error) {
       *error = "the variant 'rule' takes no choices";
       return false;
     }
+    std::string seen = ",";  // the keys given so far: each once
     size_t start = colon + 1;
     while (true) {
       const size_t comma = text.find(',', start);
-      if (!parse_choice(text.substr(start, comma - start), &v, error)) return false;
+      const std::string item = text.substr(start, comma - start);
+      const std::string key = item.substr(0, item.find('='));
+      if (seen.find("," + key + ",") != std::string::npos) {
+        *error = "the choice '" + key + "' is given twice";
+        return false;
+      }
+      seen += key + ",";
+      if (!parse_choice(item, &v, error)) return false;
       if (comma == std::string::npos) break;
       start = comma + 1;
     }
@@ -114,9 +126,11 @@ struct VariantState {
   std::mutex mutex;
   std::atomic<bool> set[2] = {{false}, {false}};
   Variant forced[2];
-  Variant last[2];
-  bool launched[2] = {false, false};
-  std::string env_error;  // why RESIDUAL_FUSED_VARIANT was refused, or empty
+  // The last launch's variant of each direction, packed (pack_variant; 0: none yet):
+  // written on every launch without a lock.
+  std::atomic<uint64_t> last[2] = {{0}, {0}};
+  std::atomic<bool> env_failed{false};  // RESIDUAL_FUSED_VARIANT was refused; env_error says why
+  std::string env_error;
 
   VariantState() { apply_environment(std::getenv("RESIDUAL_FUSED_VARIANT")); }
 
@@ -126,12 +140,14 @@ struct VariantState {
   // user made is never ignored.
   void apply_environment(const char* value) {
     set[0] = set[1] = false;
+    env_failed = false;
     env_error.clear();
     if (value == nullptr || *value == '\0') return;
     std::string error;
     if (!apply_setting(value, &error)) {
       set[0] = set[1] = false;
       env_error = std::string("RESIDUAL_FUSED_VARIANT='").append(value).append("': ").append(error);
+      env_failed = true;
     }
   }
 
@@ -150,6 +166,10 @@ struct VariantState {
       const int d = item.rfind("fwd=", 0) == 0 ? 0 : item.rfind("bwd=", 0) == 0 ? 1 : -1;
       if (d < 0) {
         *error = "expected '<variant>' or 'fwd=<variant>;bwd=<variant>', got '" + item + "'";
+        return false;
+      }
+      if (set[d]) {
+        *error = std::string(d == 0 ? "fwd" : "bwd") + " is given twice";
         return false;
       }
       if (!parse_variant(item.substr(4), &forced[d], error)) return false;
@@ -187,19 +207,43 @@ bool variant_override(Direction d, Variant* out) {
   return s.set[i].load(std::memory_order_relaxed);
 }
 
-const std::string& variant_env_error() { return state().env_error; }
+bool variant_env_error(std::string* why) {
+  VariantState& s = state();
+  if (!s.env_failed.load(std::memory_order_relaxed)) return false;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  *why = s.env_error;
+  return true;
+}
+
+namespace {
+
+// A variant in 64 bits, for the lock-free record of the last launch (bit 56: present).
+uint64_t pack_variant(const Variant& v) {
+  return static_cast<uint64_t>(v.family) | static_cast<uint64_t>(v.per_thread) << 8 |
+         static_cast<uint64_t>(v.target_block) << 16 | static_cast<uint64_t>(v.ctas_per_sm) << 32 |
+         static_cast<uint64_t>(v.cluster) << 40 | static_cast<uint64_t>(v.reduce) << 48 | uint64_t{1} << 56;
+}
+
+Variant unpack_variant(uint64_t bits) {
+  Variant v;
+  v.family = static_cast<Family>(bits & 0xff);
+  v.per_thread = static_cast<int>(bits >> 8 & 0xff);
+  v.target_block = static_cast<int>(bits >> 16 & 0xffff);
+  v.ctas_per_sm = static_cast<int>(bits >> 32 & 0xff);
+  v.cluster = static_cast<int>(bits >> 40 & 0xff);
+  v.reduce = static_cast<Reduce>(bits >> 48 & 0xff);
+  return v;
+}
+
+}  // namespace
 
 void record_variant(Direction d, const Variant& v) {
-  VariantState& s = state();
-  std::lock_guard<std::mutex> lock(s.mutex);
-  s.last[static_cast<int>(d)] = v;
-  s.launched[static_cast<int>(d)] = true;
+  state().last[static_cast<int>(d)].store(pack_variant(v), std::memory_order_relaxed);
 }
 
 std::string last_variant(Direction d) {
-  VariantState& s = state();
-  std::lock_guard<std::mutex> lock(s.mutex);
-  return s.launched[static_cast<int>(d)] ? variant_name(s.last[static_cast<int>(d)]) : std::string();
+  const uint64_t bits = state().last[static_cast<int>(d)].load(std::memory_order_relaxed);
+  return bits == 0 ? std::string() : variant_name(unpack_variant(bits));
 }
 
 namespace {
@@ -217,27 +261,22 @@ std::pair<int, int> device_range(const char* name) {
 }
 
 // The table's entries for the current device, found by its name once per device
-// (ranges stored + 1, so 0 means not yet looked up; benign race: every writer stores
-// the same value).
+// (benign race: every writer stores the same value).
 std::pair<int, int> current_device_range() {
-  static std::atomic<int> begin_cache[kMaxTunedDevices], end_cache[kMaxTunedDevices];
+  // (begin + 1) << 32 | end in one atomic, so a reader sees both or neither.
+  static std::atomic<int64_t> cache[kMaxTunedDevices];
   int device = 0;
   cudaGetDevice(&device);  // as dispatch.cu: every call after a failure here fails anyway
   const bool cached = device >= 0 && device < kMaxTunedDevices;
-  if (cached && begin_cache[device].load(std::memory_order_relaxed) > 0) {
-    return {begin_cache[device].load(std::memory_order_relaxed) - 1,
-            end_cache[device].load(std::memory_order_relaxed) - 1};
-  }
+  const int64_t hit = cached ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (hit != 0) return {static_cast<int>(hit >> 32) - 1, static_cast<int>(hit & 0xffffffff)};
   cudaDeviceProp prop{};
   if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) {
     cudaGetLastError();
     return {0, 0};  // not cached: the next call asks again
   }
   const std::pair<int, int> range = device_range(prop.name);
-  if (cached) {
-    end_cache[device].store(range.second + 1, std::memory_order_relaxed);
-    begin_cache[device].store(range.first + 1, std::memory_order_relaxed);
-  }
+  if (cached) cache[device].store(int64_t{range.first + 1} << 32 | range.second, std::memory_order_relaxed);
   return range;
 }
 

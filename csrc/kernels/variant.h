@@ -65,11 +65,13 @@ bool set_variant_override(Direction d, const std::string& text, std::string* err
 // The override of d into *out; false when none is set. The first call reads
 // RESIDUAL_FUSED_VARIANT ("<variant>" for both directions, or "fwd=<v>;bwd=<v>").
 bool variant_override(Direction d, Variant* out);
-// Why RESIDUAL_FUSED_VARIANT was refused (it does not parse), or "" (then every
-// launch fails with that reason rather than run something the user did not ask for).
-const std::string& variant_env_error();
-// What the last launch of d ran (its plan's variant, every choice filled in), and its
-// text form ("" before the first launch).
+// Whether RESIDUAL_FUSED_VARIANT was refused (it does not parse), and why: every
+// launch then fails with that reason rather than run something the user did not ask
+// for. One relaxed load when it was not.
+bool variant_env_error(std::string* why);
+// What the last launch of d ran (its plan's variant, every choice filled in; the
+// process's last, whichever thread launched it), and its text form ("" before the
+// first launch).
 void record_variant(Direction d, const Variant& v);
 std::string last_variant(Direction d);
 
