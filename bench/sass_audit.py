@@ -17,8 +17,8 @@ flight per SM (Little's law). That is visible in the compiled code, without a GP
   by tests/emulator) and the CTAs and warps per SM that registers and shared memory
   allow at its block size.
 
-From those, a latency/bandwidth model predicts the % of copy bandwidth (MODEL below
-states its assumptions). `python bench/sass_audit.py --notes` rewrites the table in
+From those, the performance model calibrated on the H200 runs (bench/perf_model.py)
+predicts the % of copy bandwidth. `python bench/sass_audit.py --notes` rewrites the table in
 bench/NOTES.md; tests/test_sass_audit.py holds the thresholds every hot kernel must
 keep. Predictions are predictions: a GPU measures.
 """
@@ -214,8 +214,9 @@ def transfer(ins: Instr, state: dict, fields: Dict[int, int], base: int) -> dict
     else:
         dests = [_reg(ops[0])]
         m = re.fullmatch(r"(U?R)(\d+)", dests[0])
-        if m and re.search(r"\.(64|128)\b", ins.op):  # wide results use the next registers
-            dests += [f"{m.group(1)}{int(m.group(2)) + k}" for k in (1, 2, 3)]
+        wide = re.search(r"\.(64|128)\b", ins.op)
+        if m and wide:  # wide results use the next registers: one more for 64 bits, three for 128
+            dests += [f"{m.group(1)}{int(m.group(2)) + k}" for k in range(1, 2 if wide.group(1) == "64" else 4)]
     for d in dests:
         out.pop(d, None)
     if guard is not True:
@@ -381,9 +382,10 @@ BF16_CALL = {"AddNormFwdParams": {"is_rms_norm": 0, "x_dtype": 2, "residual_dtyp
                                   "bias_dtype": 2, "dresidual_dtype": 2}}
 
 
-def param_offsets() -> Dict[str, Dict[str, int]]:
+def param_offsets(kernel_dir: str = cubin.KERNEL_DIR) -> Dict[str, Dict[str, int]]:
     """Byte offsets of BF16_CALL's fields in the kernels' parameter structs, as the host
-    compiler lays them out (the same layout nvcc uses for a kernel parameter)."""
+    compiler lays them out (the same layout nvcc uses for a kernel parameter);
+    `kernel_dir`: the csrc/kernels whose add_norm.h declares them."""
     import shutil
     import subprocess
     import tempfile
@@ -400,7 +402,7 @@ def param_offsets() -> Dict[str, Dict[str, int]]:
             f.write(src)
         exe = os.path.join(tmp, "offsets")
         subprocess.run([shutil.which(os.environ.get("CXX", "g++")) or "g++", "-std=c++17", "-I",
-                        cubin.KERNEL_DIR, "-I", include, os.path.join(tmp, "offsets.cpp"), "-o", exe],
+                        kernel_dir, "-I", include, os.path.join(tmp, "offsets.cpp"), "-o", exe],
                        check=True, capture_output=True, timeout=300)
         out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
     offsets: Dict[str, Dict[str, int]] = {}
@@ -449,57 +451,7 @@ def audit(build: cubin.Build, arch: str = "90") -> Dict[str, KernelAudit]:
     return out
 
 
-# ---- the model ----------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Gpu:
-    name: str
-    sms: int
-    copy_gbs: float       # measured device-to-device copy, read + write
-    latency_ns: float     # global load latency under load (HBM)
-    clock_ghz: float
-    issue_per_clock: int  # warp instructions per SM per clock (4 schedulers)
-
-
-GPUS = {
-    # Copy bandwidth: H100 as recorded for these machines (about 3.0 TB/s); H200 as
-    # measured by bench/bench_add_norm.py in the run of bench/results/nvidia_h200.md.
-    "H100": Gpu("H100 SXM", 132, 3000.0, 700.0, 1.75, 4),
-    "H200": Gpu("H200", 132, 4220.0, 700.0, 1.75, 4),
-}
-
-MODEL = """\
-Model (per SM, steady state). A CTA iteration (one row, or one row per row group)
-moves B bytes (bench/byte_model.py, bf16 pre-norm LayerNorm) and waits T =
-max(trips x L, R x warps x instructions / (4 x clock)) where trips are the most
-dependent global round trips per iteration from the SASS (inner column loops x their
-iterations), L is the loaded global-load latency, and the second term is the issue
-limit of R resident CTAs. Predicted bandwidth = min(copy, SMs x R x B / T); % is of
-the copy bandwidth. Assumptions: L = 700 ns (global load latency under load; with
-900 ns every H200 prediction was 10-13 points under the first measurements, with
-700 ns they fall within about 10 points either way), 1.75 GHz, stores
-never stall, L2 hits cost like HBM (pessimistic for the streamed kernels' re-reads),
-resident CTAs R from registers, shared memory and threads as the occupancy API
-computes them. The model ranks designs; it is not a measurement.
-"""
-
-
-def predict(gpu: Gpu, a: KernelAudit, block: int, ctas: int, rows_per_iter: float, bytes_per_row: float,
-            inner_iters: int, grid: int, exchange_trips: int = 0) -> float:
-    """Predicted % of copy bandwidth for one kernel launch. A cluster kernel's CTA
-    moves 1/cluster of a row per iteration (rows_per_iter) and waits one more round
-    trip for the cluster barrier and the peers' shared memory (exchange_trips)."""
-    trips = a.trips + exchange_trips + sum(t * max(inner_iters - 1, 0) for t in a.inner_trips)
-    resident = max(1, min(ctas, math.ceil(grid / gpu.sms)))
-    warps = max(1, block // 32)
-    instructions = a.instructions * max(1, inner_iters if a.inner_trips else 1)
-    t_ns = max(trips * gpu.latency_ns, resident * warps * instructions / (gpu.issue_per_clock * gpu.clock_ghz))
-    per_sm = resident * rows_per_iter * bytes_per_row / max(t_ns, 1e-9)  # bytes/ns = GB/s
-    busy_sms = min(gpu.sms, grid)  # e.g. 7 clusters of 16 CTAs leave 20 of 132 SMs idle
-    return 100.0 * min(1.0, busy_sms * per_sm / gpu.copy_gbs)
-
-
-# ---- per hidden size: plans from the real dispatch code -----------------------------------
+# ---- per hidden size: plans from the real dispatch code, the calibrated model ------------
 
 TABLE_HIDDEN = (512, 1024, 2048, 4096, 8192, 12288, 16384, 32768, 65536, 131072, 262144)
 ELEMENTS = 1 << 26  # rows * H, as in the benchmark sweep
@@ -507,41 +459,6 @@ ELEMENTS = 1 << 26  # rows * H, as in the benchmark sweep
 
 def _args(mangled: str) -> List[int]:
     return [int(a) for a in re.findall(r"Li(\d+)E", mangled)]
-
-
-def row_threads_for(hidden: int, per_thread: int) -> int:
-    """Threads per row of the rows kernels (csrc/kernels/rows.cuh, same rule)."""
-    t = -(-hidden // per_thread)
-    if t >= 32:
-        return -(-t // 32) * 32
-    p = 1
-    while p < t:
-        p *= 2
-    return p
-
-
-def rows_per_iteration(mangled: str, block: int, hidden: int, cluster: int = 1) -> float:
-    """Rows a CTA handles per iteration of its row loop (1/cluster: a cluster kernel's
-    CTA holds one slice of the row)."""
-    if "_rows_kernel" in mangled:
-        chunks, vec = _args(mangled)[:2]
-        return max(1, block // row_threads_for(hidden, chunks * vec))
-    return 1 / cluster
-
-
-def inner_iterations(mangled: str, block: int, hidden: int) -> int:
-    """Column-loop trips of the streamed kernels (BLOCK threads x VEC per step)."""
-    if "streamed_kernel" in mangled:
-        return math.ceil(hidden / (block * _args(mangled)[0]))
-    return 1
-
-
-def bytes_per_row(hidden: int, backward: bool) -> Tuple[float, float]:
-    """(read, total) bytes per row, bf16 pre-norm LayerNorm (bench/byte_model.py):
-    forward reads x, r and writes y, residual_out; backward reads dy, saved,
-    d(residual_out) and writes dx."""
-    read = (6 if backward else 4) * hidden
-    return read, 8 * hidden
 
 
 @dataclasses.dataclass
@@ -554,61 +471,79 @@ class Row:
     ctas_per_sm: int
     warps_per_sm: int
     inflight_kb: float      # bytes of loads in flight per SM, per round trip
-    trips: str              # per row: fewest-most (row loop) + inner column loops
-    predicted: Dict[str, float]
-    measured: Optional[float]  # % of copy in the benchmark run given (default: the H200 run)
+    trips: str              # per row: the row loop's round trips + inner column loops
+    predicted: Dict[str, float]           # norm -> % of H200 copy (bench/perf_model.py)
+    measured: Dict[str, Optional[float]]  # norm -> % of copy in the benchmark run given
+    measured_kernels: Dict[str, float]    # norm -> the model on the kernels that run measured
 
 
 MEASURED = os.path.join(HERE, "results", "nvidia_h200", "results.csv")
 
 
-def measured(path: str = MEASURED) -> Dict[Tuple[str, int], float]:
-    """% of copy from a benchmark results.csv (bf16 LayerNorm pre-norm, residual_fused);
-    by default the committed H200 run."""
+def measured(path: str = MEASURED) -> Dict[Tuple[str, str, int], float]:
+    """% of copy from a benchmark results.csv (bf16 pre-norm, residual_fused), by
+    (direction, norm, H); by default the committed H200 run."""
     if not os.path.exists(path):
         return {}
     import report
 
     out = {}
     for r in report.read_csv(path):
-        if (r["table"], r["provider"], r["norm"], r["form"], r["dtype"]) == (
-                "sweep", "residual_fused", "layer", "pre", "bfloat16") and r["pct_copy"] is not None:
-            out[(r["mode"], r["hidden"])] = r["pct_copy"]
+        if (r["table"], r["provider"], r["form"], r["dtype"]) == ("sweep", "residual_fused", "pre", "bfloat16") \
+                and r["pct_copy"] is not None and not r.get("variant"):
+            out[(r["mode"], r["norm"], r["hidden"])] = r["pct_copy"]
     return out
 
 
+def predict_launch(record: dict, copy_gbs: float = None) -> float:
+    """The calibrated model's % of H200 copy for one bf16 pre-norm launch record of
+    bench/model_facts.py."""
+    import byte_model
+    import perf_model
+
+    cfg = byte_model.Config(record["norm"], True, record["rows"], record["hidden"])
+    launch = perf_model.Launch(record["direction"], record["norm"], "pre", record["hidden"], record["rows"],
+                               float(byte_model.fused_bytes(cfg, record["direction"])),
+                               copy_gbs or perf_model.H200_COPY_GBS, record)
+    return perf_model.predict_pct(perf_model.CALIBRATED, launch)
+
+
 def table(build: cubin.Build, emu, arch: str = "90", measured_csv: str = MEASURED) -> List[Row]:
-    audits = audit(build, arch)
+    import model_facts
+    import perf_model
+
     got = measured(measured_csv)
+    launches = {(r["direction"], r["norm"], r["hidden"]): r
+                for r in model_facts.launch_facts(build, emu, hidden_sizes=TABLE_HIDDEN)
+                if r["rows"] == ELEMENTS // r["hidden"]}
+    ran = perf_model.load_facts().get("final", {})
     rows = []
-    emu.configure("h100", sm_count=0)
-    try:
-        for backward in (False, True):
-            for hidden in TABLE_HIDDEN:
-                plan = emu.plan(backward, hidden, ELEMENTS // hidden)
-                if plan is None or plan["kernel"] not in audits:
-                    continue
-                a = audits[plan["kernel"]]
-                block, ctas = plan["block"], plan["ctas_per_sm"]
-                cluster = plan["cluster"]
-                exchange = 1 if cluster > 1 else 0
-                per_iter = rows_per_iteration(a.name, block, hidden, cluster)
-                inner = inner_iterations(a.name, block, hidden)
-                read, total = bytes_per_row(hidden, backward)
-                trips = a.trips + exchange + sum(t * max(inner - 1, 0) for t in a.inner_trips)
-                resident = max(1, min(ctas, math.ceil(plan["grid"] / 132)))
-                inflight = resident * per_iter * read / max(trips, 1) / 1024
-                trip_text = f"{a.trips}" + (" + 1 exchange" if exchange else "")
-                if a.inner_trips and inner > 1:
-                    trip_text += f" + {inner - 1}x{'+'.join(map(str, a.inner_trips))}"
-                direction = "bwd" if backward else "fwd"
-                rows.append(Row(direction, hidden, a.short, block, a.registers, ctas, ctas * block // 32,
-                                inflight, trip_text,
-                                {g: predict(GPUS[g], a, block, ctas, per_iter, total, inner, plan["grid"],
-                                            exchange) for g in GPUS},
-                                got.get((direction, hidden))))
-    finally:
-        emu.configure()
+    for direction in ("fwd", "bwd"):
+        for hidden in TABLE_HIDDEN:
+            f = launches.get((direction, "layer", hidden))
+            if f is None:
+                continue
+            steps = perf_model.column_steps(f, hidden)
+            inner_trips = [i["trips"] for i in f["inner"]]
+            trips = f["trips"] + sum(inner_trips) * (steps - 1)
+            resident = max(1, min(f["ctas_per_sm"], math.ceil(f["grid"] / perf_model.SMS)))
+            per_iter = perf_model.rows_per_iteration(f, hidden)
+            read = perf_model.read_share(direction, "pre") * 8 * hidden
+            inflight = resident * per_iter * read / max(trips, 1) / 1024
+            trip_text = f"{f['trips']}"
+            if inner_trips and steps > 1:
+                trip_text += f" + {steps - 1}x{'+'.join(map(str, inner_trips))}"
+            predicted, before = {}, {}
+            for norm in ("layer", "rms"):
+                rec = launches.get((direction, norm, hidden))
+                if rec is not None:
+                    predicted[norm] = predict_launch(rec)
+                old = ran.get((direction, norm, ELEMENTS // hidden, hidden))
+                if old is not None:
+                    before[norm] = predict_launch(old)
+            rows.append(Row(direction, hidden, f["short"], f["block"], f["registers"], f["ctas_per_sm"],
+                            f["ctas_per_sm"] * f["block"] // 32, inflight, trip_text, predicted,
+                            {n: got.get((direction, n, hidden)) for n in ("layer", "rms")}, before))
     return rows
 
 
@@ -618,17 +553,22 @@ def kernel_table(build: cubin.Build, arch: str = "90") -> List[KernelAudit]:
 
 def markdown(rows: List[Row], kernels: List[KernelAudit], measured_csv: str = MEASURED) -> str:
     source = os.path.relpath(measured_csv, cubin.ROOT) if os.path.exists(measured_csv) else "none"
+    pct = lambda v: "" if v is None else f"{v:.0f}%"  # noqa: E731
     out = ["Generated by `python bench/sass_audit.py --notes` from the sm_90 SASS (nvcc "
-           f"{cubin._nvcc_version().split(',')[-1].strip()}); predictions, not measurements. "
-           f"Measured: `{source}` (bf16 pre-norm LayerNorm).", "",
+           f"{cubin._nvcc_version().split(',')[-1].strip()}); predictions, not measurements, from the "
+           "model calibrated on the H200 runs (bench/perf_model.py). bf16 pre-norm, rows x H = 2^26. "
+           f"Measured: `{source}`; \"model, measured kernels\": the same model on the kernels that run "
+           "measured (bench/results/nvidia_h200/kernel_facts.json).", "",
            "| dir | H | kernel | block | regs | CTAs/SM | warps/SM | loads in flight/SM | "
-           "round trips per row | predicted H100 | predicted H200 | measured |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "round trips per row | LayerNorm: predicted, model on measured kernels, measured | "
+           "RMSNorm: predicted, model on measured kernels, measured |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        m = "" if r.measured is None else f"{r.measured:.0f}%"
+        cells = [f"{pct(r.predicted.get(n))}, {pct(r.measured_kernels.get(n))}, {pct(r.measured.get(n))}"
+                 for n in ("layer", "rms")]
         out.append(f"| {r.direction} | {r.hidden} | `{r.kernel}` | {r.block} | {r.registers} | "
                    f"{r.ctas_per_sm} | {r.warps_per_sm} | {r.inflight_kb:.1f} KB | {r.trips} | "
-                   f"{r.predicted['H100']:.0f}% | {r.predicted['H200']:.0f}% | {m} |")
+                   f"{cells[0]} | {cells[1]} |")
     out += ["", "Every kernel (sm_90): static global access widths in bits (count of "
             "instruction sites), local memory accesses, round trips per iteration of the "
             "outermost loop for an all-bf16 LayerNorm call (in brackets: the most over every "
@@ -640,7 +580,6 @@ def markdown(rows: List[Row], kernels: List[KernelAudit], measured_csv: str = ME
         out.append(f"| `{k.short}` | {k.registers} | {k.static_smem} | {widths(k.loads)} | "
                    f"{widths(k.stores)} | {k.local_accesses} | {k.trips} ({k.trips_any}) | "
                    f"{'+'.join(map(str, k.inner_trips)) or '-'} |")
-    out += ["", MODEL.strip()]
     return "\n".join(out)
 
 
@@ -665,15 +604,16 @@ def make_emulator(build: cubin.Build):
     return cuda_emulator.Emulator(lib, build)
 
 
-def write_notes(text: str, path: str = NOTES) -> None:
+def write_notes(text: str, path: str = NOTES, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the text between the `begin` and `end` markers of bench/NOTES.md."""
     with open(path) as f:
         notes = f.read()
-    if BEGIN not in notes:
-        raise SystemExit(f"{path} has no {BEGIN} ... {END} section")
-    head, rest = notes.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
+    if begin not in notes:
+        raise SystemExit(f"{path} has no {begin} ... {end} section")
+    head, rest = notes.split(begin, 1)
+    tail = rest.split(end, 1)[1]
     with open(path, "w") as f:
-        f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+        f.write(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main(argv=None) -> None:

@@ -4,7 +4,8 @@ code, and the properties every hot kernel must keep, read from nvcc's sm_90 outp
 
 Thresholds are the kernels' targets and today's values: a change that adds a
 dependent round trip, spills to local memory, narrows a vector access, lowers
-occupancy or drops the model's prediction below the floor fails here.
+occupancy or makes the calibrated model predict it slower than the measured kernels
+fails here.
 """
 
 import os
@@ -129,10 +130,10 @@ MAX_TRIPS = {
 # registers): 12 warps.
 MIN_WARPS_PER_SM = {("fwd", 12288): 12, ("bwd", 12288): 12, ("fwd", 32768): 8, ("bwd", 32768): 16}
 DEFAULT_MIN_WARPS = 16
-# Up to this hidden size the model must predict at least these % of an H100's copy
-# bandwidth (bench/sass_audit.py MODEL): forward, backward.
-ON_CHIP_MAX_HIDDEN = 16384
-MIN_PREDICTED = {"fwd": 90.0, "bwd": 85.0}
+# The calibrated model (bench/perf_model.py) on today's kernels may predict at most
+# this many points of H200 copy below its prediction for the kernels the H200 measured
+# (bench/results/nvidia_h200/kernel_facts.json): a change it predicts slower fails.
+MAX_PREDICTED_LOSS = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -193,16 +194,17 @@ def test_typed_kernels_keep_their_round_trips(audits, family, limits):
         assert a.trips_any <= limit, f"{a.short}: {a.trips_any} dependent round trips per row, limit {limit}"
 
 
-def test_the_model_predicts_the_floor_for_rows_on_chip(rows):
+def test_the_model_predicts_no_loss_against_the_measured_kernels(rows):
     checked = 0
     for r in rows:
-        if r.hidden <= ON_CHIP_MAX_HIDDEN:
-            need = MIN_PREDICTED[r.direction]
-            assert r.predicted["H100"] >= need, (
-                f"{r.direction} H={r.hidden} {r.kernel}: predicted {r.predicted['H100']:.0f}% of copy, "
-                f"target {need:.0f}%")
+        for norm, before in r.measured_kernels.items():
+            now = r.predicted.get(norm)
+            assert now is not None, f"{r.direction} {norm} H={r.hidden}: no prediction for today's kernel"
+            assert now >= before - MAX_PREDICTED_LOSS, (
+                f"{r.direction} {norm} H={r.hidden} {r.kernel}: predicted {now:.0f}% of copy, "
+                f"{before:.0f}% for the kernels the H200 measured")
             checked += 1
-    assert checked >= 10
+    assert checked >= 30
 
 
 def test_every_bucket_keeps_its_occupancy(rows):
