@@ -39,7 +39,9 @@ correctness stage checks every candidate of each direction against the float64
 reference on three sizes (a wrong one is reported and never timed or chosen); the
 sweep times every candidate beside the rule for the jobs of ``--variant-dtypes``
 (rows ``residual_fused[<variant>]``, with what ran in the ``variant`` column; a
-variant that cannot run a shape is a row that says why). ``bench/make_table.py``
+variant that cannot run a shape is a row that says why), the sizes where the
+calibrated performance model predicts the largest gain over the rule first
+(bench/predicted_variants.json). ``bench/make_table.py``
 turns the CSV into the table dispatch follows. The dry run prints the plan: the
 stages, the jobs that fit the deadline and the predicted device seconds (the model's
 assumptions are in ``DeviceModel``; they are predictions, not measurements).
@@ -82,8 +84,11 @@ STAGES = ("correct", "sweep", "page")
 STAGE_LIMITS = {"correct": 50, "sweep": 300, "page": 20}
 REPEATS = 30
 VARIANT_REPEATS = 20  # each variant's timed calls (a median still; more variants fit)
-#: the order the variant jobs run in: every hidden size of one (norm, form) before the next
+#: the variant jobs run in the order of the gain the calibrated model predicts for the
+#: best candidate over the rule (bench/predicted_variants.json, bench/sass_audit.py
+#: --variants); equal gains in this order of (norm, form), then of hidden size
 VARIANT_FORMS = (("rms", True), ("layer", True), ("layer", False), ("rms", False))
+PREDICTED_VARIANTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "predicted_variants.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +147,32 @@ class DeviceModel:
         return seconds
 
 
+def predicted_gain(norm: str, hidden: int, modes: Iterable[str], path: str = PREDICTED_VARIANTS) -> float:
+    """Points of copy bandwidth the calibrated model predicts the best candidate variant
+    gains over the rule at this size (bench/predicted_variants.json, pre-norm; the
+    largest over ``modes``); 0 without a prediction."""
+    predicted = _predicted_variants(path)
+    gains = [0.0]
+    for mode in modes:
+        by_variant = predicted.get(f"{mode}|{norm}|{hidden}", {})
+        if "rule" in by_variant:
+            gains.append(max(by_variant.values()) - by_variant["rule"])
+    return round(max(gains), 1)  # the predictions have one decimal
+
+
+_PREDICTED: Dict[str, dict] = {}
+
+
+def _predicted_variants(path: str) -> dict:
+    if path not in _PREDICTED:
+        try:
+            with open(path) as f:
+                _PREDICTED[path] = json.load(f)
+        except FileNotFoundError:
+            _PREDICTED[path] = {}
+    return _PREDICTED[path]
+
+
 def plan_jobs(hidden: Iterable[int] = HIDDEN, dtypes: Iterable[str] = DTYPE_ORDER, decode: bool = True,
               modes: Iterable[str] = MODES, elements: int = ELEMENTS,
               variant_dtypes: Iterable[str] = VARIANT_DTYPES) -> List[Job]:
@@ -158,7 +189,9 @@ def plan_jobs(hidden: Iterable[int] = HIDDEN, dtypes: Iterable[str] = DTYPE_ORDE
                     jobs.append(Job("sweep", 2 * rank if rank else 0, cfg, tuple(modes)))
                     if name in variant_dtypes and tuned_modes:
                         rank_form = VARIANT_FORMS.index((norm, prenorm))
-                        jobs.append(Job("sweep", 1.5 + 0.01 * rank_form, cfg, tuned_modes, tune=True))
+                        gain = predicted_gain(norm, h, tuned_modes)
+                        jobs.append(Job("sweep", 1.9 - min(gain, 39.0) / 100 + 0.0001 * rank_form, cfg,
+                                        tuned_modes, tune=True))
         if rank == 0 and decode:  # serving shapes right after the main dtype
             for h in DECODE_HIDDEN:
                 for rows in DECODE_ROWS:

@@ -107,12 +107,37 @@ def kernel_facts(build, norm: str, kernel_dir: str = cubin.KERNEL_DIR) -> Dict[s
         sa.BF16_CALL.update(saved)
 
 
-def launch_facts(build, emu, kernel_dir: str = cubin.KERNEL_DIR, hidden_sizes=SWEEP_HIDDEN) -> List[dict]:
+def variant_facts(build, emu, hidden_sizes=SWEEP_HIDDEN) -> List[dict]:
+    """launch_facts of every candidate variant of bench/variants.py, each record with
+    its "variant": the plan the override gets from this checkout's dispatch code (a
+    variant that cannot run a size has no record there)."""
+    import variants
+
+    entry = variants.Entry(emu.lib)
+    per_norm = {norm: kernel_facts(build, norm) for norm in NORMS}
+    out = []
+    try:
+        for direction, name in variants.all_candidates():
+            entry.set(direction, name)
+            for r in launch_facts(build, emu, hidden_sizes=hidden_sizes, directions=(direction,),
+                                  decode=False, per_norm=per_norm):
+                r["variant"] = name
+                out.append(r)
+            entry.set(direction, "")
+    finally:
+        entry.set("fwd", "")
+        entry.set("bwd", "")
+    return out
+
+
+def launch_facts(build, emu, kernel_dir: str = cubin.KERNEL_DIR, hidden_sizes=SWEEP_HIDDEN,
+                 directions=DIRECTIONS, decode: bool = True, per_norm=None) -> List[dict]:
     """One record per (direction, norm, rows, H) of the sweep and the decode shapes:
     the launch the dispatch code of that checkout picks on an emulated H100-class part (132 SMs) and its kernel's facts."""
-    per_norm = {norm: kernel_facts(build, norm, kernel_dir) for norm in NORMS}
-    shapes = [(d, ELEMENTS // h, h) for d in DIRECTIONS for h in hidden_sizes]
-    shapes += [("fwd", rows, h) for rows, h in DECODE]
+    per_norm = per_norm or {norm: kernel_facts(build, norm, kernel_dir) for norm in NORMS}
+    shapes = [(d, ELEMENTS // h, h) for d in directions for h in hidden_sizes]
+    if decode:
+        shapes += [("fwd", rows, h) for rows, h in DECODE]
     records = []
     emu.configure("h100", sm_count=0)
     try:

@@ -31,16 +31,32 @@ def test_dry_run_fits_six_minutes_and_runs_the_main_rows_first(capsys):
     # bf16 over every hidden size, then the decode shapes, before any other dtype mix
     assert [j.cfg.hidden for j in jobs[:60:4]] == list(gpu_tune.HIDDEN)
     assert {j.table for j in jobs[60:60 + 54]} == {"decode"}
-    # then the bf16 kernel variants, every hidden size of one (norm, form) before the next
+    # then the bf16 kernel variants, the largest gain the calibrated model predicts first
     tune = jobs[114:174]
     assert all(j.tune and j.modes == ("fwd", "bwd") for j in tune) and not any(j.tune for j in jobs[:114])
-    assert [(j.cfg.norm, j.cfg.prenorm) for j in tune[::15]] == list(gpu_tune.VARIANT_FORMS)
-    assert [j.cfg.hidden for j in tune[:15]] == list(gpu_tune.HIDDEN)
+    gains = [gpu_tune.predicted_gain(j.cfg.norm, j.cfg.hidden, j.modes) for j in tune]
+    assert gains == sorted(gains, reverse=True) and gains[0] > 10 and gains[-1] < gains[0]
+    assert {(j.cfg.norm, j.cfg.prenorm, j.cfg.hidden) for j in tune} == {
+        (n, p, h) for n, p in gpu_tune.VARIANT_FORMS for h in gpu_tune.HIDDEN}
+    # equal predictions keep the order of VARIANT_FORMS, then of hidden size
+    ties = [(gpu_tune.VARIANT_FORMS.index((j.cfg.norm, j.cfg.prenorm)), j.cfg.hidden) for j in tune
+            if gpu_tune.predicted_gain(j.cfg.norm, j.cfg.hidden, j.modes) == gains[-1]]
+    assert len(ties) > 1 and ties == sorted(ties)
     assert plan["jobs_that_fit"] >= 60 + 54 + 15, plan  # bf16, decode and one form's variants fit
     assert plan["jobs_timing_variants"] >= 15
     assert plan["jobs"] == len(jobs) == 4 * 60 + 54 + 60
     out = capsys.readouterr().out
     assert "predicted device seconds" in out and "not a measurement" in out
+
+
+def test_predicted_gain_reads_the_models_predictions(tmp_path):
+    assert gpu_tune.predicted_gain("layer", 4096, ("fwd", "bwd"), path=str(tmp_path / "none.json")) == 0.0
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"bwd|layer|4096": {"rule": 50.0, "rows:pt=32,tb=512": 61.5},
+                                "fwd|layer|4096": {"rule": 80.0}}))
+    assert gpu_tune.predicted_gain("layer", 4096, ("fwd", "bwd"), path=str(path)) == 11.5
+    assert gpu_tune.predicted_gain("layer", 4096, ("fwd",), path=str(path)) == 0.0
+    assert gpu_tune.predicted_gain("rms", 4096, ("fwd", "bwd"), path=str(path)) == 0.0
 
 
 def test_schedule_cuts_what_does_not_fit_and_keeps_order():
