@@ -1,7 +1,7 @@
 """The fuzzer in CI: its fixed regression cases, then a time-boxed share of fresh random
 cases (tests/fuzz_emulated.py; ``make fuzz`` runs it for longer).
 
-RESIDUAL_FUSED_FUZZ_SECONDS sets the share (default 90 s) and RESIDUAL_FUSED_FUZZ_SEED
+RESIDUAL_FUSED_FUZZ_SECONDS sets the share (default 60 s) and RESIDUAL_FUSED_FUZZ_SEED
 its seed (default: a fresh one each run). The seed, the case count and the worst
 errors are printed at the end of the run; a failure prints its case's reproduction.
 """
@@ -52,7 +52,7 @@ def test_regression_cases_on_the_cpu_kernels():
 
 
 def test_random_share(emu):
-    seconds = float(os.environ.get("RESIDUAL_FUSED_FUZZ_SECONDS", "90"))
+    seconds = float(os.environ.get("RESIDUAL_FUSED_FUZZ_SECONDS", "60"))
     seed = int(os.environ.get("RESIDUAL_FUSED_FUZZ_SEED", int.from_bytes(os.urandom(4), "little")))
     stats = fuzz_emulated.run_batch(emu, seed, seconds=seconds)
     fuzz_emulated.SUMMARIES.append(f"fuzzer, seed {seed}, {seconds:.0f} s: {stats.text()}")
