@@ -170,6 +170,9 @@ def _predicted_variants(path: str) -> dict:
                 _PREDICTED[path] = json.load(f)
         except FileNotFoundError:
             _PREDICTED[path] = {}
+        except ValueError as why:  # the order is a heuristic: a bad file must not stop a run
+            print(f"gpu-tune: {path} unreadable ({why}); variant jobs in the order of the forms")
+            _PREDICTED[path] = {}
     return _PREDICTED[path]
 
 

@@ -53,7 +53,10 @@ RUNS = {"v2": "results-before-clusters.csv",
         "clusters-unbuffered": "results-clusters-unbuffered.csv",
         "final": "results.csv"}
 
-TOLERANCE = 8.0  # points of copy bandwidth
+TOLERANCE = 8.0  # points of copy bandwidth, for the sweep rows (rows x H = 2^26)
+# The decode rows (1-128 rows) sit at 0.1-22% of copy, where 8 points cannot fail:
+# their predicted time must be within this share of the measured time instead.
+DECODE_TIME_TOLERANCE = 0.30
 
 # The measured rows the model misses by more than TOLERANCE, with the miss (predicted
 # - measured, points) that tests/test_perf_model.py holds them to. What the model lacks:
@@ -63,8 +66,8 @@ KNOWN_MISSES = {
     # same round trips; the launch of each wave's CTAs is not modelled).
     ("v2", "sweep", "rms", "post", "fwd", 2048, 32768): -10.2,
     ("v2", "sweep", "rms", "pre", "fwd", 2048, 32768): -10.4,
-    # The unbuffered cluster of 2, backward, RMSNorm: measured 8-9 points above the
-    # model while LayerNorm on the same kernel is within 5.
+    # The unbuffered cluster kernels' backward (clusters of 2 to 16): the model is 5-9
+    # points under every one of them; RMSNorm pre-norm at clusters of 2 is past 8.
     ("clusters-unbuffered", "sweep", "rms", "pre", "bwd", 5461, 12288): -8.4,
     ("clusters-unbuffered", "sweep", "rms", "pre", "bwd", 4096, 16384): -9.1,
     # The 384-thread rows forward (12 warps, one CTA per SM), LayerNorm: measured 8
@@ -104,7 +107,10 @@ class Params:
 
 
 # Fitted by `python bench/perf_model.py --fit` (differential evolution, seed 0, 400
-# generations) to the 240 bf16 rows of the three committed H200 runs; rounded.
+# generations) to the 240 bf16 rows of the three committed H200 runs; rounded. The
+# data do not pin every constant down: fits that leave one run out reproduce the
+# held-out run about as well (bench/NOTES.md) with warp_cpi 1.2-3.9, sm_share 1.1-1.5
+# and overlap 0.26-0.70, so read a constant as one fit's value, not a measurement.
 CALIBRATED = Params(latency_ns=400.0, warp_cpi=3.64, barrier_ns=60.0, barrier_warp_ns=2.98,
                     cluster_wait_ns=20.0, cluster_peer_ns=56.6, cap=0.967, sm_share=2.70, sharpness=3.54,
                     overlap=0.015, launch_us=6.15, reduce_wave_us=0.2)
@@ -209,7 +215,7 @@ def predict_us(p: Params, c: Launch) -> float:
     if f.get("async_copies", 0):
         # The next row's copy is in flight while this one computes: its round trip
         # and its transfer leave the CTA's serial path (the SM's bandwidth still counts).
-        trips -= 1
+        trips = max(0, trips - 1)
         load = 0.0
     t_cta = (trips * p.latency_ns + bars * (p.barrier_ns + p.barrier_warp_ns * row_warps)
              + waits * (p.cluster_wait_ns + p.cluster_peer_ns * cluster)
@@ -275,6 +281,24 @@ def load_facts(path: str = FACTS) -> Dict[str, Dict[Tuple[str, str, int, int], d
             for run, entry in data.items()}
 
 
+def time_miss(m: Measured, predicted_pct: float) -> float:
+    """Predicted time over measured time, minus 1 (time is inverse to % of copy)."""
+    return m.pct / predicted_pct - 1
+
+
+def holdout(maxiter: int = 400) -> List[tuple]:
+    """(run left out, its sweep rows within TOLERANCE, their count, root-mean-square,
+    the fitted Params) of a fit to the other runs, for each run."""
+    out = []
+    for run in RUNS:
+        p = fit(runs=tuple(r for r in RUNS if r != run), maxiter=maxiter)
+        held = [(m, pred) for m, pred in compare(p) if m.run == run and m.table != "decode"]
+        err = [pred - m.pct for m, pred in held]
+        out.append((run, sum(abs(e) <= TOLERANCE for e in err), len(err),
+                    (sum(e * e for e in err) / len(err)) ** 0.5, p))
+    return out
+
+
 def row_key(m: Measured) -> tuple:
     return (m.run, m.table, m.norm, m.form, m.direction, m.rows, m.hidden)
 
@@ -308,14 +332,14 @@ FITTED = {"latency_ns": (400.0, 1200.0), "warp_cpi": (1.0, 16.0), "barrier_ns": 
 
 
 def fit(start: Params = CALIBRATED, results: str = RESULTS, facts_path: str = FACTS, seed: int = 0,
-        maxiter: int = 120) -> Params:
+        maxiter: int = 400, runs=tuple(RUNS)) -> Params:
     """Global fit (scipy's differential evolution) of the FITTED constants within their
     ranges: least squares on points of copy, plus a steep penalty past TOLERANCE - 1."""
     import numpy as np
     from scipy.optimize import differential_evolution
 
     facts = load_facts(facts_path)
-    cases = [(m, launch_for(m, facts)) for m in measured_rows(results)]
+    cases = [(m, launch_for(m, facts)) for m in measured_rows(results) if m.run in runs]
     cases = [(m, c) for m, c in cases if c is not None]
     names = list(FITTED)
     measured_pct = np.array([m.pct for m, _ in cases])
@@ -334,13 +358,17 @@ def markdown(p: Params = CALIBRATED, results: str = RESULTS, facts_path: str = F
     """Every measured row beside its prediction, pre- and post-norm side by side."""
     rows = compare(p, results, facts_path)
     facts = load_facts(facts_path)
-    worst = max(abs(pred - m.pct) for m, pred in rows)
-    within = sum(abs(pred - m.pct) <= TOLERANCE for m, pred in rows)
+    sweep = [(m, pred) for m, pred in rows if m.table != "decode"]
+    decode = [time_miss(m, pred) for m, pred in rows if m.table == "decode"]
+    worst = max(abs(pred - m.pct) for m, pred in sweep)
+    within = sum(abs(pred - m.pct) <= TOLERANCE for m, pred in sweep)
     out = [f"Generated by `python bench/perf_model.py --notes`. Every bf16 row of the three committed "
-           f"H200 runs (bench/results/nvidia_h200/) against the model on the kernels that run measured: "
-           f"{within} of {len(rows)} within {TOLERANCE:.0f} points of copy, the largest miss "
-           f"{worst:.1f} points, root-mean-square "
-           f"{(sum((pred - m.pct) ** 2 for m, pred in rows) / len(rows)) ** 0.5:.1f}. Constants: "
+           f"H200 runs (bench/results/nvidia_h200/) against the model on the kernels that run measured. "
+           f"Sweep rows (rows x H = 2^26): {within} of {len(sweep)} within {TOLERANCE:.0f} points of copy, "
+           f"the largest miss {worst:.1f} points, root-mean-square "
+           f"{(sum((pred - m.pct) ** 2 for m, pred in sweep) / len(sweep)) ** 0.5:.1f}. Decode rows "
+           f"(1-128 rows, launch-bound): predicted time {min(decode):+.0%} to {max(decode):+.0%} of the "
+           f"measured time (tolerance {DECODE_TIME_TOLERANCE:.0%}). Constants: "
            + ", ".join(f"{k} = {getattr(p, k):g}" for k in FITTED) + ". Cells: measured / predicted "
            "(% of copy); * marks a miss over the tolerance.", "",
            "| run | table | norm | dir | rows | H | kernel | pre-norm | post-norm |",
@@ -364,7 +392,14 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fit", action="store_true", help="refit the constants and print them")
     ap.add_argument("--notes", action="store_true", help="rewrite the model section of bench/NOTES.md")
+    ap.add_argument("--holdout", action="store_true",
+                    help="fit to every run but one and predict the one left out (minutes, scipy)")
     args = ap.parse_args(argv)
+    if args.holdout:
+        for run, within, n, rms, p in holdout():
+            print(f"{run} left out: {within} of {n} sweep rows within {TOLERANCE:.0f} points, "
+                  f"root-mean-square {rms:.1f}; " + ", ".join(f"{k} = {getattr(p, k):.3g}" for k in FITTED))
+        return
     p = CALIBRATED
     if args.fit:
         p = fit()
