@@ -76,7 +76,6 @@ class Entry:
         self.lib = cdll
         cdll.residual_fused_set_variant.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int]
         cdll.residual_fused_last_variant.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        cdll.residual_fused_last_refusal.restype = ctypes.c_char_p
         cdll.residual_fused_tuned_table_source.restype = ctypes.c_char_p
 
     def set(self, direction: str, text: str) -> None:
@@ -99,10 +98,6 @@ class Entry:
         out = ctypes.create_string_buffer(256)
         self.lib.residual_fused_last_variant(DIRECTIONS[direction], out, len(out))
         return out.value.decode()
-
-    def refusal(self) -> str:
-        """Why this thread's last call was refused before any launch, or ""."""
-        return self.lib.residual_fused_last_refusal().decode()
 
     def table_source(self) -> str:
         return self.lib.residual_fused_tuned_table_source().decode()

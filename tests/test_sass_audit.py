@@ -102,6 +102,40 @@ def test_dtype_switch_is_decided_by_the_parameters():
     assert trips_of(loop) == 2
 
 
+def _flag_switch(before=(), after=()):
+    """A switch on a flag byte loaded into UR8 (`before` runs between the load and the
+    compare into P0, `after` between the compare and the branch): one load on the
+    flag's path, two on the other."""
+    between = list(before) + list(after)
+    return ([("ULDC.U8 UR8, c[0x0][0x21d]", high_word())] + list(before) +          # memory_efficient
+            [("ISETP.NE.AND P0, PT, RZ, UR8, PT", high_word())] + list(after) +
+            [("@P0 BRA 0x{:x}".format(16 * (len(between) + 6)), high_word()),
+             ("LDG.E.128 R4, desc[UR4][R2.64]", high_word(wb=0)),
+             ("FADD R4, R4, R4", high_word(wait=0b1)),
+             ("BRA 0x{:x}".format(16 * (len(between) + 10)), high_word()),
+             ("LDG.E.128 R4, desc[UR4][R2.64]", high_word(wb=0)),
+             ("FADD R4, R4, R4", high_word(wait=0b1)),
+             ("LDG.E.128 R8, desc[UR4][R2.64+0x10]", high_word(wb=1)),
+             ("FADD R4, R4, R8", high_word(wait=0b10)),
+             ("BRA 0x0", high_word())])
+
+
+def test_wide_loads_and_carry_outs_forget_exactly_what_they_write():
+    """A 64-bit load into UR6 writes UR6 and UR7, so UR8 keeps the flag and the switch
+    is decided; one into UR8, or a 128-bit one into UR6, overwrites it (both paths
+    open). A carry-out predicate (IADD3 R14, P0, ...) or a shuffle's predicate
+    overwrites P0; a shuffle writing PT does not."""
+    flag = {0xd: 0}
+    assert trips_of(_flag_switch(), fields=flag) == 1
+    assert trips_of(_flag_switch(), fields=None) == 2
+    assert trips_of(_flag_switch(before=[("ULDC.64 UR6, c[0x0][0x300]", high_word())]), fields=flag) == 1
+    assert trips_of(_flag_switch(before=[("ULDC.64 UR8, c[0x0][0x300]", high_word())]), fields=flag) == 2
+    assert trips_of(_flag_switch(before=[("ULDC.128 UR6, c[0x0][0x300]", high_word())]), fields=flag) == 2
+    assert trips_of(_flag_switch(after=[("IADD3 R14, P0, R2, R3, RZ", high_word())]), fields=flag) == 2
+    assert trips_of(_flag_switch(after=[("SHFL.BFLY P0, R3, R2, 0x1, 0x1f", high_word())]), fields=flag) == 2
+    assert trips_of(_flag_switch(after=[("SHFL.BFLY PT, R3, R2, 0x1, 0x1f", high_word())]), fields=flag) == 1
+
+
 # ---- the real kernels --------------------------------------------------------------------
 
 # Most dependent global round trips per row-loop iteration of an all-bf16 LayerNorm
