@@ -50,6 +50,7 @@ assumptions are in ``DeviceModel``; they are predictions, not measurements).
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib
 import json
 import multiprocessing
@@ -160,20 +161,16 @@ def predicted_gain(norm: str, hidden: int, modes: Iterable[str], path: str = PRE
     return round(max(gains), 1)  # the predictions have one decimal
 
 
-_PREDICTED: Dict[str, dict] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _predicted_variants(path: str) -> dict:
-    if path not in _PREDICTED:
-        try:
-            with open(path) as f:
-                _PREDICTED[path] = json.load(f)
-        except FileNotFoundError:
-            _PREDICTED[path] = {}
-        except ValueError as why:  # the order is a heuristic: a bad file must not stop a run
-            print(f"gpu-tune: {path} unreadable ({why}); variant jobs in the order of the forms")
-            _PREDICTED[path] = {}
-    return _PREDICTED[path]
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except ValueError as why:  # the order is a heuristic: a bad file must not stop a run
+        print(f"gpu-tune: {path} unreadable ({why}); variant jobs in the order of the forms")
+        return {}
 
 
 def plan_jobs(hidden: Iterable[int] = HIDDEN, dtypes: Iterable[str] = DTYPE_ORDER, decode: bool = True,

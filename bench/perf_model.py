@@ -132,8 +132,9 @@ def row_threads(hidden: int, per_thread: int) -> int:
     return p
 
 
-def _template_ints(kernel: str) -> List[int]:
-    return [int(a) for a in re.findall(r"Li(\d+)E", kernel)]
+def template_ints(mangled: str) -> List[int]:
+    """The integer template arguments of a mangled kernel name, in order."""
+    return [int(a) for a in re.findall(r"Li(\d+)E", mangled)]
 
 
 @dataclasses.dataclass
@@ -153,7 +154,7 @@ class Launch:
 def rows_per_iteration(f: dict, hidden: int) -> float:
     k = f["kernel"]
     if "_rows_kernel" in k:
-        chunks, vec = _template_ints(k)[:2]
+        chunks, vec = template_ints(k)[:2]
         return max(1, f["block"] // row_threads(hidden, chunks * vec))
     if f.get("cluster", 1) > 1:
         return 1.0 / f["cluster"]
@@ -163,7 +164,7 @@ def rows_per_iteration(f: dict, hidden: int) -> float:
 def column_steps(f: dict, hidden: int) -> int:
     """Column-loop steps per pass of a streamed kernel (block x VEC columns a step)."""
     if "streamed_kernel" in f["kernel"]:
-        return math.ceil(hidden / (f["block"] * _template_ints(f["kernel"])[0]))
+        return math.ceil(hidden / (f["block"] * template_ints(f["kernel"])[0]))
     return 1
 
 

@@ -37,6 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import cubin  # noqa: E402
+import perf_model  # noqa: E402
 
 NOTES = os.path.join(HERE, "NOTES.md")
 BEGIN, END = "<!-- sass-audit:begin -->", "<!-- sass-audit:end -->"
@@ -464,8 +465,7 @@ TABLE_HIDDEN = (512, 1024, 2048, 4096, 8192, 12288, 16384, 32768, 65536, 131072,
 ELEMENTS = 1 << 26  # rows * H, as in the benchmark sweep
 
 
-def _args(mangled: str) -> List[int]:
-    return [int(a) for a in re.findall(r"Li(\d+)E", mangled)]
+_args = perf_model.template_ints
 
 
 @dataclasses.dataclass
@@ -506,7 +506,6 @@ def predict_launch(record: dict, copy_gbs: float = None) -> float:
     """The calibrated model's % of H200 copy for one bf16 pre-norm launch record of
     bench/model_facts.py."""
     import byte_model
-    import perf_model
 
     cfg = byte_model.Config(record["norm"], True, record["rows"], record["hidden"])
     launch = perf_model.Launch(record["direction"], record["norm"], "pre", record["hidden"], record["rows"],
@@ -517,7 +516,6 @@ def predict_launch(record: dict, copy_gbs: float = None) -> float:
 
 def table(build: cubin.Build, emu, arch: str = "90", measured_csv: str = MEASURED) -> List[Row]:
     import model_facts
-    import perf_model
 
     got = measured(measured_csv)
     launches = {(r["direction"], r["norm"], r["hidden"]): r
