@@ -19,7 +19,8 @@ FWD, BWD = 0, 1
 DIRECTIONS = {"fwd": FWD, "bwd": BWD}
 
 #: forward candidates: the rows kernels at both thread widths and three CTA sizes,
-#: persistent caps, the staged rows, clusters shaped as the rule shapes them (also
+#: persistent caps, with the next rows copied into a shared-memory ring (st=2), the
+#: staged rows, clusters shaped as the rule shapes them (also
 #: below the size where the rule starts splitting rows) and of every size at both
 #: thread widths, and the streamed kernel. "rule" is timed too, under the override,
 #: so the table's baseline is the rule itself whatever table the library has.
@@ -28,17 +29,20 @@ FWD_VARIANTS = (
     "rows:pt=16,tb=128", "rows:pt=16,tb=256", "rows:pt=16,tb=512",
     "rows:pt=32,tb=256", "rows:pt=32,tb=512",
     "rows:pt=16,tb=256,cps=1", "rows:pt=16,tb=256,cps=2", "rows:pt=32,tb=512,cps=1",
+    "rows:pt=16,tb=256,st=2", "rows:pt=32,tb=512,st=2",
     "staged",
     "cluster", "cluster:pt=16", "cluster:pt=32",
     "cluster:pt=16,cs=2", "cluster:pt=16,cs=4", "cluster:pt=16,cs=8", "cluster:pt=16,cs=16",
     "cluster:pt=32,cs=2", "cluster:pt=32,cs=4", "cluster:pt=32,cs=6", "cluster:pt=32,cs=8", "cluster:pt=32,cs=16",
     "streamed", "streamed:cps=1",
 )
-#: backward candidates: as the forward (no staged kernel there), and both
-#: weight-gradient reductions.
+#: backward candidates: as the forward (no staged kernel there), both
+#: weight-gradient reductions, and the rows kernel with its next rows copied into a
+#: shared-memory ring (st=2).
 BWD_VARIANTS = (
     "rule",
     "rows:pt=16,tb=256", "rows:pt=16,tb=512", "rows:pt=32,tb=512",
+    "rows:pt=16,tb=256,st=2", "rows:pt=16,tb=512,st=2",
     "rows:pt=16,tb=512,cps=1", "rows:pt=32,tb=512,cps=1",
     "rows:pt=16,tb=512,red=columns", "rows:pt=16,tb=512,red=sliced",
     "cluster", "cluster:pt=16", "cluster:pt=32",

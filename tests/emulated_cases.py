@@ -13,6 +13,7 @@ import argparse
 import ctypes
 import dataclasses
 import os
+import random
 import re
 import sys
 
@@ -126,14 +127,15 @@ def path_id(path) -> str:
     return f"H{path[0]}-{path[3]}{profile}"
 
 
-def _tensor(rows, hidden, dtype, gen, layout, mean=0.0):
+def _tensor(rows, hidden, dtype, gen, layout, mean=0.0, scale=1.0):
     """[rows, hidden] with layout 'contiguous', 'strided' (wider rows) or 'offset'
-    (storage starts one element in: not 16-byte aligned)."""
+    (storage starts one element in: not 16-byte aligned). `scale` is applied before the
+    rounding to dtype, so the layout is the tensor the kernels get."""
     if dtype is None:
         return None
     pad = {"contiguous": 0, "strided": 8, "offset": 0}[layout]
     extra = 1 if layout == "offset" else 0
-    base = torch.randn(rows * (hidden + pad) + extra, generator=gen, dtype=torch.float64) + mean
+    base = torch.randn(rows * (hidden + pad) + extra, generator=gen, dtype=torch.float64) * scale + mean
     return base.to(dtype)[extra:].view(rows, hidden + pad)[:, :hidden]
 
 
@@ -177,8 +179,8 @@ def check(emu, rows, hidden, flags: Flags, layout="contiguous", seed=0, directio
     (y64, s64, rstd64), _ = numerics.forward_reference(x, residual, weight, bias, eps, f.rms)
     saved = (y64.to(f.x) if f.memory_efficient else (s64.to(out_dtype) if f.store else x))
     rstd_in = rstd64.to(torch.float64 if f.x == torch.float64 else torch.float32)
-    dy = _tensor(rows, hidden, f.x, gen, layout) / 8
-    dres_out = _tensor(rows, hidden, out_dtype, gen, "contiguous") / 8 if f.dres_out else None
+    dy = _tensor(rows, hidden, f.x, gen, layout, scale=1 / 8)
+    dres_out = _tensor(rows, hidden, out_dtype, gen, layout, scale=1 / 8) if f.dres_out else None
     dres_dtype = residual.dtype if residual is not None and residual.dtype != x.dtype else None
     dx, dres, dw, db = emu.bwd(dy, dres_out, saved, rstd_in, weight, bias, f.rms, f.memory_efficient,
                                dres_dtype)
@@ -538,11 +540,13 @@ VARIANT_CASES = [
 MISAPPLIED_VARIANTS = [("fwd", "rows:cs=2"), ("fwd", "staged:pt=16"), ("fwd", "staged:cps=1"),
                        ("fwd", "cluster:tb=256"), ("fwd", "streamed:pt=16"), ("fwd", "rows:red=columns"),
                        ("bwd", "staged"), ("bwd", "cluster:cps=2"), ("bwd", "streamed:tb=256"),
-                       ("bwd", "rows:cs=2")]
+                       ("bwd", "rows:cs=2"), ("fwd", "cluster:st=2"), ("fwd", "streamed:st=1"), ("bwd", "cluster:st=2"),
+                       ("bwd", "streamed:st=1")]
 # Texts the parser must refuse: each of its rules.
 BAD_VARIANTS = ["tiles", "rule:pt=16", "rows:pt=24", "rows:pt=", "rows:tb=100", "rows:tb=2048",
                 "rows:cps=0", "rows:cps=99", "cluster:cs=17", "rows:red=atomic", "rows:warp=2",
-                "rows:pt=16,", "rows:pt=12345678", "rows:pt=16,pt=32", "rows:tb=0256", "cluster:cs=02"]
+                "rows:pt=16,", "rows:pt=12345678", "rows:pt=16,pt=32", "rows:tb=0256", "cluster:cs=02",
+                "rows:st=0", "rows:st=3", "rows:st=", "rows:st=2,st=2"]
 
 
 def row_threads_for(hidden: int, per_thread: int) -> int:
@@ -583,12 +587,104 @@ def _refused(emu, entry, direction, name, case) -> bool:
     return False
 
 
+# The rows kernels' ring (st=2, csrc/kernels/ring.cuh), forward at 16 and 32 elements
+# per thread and backward at 16: every row layout (1 thread per row up to 512 threads
+# per row), every flag set with 16-byte vectors, and row counts around the persistent
+# grid's step (a CTA's row groups x CTAs): fewer rows than one CTA's groups, one step
+# exactly, several steps with a short last one, so the ring wraps, idle groups skip
+# their copies and the last iteration commits an empty group.
+RING_HIDDEN = {16: (8, 24, 136, 520, 1000, 1536, 5120, 8192), 32: (8, 40, 1000, 2056, 8200, 12288, 16384)}
+RING_PER_THREAD = {"fwd": (16, 32), "bwd": (16,)}
+RING_FLAGS = ("ln_mixed_pre", "ln_bf16_pre", "rms_fp16_mixed", "ln_bf16_f32w", "rms_bf16_mem", "ln_fp16_plain",
+              "ln_fp32_pre", "ln_f32_any", "rms_fp32", "rms_f32_any_mem")
+
+
+def ring_cases(per_thread, quick=False, seed=0):
+    """(hidden, rows, flag, layout, threads per CTA aimed for) of check_ring at
+    `per_thread`: per hidden size, rows drawn around the step of 3 SMs' CTAs; flags
+    and layouts in turn, so every flag set meets several row layouts."""
+    rng = random.Random(seed + per_thread)
+    out = []
+    k = 0
+    for hidden in RING_HIDDEN[per_thread]:
+        rt = row_threads_for(hidden, per_thread)
+        for tb in ((512,) if quick else (256, 512)):
+            rpc = max(1, tb // rt)
+            step = 3 * rpc  # one CTA per SM; a second where it fits only adds CTAs
+            counts = [rng.randint(1, rpc), rng.randint(step * 2 + 1, step * 3)] + (
+                [] if quick else [step, rng.randint(step + 1, 2 * step)])
+            if hidden >= 5120:  # a row is a CTA: keep the emulated work small
+                counts = [2, 7] if quick else [1, 3, 7]
+            for rows in counts:
+                out.append((hidden, rows, RING_FLAGS[k % len(RING_FLAGS)], ("contiguous", "strided")[k % 2], tb))
+                k += 1
+    return out
+
+
+def check_ring(emu, quick=False):
+    """The rows kernels with their ring (st=2) against the reference's bounds and
+    bitwise against the same kernel without it (st=1: the same arithmetic, so any
+    difference is a copy read too early, into the wrong stage or row, or of the wrong
+    row's rstd). A mix whose ring does not fit in shared memory may refuse, saying so;
+    an all-16-bit one may not; misaligned rows refuse st=2, and so does the backward
+    at 32 per thread, naming the rule."""
+    import variants
+
+    entry = variants.Entry(emu.lib)
+    try:
+        for direction, widths in RING_PER_THREAD.items():
+            for pt in widths:
+                for hidden, rows, flag, layout, tb in ring_cases(pt, quick):
+                    _check_ring_case(emu, entry, direction, pt, hidden, rows, flag, layout, tb)
+        emu.configure("h100", sm_count=3)
+        for direction, rule in (("fwd", "rows:tb=256,st=1"), ("bwd", "rows:tb=512,red=columns,st=1")):
+            with entry.override(direction, "rows:st=2"):
+                try:
+                    check(emu, 5, 1024, FLAGS["ln_mixed_pre"], "offset", directions=(direction,))
+                    raise AssertionError(f"{direction}: st=2 ran on misaligned rows")
+                except cuda_emulator.EmulatorError as err:
+                    assert "st=2 needs vectorised rows" in str(err), err
+            # the rule there: the element-wise kernel, recorded with no pt and one stage
+            check(emu, 5, 1024, FLAGS["ln_mixed_pre"], "offset", directions=(direction,))
+            assert entry.last(direction) == rule, (direction, entry.last(direction))
+        with entry.override("bwd", "rows:st=2"):  # the rule's 32 per thread there
+            try:
+                check(emu, 2, 12288, FLAGS["ln_bf16_pre"], directions=("bwd",))
+                raise AssertionError("st=2 ran with 32 elements per thread")
+            except cuda_emulator.EmulatorError as err:
+                assert "st=2 needs 16 elements per thread" in str(err), err
+    finally:
+        entry.set("fwd", "")
+        entry.set("bwd", "")
+        emu.configure()
+
+
+def _check_ring_case(emu, entry, direction, pt, hidden, rows, flag, layout, tb):
+    emu.configure("h100", sm_count=3)
+    got = {}
+    for stages in (1, 2):
+        name = f"rows:pt={pt},tb={tb},st={stages}"
+        with entry.override(direction, name):
+            try:
+                got[stages] = check(emu, rows, hidden, FLAGS[flag], layout, seed=rows, directions=(direction,))
+            except cuda_emulator.EmulatorError as err:
+                f = FLAGS[flag]
+                wide = torch.float32 in (f.x, f.residual, f.weight, f.bias)
+                assert stages == 2 and wide and "shared memory" in str(err), (direction, name, hidden, rows, flag, err)
+                return
+            assert variant_agrees(name, entry.last(direction), hidden), (name, entry.last(direction))
+    for out, t in got[1].items():
+        assert torch.equal(t, got[2][out]), (
+            f"{direction} {flag} H={hidden} rows={rows} {layout} pt={pt} tb={tb}: {out} differs between st=1 and "
+            f"st=2 (max |diff| {(t.double() - got[2][out].double()).abs().max().item():.3g})")
+
+
 # RESIDUAL_FUSED_VARIANT values: (value, what a forward+backward does: the variants
 # each direction ran, or a text the refusal contains).
 VARIANT_SETTINGS = [
-    ("fwd=streamed;bwd=rows:pt=32", ("streamed", "rows:pt=32,tb=512,red=columns")),
-    ("bwd=streamed", ("rows:pt=16,tb=256", "streamed:red=columns")),
-    ("rows:pt=32,tb=128", ("rows:pt=32,tb=128", "rows:pt=32,tb=128,red=columns")),
+    ("fwd=streamed;bwd=rows:pt=32", ("streamed", "rows:pt=32,tb=512,red=columns,st=1")),
+    ("bwd=streamed", ("rows:pt=16,tb=256,st=1", "streamed:red=columns")),
+    ("rows:pt=32,tb=128", ("rows:pt=32,tb=128,st=1", "rows:pt=32,tb=128,red=columns,st=1")),
     ("rows:pt=24", "RESIDUAL_FUSED_VARIANT='rows:pt=24': pt (elements per thread) must be 16 or 32"),
     ("fwd=rows;xyz=streamed", "expected '<variant>' or 'fwd=<variant>;bwd=<variant>', got 'xyz=streamed'"),
     ("fwd=rows;bwd=tiles", "unknown variant family 'tiles'"),
@@ -735,6 +831,7 @@ def run_all(emu, quick=False) -> None:
     check_failed_launch_is_cleared(emu)
     check_workspace_mismatch_is_refused(emu)
     check_variants(emu)
+    check_ring(emu, quick)
     check_variant_environment(emu)
     check_tuned_table(emu)
 

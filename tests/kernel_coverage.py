@@ -15,7 +15,7 @@ one every mutant must survive) and the regression cases. Every line gcov counts 
 be executed, or be listed in tests/emulator/unreachable.txt with the reason it cannot
 be (each entry must still match an unexecuted line, so the list cannot go stale).
 Lines under ``#ifndef RESIDUAL_FUSED_HOST_EMULATION`` (the device-only intrinsics of
-cluster.cuh and common.cuh) are not compiled by the emulator: the report lists them
+cluster.cuh, ring.cuh and common.cuh) are not compiled by the emulator: the report lists them
 as run only on a GPU.
 
 Branch coverage is reported two ways: per source line (a branch counts as taken if any

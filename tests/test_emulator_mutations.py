@@ -19,7 +19,11 @@ dropped in turn), the tuning override ignored; for the cluster kernels, the exch
 slots not double-buffered, a CTA's slice not
 offset by its rank, a wait that leaves the current row's copies in flight, the next
 row fetched into the buffer being read, and the non-portable cluster size not
-allowed (the widest rows silently leave the cluster path). Each mutant is built from
+allowed (the widest rows silently leave the cluster path); for the backward rows
+kernel's ring (st=2), a wait that leaves the current rows in flight, the next rows
+fetched into the stage being read, the next rows' rstd taken, no group committed
+past the last row, stages that overlap or overflow shared memory, one tensor copied
+over another, and each of its refusals dropped; most of the same in the forward's. Each mutant is built from
 the cached emulator objects plus the translation units that include the mutated file
 (tests/mutants.py, which also generates mutants mechanically and measures their kill
 rate) and run in a subprocess with a time limit; mutants run two at a time. CI runs a
@@ -111,6 +115,28 @@ def catalogue() -> List[Mutation]:
          r"fetch\(row \+ clusters, parity \^ 1\);", "fetch(row + clusters, parity);"),
         ("backward fetches into the buffer being read", "cluster_kernels.cuh",
          r"fetch\(row \+ clusters, parity \^ 1\);", "fetch(row + clusters, parity);", 1),
+        # the backward rows kernel's ring (st=2, ring.cuh)
+        ("ring takes the next rows' rstd", "bwd_kernels.cuh",
+         r"rstd = active \? rstd_next : 0\.f;\n      fetch\(first \+ step, stage \^ 1\);",
+         "fetch(first + step, stage ^ 1);\n      rstd = active ? rstd_next : 0.f;"),
+        ("ring commits no group past the last row", "bwd_kernels.cuh",
+         r"(rstd_next = static_cast<const float\*>\(p\.rstd\)\[row\];\n)    \}\n    async_commit\(\);",
+         r"\1      async_commit();\n    }"),
+        ("ring given one stage of shared memory", "bwd_kernels.cuh", r"const int ring = STAGES == 2 \? 2 \*",
+         "const int ring = STAGES == 2 ? 1 *"),
+        ("ring copies d(residual_out) over dy", "bwd_kernels.cuh", r"fetch_chunks\(b \+ saved_bytes \+ dy_bytes,",
+         "fetch_chunks(b + saved_bytes,"),
+        ("ring (forward) commits no group past the last row", "fwd_kernels.cuh",
+         r"(elem_size<R>\(p\.residual_dtype\), rl, hidden\);\n      \}\n)    \}\n    async_commit\(\);",
+         r"\1      async_commit();\n    }"),
+        ("ring (forward) copies the residual over x", "fwd_kernels.cuh", r"fetch_chunks\(b \+ x_bytes,",
+         "fetch_chunks(b,"),
+        ("ring (forward) given one stage of shared memory", "fwd_kernels.cuh",
+         r"\(STAGES == 2 \? 2 \* rows_per_cta", "(STAGES == 2 ? 1 * rows_per_cta"),
+        ("ring on 32 elements per thread", "bwd_rows.cu", r"if \(per_thread != 16\) return refused\(kRowsRingNeedsPt16\);",
+         ""),
+        ("ring stages not checked against the family", "dispatch.cu",
+         r"if \(v\.stages != 0 && v\.family != Family::kRows\)", "if (false)"),
         # variant selection: a variant chosen for a shape it cannot handle
         ("rows variant too narrow for the row", "fwd_rows.cu",
          r"if \(row_threads > MAX_BLOCK\) return refused", "if (false) return refused"),
@@ -129,6 +155,17 @@ def catalogue() -> List[Mutation]:
         ("non-portable cluster size not allowed", "dispatch.cu",
          r"cudaFuncAttributeNonPortableClusterSizeAllowed, 1\)", "cudaFuncAttributeNonPortableClusterSizeAllowed, 0)"),
     ]
+    # the same bugs in both rows kernels' ring
+    for name, pattern, repl in [
+            ("waits for the next rows too", r"async_wait<1>\(\);", "async_wait<2>();"),
+            ("fetches into the stage being read", r"fetch\(first \+ step, stage \^ 1\);", "fetch(first + step, stage);"),
+            ("stage sized for one row group", r"const int stage_bytes = rl\.rows_per_cta \* group_bytes;",
+             "const int stage_bytes = group_bytes;")]:
+        fixed += [(f"ring {name}", "bwd_kernels.cuh", pattern, repl),
+                  (f"ring (forward) {name}", "fwd_kernels.cuh", pattern, repl)]
+    misaligned = r"if \(v\.stages == 2\) return refused\(kRowsRingNeedsVec8\);"
+    fixed += [("ring on misaligned rows", "bwd_rows.cu", misaligned, ""),
+              ("ring (forward) on misaligned rows", "fwd_rows.cu", misaligned, "")]
     out = []
     for f in KERNEL_FILES:
         with open(os.path.join(cuda_emulator.KERNELS, f)) as fh:
@@ -195,7 +232,7 @@ def test_catalogue_covers_every_family():
     for family in ("sync ", "mask ", "bound ", "idle ", "opt-in dropped", "fit check", "alignment",
                    "planned again", "left pending", "dtype mix", "threads per row", "cluster ",
                    "exchange slots", "rank", "waits for the next row", "buffer being read",
-                   "non-portable", "variant", "tuning override"):
+                   "non-portable", "variant", "tuning override", "ring "):
         assert family in names, f"no mutation of family {family!r}: did a pattern stop matching?"
     for m in MUTATIONS:  # every fixed mutation still applies to today's sources
         with open(os.path.join(cuda_emulator.KERNELS, m.file)) as fh:

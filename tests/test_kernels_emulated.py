@@ -144,7 +144,7 @@ def test_a_read_past_the_end_is_reported_with_the_allocation(emu):
 
 
 @pytest.mark.parametrize("value, want", [
-    ("fwd=streamed;bwd=rows:pt=32", "streamed rows:pt=32,tb=512,red=columns"),
+    ("fwd=streamed;bwd=rows:pt=32", "streamed rows:pt=32,tb=512,red=columns,st=1"),
     ("rows:pt=24", "RESIDUAL_FUSED_VARIANT='rows:pt=24': pt (elements per thread) must be 16 or 32"),
 ])
 def test_the_variant_variable_is_read_at_the_first_call(emu, value, want):
@@ -164,3 +164,10 @@ def test_the_variant_variable_is_read_at_the_first_call(emu, value, want):
     env = dict(os.environ, RESIDUAL_FUSED_VARIANT=value)
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert want in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_the_ring_matches_the_kernels_without_it(emu):
+    """st=2 (the next rows copied into shared memory while this one computes), forward
+    and backward, against the reference and bitwise against st=1, over every row
+    layout and flag set."""
+    cases.check_ring(emu)

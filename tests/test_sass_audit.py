@@ -151,10 +151,15 @@ MAX_TRIPS_TYPED = {("fwd", 2): 1, ("fwd", 4): 1, ("bwd", 2): 1, ("bwd", 4): 2}
 MAX_TRIPS_CLUSTER = {("fwd", 2): 2, ("fwd", 4): 3, ("bwd", 2): 4, ("bwd", 4): 5}
 MAX_TRIPS = {
     # the generic (run-time dtype) rows kernels: fallbacks for other mixes
-    "add_norm_fwd_rows_kernel<any,2,8,512>": 4,
-    "add_norm_fwd_rows_kernel<any,4,8,512>": 4,
-    "add_norm_bwd_rows_kernel<any,2,8,512>": 6,
-    "add_norm_bwd_rows_kernel<any,4,8,512>": 10,
+    "add_norm_fwd_rows_kernel<any,2,8,512,1>": 4,
+    "add_norm_fwd_rows_kernel<any,4,8,512,1>": 4,
+    "add_norm_bwd_rows_kernel<any,2,8,512,1>": 6,
+    "add_norm_bwd_rows_kernel<any,4,8,512,1>": 10,
+    # with the ring (st=2) a row's inputs come from the thread's own copies (the
+    # backward's trip left is the rstd loaded a row ahead)
+    "add_norm_fwd_rows_kernel<any,2,8,512,2>": 0,
+    "add_norm_fwd_rows_kernel<any,4,8,512,2>": 0,
+    "add_norm_bwd_rows_kernel<any,2,8,512,2>": 1,
     # wide rows (H > 16384)
     # 48 on the path without a weight_offset (unchanged by it); 50 on the offset's path
     "add_norm_fwd_staged_kernel<16,8,512>": 50,

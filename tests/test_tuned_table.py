@@ -189,11 +189,11 @@ def test_dispatch_follows_a_table_made_from_a_recorded_run(tmp_path, request):
         cases.check(emu, 3, hidden, cases.FLAGS[flags])
         return entry.last("fwd"), entry.last("bwd")
 
-    assert ran("NVIDIA H200", 1024) == ("rows:pt=32,tb=512", "rows:pt=32,tb=512,red=columns")
-    assert ran("NVIDIA H100 80GB HBM3", 1024) == ("rows:pt=16,tb=256", "rows:pt=16,tb=512,red=columns")
-    assert ran("NVIDIA H200", 4096)[0] == "rows:pt=16,tb=256"  # "rule"
-    assert ran("NVIDIA H200", 1001)[0] == "rows:tb=256"  # element-wise: the table's pt cannot run
-    assert ran("NVIDIA H200", 1024, "ln_mixed_pre")[0] == "rows:pt=16,tb=256"  # a mix the table does not list
+    assert ran("NVIDIA H200", 1024) == ("rows:pt=32,tb=512,st=1", "rows:pt=32,tb=512,red=columns,st=1")
+    assert ran("NVIDIA H100 80GB HBM3", 1024) == ("rows:pt=16,tb=256,st=1", "rows:pt=16,tb=512,red=columns,st=1")
+    assert ran("NVIDIA H200", 4096)[0] == "rows:pt=16,tb=256,st=1"  # "rule"
+    assert ran("NVIDIA H200", 1001)[0] == "rows:tb=256,st=1"  # element-wise: the table's pt cannot run
+    assert ran("NVIDIA H200", 1024, "ln_mixed_pre")[0] == "rows:pt=16,tb=256,st=1"  # a mix the table does not list
     assert ran("NVIDIA H200", 16392)[0] == "cluster:pt=32,cs=2"  # a cluster the rule would not pick
     assert ran("NVIDIA H100 80GB HBM3", 16392)[0] == "cluster:pt=16,cs=3"
     cases.check_tuned_table(emu, table)

@@ -14,6 +14,7 @@
 // shift times rstd (catastrophic for near-constant rows, e.g. hidden = 1).
 #pragma once
 
+#include "ring.cuh"
 #include "rows.cuh"
 
 namespace residual_fused {
@@ -100,10 +101,18 @@ struct Partials<CHUNKS, VEC, true> {
 template <int CHUNKS, int VEC>
 constexpr bool kSmemPartials = CHUNKS * VEC > 16;
 
+// One row group's inputs in a ring stage of the backward rows kernel: saved, dy and
+// d(residual_out) (when given), one after the other.
+__host__ __device__ inline int bwd_ring_row_bytes(const AddNormBwdParams& p) {
+  return ring_row_bytes(p.saved, p.saved_dtype, p.hidden) + ring_row_bytes(p.dy, p.dy_dtype, p.hidden) +
+         ring_row_bytes(p.dresidual_out, p.dresidual_out_dtype, p.hidden);
+}
+
 // Dynamic shared memory of the backward rows kernel, in bytes: the staged weight (and
-// bias when xhat is rebuilt from y), the shared-memory partials, and, with several
-// rows per CTA, 2 * hidden floats where the row groups' partials are added in order.
-template <int CHUNKS, int VEC>
+// bias when xhat is rebuilt from y), the shared-memory partials, with several rows per
+// CTA 2 * hidden floats where the row groups' partials are added in order, and with
+// STAGES == 2 the ring: two stages of every row group's inputs.
+template <int CHUNKS, int VEC, int STAGES = 1>
 __host__ __device__ inline int bwd_rows_smem(const AddNormBwdParams& p, int block) {
   const int rows_per_cta = block / row_threads_for(p.hidden, CHUNKS * VEC);
   const int params = param_bytes(p.weight, p.weight_dtype, p.hidden) +
@@ -111,7 +120,8 @@ __host__ __device__ inline int bwd_rows_smem(const AddNormBwdParams& p, int bloc
   const int partials = static_cast<int>(sizeof(float)) * block *
                        Partials<CHUNKS, VEC, kSmemPartials<CHUNKS, VEC>>::kSmemFloats;
   const int combine = rows_per_cta > 1 ? static_cast<int>(sizeof(float)) * 2 * p.hidden : 0;
-  return params + partials + combine;
+  const int ring = STAGES == 2 ? 2 * rows_per_cta * bwd_ring_row_bytes(p) : 0;
+  return params + partials + combine + ring;
 }
 
 // One row per row group per iteration, persistent CTAs. All of a row's global loads
@@ -119,7 +129,12 @@ __host__ __device__ inline int bwd_rows_smem(const AddNormBwdParams& p, int bloc
 // after the reductions when a thread holds 32 elements); weight and bias come from
 // shared memory. The CTA writes one partial row per weight gradient at the
 // end, its row groups added in a fixed order.
-template <class MIX, int CHUNKS, int VEC, int MAX_BLOCK>
+//
+// STAGES == 2 (16 elements per thread, vectorised rows): the next iteration's rows
+// are copied into a shared-memory ring (ring.cuh) while this one is computed, so a
+// row's loads no longer wait in turn with its reductions and stores. The first rows'
+// copies start before the parameters are staged.
+template <class MIX, int CHUNKS, int VEC, int MAX_BLOCK, int STAGES = 1>
 __global__ void __launch_bounds__(MAX_BLOCK, 1)
 add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
   using X = typename MIX::act_t;
@@ -127,13 +142,46 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
   using W = typename MIX::param_t;
   using S = typename MIX::saved_t;
   constexpr bool kSmem = kSmemPartials<CHUNKS, VEC>;
+  constexpr bool kRing = STAGES == 2;
+  static_assert(STAGES == 1 || (kRing && !kSmem && VEC == 8), "the ring: 16 elements per thread, 16-byte vectors");
   // With 32 elements per thread, holding d(residual_out) through the reductions would
   // spill; it is loaded after them instead (a second round trip per row).
   constexpr bool kEarlyDresOut = !kSmem;
   const int hidden = p.hidden;
   const RowLayout<CHUNKS, VEC> rl(hidden);
   const bool want_partials = p.dweight_partial != nullptr || p.dbias_partial != nullptr;
+  const bool has_dres_out = p.dresidual_out != nullptr;
   __shared__ float red[2 * (MAX_BLOCK / 32)];
+
+  // The ring sits after the parameters, the partials and the group-combine buffer.
+  const int64_t step = static_cast<int64_t>(gridDim.x) * rl.rows_per_cta;
+  const int saved_bytes = ring_row_bytes(p.saved, p.saved_dtype, hidden);
+  const int dy_bytes = ring_row_bytes(p.dy, p.dy_dtype, hidden);
+  const int group_bytes = bwd_ring_row_bytes(p);
+  const int stage_bytes = rl.rows_per_cta * group_bytes;
+  unsigned char* const ring =
+      reinterpret_cast<unsigned char*>(dynamic_smem()) + (kRing ? bwd_rows_smem<CHUNKS, VEC>(p, blockDim.x) : 0);
+  float rstd_next = 0.f;
+  // Starts copying this thread's part of the rows from `first` on into `stage`, and
+  // loads their rstd: one committed group per iteration (empty past the last row).
+  const auto fetch = [&](int64_t first, int stage) {
+    const int64_t row = first + rl.group;
+    if (row < p.rows) {
+      unsigned char* const b = ring + stage * stage_bytes + rl.group * group_bytes;
+      fetch_chunks(b, row_of<S>(p.saved, row, p.saved_row_stride, p.saved_dtype), elem_size<S>(p.saved_dtype), rl,
+                   hidden);
+      fetch_chunks(b + saved_bytes, row_of<X>(p.dy, row, p.dy_row_stride, p.dy_dtype), elem_size<X>(p.dy_dtype), rl,
+                   hidden);
+      if (has_dres_out) {
+        fetch_chunks(b + saved_bytes + dy_bytes,
+                     row_of<R>(p.dresidual_out, row, p.dresidual_out_row_stride, p.dresidual_out_dtype),
+                     elem_size<R>(p.dresidual_out_dtype), rl, hidden);
+      }
+      rstd_next = static_cast<const float*>(p.rstd)[row];
+    }
+    async_commit();
+  };
+  if constexpr (kRing) fetch(static_cast<int64_t>(blockIdx.x) * rl.rows_per_cta, 0);
 
   StagedParam weight, bias;
   stage_params<VEC>(p.weight, p.weight_dtype, float(p.weight_offset), p.memory_efficient ? p.bias : nullptr,
@@ -145,25 +193,38 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
   Partials<CHUNKS, VEC, kSmem> part(after_params);
   __syncthreads();
 
+  int stage = 0;
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * rl.rows_per_cta; first < p.rows;
-       first += static_cast<int64_t>(gridDim.x) * rl.rows_per_cta) {
+       first += step, stage ^= 1) {
     const int64_t row = first + rl.group;
     const bool active = row < p.rows;  // idle row groups still join the reductions
 
-    // Every global load of the row in flight before any is used.
-    const bool has_dres_out = p.dresidual_out != nullptr;
+    // Every global load of the row in flight before any is used (or, with the ring,
+    // the next rows' copies started and this row's awaited).
     const void* const dres_out_row = row_of<R>(p.dresidual_out, row, p.dresidual_out_row_stride,
                                                p.dresidual_out_dtype);
-    const float rstd = active ? static_cast<const float*>(p.rstd)[row] : 0.f;
+    const void* saved_src = row_of<S>(p.saved, row, p.saved_row_stride, p.saved_dtype);
+    const void* dy_src = row_of<X>(p.dy, row, p.dy_row_stride, p.dy_dtype);
+    const void* dres_out_src = dres_out_row;
+    float rstd;
+    if constexpr (kRing) {
+      rstd = active ? rstd_next : 0.f;
+      fetch(first + step, stage ^ 1);
+      async_wait<1>();
+      const unsigned char* const b = ring + stage * stage_bytes + rl.group * group_bytes;
+      saved_src = b;
+      dy_src = b + saved_bytes;
+      dres_out_src = b + saved_bytes + dy_bytes;
+    } else {
+      rstd = active ? static_cast<const float*>(p.rstd)[row] : 0.f;
+    }
     Fetched<S, CHUNKS, VEC> fs;
     Fetched<X, CHUNKS, VEC> fdy;
     Fetched<R, CHUNKS, VEC> fdo;
-    fs.load(row_of<S>(p.saved, row, p.saved_row_stride, p.saved_dtype), p.saved_dtype, rl.col0,
-            rl.stride, hidden, active);
-    fdy.load(row_of<X>(p.dy, row, p.dy_row_stride, p.dy_dtype), p.dy_dtype, rl.col0, rl.stride,
-             hidden, active);
+    fs.load(saved_src, p.saved_dtype, rl.col0, rl.stride, hidden, active);
+    fdy.load(dy_src, p.dy_dtype, rl.col0, rl.stride, hidden, active);
     if (kEarlyDresOut) {
-      fdo.load(dres_out_row, p.dresidual_out_dtype, rl.col0, rl.stride, hidden, active && has_dres_out);
+      fdo.load(dres_out_src, p.dresidual_out_dtype, rl.col0, rl.stride, hidden, active && has_dres_out);
     }
 
     float v[CHUNKS][VEC], g[CHUNKS][VEC];  // g holds dy until it is scaled by weight

@@ -1,8 +1,6 @@
 // Thread-block cluster primitives (sm_90): a CTA's rank in its cluster, the cluster
-// barrier, and the address of a peer CTA's shared memory (distributed shared memory);
-// and asynchronous global-to-shared copies (cp.async), with which a thread fetches
-// the next row while it computes on the current one. Under tests/emulator the same
-// names are provided by cuda_emulation.h.
+// barrier, and the address of a peer CTA's shared memory (distributed shared memory).
+// Under tests/emulator the same names are provided by cuda_emulation.h.
 #pragma once
 
 #include "common.cuh"
@@ -38,20 +36,6 @@ __device__ __forceinline__ T* cluster_map(T* p, int rank) {
   return cooperative_groups::this_cluster().map_shared_rank(p, static_cast<unsigned>(rank));
 }
 
-// Starts copying 16 bytes from global `src` to shared `dst` (both 16-byte aligned)
-// without waiting; the copy belongs to the thread's next committed group.
-__device__ __forceinline__ void async_copy16(void* dst, const void* src) {
-  const unsigned shared = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared), "l"(src) : "memory");
-}
-// Closes the thread's current group of copies.
-__device__ __forceinline__ void async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Waits until at most N of the thread's committed groups are still in flight; what
-// the completed ones wrote is then visible to this thread.
-template <int N>
-__device__ __forceinline__ void async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 #endif
 
 }  // namespace residual_fused

@@ -24,6 +24,7 @@
 
 #include "bwd_kernels.cuh"
 #include "cluster.cuh"
+#include "ring.cuh"
 
 namespace residual_fused {
 
@@ -49,34 +50,11 @@ __device__ __forceinline__ P* slice_of(P* base, int64_t row, int64_t row_stride,
 // ---- the next row's slice, fetched while this one is computed ---------------------
 // With 16 elements per thread, a CTA double-buffers its inputs in shared memory: the
 // copies of row r + 1 (cp.async) are in flight through row r's reductions, cluster
-// barrier and stores, so the barrier's wait no longer idles the memory system. Each
-// thread copies exactly the vectors it later reads (the register layout's chunks,
-// laid out as in global memory), so it only waits for its own copies: no barrier.
+// barrier and stores, so the barrier's wait no longer idles the memory system
+// (ring.cuh: each thread copies and waits for its own vectors, no barrier).
 
 template <int CHUNKS, int VEC>
 constexpr bool kClusterPipelined = CHUNKS * VEC <= 16;
-
-// Bytes of one tensor's slice in a buffer (16-byte aligned; null tensor: none).
-__host__ __device__ inline int slice_buffer_bytes(const void* ptr, DType t, int slice) {
-  return ptr == nullptr ? 0 : (slice * dtype_size(t) + 15) / 16 * 16;
-}
-
-#if RESIDUAL_FUSED_HAS_CLUSTERS
-// Starts copying this thread's chunks of one tensor's slice (elements of `size` bytes,
-// VEC * size a multiple of 16) from `src` to `dst`.
-template <int CHUNKS, int VEC>
-__device__ __forceinline__ void fetch_slice(unsigned char* dst, const void* src, int size,
-                                            const RowLayout<CHUNKS, VEC>& rl, int len) {
-  const unsigned char* const from = static_cast<const unsigned char*>(src);
-#pragma unroll
-  for (int c = 0; c < CHUNKS; ++c) {
-    const int col = rl.col0 + c * rl.stride;
-    if (col < len) {
-      for (int b = 0; b < VEC * size; b += 16) async_copy16(dst + col * size + b, from + col * size + b);
-    }
-  }
-}
-#endif
 
 #if RESIDUAL_FUSED_HAS_CLUSTERS
 // Where this CTA sits in its cluster and which columns it owns.
@@ -129,8 +107,8 @@ constexpr int kClusterSlotBytes = 2 * 4 * static_cast<int>(sizeof(float));
 template <int CHUNKS, int VEC>
 __host__ __device__ inline int fwd_cluster_smem(const AddNormFwdParams& p, int slice) {
   const int buffers = kClusterPipelined<CHUNKS, VEC>
-                          ? 2 * (slice_buffer_bytes(p.x, p.x_dtype, slice) +
-                                 slice_buffer_bytes(p.residual, p.residual_dtype, slice))
+                          ? 2 * (ring_row_bytes(p.x, p.x_dtype, slice) +
+                                 ring_row_bytes(p.residual, p.residual_dtype, slice))
                           : 0;
   return param_bytes(p.weight, p.weight_dtype, slice) + param_bytes(p.bias, p.bias_dtype, slice) +
          kClusterSlotBytes + buffers;
@@ -169,13 +147,13 @@ add_norm_fwd_cluster_kernel(const AddNormFwdParams p) {
                                          param_bytes(p.bias, p.bias_dtype, cs.slice)) / 4;
   unsigned char* const buffers = reinterpret_cast<unsigned char*>(slots) + kClusterSlotBytes;
   const bool has_residual = p.residual != nullptr;
-  const int x_bytes = slice_buffer_bytes(p.x, p.x_dtype, cs.slice);
-  const int stage_bytes = x_bytes + slice_buffer_bytes(p.residual, p.residual_dtype, cs.slice);
+  const int x_bytes = ring_row_bytes(p.x, p.x_dtype, cs.slice);
+  const int stage_bytes = x_bytes + ring_row_bytes(p.residual, p.residual_dtype, cs.slice);
   const auto fetch = [&](int64_t row, int buf) {  // one committed group per row
     unsigned char* const b = buffers + buf * stage_bytes;
-    fetch_slice(b, slice_of<X>(p.x, row, p.x_row_stride, cs.begin, p.x_dtype), elem_size<X>(p.x_dtype), rl, len);
+    fetch_chunks(b, slice_of<X>(p.x, row, p.x_row_stride, cs.begin, p.x_dtype), elem_size<X>(p.x_dtype), rl, len);
     if (has_residual) {
-      fetch_slice(b + x_bytes, slice_of<R>(p.residual, row, p.residual_row_stride, cs.begin, p.residual_dtype),
+      fetch_chunks(b + x_bytes, slice_of<R>(p.residual, row, p.residual_row_stride, cs.begin, p.residual_dtype),
                   elem_size<R>(p.residual_dtype), rl, len);
     }
     async_commit();
@@ -276,9 +254,9 @@ __host__ __device__ inline int bwd_cluster_smem(const AddNormBwdParams& p, int s
   const int params = param_bytes(p.weight, p.weight_dtype, slice) +
                      (p.memory_efficient ? param_bytes(p.bias, p.bias_dtype, slice) : 0);
   const int buffers = kClusterPipelined<CHUNKS, VEC>
-                          ? 2 * (slice_buffer_bytes(p.saved, p.saved_dtype, slice) +
-                                 slice_buffer_bytes(p.dy, p.dy_dtype, slice) +
-                                 slice_buffer_bytes(p.dresidual_out, p.dresidual_out_dtype, slice))
+                          ? 2 * (ring_row_bytes(p.saved, p.saved_dtype, slice) +
+                                 ring_row_bytes(p.dy, p.dy_dtype, slice) +
+                                 ring_row_bytes(p.dresidual_out, p.dresidual_out_dtype, slice))
                           : 0;
   return params + kClusterSlotBytes + buffers +
          static_cast<int>(sizeof(float)) * block * Partials<CHUNKS, VEC, kSmemPartials<CHUNKS, VEC>>::kSmemFloats;
@@ -314,20 +292,20 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1) add_norm_bwd_cluster_kernel(cons
   static_assert(!(kPipelined && kSmem), "the buffers take the partials' place");
   unsigned char* const buffers = reinterpret_cast<unsigned char*>(slots) + kClusterSlotBytes;
   const bool has_dres_out = p.dresidual_out != nullptr;
-  const int saved_bytes = slice_buffer_bytes(p.saved, p.saved_dtype, cs.slice);
-  const int dy_bytes = slice_buffer_bytes(p.dy, p.dy_dtype, cs.slice);
+  const int saved_bytes = ring_row_bytes(p.saved, p.saved_dtype, cs.slice);
+  const int dy_bytes = ring_row_bytes(p.dy, p.dy_dtype, cs.slice);
   const int stage_bytes =
-      saved_bytes + dy_bytes + slice_buffer_bytes(p.dresidual_out, p.dresidual_out_dtype, cs.slice);
+      saved_bytes + dy_bytes + ring_row_bytes(p.dresidual_out, p.dresidual_out_dtype, cs.slice);
   const float* const rstd_of = static_cast<const float*>(p.rstd);
   float rstd_next = 0.f;
   const auto fetch = [&](int64_t row, int buf) {  // one committed group per row, and its rstd
     unsigned char* const b = buffers + buf * stage_bytes;
-    fetch_slice(b, slice_of<S>(p.saved, row, p.saved_row_stride, cs.begin, p.saved_dtype),
+    fetch_chunks(b, slice_of<S>(p.saved, row, p.saved_row_stride, cs.begin, p.saved_dtype),
                 elem_size<S>(p.saved_dtype), rl, len);
-    fetch_slice(b + saved_bytes, slice_of<X>(p.dy, row, p.dy_row_stride, cs.begin, p.dy_dtype),
+    fetch_chunks(b + saved_bytes, slice_of<X>(p.dy, row, p.dy_row_stride, cs.begin, p.dy_dtype),
                 elem_size<X>(p.dy_dtype), rl, len);
     if (has_dres_out) {
-      fetch_slice(b + saved_bytes + dy_bytes,
+      fetch_chunks(b + saved_bytes + dy_bytes,
                   slice_of<R>(p.dresidual_out, row, p.dresidual_out_row_stride, cs.begin, p.dresidual_out_dtype),
                   elem_size<R>(p.dresidual_out_dtype), rl, len);
     }

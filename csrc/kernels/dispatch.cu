@@ -251,6 +251,7 @@ const char* choices_refusal(const Variant& v, Direction d) {
     return "streamed: takes no pt, tb or cs (512 threads per row)";
   }
   if (fwd && v.reduce != Reduce::kAuto) return "red applies to the backward";
+  if (v.stages != 0 && v.family != Family::kRows) return "st (ring stages) applies to the rows kernels";
   return nullptr;
 }
 

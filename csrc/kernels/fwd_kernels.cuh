@@ -11,21 +11,68 @@
 //    row, outputs in a second (which mostly hits L2).
 #pragma once
 
+#include "ring.cuh"
 #include "rows.cuh"
 
 namespace residual_fused {
 
-// Dynamic shared memory: the staged weight and bias (param_bytes each). Persistent:
-// a CTA loops over rows with its parameters staged once.
-template <class MIX, int CHUNKS, int VEC, int MAX_BLOCK>
+// One row group's inputs in a ring stage of the forward rows kernel: x, then the
+// residual (when given).
+__host__ __device__ inline int fwd_ring_row_bytes(const AddNormFwdParams& p) {
+  return ring_row_bytes(p.x, p.x_dtype, p.hidden) + ring_row_bytes(p.residual, p.residual_dtype, p.hidden);
+}
+
+// Dynamic shared memory of the forward rows kernel, in bytes: the staged weight and
+// bias (param_bytes each), and with STAGES == 2 the ring: two stages of every row
+// group's inputs.
+template <int CHUNKS, int VEC, int STAGES = 1>
+__host__ __device__ inline int fwd_rows_smem(const AddNormFwdParams& p, int block) {
+  const int rows_per_cta = block / row_threads_for(p.hidden, CHUNKS * VEC);
+  const int params = param_bytes(p.weight, p.weight_dtype, p.hidden) + param_bytes(p.bias, p.bias_dtype, p.hidden);
+  return params + (STAGES == 2 ? 2 * rows_per_cta * fwd_ring_row_bytes(p) : 0);
+}
+
+// Dynamic shared memory: fwd_rows_smem. Persistent: a CTA loops over rows with its
+// parameters staged once.
+//
+// STAGES == 2 (16-byte vectors): the next iteration's rows are copied into a
+// shared-memory ring (ring.cuh) while this one is computed, and the first rows' copies
+// start before the parameters are staged.
+template <class MIX, int CHUNKS, int VEC, int MAX_BLOCK, int STAGES = 1>
 __global__ void __launch_bounds__(MAX_BLOCK, rows_min_ctas(CHUNKS * VEC, MAX_BLOCK))
 add_norm_fwd_rows_kernel(const AddNormFwdParams p) {
   using X = typename MIX::act_t;
   using R = typename MIX::res_t;
   using W = typename MIX::param_t;
+  constexpr bool kRing = STAGES == 2;
+  static_assert(STAGES == 1 || (kRing && VEC == 8), "the ring: 16-byte vectors");
   const int hidden = p.hidden;
   const RowLayout<CHUNKS, VEC> rl(hidden);
+  const bool has_residual = p.residual != nullptr;
   __shared__ float red[MAX_BLOCK / 32];
+
+  // The ring sits after the parameters.
+  const int64_t step = static_cast<int64_t>(gridDim.x) * rl.rows_per_cta;
+  const int x_bytes = ring_row_bytes(p.x, p.x_dtype, hidden);
+  const int group_bytes = fwd_ring_row_bytes(p);
+  const int stage_bytes = rl.rows_per_cta * group_bytes;
+  unsigned char* const ring =
+      reinterpret_cast<unsigned char*>(dynamic_smem()) + (kRing ? fwd_rows_smem<CHUNKS, VEC>(p, blockDim.x) : 0);
+  // Starts copying this thread's part of the rows from `first` on into `stage`: one
+  // committed group per iteration (empty past the last row).
+  const auto fetch = [&](int64_t first, int stage) {
+    const int64_t row = first + rl.group;
+    if (row < p.rows) {
+      unsigned char* const b = ring + stage * stage_bytes + rl.group * group_bytes;
+      fetch_chunks(b, row_of<X>(p.x, row, p.x_row_stride, p.x_dtype), elem_size<X>(p.x_dtype), rl, hidden);
+      if (has_residual) {
+        fetch_chunks(b + x_bytes, row_of<R>(p.residual, row, p.residual_row_stride, p.residual_dtype),
+                     elem_size<R>(p.residual_dtype), rl, hidden);
+      }
+    }
+    async_commit();
+  };
+  if constexpr (kRing) fetch(static_cast<int64_t>(blockIdx.x) * rl.rows_per_cta, 0);
 
   StagedParam weight, bias;
   stage_params<VEC>(p.weight, p.weight_dtype, float(p.weight_offset), p.bias, p.bias_dtype, hidden, weight,
@@ -33,19 +80,27 @@ add_norm_fwd_rows_kernel(const AddNormFwdParams p) {
   __syncthreads();
 
   // Trip count is uniform across the CTA, so the reductions' barriers are safe.
+  int stage = 0;
   for (int64_t first = static_cast<int64_t>(blockIdx.x) * rl.rows_per_cta; first < p.rows;
-       first += static_cast<int64_t>(gridDim.x) * rl.rows_per_cta) {
+       first += step, stage ^= 1) {
     const int64_t row = first + rl.group;
     const bool active = row < p.rows;  // idle row groups still join the reductions
 
-    // x's and the residual's loads are all in flight before either is converted.
-    const bool has_residual = p.residual != nullptr;
+    // x's and the residual's loads are all in flight before either is converted (or,
+    // with the ring, the next rows' copies started and this row's awaited).
+    const void* x_src = row_of<X>(p.x, row, p.x_row_stride, p.x_dtype);
+    const void* r_src = row_of<R>(p.residual, row, p.residual_row_stride, p.residual_dtype);
+    if constexpr (kRing) {
+      fetch(first + step, stage ^ 1);
+      async_wait<1>();
+      const unsigned char* const b = ring + stage * stage_bytes + rl.group * group_bytes;
+      x_src = b;
+      r_src = b + x_bytes;
+    }
     Fetched<X, CHUNKS, VEC> fx;
     Fetched<R, CHUNKS, VEC> fr;
-    fx.load(row_of<X>(p.x, row, p.x_row_stride, p.x_dtype), p.x_dtype, rl.col0, rl.stride, hidden,
-            active);
-    fr.load(row_of<R>(p.residual, row, p.residual_row_stride, p.residual_dtype), p.residual_dtype,
-            rl.col0, rl.stride, hidden, active && has_residual);
+    fx.load(x_src, p.x_dtype, rl.col0, rl.stride, hidden, active);
+    fr.load(r_src, p.residual_dtype, rl.col0, rl.stride, hidden, active && has_residual);
     float s[CHUNKS][VEC];
     fx.to(s);
     if (has_residual) {

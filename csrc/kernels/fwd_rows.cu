@@ -13,7 +13,7 @@ namespace {
 // share one staged copy of the parameters.
 constexpr int kFwdTargetBlock = 256;
 
-template <class MIX, int CHUNKS, int VEC, int MAX_BLOCK>
+template <class MIX, int CHUNKS, int VEC, int MAX_BLOCK, int STAGES>
 LaunchPlan rows_plan(const AddNormFwdParams& p, const Variant& v) {
   const int row_threads = row_threads_for(p.hidden, CHUNKS * VEC);
   const int target = v.target_block != 0 ? v.target_block : kFwdTargetBlock;
@@ -21,19 +21,19 @@ LaunchPlan rows_plan(const AddNormFwdParams& p, const Variant& v) {
   if (target > MAX_BLOCK) return refused(kRowsBlockTooLarge);
   const int rows_per_cta = std::max(1, target / row_threads);
   LaunchPlan plan;
-  plan.kernel = reinterpret_cast<const void*>(&add_norm_fwd_rows_kernel<MIX, CHUNKS, VEC, MAX_BLOCK>);
+  plan.kernel = reinterpret_cast<const void*>(&add_norm_fwd_rows_kernel<MIX, CHUNKS, VEC, MAX_BLOCK, STAGES>);
   plan.block = rows_per_cta * row_threads;
-  plan.smem = param_bytes(p.weight, p.weight_dtype, p.hidden) + param_bytes(p.bias, p.bias_dtype, p.hidden);
+  plan.smem = fwd_rows_smem<CHUNKS, VEC, STAGES>(p, plan.block);
   plan.grid = persistent_grid(plan, ceil_div(p.rows, rows_per_cta), v.ctas_per_sm);
   // tb as launched (rows per CTA x threads per row): one name per plan
-  plan.variant = {Family::kRows, VEC == 8 ? CHUNKS * VEC : 0, plan.block, v.ctas_per_sm, 0, Reduce::kAuto};
+  plan.variant = {Family::kRows, VEC == 8 ? CHUNKS * VEC : 0, plan.block, v.ctas_per_sm, 0, Reduce::kAuto, STAGES};
   return plan;
 }
 
-template <int CHUNKS, int VEC, int MAX_BLOCK>
+template <int CHUNKS, int VEC, int MAX_BLOCK, int STAGES = 1>
 LaunchPlan rows_plan_for_mix(const AddNormFwdParams& p, const Variant& v) {
   return plan_for_mix(p, FastMixes{},
-                      [&](auto mix) { return rows_plan<decltype(mix), CHUNKS, VEC, MAX_BLOCK>(p, v); });
+                      [&](auto mix) { return rows_plan<decltype(mix), CHUNKS, VEC, MAX_BLOCK, STAGES>(p, v); });
 }
 
 }  // namespace
@@ -42,12 +42,18 @@ LaunchPlan plan_fwd_rows_vec8(const AddNormFwdParams& p, const Variant& v) {
   // 16 elements per thread up to 8192 columns: 64 B of each input in flight per
   // thread, registers low enough for 1024+ threads per SM; 32 beyond.
   const int per_thread = v.per_thread != 0 ? v.per_thread : p.hidden <= kFwdRegs16MaxVec8 ? 16 : 32;
+  // The rule loads each row straight to registers (stages 1) until a GPU has timed
+  // the ring (bench/NOTES.md, "Kernel variants").
+  if (v.stages == 2) {
+    return per_thread == 16 ? rows_plan_for_mix<2, 8, 512, 2>(p, v) : rows_plan_for_mix<4, 8, 512, 2>(p, v);
+  }
   return per_thread == 16 ? rows_plan_for_mix<2, 8, 512>(p, v) : rows_plan_for_mix<4, 8, 512>(p, v);
 }
 
 LaunchPlan plan_fwd_rows_vec1(const AddNormFwdParams& p, const Variant& v) {
   if (v.per_thread != 0) return refused(kRowsPtNeedsVec8);
-  return rows_plan<AnyMix, 4, 1, 1024>(p, v);
+  if (v.stages == 2) return refused(kRowsRingNeedsVec8);
+  return rows_plan<AnyMix, 4, 1, 1024, 1>(p, v);
 }
 
 // Rows wider than registers hold: sixteen vectors per thread, parked in shared memory.

@@ -38,6 +38,9 @@ constexpr const char* kRowsTooWide = "rows: the row needs more than the kernel's
 constexpr const char* kRowsBlockTooLarge =
     "rows: tb exceeds the kernel's threads per CTA (512 vectorised, 1024 element-wise)";
 constexpr const char* kRowsPtNeedsVec8 = "rows: pt applies to vectorised rows (hidden % 8 == 0, 16-byte aligned)";
+constexpr const char* kRowsRingNeedsVec8 = "rows: st=2 needs vectorised rows (hidden % 8 == 0, 16-byte aligned)";
+constexpr const char* kRowsRingNeedsPt16 =
+    "rows: st=2 needs 16 elements per thread (pt=16; at 32 the partials take the shared memory)";
 
 // A plan that runs nothing: `why` the requested variant cannot run the call.
 inline LaunchPlan refused(const char* why) {

@@ -60,8 +60,11 @@ bool parse_choice(const std::string& item, Variant* v, std::string* error) {
       }
     }
     if (!ok) *error = "red (weight-gradient reduction) must be columns or sliced, got '" + value + "'";
+  } else if (key == "st") {
+    ok = parse_int(value, 1, 2, &v->stages);
+    if (!ok) *error = "st (ring stages) must be 1 or 2, got '" + value + "'";
   } else {
-    *error = "unknown choice '" + key + "' (pt, tb, cps, cs or red)";
+    *error = "unknown choice '" + key + "' (pt, tb, cps, cs, red or st)";
   }
   return ok;
 }
@@ -115,6 +118,7 @@ std::string variant_name(const Variant& v) {
   if (v.ctas_per_sm != 0) add("cps", std::to_string(v.ctas_per_sm));
   if (v.cluster != 0) add("cs", std::to_string(v.cluster));
   if (v.reduce != Reduce::kAuto) add("red", kReduceNames[static_cast<int>(v.reduce)]);
+  if (v.stages != 0) add("st", std::to_string(v.stages));
   return name + choices;
 }
 
@@ -217,11 +221,13 @@ bool variant_env_error(std::string* why) {
 
 namespace {
 
-// A variant in 64 bits, for the lock-free record of the last launch (bit 56: present).
+// A variant in 64 bits, for the lock-free record of the last launch (bit 56: present;
+// stages in bits 57-59).
 uint64_t pack_variant(const Variant& v) {
   return static_cast<uint64_t>(v.family) | static_cast<uint64_t>(v.per_thread) << 8 |
          static_cast<uint64_t>(v.target_block) << 16 | static_cast<uint64_t>(v.ctas_per_sm) << 32 |
-         static_cast<uint64_t>(v.cluster) << 40 | static_cast<uint64_t>(v.reduce) << 48 | uint64_t{1} << 56;
+         static_cast<uint64_t>(v.cluster) << 40 | static_cast<uint64_t>(v.reduce) << 48 | uint64_t{1} << 56 |
+         static_cast<uint64_t>(v.stages) << 57;
 }
 
 Variant unpack_variant(uint64_t bits) {
@@ -232,6 +238,7 @@ Variant unpack_variant(uint64_t bits) {
   v.ctas_per_sm = static_cast<int>(bits >> 32 & 0xff);
   v.cluster = static_cast<int>(bits >> 40 & 0xff);
   v.reduce = static_cast<Reduce>(bits >> 48 & 0xff);
+  v.stages = static_cast<int>(bits >> 57 & 0x7);
   return v;
 }
 

@@ -17,8 +17,12 @@
 //   reduce        backward: how the per-CTA weight-gradient partials are summed:
 //                 columns (a thread per column) or sliced (a warp per 32 columns,
 //                 16 row slices); auto picks columns for 32 partial rows or fewer
+//   stages        rows kernels: 1, each row's loads go straight to registers; 2, the
+//                 next rows are copied into a two-stage shared-memory ring while this
+//                 one is computed (ring.cuh; 16-byte vectors, and in the backward 16
+//                 elements per thread); 0: the rule's choice (1)
 //
-// Choices that would need more instantiations (launch bounds, prefetch depth, the
+// Choices that would need more instantiations (launch bounds, deeper rings, the
 // fused weight-gradient reduction) are not in the space: each multiplies the build.
 //
 // How a call's variant is chosen (dispatch.cu): a tuning override if one is set (a
@@ -28,7 +32,7 @@
 //
 // Text form (the same in C++, Python and the table): "rule", or a family followed by
 // the choices that differ from 0/auto, e.g. "rows:pt=32,tb=512,cps=2",
-// "cluster:pt=16,cs=4", "streamed", "rows:red=columns".
+// "cluster:pt=16,cs=4", "streamed", "rows:red=columns", "rows:pt=16,st=2".
 #pragma once
 
 #include <cstdint>
@@ -47,11 +51,13 @@ struct Variant {
   int ctas_per_sm = 0;            // persistent grid cap per SM; 0: as many as fit
   int cluster = 0;                // cluster kernels; 0: the fewest CTAs that hold the row
   Reduce reduce = Reduce::kAuto;  // backward weight-gradient reduction
+  int stages = 0;                 // rows kernels: 1 or 2 ring stages; 0: the rule's choice
 };
 
 inline bool operator==(const Variant& a, const Variant& b) {
   return a.family == b.family && a.per_thread == b.per_thread && a.target_block == b.target_block &&
-         a.ctas_per_sm == b.ctas_per_sm && a.cluster == b.cluster && a.reduce == b.reduce;
+         a.ctas_per_sm == b.ctas_per_sm && a.cluster == b.cluster && a.reduce == b.reduce &&
+         a.stages == b.stages;
 }
 
 // Parses the text form; on failure returns false and says why in *error.
