@@ -1,7 +1,8 @@
 // The next row fetched while this one is computed: asynchronous global-to-shared copies
 // (cp.async, sm_80 and newer) into a ring of two shared-memory stages. Used by the
-// backward rows kernel (a ring stage per row group) and the cluster kernels (one
-// stage per CTA slice).
+// forward and backward rows kernels with st=2 (a stage holds every row group of the
+// CTA) and the cluster kernels at 16 elements per thread (a stage holds the CTA's
+// slice).
 //
 // One idea: each thread copies exactly the 16-byte vectors it later reads (its
 // register layout's chunks, laid out as in global memory), so it only ever waits for
