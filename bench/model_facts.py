@@ -74,6 +74,7 @@ def kernel_facts(build, norm: str, kernel_dir: str = cubin.KERNEL_DIR) -> Dict[s
     saved = {k: dict(v) for k, v in sa.BF16_CALL.items()}
     for fields in sa.BF16_CALL.values():
         fields["is_rms_norm"] = int(norm == "rms")
+        fields["mean"] = sa.NULL if norm == "rms" else sa.NONNULL
     try:
         offsets = sa.param_offsets(kernel_dir)
         out = {}
@@ -87,7 +88,7 @@ def kernel_facts(build, norm: str, kernel_dir: str = cubin.KERNEL_DIR) -> Dict[s
                 a = sa.audit_kernel(kernel, instrs, offsets)
                 bl, succ = sa.blocks(instrs)
                 struct = "AddNormFwdParams" if "_fwd_" in name else "AddNormBwdParams"
-                fields = {offsets[struct][f]: v for f, v in sa.BF16_CALL[struct].items()}
+                fields = sa.call_fields(offsets, struct)
                 pruned = sa.feasible_successors(bl, succ, fields, sa.PARAM_BASE[arch])
                 lp = sa.loops(bl, pruned)
                 counts = path_counts(bl, pruned, *lp[0]) if lp else {"instructions": 0}

@@ -199,6 +199,16 @@ def _value(tok: str, state: dict):
     return (not v) if neg else v
 
 
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    """LOP3's bitwise function `lut` (a is 0xF0, b 0xCC, c 0xAA) of three 32-bit words."""
+    mask = 0xFFFFFFFF
+    r = 0
+    for k in range(8):
+        if lut >> k & 1:
+            r |= ((a if k & 4 else ~a) & (b if k & 2 else ~b) & (c if k & 1 else ~c)) & mask
+    return r
+
+
 def transfer(ins: Instr, state: dict, fields: Dict[int, int], base: int) -> dict:
     """The known register and predicate values after `ins`."""
     guard = True
@@ -230,10 +240,14 @@ def transfer(ins: Instr, state: dict, fields: Dict[int, int], base: int) -> dict
     if guard is not True:
         return out  # a predicated write that may not happen: unknown
     known = None
-    if b in ("LDC", "ULDC") and re.search(r"\.[US]8\b", ins.op):
+    if b in ("LDC", "ULDC") and re.search(r"\.([US]8|64)\b", ins.op):
         m = re.search(r"c\[0x0\]\[0x([0-9a-f]+)\]", ins.operands)
-        if m:
-            known = fields.get(int(m.group(1), 16) - base)
+        f = fields.get(int(m.group(1), 16) - base) if m else None
+        if ".64" in ins.op:  # a pointer field: its two words
+            if isinstance(f, tuple) and len(dests) >= 2:
+                out[dests[0]], out[dests[1]] = f
+            return out
+        known = f if isinstance(f, int) else None
     elif b in ("MOV", "UMOV") and len(ops) >= 2:
         known = _value(ops[1], state)
     elif ins.op.startswith("IMAD.MOV") and len(ops) >= 4:
@@ -241,15 +255,55 @@ def transfer(ins: Instr, state: dict, fields: Dict[int, int], base: int) -> dict
     elif b == "PRMT" and len(ops) >= 3 and ops[2] in ("0x9910", "0x8880", "0x7710", "0x7610"):
         v = _value(ops[1], state)
         known = v if isinstance(v, int) and 0 <= v < 128 else None  # widening a small byte
-    elif b in ("ISETP", "UISETP") and len(ops) >= 5 and ".EX" not in ins.op and _value(ops[4], state) is True:
-        cmp = next((c for c in _CMP if f".{c}." in ins.op + "."), None)
-        x, y = _value(ops[2], state), _value(ops[3], state)
-        if cmp and isinstance(x, int) and isinstance(y, int) and not isinstance(x, bool):
-            r = _CMP[cmp](x, y)
+    elif b in ("ISETP", "UISETP") and len(ops) >= 6 and ".EX" in ins.op and _value(ops[4], state) is True:
+        # The high words of a 64-bit (in)equality, the low words' result in ops[5].
+        cmp = next((c for c in ("EQ", "NE") if f".{c}." in ins.op + "."), None)
+        x, y, low = _value(ops[2], state), _value(ops[3], state), _value(ops[5], state)
+        if cmp and isinstance(x, int) and isinstance(y, int) and isinstance(low, bool) \
+                and not isinstance(x, bool) and not isinstance(y, bool):
+            r = (x == y and low) if cmp == "EQ" else (x != y or low)
             if _reg(ops[0]) not in ("PT", "UPT"):
                 out[_reg(ops[0])] = r
             if _reg(ops[1]) not in ("PT", "UPT"):
                 out[_reg(ops[1])] = not r
+        return out
+    elif b in ("ISETP", "UISETP") and len(ops) >= 5 and ".EX" not in ins.op:
+        # Pd = cmp (op) Pc, Pe = !cmp (op) Pc, op the .AND / .OR after the comparison.
+        cmp = next((c for c in _CMP if f".{c}." in ins.op + "."), None)
+        x, y, pc = _value(ops[2], state), _value(ops[3], state), _value(ops[4], state)
+        comb = {".AND": lambda r, q: r and q, ".OR": lambda r, q: r or q}
+        how = next((k for k in comb if k + "." in ins.op + "." or ins.op.endswith(k)), None)
+        if (cmp and how and isinstance(pc, bool) and isinstance(x, int) and isinstance(y, int)
+                and not isinstance(x, bool) and not isinstance(y, bool)):
+            r = _CMP[cmp](x, y)
+            if _reg(ops[0]) not in ("PT", "UPT"):
+                out[_reg(ops[0])] = comb[how](r, pc)
+            if _reg(ops[1]) not in ("PT", "UPT"):
+                out[_reg(ops[1])] = comb[how](not r, pc)
+        return out
+    elif b in ("LOP3", "ULOP3") and ".LUT" in ins.op:
+        # LOP3.LUT [Pd,] Rd, a, b, c, lut, Pp: the bitwise function `lut` of a, b, c (Pd:
+        # the result is nonzero); only with Pp false, as the compiler writes it.
+        first = 1 if re.fullmatch(r"!?U?P[0-6T]", ops[0]) else 0
+        if len(ops) >= first + 6 and _value(ops[first + 5], state) is False:
+            a, bb, c = (_value(t, state) for t in ops[first + 1:first + 4])
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in (a, bb, c)):
+                r = _lop3(a, bb, c, int(ops[first + 4], 16))
+                if _reg(ops[first]) not in ("RZ", "URZ"):
+                    out[_reg(ops[first])] = r
+                if first and _reg(ops[0]) not in ("PT", "UPT"):
+                    out[_reg(ops[0])] = r != 0
+        return out
+    elif b in ("PLOP3", "UPLOP3") and ".LUT" in ins.op and len(ops) >= 7:
+        # PLOP3.LUT Pd, Pe, Pa, Pb, Pc, lut_d, lut_e; known where every value the unknown
+        # inputs can take gives the same result.
+        inputs = [_value(t, state) for t in ops[2:5]]
+        choices = [(v,) if isinstance(v, bool) else (False, True) for v in inputs]
+        for dest, lut in ((ops[0], ops[5]), (ops[1], ops[6])):
+            results = {bool(int(lut, 16) >> ((a << 2) | (bb << 1) | c) & 1)
+                       for a in choices[0] for bb in choices[1] for c in choices[2]}
+            if _reg(dest) not in ("PT", "UPT") and len(results) == 1:
+                out[_reg(dest)] = results.pop()
         return out
     if known is not None and dests:
         out[dests[0]] = known
@@ -383,11 +437,19 @@ def short_name(mangled: str) -> str:
 
 
 # The call the per-row figures describe: every tensor bf16, LayerNorm, not memory-efficient.
+# A pointer field's value as its two 32-bit words (read with LDC.64 / ULDC.64).
+NONNULL, NULL = (1, 0), (0, 0)
+# Pointer fields an older checkout's params may lack (param_offsets leaves them out there).
+OPTIONAL_FIELDS = ("mean",)
+# An all-bf16 LayerNorm call as autograd makes it (model_facts.kernel_facts sets the
+# norm: RMSNorm has no mean).
 BF16_CALL = {"AddNormFwdParams": {"is_rms_norm": 0, "x_dtype": 2, "residual_dtype": 2, "weight_dtype": 2,
-                                  "bias_dtype": 2, "residual_out_dtype": 2},
+                                  "bias_dtype": 2, "residual_out_dtype": 2, "mean": NONNULL},
              "AddNormBwdParams": {"is_rms_norm": 0, "memory_efficient": 0, "dy_dtype": 2,
                                   "dresidual_out_dtype": 2, "saved_dtype": 2, "weight_dtype": 2,
-                                  "bias_dtype": 2, "dresidual_dtype": 2}}
+                                  "bias_dtype": 2, "dresidual_dtype": 2,
+                                  # the forward's mean, as autograd passes it (LayerNorm)
+                                  "mean": NONNULL}}
 
 
 def param_offsets(kernel_dir: str = cubin.KERNEL_DIR) -> Dict[str, Dict[str, int]]:
@@ -402,17 +464,24 @@ def param_offsets(kernel_dir: str = cubin.KERNEL_DIR) -> Dict[str, Dict[str, int
     import cuda_emulator
 
     include = cuda_emulator.cuda_include_dir()
-    lines = [f'std::printf("{st} {f} %zu\\n", offsetof(residual_fused::{st}, {f}));'
-             for st, fields in BF16_CALL.items() for f in fields]
-    src = "#include <cstddef>\n#include <cstdio>\n#include \"add_norm.h\"\nint main() {\n" + "\n".join(lines) + "\n}\n"
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "offsets.cpp"), "w") as f:
-            f.write(src)
-        exe = os.path.join(tmp, "offsets")
-        subprocess.run([shutil.which(os.environ.get("CXX", "g++")) or "g++", "-std=c++17", "-I",
-                        kernel_dir, "-I", include, os.path.join(tmp, "offsets.cpp"), "-o", exe],
-                       check=True, capture_output=True, timeout=300)
-        out = subprocess.run([exe], check=True, capture_output=True, text=True).stdout
+    def run(skip):
+        lines = [f'std::printf("{st} {f} %zu\\n", offsetof(residual_fused::{st}, {f}));'
+                 for st, fields in BF16_CALL.items() for f in fields if f not in skip]
+        src = ("#include <cstddef>\n#include <cstdio>\n#include \"add_norm.h\"\nint main() {\n" + "\n".join(lines)
+               + "\n}\n")
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "offsets.cpp"), "w") as f:
+                f.write(src)
+            exe = os.path.join(tmp, "offsets")
+            subprocess.run([shutil.which(os.environ.get("CXX", "g++")) or "g++", "-std=c++17", "-I",
+                            kernel_dir, "-I", include, os.path.join(tmp, "offsets.cpp"), "-o", exe],
+                           check=True, capture_output=True, timeout=300)
+            return subprocess.run([exe], check=True, capture_output=True, text=True).stdout
+
+    try:
+        out = run(())
+    except subprocess.CalledProcessError:  # an older checkout, without the optional fields
+        out = run(OPTIONAL_FIELDS)
     offsets: Dict[str, Dict[str, int]] = {}
     for line in out.splitlines():
         st, f, off = line.split()
@@ -420,10 +489,15 @@ def param_offsets(kernel_dir: str = cubin.KERNEL_DIR) -> Dict[str, Dict[str, int
     return offsets
 
 
+def call_fields(offsets, struct: str) -> Dict[int, object]:
+    """{byte offset: value} of BF16_CALL's fields of `struct` that these params have."""
+    return {offsets[struct][f]: v for f, v in BF16_CALL[struct].items() if f in offsets[struct]}
+
+
 def audit_kernel(kernel: cubin.Kernel, instrs: List[Instr], offsets) -> KernelAudit:
     bl, succ = blocks(instrs)
     struct = "AddNormFwdParams" if "_fwd_" in kernel.name else "AddNormBwdParams"
-    fields = {offsets[struct][f]: v for f, v in BF16_CALL[struct].items()}
+    fields = call_fields(offsets, struct)
     pruned = feasible_successors(bl, succ, fields, PARAM_BASE[kernel.arch])
     trips, trips_any, inner, length = 0, 0, [], 0
     lp = loops(bl, pruned)

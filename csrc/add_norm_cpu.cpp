@@ -50,27 +50,26 @@ const Kernels& kernels() {
   return chosen;
 }
 
-std::tuple<Tensor, Tensor, Tensor> add_norm_fwd_cpu(const Tensor& x, const OptTensor& residual,
-                                                    const OptTensor& weight,
-                                                    const OptTensor& bias, double eps,
-                                                    bool is_rms_norm, bool store_residual_out,
-                                                    at::ScalarType residual_out_dtype,
-                                                    double weight_offset) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cpu(
+    const Tensor& x, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
+    double eps, bool is_rms_norm, bool store_residual_out, at::ScalarType residual_out_dtype,
+    double weight_offset, bool store_mean) {
   const int64_t hidden = checked_hidden(x, "x");
   FwdCall call = AtenGlue::prepare_fwd(x, residual, weight, bias, eps, is_rms_norm,
                                        store_residual_out, residual_out_dtype, weight_offset,
-                                       hidden);
+                                       store_mean, hidden);
   kernels().fwd(call.params);
-  return {*call.y, *call.residual_out, *call.rstd};
+  return {*call.y, *call.residual_out, *call.rstd, *call.mean};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
     const Tensor& dy, const OptTensor& dresidual_out, const Tensor& saved, const Tensor& rstd,
     const OptTensor& weight, const OptTensor& bias, bool is_rms_norm, bool memory_efficient,
-    std::optional<at::ScalarType> dresidual_dtype, double weight_offset) {
+    std::optional<at::ScalarType> dresidual_dtype, double weight_offset,
+    const OptTensor& mean) {
   const int64_t hidden = checked_hidden(dy, "dy");
   BwdCall call = AtenGlue::prepare_bwd(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm,
-                                       memory_efficient, dresidual_dtype, weight_offset, hidden);
+                                       memory_efficient, dresidual_dtype, weight_offset, mean, hidden);
   if (call.params.rows > 0) {
     AtenGlue::allocate_workspace(
         call, cpu::bwd_partial_rows(call.params.rows, hidden, at::get_num_threads()));

@@ -50,7 +50,7 @@ struct FwdCallOf {
   AddNormFwdParams params;
   std::optional<RowsOf<Tensor>> x, residual;
   VectorArgOf<Tensor> weight, bias;
-  std::optional<Tensor> y, residual_out, rstd;
+  std::optional<Tensor> y, residual_out, rstd, mean;  // mean: a placeholder unless stored
 };
 
 // One backward call. The workspace (params.dweight_partial/dbias_partial) is left to
@@ -59,7 +59,7 @@ template <class Tensor>
 struct BwdCallOf {
   AddNormBwdParams params;
   std::optional<RowsOf<Tensor>> dy, dresidual_out, saved;
-  std::optional<Tensor> rstd;
+  std::optional<Tensor> rstd, mean;
   VectorArgOf<Tensor> weight, bias;
   std::optional<Tensor> dx, dresidual, dweight, dbias;
   std::optional<Tensor> dweight_partial, dbias_partial;  // the workspace, once allocated
@@ -168,9 +168,10 @@ struct Glue {
   static FwdCall prepare_fwd(const Tensor& x, const OptTensor& residual, const OptTensor& weight,
                              const OptTensor& bias, double eps, bool is_rms_norm,
                              bool store_residual_out, ScalarType residual_out_dtype,
-                             double weight_offset, int64_t hidden) {
+                             double weight_offset, bool store_mean, int64_t hidden) {
     check(!is_rms_norm || !bias.has_value(), "bias: RMSNorm has no bias");
     check(eps >= 0, "eps must be non-negative, got ", eps);
+    check(!store_mean || !is_rms_norm, "store_mean: RMSNorm has no row mean");
     check_weight_offset(weight_offset, weight);
     FwdCall call;
     AddNormFwdParams& p = call.params;
@@ -198,6 +199,12 @@ struct Glue {
     std::vector<int64_t> row_shape = sizes(x);
     row_shape.pop_back();
     call.rstd = B::empty(row_shape, B::stats_type(x.scalar_type()), x);
+    if (store_mean) {
+      call.mean = B::empty(row_shape, B::stats_type(x.scalar_type()), x);
+      p.mean = call.mean->data_ptr();
+    } else {
+      call.mean = placeholder(x);
+    }
     p.y = call.y->data_ptr();
     p.rstd = call.rstd->data_ptr();
     return call;
@@ -208,12 +215,22 @@ struct Glue {
                              const Tensor& saved, const Tensor& rstd, const OptTensor& weight,
                              const OptTensor& bias, bool is_rms_norm, bool memory_efficient,
                              const std::optional<ScalarType>& dresidual_dtype,
-                             double weight_offset, int64_t hidden) {
+                             double weight_offset, const OptTensor& mean, int64_t hidden) {
     check_weight_offset(weight_offset, weight);
-    check_same_device(rstd, dy, "rstd");
     const ScalarType stats = B::stats_type(dy.scalar_type());
+    const char* stats_name = stats == ScalarType::Double ? "float64" : "float32";
+    check_same_device(rstd, dy, "rstd");
     check(rstd.scalar_type() == stats && rstd.numel() * hidden == dy.numel(),
-          "rstd must hold one ", stats == ScalarType::Double ? "float64" : "float32", " per row");
+          "rstd must hold one ", stats_name, " per row");
+    if (mean.has_value()) {
+      check(!is_rms_norm, "mean: RMSNorm has no row mean; pass None");
+      check(!memory_efficient,
+            "mean: the memory-efficient backward rebuilds xhat from y, whose mean is not the "
+            "forward's; pass None");
+      check_same_device(*mean, dy, "mean");
+      check(mean->scalar_type() == stats && mean->numel() * hidden == dy.numel(),
+            "mean must hold one ", stats_name, " per row (the forward's mean output)");
+    }
     BwdCall call;
     AddNormBwdParams& p = call.params;
     p.hidden = static_cast<int>(hidden);
@@ -231,6 +248,10 @@ struct Glue {
     }
     call.rstd = B::contiguous(rstd);
     p.rstd = call.rstd->data_ptr();
+    if (mean.has_value()) {
+      call.mean = B::contiguous(*mean);
+      p.mean = call.mean->data_ptr();
+    }
     bind_affine(call, weight, bias, dy, hidden);
     p.weight_offset = weight_offset;
 

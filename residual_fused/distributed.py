@@ -59,21 +59,24 @@ def register_sharding_rules() -> None:
         return None if t is None else Replicate()
 
     @register_sharding(_OPS.add_norm_fwd.default)
-    def _fwd(x, residual, weight, bias, eps, is_rms_norm, store_residual_out, residual_out_dtype):
+    def _fwd(x, residual, weight, bias, eps, is_rms_norm, store_residual_out, residual_out_dtype,
+             weight_offset=0.0, store_mean=False):
         options = []
         for dim in range(x.ndim - 1):
             row = Shard(dim)
-            outputs = [row, row if store_residual_out else Replicate(), row]
+            # outputs: y, residual_out and mean (placeholders unless stored), rstd
+            outputs = [row, row if store_residual_out else Replicate(), row,
+                       row if store_mean else Replicate()]
             inputs = [row, None if residual is None else row, rep_or_none(weight),
-                      rep_or_none(bias), None, None, None, None]
+                      rep_or_none(bias), None, None, None, None, None, None]
             options.append((outputs, inputs))
-        options.append(([Replicate()] * 3, [Replicate(), rep_or_none(residual), rep_or_none(weight),
-                                            rep_or_none(bias), None, None, None, None]))
+        options.append(([Replicate()] * 4, [Replicate(), rep_or_none(residual), rep_or_none(weight),
+                                            rep_or_none(bias), None, None, None, None, None, None]))
         return options
 
     @register_sharding(_OPS.add_norm_bwd.default)
     def _bwd(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm, memory_efficient,
-             dresidual_dtype):
+             dresidual_dtype, weight_offset=0.0, mean=None):
         options = []
         for dim in range(dy.ndim - 1):
             row = Shard(dim)
@@ -81,9 +84,10 @@ def register_sharding_rules() -> None:
                        Replicate() if weight is None else Partial(),
                        Replicate() if bias is None else Partial()]
             inputs = [row, None if dresidual_out is None else row, row, row, rep_or_none(weight),
-                      rep_or_none(bias), None, None, None]
+                      rep_or_none(bias), None, None, None, None, None if mean is None else row]
             options.append((outputs, inputs))
         replicated = [Replicate(), rep_or_none(dresidual_out), Replicate(), Replicate(),
-                      rep_or_none(weight), rep_or_none(bias), None, None, None]
+                      rep_or_none(weight), rep_or_none(bias), None, None, None, None,
+                      rep_or_none(mean)]
         options.append(([Replicate()] * 4, replicated))
         return options

@@ -42,8 +42,8 @@ def _add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dty
         out = AddNormFunction.apply(x_in, residual_in, weight_in, bias_in, eps, is_rms_norm,
                                     prenorm, out_dtype, memory_efficient, weight_offset)
     else:
-        y, residual_out, _ = add_norm_fwd(x_in, residual_in, weight_in, bias_in, eps,
-                                          is_rms_norm, prenorm, out_dtype, weight_offset)
+        y, residual_out = add_norm_fwd(x_in, residual_in, weight_in, bias_in, eps,
+                                       is_rms_norm, prenorm, out_dtype, weight_offset)[:2]
         out = (y, residual_out) if prenorm else y
 
     if folded:

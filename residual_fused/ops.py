@@ -32,11 +32,13 @@ _lib = torch.library.Library("residual_fused", "DEF")
 # y = norm(x + residual) * (weight + weight_offset) + bias, in x's dtype (the offset is
 # added in the compute type: Gemma's 1 + w); residual_out = x + residual rounded to
 # residual_out_dtype (a placeholder unless store_residual_out); rstd per row in fp32
-# (fp64 for fp64 x). Backward rebuilds the row mean from the saved tensor.
+# (fp64 for fp64 x); mean: LayerNorm's row mean of x + residual in rstd's type (a
+# placeholder unless store_mean), which the backward may take as a shift.
 _lib.define(
     "add_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
     "bool is_rms_norm, bool store_residual_out, ScalarType residual_out_dtype, "
-    "float weight_offset=0.) -> (Tensor y, Tensor residual_out, Tensor rstd)"
+    "float weight_offset=0., bool store_mean=False) "
+    "-> (Tensor y, Tensor residual_out, Tensor rstd, Tensor mean)"
 )
 # saved is residual_out (or x when there was no residual), or y when memory_efficient.
 # dx has dy's dtype and already includes dresidual_out. dresidual is a separate
@@ -44,10 +46,15 @@ _lib.define(
 # otherwise dx serves as the residual's gradient too. dweight/dbias have the
 # dtypes of weight/bias, and are placeholders when those are absent. weight_offset is
 # the forward's: dx uses weight + weight_offset, dweight is weight's own gradient.
+# mean is the forward's mean output (LayerNorm, not memory_efficient), or None. The
+# result does not depend on it: LayerNorm's xhat is re-centred over the saved row
+# either way. It is the shift that lets a kernel take the row's sums in one reduction
+# without cancellation (the CUDA rows kernels' ring variant does); without it a kernel
+# reduces the row for its mean first.
 _lib.define(
     "add_norm_bwd(Tensor dy, Tensor? dresidual_out, Tensor saved, Tensor rstd, "
     "Tensor? weight, Tensor? bias, bool is_rms_norm, bool memory_efficient, "
-    "ScalarType? dresidual_dtype, float weight_offset=0.) "
+    "ScalarType? dresidual_dtype, float weight_offset=0., Tensor? mean=None) "
     "-> (Tensor dx, Tensor dresidual, Tensor dweight, Tensor dbias)"
 )
 
@@ -109,26 +116,29 @@ def _build_on_first_use(device: torch.device) -> bool:
 
 
 def _add_norm_fwd_reference(x, residual, weight, bias, eps, is_rms_norm,
-                            store_residual_out, residual_out_dtype, weight_offset=0.0):
+                            store_residual_out, residual_out_dtype, weight_offset=0.0, store_mean=False):
     if _build_on_first_use(x.device):  # dispatch again, now to the compiled kernel
         return add_norm_fwd(x, residual, weight, bias, eps, is_rms_norm,
-                            store_residual_out, residual_out_dtype, weight_offset)
+                            store_residual_out, residual_out_dtype, weight_offset, store_mean)
     _notice_reference(x.device)
     reference.check_weight_offset(weight_offset, weight)
+    if store_mean and is_rms_norm:
+        raise RuntimeError("store_mean: RMSNorm has no row mean")
     y, s, rstd = reference.forward(x, residual, weight, bias, eps, is_rms_norm, weight_offset)
     if store_residual_out:
         # s is x itself when x needs no cast and there is no residual: never alias.
         residual_out = s.to(residual_out_dtype, copy=s is x).contiguous()
     else:
         residual_out = _placeholder(x)
-    return y.contiguous(), residual_out, rstd
+    mean = s.to(rstd.dtype).mean(-1) if store_mean else _placeholder(x)
+    return y.contiguous(), residual_out, rstd, mean
 
 
 def _add_norm_bwd_reference(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm,
-                            memory_efficient, dresidual_dtype, weight_offset=0.0):
+                            memory_efficient, dresidual_dtype, weight_offset=0.0, mean=None):
     reference.check_weight_offset(weight_offset, weight)
     ds, dweight, dbias = reference.backward(
-        dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm, memory_efficient, weight_offset
+        dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm, memory_efficient, weight_offset, mean
     )
     dx = ds.to(dy.dtype).contiguous()
     dresidual = _placeholder(dy) if dresidual_dtype is None else ds.to(dresidual_dtype).contiguous()
@@ -143,17 +153,18 @@ _lib.impl("add_norm_bwd", _add_norm_bwd_reference, "CompositeExplicitAutograd")
 
 @torch.library.register_fake("residual_fused::add_norm_fwd", lib=_lib)
 def _add_norm_fwd_fake(x, residual, weight, bias, eps, is_rms_norm,
-                       store_residual_out, residual_out_dtype, weight_offset=0.0):
+                       store_residual_out, residual_out_dtype, weight_offset=0.0, store_mean=False):
     y = x.new_empty(x.shape)
     residual_out = (x.new_empty(x.shape, dtype=residual_out_dtype)
                     if store_residual_out else _placeholder(x))
     rstd = x.new_empty(x.shape[:-1], dtype=compute_dtype(x.dtype))
-    return y, residual_out, rstd
+    mean = torch.empty_like(rstd) if store_mean else _placeholder(x)
+    return y, residual_out, rstd, mean
 
 
 @torch.library.register_fake("residual_fused::add_norm_bwd", lib=_lib)
 def _add_norm_bwd_fake(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm,
-                       memory_efficient, dresidual_dtype, weight_offset=0.0):
+                       memory_efficient, dresidual_dtype, weight_offset=0.0, mean=None):
     dx = dy.new_empty(dy.shape)
     dresidual = (_placeholder(dy) if dresidual_dtype is None
                  else dy.new_empty(dy.shape, dtype=dresidual_dtype))
@@ -217,11 +228,13 @@ class AddNormFunction(torch.autograd.Function):
                 residual_out_dtype, memory_efficient, weight_offset=0.0):
         # Post-norm without a residual normalizes x itself, so x is what backward needs.
         store = prenorm or (residual is not None and not memory_efficient)
-        y, residual_out, rstd = add_norm_fwd(
-            x, residual, weight, bias, eps, is_rms_norm, store, residual_out_dtype, weight_offset
+        # LayerNorm's row mean, for the backward's shift where it rebuilds xhat from the sum.
+        store_mean = not is_rms_norm and not memory_efficient
+        y, residual_out, rstd, mean = add_norm_fwd(
+            x, residual, weight, bias, eps, is_rms_norm, store, residual_out_dtype, weight_offset, store_mean
         )
         saved = y if memory_efficient else (residual_out if store else x)
-        ctx.save_for_backward(saved, rstd, weight, bias)
+        ctx.save_for_backward(saved, rstd, weight, bias, mean if store_mean else None)
         ctx.is_rms_norm = is_rms_norm
         ctx.memory_efficient = memory_efficient
         ctx.weight_offset = weight_offset
@@ -235,7 +248,7 @@ class AddNormFunction(torch.autograd.Function):
     @staticmethod
     @_first_order_only
     def backward(ctx, saved_tensors, dy: Optional[Tensor], dresidual_out: Optional[Tensor] = None):
-        saved, rstd, weight, bias = saved_tensors
+        saved, rstd, weight, bias, mean = saved_tensors
         none = (None,) * 6
         if dy is None and dresidual_out is None:
             return (None, None, None, None) + none
@@ -243,7 +256,7 @@ class AddNormFunction(torch.autograd.Function):
             dy = saved.new_zeros(saved.shape, dtype=ctx.x_dtype)
         dx, dresidual, dweight, dbias = add_norm_bwd(
             dy, dresidual_out, saved, rstd, weight, bias,
-            ctx.is_rms_norm, ctx.memory_efficient, ctx.dresidual_dtype, ctx.weight_offset,
+            ctx.is_rms_norm, ctx.memory_efficient, ctx.dresidual_dtype, ctx.weight_offset, mean,
         )
         if not ctx.has_residual:
             dresidual = None

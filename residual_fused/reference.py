@@ -4,7 +4,7 @@ Two layers live here:
 
 * :func:`forward` / :func:`backward`: the math of the library's two ops on rows of
   the last dim (``[..., H]``), with fp32 statistics (fp64 for fp64 ``x``). They are
-  the op implementation wherever the compiled extension is absent (always on CPU).
+  the op implementation wherever the compiled extension is absent.
 * :func:`add_layer_norm` / :func:`add_rms_norm`: plain differentiable functions
   with the same signatures as the functional API, built on :func:`forward`.
 """
@@ -25,6 +25,22 @@ def check_weight_offset(weight_offset: float, weight: Optional[Tensor]) -> None:
         raise RuntimeError(f"weight_offset must be finite, got {weight_offset}")
     if weight_offset != 0 and weight is None:
         raise RuntimeError("weight_offset: an offset is added to the weight, so it needs a weight")
+
+
+def check_mean(mean: Optional[Tensor], is_rms_norm: bool, memory_efficient: bool,
+               rstd: Optional[Tensor] = None) -> None:
+    """The backward op's rule for its ``mean`` argument (the compiled kernels check the
+    same): LayerNorm's forward mean, absent for RMSNorm and in memory-efficient mode."""
+    if mean is None:
+        return
+    if is_rms_norm:
+        raise RuntimeError("mean: RMSNorm has no row mean; pass None")
+    if memory_efficient:
+        raise RuntimeError("mean: the memory-efficient backward rebuilds xhat from y, whose mean "
+                           "is not the forward's; pass None")
+    if rstd is not None and (mean.dtype != rstd.dtype or mean.numel() != rstd.numel()):
+        raise RuntimeError(f"mean must hold one {str(rstd.dtype).replace('torch.', '')} per row (the "
+                           f"forward's mean output), got {mean.dtype} with {mean.numel()} elements")
 
 
 def effective_weight(weight: Tensor, acc: torch.dtype, weight_offset: float = 0.0) -> Tensor:
@@ -80,6 +96,7 @@ def backward(
     is_rms_norm: bool,
     memory_efficient: bool,
     weight_offset: float = 0.0,  # the forward's: g uses weight + weight_offset
+    mean: Optional[Tensor] = None,  # [...]: the forward's row mean (LayerNorm), or None
 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Gradient of the sum ``ds`` (compute dtype) and, if present, dweight and dbias (fp32).
 
@@ -92,8 +109,12 @@ def backward(
     row after the rebuild. ``saved`` is rounded to its dtype while rstd came from
     the unrounded sum; without the re-centring the rounding error enters as a mean
     shift times rstd, which is catastrophic for near-constant rows (H = 1 gives
-    garbage instead of a zero gradient). The row mean therefore never needs saving.
+    garbage instead of a zero gradient). The forward's ``mean``, where given, changes
+    nothing here: re-centred, xhat is the same whatever mean it was first shifted by.
+    The compiled kernels use it as that shift, so that the row's sums are taken in one
+    reduction (``sum(v - mean)`` is then near zero and cancels nothing).
     """
+    check_mean(mean, is_rms_norm, memory_efficient, rstd)
     acc = rstd.dtype
     r = rstd.unsqueeze(-1)
     xhat = saved.to(acc)

@@ -299,9 +299,9 @@ class Emulator:
                                    ctypes.c_ulonglong)
         L = self.lib
         L.emu_fwd.argtypes = [i64, i32, i32, dbl, ptr, i64, i32, ptr, i64, i32, ptr, i32, ptr, i32,
-                              ptr, ptr, i32, ptr]
+                              ptr, ptr, i32, ptr, ptr]
         L.emu_bwd.argtypes = [i64, i32, i32, i32, ptr, i64, i32, ptr, i64, i32, ptr, i64, i32, ptr,
-                              ptr, i32, ptr, i32, ptr, ptr, i32, ptr, ptr, i64]
+                              ptr, i32, ptr, i32, ptr, ptr, i32, ptr, ptr, i64, ptr]
         L.emu_configure.argtypes = [i32, i32, i32, i32, i32]
         L.emu_recorded_launch.argtypes = [i32, ctypes.c_char_p, i32, ctypes.POINTER(i64), ctypes.POINTER(i32),
                                           ctypes.POINTER(i32)]
@@ -454,10 +454,11 @@ class Emulator:
 
     # ---- the ops ---------------------------------------------------------------------
     def fwd(self, x, residual, weight, bias, eps, is_rms_norm, store_residual_out, residual_out_dtype,
-            out_offsets: Optional[Dict[str, int]] = None, weight_offset: float = 0.0):
+            out_offsets: Optional[Dict[str, int]] = None, weight_offset: float = 0.0, store_mean: bool = False):
         """torch.ops.residual_fused.add_norm_fwd through the emulated kernels. Inputs keep
         their row stride and their address mod 16; ``out_offsets`` places the outputs
-        (y, residual_out, rstd) that many bytes past a 16-byte boundary."""
+        (y, residual_out, rstd, mean) that many bytes past a 16-byte boundary. Returns
+        (y, residual_out, rstd, mean), None for those the call does not produce."""
         rows, hidden = x.shape
         stats = torch.float64 if x.dtype == torch.float64 else torch.float32
         off = out_offsets or {}
@@ -470,19 +471,20 @@ class Emulator:
         res = (self._output(a, "residual_out", (rows, hidden), residual_out_dtype, off.get("residual_out", 0))
                if store_residual_out else None)
         rstd = self._output(a, "rstd", (rows,), stats, off.get("rstd", 0))
+        mean = self._output(a, "mean", (rows,), stats, off.get("mean", 0)) if store_mean else None
         self.lib.emu_set_weight_offset(weight_offset)
         try:
-            status = self._fwd_call(rows, hidden, eps, is_rms_norm, _args(xg, rg, wg, bg, y, res, rstd),
+            status = self._fwd_call(rows, hidden, eps, is_rms_norm, _args(xg, rg, wg, bg, y, res, rstd, mean),
                                     residual_out_dtype)
         finally:
             self.lib.emu_set_weight_offset(0.0)
-        return self._finish(a, status, "forward", (y, res, rstd))
+        return self._finish(a, status, "forward", (y, res, rstd, mean))
 
     def bwd(self, dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm, memory_efficient,
             dresidual_dtype, workspace_delta: int = 0, out_offsets: Optional[Dict[str, int]] = None,
-            weight_offset: float = 0.0):
+            weight_offset: float = 0.0, mean=None):
         """torch.ops.residual_fused.add_norm_bwd through the emulated kernels (``out_offsets``
-        as in fwd, for dx, dresidual, dweight, dbias)."""
+        as in fwd, for dx, dresidual, dweight, dbias; ``mean`` the forward's, or None)."""
         rows, hidden = dy.shape
         off = out_offsets or {}
         a: list = []
@@ -492,6 +494,7 @@ class Emulator:
         rg = self._input(a, "rstd", rstd)
         wg = self._input(a, "weight", weight)
         bg = self._input(a, "bias", bias)
+        mg = self._input(a, "mean", mean)
         dx = self._output(a, "dx", (rows, hidden), dy.dtype, off.get("dx", 0))
         dres = (None if dresidual_dtype is None
                 else self._output(a, "dresidual", (rows, hidden), dresidual_dtype, off.get("dresidual", 0)))
@@ -500,23 +503,23 @@ class Emulator:
         self.lib.emu_set_weight_offset(weight_offset)
         try:
             status = self._bwd_call(rows, hidden, is_rms_norm, memory_efficient,
-                                    _args(dyg, dog, sg, rg, wg, bg, dx, dres, dw, db), dresidual_dtype,
+                                    _args(dyg, dog, sg, rg, wg, bg, dx, dres, dw, db, mg), dresidual_dtype,
                                     workspace_delta)
         finally:
             self.lib.emu_set_weight_offset(0.0)
         return self._finish(a, status, "backward", (dx, dres, dw, db))
 
     def _fwd_call(self, rows, hidden, eps, is_rms_norm, t, residual_out_dtype) -> int:
-        (x, xs, xc), (r, rs, rc), (w, _, wc), (b, _, bc), (y, _, _), (res, _, _), (rstd, _, _) = t
+        (x, xs, xc), (r, rs, rc), (w, _, wc), (b, _, bc), (y, _, _), (res, _, _), (rstd, _, _), (mean, _, _) = t
         return self.lib.emu_fwd(rows, hidden, int(is_rms_norm), eps, x, xs, xc, r, rs, rc, w, wc, b, bc, y, res,
-                                DTYPE_CODE[residual_out_dtype], rstd)
+                                DTYPE_CODE[residual_out_dtype], rstd, mean)
 
     def _bwd_call(self, rows, hidden, is_rms_norm, memory_efficient, t, dresidual_dtype, workspace_delta) -> int:
         ((dy, dys, dyc), (do, dos, doc), (sv, svs, svc), (rstd, _, _), (w, _, wc), (b, _, bc), (dx, _, _),
-         (dres, _, _), (dw, _, _), (db, _, _)) = t
+         (dres, _, _), (dw, _, _), (db, _, _), (mean, _, _)) = t
         return self.lib.emu_bwd(rows, hidden, int(is_rms_norm), int(memory_efficient), dy, dys, dyc, do, dos, doc,
                                 sv, svs, svc, rstd, w, wc, b, bc, dx, dres, DTYPE_CODE.get(dresidual_dtype, 0),
-                                dw, db, workspace_delta)
+                                dw, db, workspace_delta, mean)
 
     # ---- plans of real calls, not run ----------------------------------------------------
     def _planned(self, call) -> List[dict]:
@@ -546,17 +549,18 @@ class Emulator:
     def plan_fwd(self, rows, hidden, specs: Dict[str, Optional["TensorSpec"]], is_rms_norm,
                  residual_out_dtype) -> List[dict]:
         """The launches a forward with tensors like ``specs`` (x, residual, weight, bias,
-        y, residual_out, rstd: dtype, address mod 16 and row stride; None if absent) makes
-        on the configured device, planned by the real launch code and not run."""
-        names = ("x", "residual", "weight", "bias", "y", "residual_out", "rstd")
+        y, residual_out, rstd, mean: dtype, address mod 16 and row stride; None if absent)
+        makes on the configured device, planned by the real launch code and not run."""
+        names = ("x", "residual", "weight", "bias", "y", "residual_out", "rstd", "mean")
         t = tuple(_fake(specs.get(n)) for n in names)
         return self._planned(lambda: self._fwd_call(rows, hidden, 1e-5, is_rms_norm, t, residual_out_dtype))
 
     def plan_bwd(self, rows, hidden, specs: Dict[str, Optional["TensorSpec"]], is_rms_norm, memory_efficient,
                  dresidual_dtype) -> List[dict]:
         """plan_fwd for the backward (dy, dresidual_out, saved, rstd, weight, bias, dx,
-        dresidual, dweight, dbias)."""
-        names = ("dy", "dresidual_out", "saved", "rstd", "weight", "bias", "dx", "dresidual", "dweight", "dbias")
+        dresidual, dweight, dbias, mean)."""
+        names = ("dy", "dresidual_out", "saved", "rstd", "weight", "bias", "dx", "dresidual", "dweight", "dbias",
+                 "mean")
         t = tuple(_fake(specs.get(n)) for n in names)
         return self._planned(lambda: self._bwd_call(rows, hidden, is_rms_norm, memory_efficient, t,
                                                     dresidual_dtype, 0))

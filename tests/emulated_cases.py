@@ -16,6 +16,7 @@ import os
 import random
 import re
 import sys
+from typing import Optional
 
 import torch
 
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import cuda_emulator  # noqa: E402
 import numerics  # noqa: E402
+from residual_fused import reference  # noqa: E402
 
 SCHEDULES = tuple(cuda_emulator.SCHEDULES)
 MAX_SWEEP_HIDDEN = 262144
@@ -148,10 +150,14 @@ def _vector(hidden, dtype, gen, away_from_zero=False):
     return v.to(dtype)
 
 
-def check(emu, rows, hidden, flags: Flags, layout="contiguous", seed=0, directions=("fwd", "bwd")):
+def check(emu, rows, hidden, flags: Flags, layout="contiguous", seed=0, directions=("fwd", "bwd"),
+          with_mean: Optional[bool] = None):
     """Forward and backward (or those of ``directions``) of one case against the float64
     reference, within the bounds of tests/numerics.py; returns every output the kernels
-    wrote, by name. The backward's inputs come from the reference, not the forward."""
+    wrote, by name. The backward's inputs come from the reference, not the forward.
+    LayerNorm's backward from the sum gets the forward's row mean as autograd passes it,
+    or none (the kernels then reduce the row once more for it): ``with_mean``, by
+    default with the mean where rows + hidden is even, so every grid covers both."""
     gen = torch.Generator().manual_seed(seed)
     f = flags
     # Rows with a mean far from zero, as residual streams have: a term that wrongly
@@ -168,9 +174,9 @@ def check(emu, rows, hidden, flags: Flags, layout="contiguous", seed=0, directio
     args = (x, residual, weight, bias, eps, f.rms, f.store, out_dtype)
     outputs = {}
     if "fwd" in directions:
-        y, res, rstd = emu.fwd(*args)
-        got = {"y": y, "residual_out": res, "rstd": rstd}
-        numerics.check_forward(got, x, residual, weight, bias, eps, f.rms, f.store)
+        y, res, rstd, mean = emu.fwd(*args, store_mean=not f.rms)
+        got = {"y": y, "residual_out": res, "rstd": rstd, "mean": mean}
+        numerics.check_forward(got, x, residual, weight, bias, eps, f.rms, f.store, store_mean=not f.rms)
         outputs.update({k: v for k, v in got.items() if v is not None})
     if "bwd" not in directions:
         return outputs
@@ -179,11 +185,14 @@ def check(emu, rows, hidden, flags: Flags, layout="contiguous", seed=0, directio
     (y64, s64, rstd64), _ = numerics.forward_reference(x, residual, weight, bias, eps, f.rms)
     saved = (y64.to(f.x) if f.memory_efficient else (s64.to(out_dtype) if f.store else x))
     rstd_in = rstd64.to(torch.float64 if f.x == torch.float64 else torch.float32)
+    if with_mean is None:
+        with_mean = (rows + hidden) % 2 == 0
+    mean_in = s64.mean(-1).to(rstd_in.dtype) if with_mean and not f.rms and not f.memory_efficient else None
     dy = _tensor(rows, hidden, f.x, gen, layout, scale=1 / 8)
     dres_out = _tensor(rows, hidden, out_dtype, gen, layout, scale=1 / 8) if f.dres_out else None
     dres_dtype = residual.dtype if residual is not None and residual.dtype != x.dtype else None
     dx, dres, dw, db = emu.bwd(dy, dres_out, saved, rstd_in, weight, bias, f.rms, f.memory_efficient,
-                               dres_dtype)
+                               dres_dtype, mean=mean_in)
     got = {"dx": dx, "dresidual": dres, "dweight": dw, "dbias": db}
     numerics.check_backward(got, dy, dres_out, saved, rstd_in, weight, bias, f.rms, f.memory_efficient)
     outputs.update({k: v for k, v in got.items() if v is not None})
@@ -367,14 +376,18 @@ def check_batch_invariance(emu, hidden, flags: Flags, batch_sizes=BATCH_SIZES, s
     def run(rows):
         def head(t):
             return None if t is None else t[:rows]
-        y, res_out, rstd = emu.fwd(head(x), head(residual), weight, bias, 1e-5, f.rms, f.store,
-                                   out_dtype)
+        y, res_out, _, mean = emu.fwd(head(x), head(residual), weight, bias, 1e-5, f.rms, f.store,
+                                      out_dtype, store_mean=not f.rms)
         # the saved tensor comes from the reference, so only the backward is under test
-        ref = OPS.add_norm_fwd(head(x), head(residual), weight, bias, 1e-5, f.rms, f.store, out_dtype)
+        ref = OPS.add_norm_fwd(head(x), head(residual), weight, bias, 1e-5, f.rms, f.store, out_dtype, 0.0,
+                               not f.rms and not f.memory_efficient)
         saved = ref[0] if f.memory_efficient else (ref[1] if f.store else head(x))
+        shift = None if f.rms or f.memory_efficient else ref[3]
         dx, dres, _, _ = emu.bwd(head(dy), head(dres_out), saved, ref[2], weight, bias, f.rms,
-                                 f.memory_efficient, dres_dtype)
+                                 f.memory_efficient, dres_dtype, mean=shift)
         out = {"y": y, "dx": dx}
+        if mean is not None:
+            out["mean"] = mean
         if f.store:
             out["residual_out"] = res_out
         if dres_dtype is not None:
@@ -662,13 +675,25 @@ def check_ring(emu, quick=False):
 def _check_ring_case(emu, entry, direction, pt, hidden, rows, flag, layout, tb):
     emu.configure("h100", sm_count=3)
     got = {}
+    f = FLAGS[flag]
+    # The ring's LayerNorm backward with the forward's mean takes its sums in one
+    # reduction (other arithmetic): within the bounds here, bitwise against st=1
+    # without the mean, where both reduce twice.
+    shifted = direction == "bwd" and not f.rms and not f.memory_efficient
+    if shifted:
+        with entry.override(direction, f"rows:pt={pt},tb={tb},st=2"):
+            try:
+                check(emu, rows, hidden, f, layout, seed=rows, directions=(direction,), with_mean=True)
+            except cuda_emulator.EmulatorError as err:
+                wide = torch.float32 in (f.x, f.residual, f.weight, f.bias)
+                assert wide and "shared memory" in str(err), (direction, hidden, rows, flag, err)
     for stages in (1, 2):
         name = f"rows:pt={pt},tb={tb},st={stages}"
         with entry.override(direction, name):
             try:
-                got[stages] = check(emu, rows, hidden, FLAGS[flag], layout, seed=rows, directions=(direction,))
+                got[stages] = check(emu, rows, hidden, f, layout, seed=rows, directions=(direction,),
+                                    with_mean=False if shifted else None)
             except cuda_emulator.EmulatorError as err:
-                f = FLAGS[flag]
                 wide = torch.float32 in (f.x, f.residual, f.weight, f.bias)
                 assert stages == 2 and wide and "shared memory" in str(err), (direction, name, hidden, rows, flag, err)
                 return
@@ -677,6 +702,50 @@ def _check_ring_case(emu, entry, direction, pt, hidden, rows, flag, layout, tb):
         assert torch.equal(t, got[2][out]), (
             f"{direction} {flag} H={hidden} rows={rows} {layout} pt={pt} tb={tb}: {out} differs between st=1 and "
             f"st=2 (max |diff| {(t.double() - got[2][out].double()).abs().max().item():.3g})")
+
+
+# The ring kernels (16 per thread), which take LayerNorm's sums in one reduction.
+SHIFT_VARIANTS = ("rows:pt=16,tb=256,st=2", "rows:pt=16,tb=512,st=2")
+
+
+def check_shift(emu):
+    """The ring's LayerNorm backward takes its three row sums in one reduction of
+    u = v - mean, the forward's mean. On rows far from zero (fp32, means +-1e5 to 4e6,
+    spread 1: u is exact there) a wrong shift shows: with the forward's mean dx is
+    within ~1e-7 of its largest value, while unshifted sums lose ~1e-2 to
+    cancellation (the rule's two reductions, which centre on a mean summed in fp32,
+    are within 2e-4 there, inside the reference's bounds). Also the memory-efficient
+    backward and RMSNorm's single sum, which take no mean, through the same kernels."""
+    import variants
+
+    entry = variants.Entry(emu.lib)
+    gen = torch.Generator().manual_seed(11)
+    emu.configure("h100", sm_count=3)
+    try:
+        for hidden in (1000, 4096):
+            # Several iterations of the persistent CTAs, each row at its own mean (so the
+            # next row's mean in place of this one's shows too).
+            rows = 40
+            offsets = 1e5 * torch.arange(1, rows + 1, dtype=torch.float64).unsqueeze(1) * (-1) ** torch.arange(rows).unsqueeze(1)
+            x = (torch.randn(rows, hidden, generator=gen, dtype=torch.float64) + offsets).float()
+            dy = torch.randn(rows, hidden, generator=gen)
+            w = torch.randn(hidden, generator=gen)
+            b = torch.randn(hidden, generator=gen)
+            y, _, rstd, mean = emu.fwd(x, None, w, b, 1e-5, False, False, torch.float32, store_mean=True)
+            _, _, rms_rstd, _ = emu.fwd(x, None, w, None, 1e-5, True, False, torch.float32)
+            cases = [("mean", x, rstd, mean, False, False), ("memory-efficient", y, rstd, None, False, True),
+                     ("rms", x, rms_rstd, None, True, False)]
+            for what, saved, r, m, rms, mem in cases:
+                ds, _, _ = reference.backward(dy.double(), None, saved.double(), r.double(), w.double(),
+                                              None if rms else b.double(), rms, mem)
+                for name in SHIFT_VARIANTS:
+                    with entry.override("bwd", name):
+                        dx = emu.bwd(dy, None, saved, r, w, None if rms else b, rms, mem, None, mean=m)[0]
+                    err = ((dx.double() - ds).abs().max() / ds.abs().max()).item()
+                    assert err < 1e-6, f"H={hidden} {what} {name}: dx off by {err:.3g} of its largest value"
+    finally:
+        entry.set("bwd", "")
+        emu.configure()
 
 
 # RESIDUAL_FUSED_VARIANT values: (value, what a forward+backward does: the variants
@@ -832,6 +901,7 @@ def run_all(emu, quick=False) -> None:
     check_workspace_mismatch_is_refused(emu)
     check_variants(emu)
     check_ring(emu, quick)
+    check_shift(emu)
     check_variant_environment(emu)
     check_tuned_table(emu)
 

@@ -148,23 +148,23 @@ class OpsTarget:
         return dst.as_strided(tuple(t.shape), tuple(t.stride()))
 
     def fwd(self, x, residual, weight, bias, eps, is_rms_norm, store, residual_out_dtype, out_offsets=None,
-            weight_offset=0.0):
+            weight_offset=0.0, store_mean=False):
         import oracle
 
         with oracle.poisoned_outputs(self.device):
-            y, res, rstd = torch.ops.residual_fused.add_norm_fwd(
+            y, res, rstd, mean = torch.ops.residual_fused.add_norm_fwd(
                 self._dev(x), self._dev(residual), self._dev(weight), self._dev(bias), eps, is_rms_norm, store,
-                residual_out_dtype, weight_offset)
-        return y.cpu(), (res.cpu() if store else None), rstd.cpu()
+                residual_out_dtype, weight_offset, store_mean)
+        return y.cpu(), (res.cpu() if store else None), rstd.cpu(), (mean.cpu() if store_mean else None)
 
     def bwd(self, dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm, memory_efficient, dresidual_dtype,
-            out_offsets=None, weight_offset=0.0):
+            out_offsets=None, weight_offset=0.0, mean=None):
         import oracle
 
         with oracle.poisoned_outputs(self.device):
             dx, dres, dw, db = torch.ops.residual_fused.add_norm_bwd(
                 self._dev(dy), self._dev(dresidual_out), self._dev(saved), self._dev(rstd), self._dev(weight),
-                self._dev(bias), is_rms_norm, memory_efficient, dresidual_dtype, weight_offset)
+                self._dev(bias), is_rms_norm, memory_efficient, dresidual_dtype, weight_offset, self._dev(mean))
         return (dx.cpu(), None if dresidual_dtype is None else dres.cpu(), None if weight is None else dw.cpu(),
                 None if bias is None else db.cpu())
 
@@ -245,35 +245,39 @@ def run_case(emu, case: Case) -> Dict[str, float]:
             if dt["bias"] is not None else None)
     inputs = [t.clone() for t in (x, residual, weight, bias) if t is not None]
 
-    store, res_dtype = f["store"], dtype_of(f["residual_out"])
-    out_off = {"y": lay["y"][0], "residual_out": lay.get("residual_out", [0])[0], "rstd": lay["rstd_out"][0]}
+    store, res_dtype, store_mean = f["store"], dtype_of(f["residual_out"]), bool(f.get("store_mean"))
+    out_off = {"y": lay["y"][0], "residual_out": lay.get("residual_out", [0])[0], "rstd": lay["rstd_out"][0],
+               "mean": lay.get("mean_out", [0])[0]}
 
     def forward():
-        y, res, rstd = emu.fwd(x, residual, weight, bias, case.eps, case.rms, store, res_dtype, out_off,
-                               weight_offset=offset)
-        return {"y": y, "residual_out": res, "rstd": rstd}
+        y, res, rstd, mean = emu.fwd(x, residual, weight, bias, case.eps, case.rms, store, res_dtype, out_off,
+                                     weight_offset=offset, store_mean=store_mean)
+        return {"y": y, "residual_out": res, "rstd": rstd, "mean": mean}
 
     emu.configure(*case.device)
     try:
         got = _under_variant(emu, case, "fwd", lambda: _under_schedules(emu, case, forward))
         worst = ({} if got is None else
-                 numerics.check_forward(got, x, residual, weight, bias, case.eps, case.rms, store, offset))
+                 numerics.check_forward(got, x, residual, weight, bias, case.eps, case.rms, store, offset,
+                                        store_mean))
 
         # The backward's inputs: what the forward saved, as the float64 reference has it.
         (y64, s64, rstd64), _ = numerics.forward_reference(x, residual, weight, bias, case.eps, case.rms, offset)
         saved64 = y64 if b["memory_efficient"] else (s64 if store else x.double())
         saved = _place(saved64, dt["saved"], lay["saved"])
         rstd = _place(rstd64, dt["rstd"], lay["rstd"])
+        # The forward's mean as autograd passes it (the backward's shift), where the case has one.
+        mean = (_place(s64.mean(-1), dt["mean"], lay.get("mean", [0])) if dt["mean"] is not None else None)
         dy = _place(_storage_values(gen, rows, H, lay["dy"], 0.0, 1.0 / 8), dt["dy"], lay["dy"])
         dro = (_place(_storage_values(gen, rows, H, lay["dresidual_out"], 0.0, 1.0 / 8), dt["dresidual_out"],
                       lay["dresidual_out"]) if dt["dresidual_out"] is not None else None)
-        inputs += [t.clone() for t in (saved, rstd, dy, dro) if t is not None]
+        inputs += [t.clone() for t in (saved, rstd, dy, dro, mean) if t is not None]
         dres_dtype = dtype_of(b["dresidual"])
         out_off = {k: lay[k][0] for k in fuzz_space.BWD_OUTPUTS if k in lay}
 
         def backward():
             dx, dres, dw, db = emu.bwd(dy, dro, saved, rstd, weight, bias, case.rms, b["memory_efficient"],
-                                       dres_dtype, out_offsets=out_off, weight_offset=offset)
+                                       dres_dtype, out_offsets=out_off, weight_offset=offset, mean=mean)
             return {"dx": dx, "dresidual": dres, "dweight": dw, "dbias": db}
 
         got = _under_variant(emu, case, "bwd", lambda: _under_schedules(emu, case, backward))
@@ -282,7 +286,7 @@ def run_case(emu, case: Case) -> Dict[str, float]:
                                                  b["memory_efficient"], offset))
     finally:
         emu.configure()
-    after = [t for t in (x, residual, weight, bias, saved, rstd, dy, dro) if t is not None]
+    after = [t for t in (x, residual, weight, bias, saved, rstd, dy, dro, mean) if t is not None]
     for before, now in zip(inputs, after):
         assert _bitwise_equal(before, now), "an input changed"
     return worst

@@ -51,8 +51,8 @@ DTYPES = {v: k for k, v in NAMES.items()}
 
 # Tensor arguments of the two ops: [rows, H] tensors with a row stride, vectors, outputs.
 ROW_INPUTS = ("x", "residual", "dy", "dresidual_out", "saved")
-VECTOR_INPUTS = ("weight", "bias", "rstd")
-FWD_OUTPUTS = ("y", "residual_out", "rstd_out")
+VECTOR_INPUTS = ("weight", "bias", "rstd", "mean")
+FWD_OUTPUTS = ("y", "residual_out", "rstd_out", "mean_out")
 BWD_OUTPUTS = ("dx", "dresidual", "dweight", "dbias")
 
 
@@ -150,12 +150,14 @@ def op_calls(mix: ApiMix) -> Tuple[dict, dict]:
         torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
     calls = {name: args for name, args in rec.calls}
     dt = lambda v: None if v is None or (isinstance(v, torch.Tensor) and v.numel() == 0) else _name(v.dtype)  # noqa
-    fx, fres, fw, fb, _, frms, store, res_out_dtype = calls["add_norm_fwd"]
-    dy, dro, saved, rstd, bw, bb, brms, mem, dres_dtype = calls["add_norm_bwd"]
+    fx, fres, fw, fb, _, frms, store, res_out_dtype = calls["add_norm_fwd"][:8]
+    store_mean = bool(calls["add_norm_fwd"][9]) if len(calls["add_norm_fwd"]) > 9 else False
+    dy, dro, saved, rstd, bw, bb, brms, mem, dres_dtype = calls["add_norm_bwd"][:9]
+    mean = calls["add_norm_bwd"][10] if len(calls["add_norm_bwd"]) > 10 else None
     fwd = {"x": dt(fx), "residual": dt(fres), "weight": dt(fw), "bias": dt(fb), "store": bool(store),
-           "residual_out": _name(res_out_dtype)}
+           "residual_out": _name(res_out_dtype), "store_mean": store_mean}
     bwd = {"dy": dt(dy), "dresidual_out": dt(dro), "saved": dt(saved), "memory_efficient": bool(mem),
-           "dresidual": _name(dres_dtype)}
+           "dresidual": _name(dres_dtype), "mean": dt(mean)}
     assert frms == brms == mix.rms and dt(rstd) in ("f32", "f64"), calls
     return fwd, bwd
 
@@ -169,8 +171,10 @@ class Case:
     hidden: int
     rows: int
     eps: float
-    fwd: Dict[str, object]      # op_calls' forward: x, residual, weight, bias (dtype names), store, residual_out
-    bwd: Dict[str, object]      # op_calls' backward: dy, dresidual_out, saved, memory_efficient, dresidual
+    fwd: Dict[str, object]      # op_calls' forward: x, residual, weight, bias (dtype names), store, residual_out,
+                                # store_mean (absent in older cases)
+    bwd: Dict[str, object]      # op_calls' backward: dy, dresidual_out, saved, memory_efficient, dresidual,
+                                # mean (the forward's, as autograd passes it; absent in older cases)
     layout: Dict[str, list]     # row input -> [offset bytes, row stride]; vector / output -> [offset bytes]
     device: list                # [profile, SMs (0: all), clusters allowed]
     schedules: list             # one or two of cuda_emulator.SCHEDULES (two: outputs must agree bitwise)
@@ -223,6 +227,8 @@ def tensor_dtypes(case: Case) -> Dict[str, Optional[torch.dtype]]:
          "dweight": f["weight"], "dbias": f["bias"]}
     out = {k: dtype_of(v) for k, v in d.items()}
     out["rstd"] = out["rstd_out"] = stats
+    out["mean_out"] = stats if f.get("store_mean") else None
+    out["mean"] = dtype_of(b.get("mean"))
     return out
 
 
@@ -349,12 +355,12 @@ def _specs(case: Case, names) -> Dict[str, Optional[cuda_emulator.TensorSpec]]:
     dtypes = tensor_dtypes(case)
     out = {}
     for n in names:
-        key = "rstd_out" if (n == "rstd" and "y" in names) else n
+        key = n + "_out" if (n in ("rstd", "mean") and "y" in names) else n
         d = dtypes[key]
         if d is None:
             out[n] = None
             continue
-        lay = case.layout[key]
+        lay = case.layout.get(key, [0])
         out[n] = cuda_emulator.TensorSpec(d, lay[0], lay[1] if len(lay) > 1 else 0)
     return out
 
@@ -363,9 +369,9 @@ def plans(emu, case: Case, rows: int) -> Tuple[List[dict], List[dict]]:
     """The launches of the case's forward and backward with `rows` rows (not run)."""
     f, b = case.fwd, case.bwd
     fwd = emu.plan_fwd(rows, case.hidden, _specs(case, ("x", "residual", "weight", "bias", "y", "residual_out",
-                                                         "rstd")), case.rms, dtype_of(f["residual_out"]))
+                                                         "rstd", "mean")), case.rms, dtype_of(f["residual_out"]))
     bwd = emu.plan_bwd(rows, case.hidden, _specs(case, ("dy", "dresidual_out", "saved", "rstd", "weight", "bias",
-                                                         "dx", "dresidual", "dweight", "dbias")),
+                                                         "dx", "dresidual", "dweight", "dbias", "mean")),
                        case.rms, b["memory_efficient"], dtype_of(b["dresidual"]))
     return fwd, bwd
 

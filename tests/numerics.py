@@ -259,14 +259,19 @@ def _checked(worst: Dict[str, float], name: str, got: torch.Tensor, ref: torch.T
 
 
 def check_forward(got: Dict[str, Optional[torch.Tensor]], x, residual, weight, bias, eps, is_rms_norm,
-                  store_residual_out, weight_offset=0.0) -> Dict[str, float]:
-    """Every forward output of one call (y, residual_out if stored, rstd) within its bound;
-    returns each one's worst error / bound (see _checked)."""
+                  store_residual_out, weight_offset=0.0, store_mean=False) -> Dict[str, float]:
+    """Every forward output of one call (y, residual_out and LayerNorm's mean if stored,
+    rstd) within its bound; returns each one's worst error / bound (see _checked)."""
     (y, s, rstd), (tol_y, tol_res, tol_rstd) = forward_reference(x, residual, weight, bias, eps, is_rms_norm,
                                                                  weight_offset)
     worst: Dict[str, float] = {}
     _checked(worst, "y", got["y"], y, tol_y)
     _checked(worst, "rstd", got["rstd"], rstd, tol_rstd)
+    if store_mean:
+        # The sum's rounding (tol_res, every element's) and the sum over the row.
+        u = UNIT[torch.float64 if x.dtype == torch.float64 else torch.float32]
+        tol_mean = tol_res.mean(-1) + _gamma(u, x.shape[-1]) * s.abs().mean(-1)
+        _checked(worst, "mean", got["mean"], s.mean(-1), tol_mean)
     if store_residual_out:
         _checked(worst, "residual_out", got["residual_out"], s, tol_res)
     return worst

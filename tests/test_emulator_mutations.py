@@ -21,7 +21,9 @@ offset by its rank, a wait that leaves the current row's copies in flight, the n
 row fetched into the buffer being read, and the non-portable cluster size not
 allowed (the widest rows silently leave the cluster path); for the backward rows
 kernel's ring (st=2), a wait that leaves the current rows in flight, the next rows
-fetched into the stage being read, the next rows' rstd taken, no group committed
+fetched into the stage being read, the next rows' rstd or mean taken, the forward's mean ignored or not used as the
+shift, the shifted sums not re-centred or their mean term dropped, the forward's mean
+not written or wrong, no group committed
 past the last row, stages that overlap or overflow shared memory, one tensor copied
 over another, and each of its refusals dropped; most of the same in the forward's. Each mutant is built from
 the cached emulator objects plus the translation units that include the mutated file
@@ -75,10 +77,11 @@ def _line(text: str, pos: int) -> int:
 # `< hidden` matches (0-based, in file order) whose mutation cannot change a result,
 # and how many matches each file has (a change there means revisiting this list).
 EQUIVALENT_BOUNDS = {
-    # re-centring and partial sums of chunks past the row end (dy and the loaded values
-    # are zero there); the streamed passes' first two column loops (every access is
-    # re-checked); the reduction's final store (store_chunks re-checks).
-    "bwd_kernels.cuh": ({0, 1, 5, 6, 9}, 10),
+    # partial sums of chunks past the row end (dy is zero there); the streamed passes'
+    # first two column loops (every access is re-checked); the reduction's final store
+    # (store_chunks re-checks). (The re-centring's bound, in rows.cuh's scale_chunks, is
+    # not equivalent since the ring's shifted sums use it.)
+    "bwd_kernels.cuh": ({0, 4, 5, 8}, 9),
     # the streamed forward's output pass (loads, affine and stores all re-check).
     "fwd_kernels.cuh": ({3}, 4),
 }
@@ -117,11 +120,28 @@ def catalogue() -> List[Mutation]:
          r"fetch\(row \+ clusters, parity \^ 1\);", "fetch(row + clusters, parity);", 1),
         # the backward rows kernel's ring (st=2, ring.cuh)
         ("ring takes the next rows' rstd", "bwd_kernels.cuh",
-         r"rstd = active \? rstd_next : 0\.f;\n      fetch\(first \+ step, stage \^ 1\);",
-         "fetch(first + step, stage ^ 1);\n      rstd = active ? rstd_next : 0.f;"),
+         r"rstd = active \? rstd_next : 0\.f;\n(      if \(active\) shift = mean_next;\n)      fetch\(first \+ step, stage \^ 1\);",
+         "\\1      fetch(first + step, stage ^ 1);\n      rstd = active ? rstd_next : 0.f;"),
         ("ring commits no group past the last row", "bwd_kernels.cuh",
-         r"(rstd_next = static_cast<const float\*>\(p\.rstd\)\[row\];\n)    \}\n    async_commit\(\);",
+         r"(mean_next = static_cast<const float\*>\(p\.mean\)\[row\];\n)    \}\n    async_commit\(\);",
          r"\1      async_commit();\n    }"),
+        # LayerNorm's one reduction with the forward's mean (the ring; check_shift)
+        ("ring takes the next rows' mean", "bwd_kernels.cuh",
+         r"(      if \(active\) shift = mean_next;\n)(      fetch\(first \+ step, stage \^ 1\);\n)", r"\2\1"),
+        ("ring's one reduction not shifted", "bwd_kernels.cuh",
+         r"scale_chunks\(rl, hidden, shift, 1\.f, v\);\n(      float sums\[3\])",
+         r"scale_chunks(rl, hidden, 0.f, 1.f, v);\n\1"),
+        ("ring ignores the forward's mean", "bwd_kernels.cuh", r"const bool has_mean = kRing &&",
+         "const bool has_mean = false &&"),
+        ("ring's shifted sums not re-centred", "bwd_kernels.cuh",
+         r"scale_chunks\(rl, hidden, mean_u, scale, v\);", "scale_chunks(rl, hidden, 0.f, scale, v);"),
+        ("ring's sum(g xhat) without its mean term", "bwd_kernels.cuh",
+         r"mean_gx = scale \* \(\(sums\[0\] - mean_u \* sums\[2\]\) / hidden\);",
+         "mean_gx = scale * (sums[0] / hidden);"),
+        ("forward writes no mean", "common.cuh",
+         r"if \(p\.mean != nullptr\) static_cast<acc_t\*>\(p\.mean\)\[row\] = mean;", ""),
+        ("forward writes rstd as the mean", "common.cuh",
+         r"static_cast<acc_t\*>\(p\.mean\)\[row\] = mean;", "static_cast<acc_t*>(p.mean)[row] = rstd;"),
         ("ring given one stage of shared memory", "bwd_kernels.cuh", r"const int ring = STAGES == 2 \? 2 \*",
          "const int ring = STAGES == 2 ? 1 *"),
         ("ring copies d(residual_out) over dy", "bwd_kernels.cuh", r"fetch_chunks\(b \+ saved_bytes \+ dy_bytes,",

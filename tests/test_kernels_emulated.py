@@ -134,7 +134,7 @@ def test_a_read_past_the_end_is_reported_with_the_allocation(emu):
     try:
         status = emu.lib.emu_fwd(rows + 1, hidden, 1, 1e-5, ctypes.c_void_p(x.ptr), hidden, 2,
                                  None, 0, 0, None, 0, None, 0, ctypes.c_void_p(y.ptr), None, 0,
-                                 ctypes.c_void_p(rstd.ptr))
+                                 ctypes.c_void_p(rstd.ptr), None)
         message = emu.lib.emu_message().decode()
     finally:
         for g in (x, y, rstd):

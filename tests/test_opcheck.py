@@ -28,9 +28,13 @@ def test_opcheck(device, case):
     fwd_args = (x, residual, weight, bias, case.eps, case.rms, store, out_dtype)
     torch.library.opcheck(OPS.add_norm_fwd, fwd_args)
 
-    y, residual_out, rstd = OPS.add_norm_fwd(*fwd_args)
+    store_mean = not case.rms and not case.memory_efficient
+    torch.library.opcheck(OPS.add_norm_fwd, fwd_args + (0.0, store_mean))
+    y, residual_out, rstd, mean = OPS.add_norm_fwd(*fwd_args, 0.0, store_mean)
     saved = y if case.memory_efficient else (residual_out if store else x)
     dresidual_dtype = residual.dtype if residual is not None and residual.dtype != x.dtype else None
     bwd_args = (grads["y"], grads.get("residual_out"), saved, rstd, weight, bias, case.rms,
                 case.memory_efficient, dresidual_dtype)
     torch.library.opcheck(OPS.add_norm_bwd, bwd_args)
+    if store_mean:  # with the forward's mean, as autograd calls it
+        torch.library.opcheck(OPS.add_norm_bwd, bwd_args + (0.0, mean))

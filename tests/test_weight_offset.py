@@ -88,10 +88,10 @@ def test_gradcheck_with_offset(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_with_offset(device):
     x, r, w, b = _data(torch.bfloat16, device)
-    args = (x, r, w, b, 1e-5, False, True, torch.float32, 1.0)
+    args = (x, r, w, b, 1e-5, False, True, torch.float32, 1.0, True)
     torch.library.opcheck(torch.ops.residual_fused.add_norm_fwd, args)
-    y, s, rstd = torch.ops.residual_fused.add_norm_fwd(*args)
-    bwd = (torch.randn_like(y), torch.randn_like(s), s, rstd, w, b, False, False, torch.float32, 1.0)
+    y, s, rstd, mean = torch.ops.residual_fused.add_norm_fwd(*args)
+    bwd = (torch.randn_like(y), torch.randn_like(s), s, rstd, w, b, False, False, torch.float32, 1.0, mean)
     torch.library.opcheck(torch.ops.residual_fused.add_norm_bwd, bwd)
 
 

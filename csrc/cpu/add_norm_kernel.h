@@ -157,6 +157,7 @@ void fwd_rows(const AddNormFwdParams& p, const acc* w, const acc* b, bool stream
   std::unique_ptr<acc[]> buffer(new acc[n]);
   acc* s = buffer.get();
   acc* rstd_out = static_cast<acc*>(p.rstd);
+  acc* mean_out = static_cast<acc*>(p.mean);  // null for RMSNorm
   const acc eps = static_cast<acc>(p.eps);
   for (int64_t r = begin; r < end; ++r) {
     const void* x_row = row_of(p.x, p.x_dtype, p.x_row_stride, r);
@@ -198,6 +199,7 @@ void fwd_rows(const AddNormFwdParams& p, const acc* w, const acc* b, bool stream
                    stream, next);
     });
     rstd_out[r] = rstd;
+    if (mean_out) mean_out[r] = mean;
   }
   if (stream) stream_fence();
 }

@@ -33,30 +33,29 @@ void check_launch(cudaError_t err, const char* op) {
               *refusal != '\0' ? refusal : cudaGetErrorString(err));
 }
 
-std::tuple<Tensor, Tensor, Tensor> add_norm_fwd_cuda(const Tensor& x, const OptTensor& residual,
-                                                     const OptTensor& weight,
-                                                     const OptTensor& bias, double eps,
-                                                     bool is_rms_norm, bool store_residual_out,
-                                                     at::ScalarType residual_out_dtype,
-                                                     double weight_offset) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cuda(
+    const Tensor& x, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
+    double eps, bool is_rms_norm, bool store_residual_out, at::ScalarType residual_out_dtype,
+    double weight_offset, bool store_mean) {
   const int64_t hidden = checked_hidden(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   FwdCall call = AtenGlue::prepare_fwd(x, residual, weight, bias, eps, is_rms_norm,
                                        store_residual_out, residual_out_dtype, weight_offset,
-                                       hidden);
+                                       store_mean, hidden);
   check_launch(launch_add_norm_fwd(call.params, c10::cuda::getCurrentCUDAStream()),
                "add_norm_fwd");
-  return {*call.y, *call.residual_out, *call.rstd};
+  return {*call.y, *call.residual_out, *call.rstd, *call.mean};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
     const Tensor& dy, const OptTensor& dresidual_out, const Tensor& saved, const Tensor& rstd,
     const OptTensor& weight, const OptTensor& bias, bool is_rms_norm, bool memory_efficient,
-    std::optional<at::ScalarType> dresidual_dtype, double weight_offset) {
+    std::optional<at::ScalarType> dresidual_dtype, double weight_offset,
+    const OptTensor& mean) {
   const int64_t hidden = checked_hidden(dy, "dy");
   const c10::cuda::CUDAGuard guard(dy.device());
   BwdCall call = AtenGlue::prepare_bwd(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm,
-                                       memory_efficient, dresidual_dtype, weight_offset, hidden);
+                                       memory_efficient, dresidual_dtype, weight_offset, mean, hidden);
   if (call.params.rows > 0) {
     // Planned once: the workspace is sized from the plan that is launched.
     const AddNormBwdPlan plan = plan_add_norm_bwd(call.params);

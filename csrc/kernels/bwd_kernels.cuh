@@ -98,6 +98,18 @@ struct Partials<CHUNKS, VEC, true> {
   }
 };
 
+// Adds one row's dy * xhat and dy to a thread's partials, over its chunks inside the
+// row (`hidden` columns).
+template <int CHUNKS, int VEC, bool IN_SMEM>
+__device__ __forceinline__ void add_partials(const RowLayout<CHUNKS, VEC>& rl, int hidden,
+                                             const float (&dy)[CHUNKS][VEC], const float (&xhat)[CHUNKS][VEC],
+                                             Partials<CHUNKS, VEC, IN_SMEM>& part) {
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    if (rl.col0 + c * rl.stride < hidden) part.add(c, dy[c], xhat[c]);
+  }
+}
+
 template <int CHUNKS, int VEC>
 constexpr bool kSmemPartials = CHUNKS * VEC > 16;
 
@@ -133,7 +145,9 @@ __host__ __device__ inline int bwd_rows_smem(const AddNormBwdParams& p, int bloc
 // STAGES == 2 (16 elements per thread, vectorised rows): the next iteration's rows
 // are copied into a shared-memory ring (ring.cuh) while this one is computed, so a
 // row's loads no longer wait in turn with its reductions and stores. The first rows'
-// copies start before the parameters are staged.
+// copies start before the parameters are staged. That leaves a row's reductions on
+// its serial path, so with the forward's row mean (p.mean) LayerNorm takes its three
+// row sums in one reduction, shifted by that mean; RMSNorm has one sum either way.
 template <class MIX, int CHUNKS, int VEC, int MAX_BLOCK, int STAGES = 1>
 __global__ void __launch_bounds__(MAX_BLOCK, 1)
 add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
@@ -151,7 +165,9 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
   const RowLayout<CHUNKS, VEC> rl(hidden);
   const bool want_partials = p.dweight_partial != nullptr || p.dbias_partial != nullptr;
   const bool has_dres_out = p.dresidual_out != nullptr;
-  __shared__ float red[2 * (MAX_BLOCK / 32)];
+  // LayerNorm rebuilding xhat from the sum, with the forward's mean: the ring's shift.
+  const bool has_mean = kRing && !p.is_rms_norm && !p.memory_efficient && p.mean != nullptr;
+  __shared__ float red[(kRing ? 3 : 2) * (MAX_BLOCK / 32)];
 
   // The ring sits after the parameters, the partials and the group-combine buffer.
   const int64_t step = static_cast<int64_t>(gridDim.x) * rl.rows_per_cta;
@@ -161,9 +177,9 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
   const int stage_bytes = rl.rows_per_cta * group_bytes;
   unsigned char* const ring =
       reinterpret_cast<unsigned char*>(dynamic_smem()) + (kRing ? bwd_rows_smem<CHUNKS, VEC>(p, blockDim.x) : 0);
-  float rstd_next = 0.f;
+  float rstd_next = 0.f, mean_next = 0.f;
   // Starts copying this thread's part of the rows from `first` on into `stage`, and
-  // loads their rstd: one committed group per iteration (empty past the last row).
+  // loads their rstd and mean: one committed group per iteration (empty past the last row).
   const auto fetch = [&](int64_t first, int stage) {
     const int64_t row = first + rl.group;
     if (row < p.rows) {
@@ -178,6 +194,7 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
                      elem_size<R>(p.dresidual_out_dtype), rl, hidden);
       }
       rstd_next = static_cast<const float*>(p.rstd)[row];
+      if (has_mean) mean_next = static_cast<const float*>(p.mean)[row];
     }
     async_commit();
   };
@@ -201,14 +218,13 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
 
     // Every global load of the row in flight before any is used (or, with the ring,
     // the next rows' copies started and this row's awaited).
-    const void* const dres_out_row = row_of<R>(p.dresidual_out, row, p.dresidual_out_row_stride,
-                                               p.dresidual_out_dtype);
     const void* saved_src = row_of<S>(p.saved, row, p.saved_row_stride, p.saved_dtype);
     const void* dy_src = row_of<X>(p.dy, row, p.dy_row_stride, p.dy_dtype);
-    const void* dres_out_src = dres_out_row;
-    float rstd;
+    const void* dres_out_src = row_of<R>(p.dresidual_out, row, p.dresidual_out_row_stride, p.dresidual_out_dtype);
+    float rstd, shift = 0.f;
     if constexpr (kRing) {
       rstd = active ? rstd_next : 0.f;
+      if (active) shift = mean_next;
       fetch(first + step, stage ^ 1);
       async_wait<1>();
       const unsigned char* const b = ring + stage * stage_bytes + rl.group * group_bytes;
@@ -231,43 +247,72 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
     fs.to(v);
     fdy.to(g);
 
-    // v -> xhat (zero past the end of the row).
+    // v -> xhat (zero past the end of the row), g = dy * weight, and the row sums.
     if (p.memory_efficient) undo_affine<W>(weight, bias, rl.col0, rl.stride, hidden, v);
     const float scale = p.memory_efficient ? 1.f : rstd;
-    float mean_v = 0.f;
-    if (!p.is_rms_norm) {
-      float sum[1] = {chunk_sum(v)};
-      row_sum<MAX_BLOCK>(rl, sum, red);
-      mean_v = sum[0] / hidden;
-    }
+    float mean_g = 0.f, mean_gx;
+    if (p.is_rms_norm) {
+      scale_chunks(rl, hidden, 0.f, scale, v);
+      // Weight-gradient partials use dy, before it is scaled into g.
+      if (active && want_partials) add_partials(rl, hidden, g, v, part);
+      if (weight.ptr != nullptr) apply_param<Affine::kMul, W>(weight, rl.col0, rl.stride, hidden, g);
+      float sums[1] = {0.f};  // sum(g * xhat)
 #pragma unroll
-    for (int c = 0; c < CHUNKS; ++c) {
-      if (rl.col0 + c * rl.stride < hidden) {
+      for (int c = 0; c < CHUNKS; ++c)
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) v[c][i] = (v[c][i] - mean_v) * scale;
-      }
-    }
-
-    // Weight-gradient partials use dy, before it is scaled into g.
-    if (active && want_partials) {
+        for (int i = 0; i < VEC; ++i) sums[0] += g[c][i] * v[c][i];
+      row_sum<MAX_BLOCK>(rl, sums, red);
+      mean_gx = sums[0] / hidden;
+    } else if (has_mean) {
+      // LayerNorm, with the ring: one reduction of the row's sums of u = v - shift and
+      // g, the shift the forward's mean: sum(g xhat) is scale (sum(g u) - mean(u)
+      // sum(g)), which cancels nothing with the shift that near the row mean. The ring
+      // takes the loads off a row's serial path, which leaves its reductions there.
+      scale_chunks(rl, hidden, shift, 1.f, v);
+      float sums[3] = {0.f, chunk_sum(v), 0.f};  // sum(g u), sum(u), sum(g)
 #pragma unroll
       for (int c = 0; c < CHUNKS; ++c) {
-        if (rl.col0 + c * rl.stride < hidden) part.add(c, g[c], v[c]);
+        // g keeps dy until the partials have it (holding both through the reduction
+        // would spill): the sums weigh a copy, a chunk at a time.
+        float wdy[1][VEC];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) wdy[0][i] = g[c][i];
+        if (weight.ptr != nullptr) {
+          apply_param<Affine::kMul, W>(weight, rl.col0 + c * rl.stride, rl.stride, hidden, wdy);
+        }
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          sums[0] += wdy[0][i] * v[c][i];
+          sums[2] += wdy[0][i];
+        }
       }
+      row_sum<MAX_BLOCK>(rl, sums, red);
+      const float mean_u = sums[1] / hidden;
+      mean_g = sums[2] / hidden;
+      mean_gx = scale * ((sums[0] - mean_u * sums[2]) / hidden);
+      scale_chunks(rl, hidden, mean_u, scale, v);
+      if (active && want_partials) add_partials(rl, hidden, g, v, part);
+      if (weight.ptr != nullptr) apply_param<Affine::kMul, W>(weight, rl.col0, rl.stride, hidden, g);
+    } else {
+      // LayerNorm: the row mean of v (xhat is centred over the saved row), then the
+      // sums of g and g xhat.
+      float sum[1] = {chunk_sum(v)};
+      row_sum<MAX_BLOCK>(rl, sum, red);
+      scale_chunks(rl, hidden, sum[0] / hidden, scale, v);
+      if (active && want_partials) add_partials(rl, hidden, g, v, part);
+      if (weight.ptr != nullptr) apply_param<Affine::kMul, W>(weight, rl.col0, rl.stride, hidden, g);
+      float sums[2] = {0.f, 0.f};  // sum(g), sum(g * xhat)
+#pragma unroll
+      for (int c = 0; c < CHUNKS; ++c)
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          sums[0] += g[c][i];
+          sums[1] += g[c][i] * v[c][i];
+        }
+      row_sum<MAX_BLOCK>(rl, sums, red);
+      mean_g = sums[0] / hidden;
+      mean_gx = sums[1] / hidden;
     }
-
-    if (weight.ptr != nullptr) apply_param<Affine::kMul, W>(weight, rl.col0, rl.stride, hidden, g);
-    float sums[2] = {0.f, 0.f};  // sum(g), sum(g * xhat)
-#pragma unroll
-    for (int c = 0; c < CHUNKS; ++c)
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        sums[0] += g[c][i];
-        sums[1] += g[c][i] * v[c][i];
-      }
-    row_sum<MAX_BLOCK>(rl, sums, red);
-    const float mean_g = p.is_rms_norm ? 0.f : sums[0] / hidden;
-    const float mean_gx = sums[1] / hidden;
 
     if (active) {
 #pragma unroll
@@ -275,7 +320,7 @@ add_norm_bwd_rows_kernel(const AddNormBwdParams p) {
 #pragma unroll
         for (int i = 0; i < VEC; ++i) g[c][i] = rstd * (g[c][i] - mean_g - v[c][i] * mean_gx);
       if (has_dres_out) {
-        if (!kEarlyDresOut) fdo.load(dres_out_row, p.dresidual_out_dtype, rl.col0, rl.stride, hidden, true);
+        if (!kEarlyDresOut) fdo.load(dres_out_src, p.dresidual_out_dtype, rl.col0, rl.stride, hidden, true);
         float d[CHUNKS][VEC];
         fdo.to(d);
         add_chunks(g, d);

@@ -225,7 +225,7 @@ add_norm_fwd_cluster_kernel(const AddNormFwdParams p) {
     }
     const float rstd = inv_sqrt(m2 / hidden + static_cast<float>(p.eps));
 
-    if (cs.rank == 0 && threadIdx.x == 0) static_cast<float*>(p.rstd)[row] = rstd;
+    if (cs.rank == 0 && threadIdx.x == 0) store_row_stats(p, row, mean, rstd);
     if (p.residual_out != nullptr) {
       store_row<R>(slice_of<R>(p.residual_out, row, hidden, cs.begin, p.residual_out_dtype),
                    p.residual_out_dtype, rl.col0, rl.stride, len, s);

@@ -279,6 +279,15 @@ __device__ __forceinline__ void block_sum(acc_t (&v)[N], acc_t* smem) {
   __syncthreads();  // smem is reused by the next reduction
 }
 
+// The forward's statistics of one row, written by one thread: rstd always, and the
+// mean where the caller asked for it (LayerNorm; the backward's shift).
+template <typename acc_t>
+__device__ __forceinline__ void store_row_stats(const AddNormFwdParams& p, int64_t row, acc_t mean,
+                                                acc_t rstd) {
+  static_cast<acc_t*>(p.rstd)[row] = rstd;
+  if (p.mean != nullptr) static_cast<acc_t*>(p.mean)[row] = mean;
+}
+
 __device__ __forceinline__ float inv_sqrt(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double inv_sqrt(double v) { return 1.0 / sqrt(v); }
 

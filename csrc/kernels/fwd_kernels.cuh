@@ -131,7 +131,7 @@ add_norm_fwd_rows_kernel(const AddNormFwdParams p) {
     const float rstd = inv_sqrt(sq[0] / hidden + static_cast<float>(p.eps));
 
     if (active) {
-      if (rl.col0 == 0) static_cast<float*>(p.rstd)[row] = rstd;
+      if (rl.col0 == 0) store_row_stats(p, row, mean, rstd);
       if (p.residual_out != nullptr) {
         store_row<R>(row_of<R>(p.residual_out, row, hidden, p.residual_out_dtype),
                      p.residual_out_dtype, rl.col0, rl.stride, hidden, s);
@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(MAX_BLOCK, 1) add_norm_fwd_staged_kernel(const
     }
     block_sum<MAX_BLOCK>(sq, red);
     const acc_t rstd = inv_sqrt(sq[0] / hidden + static_cast<acc_t>(p.eps));
-    if (threadIdx.x == 0) static_cast<acc_t*>(p.rstd)[row] = rstd;
+    if (threadIdx.x == 0) store_row_stats(p, row, mean, rstd);
 
     void* y = row_ptr(p.y, row, hidden, p.x_dtype);
     void* res_out = p.residual_out == nullptr
@@ -328,7 +328,7 @@ __global__ void __launch_bounds__(BLOCK, 1) add_norm_fwd_streamed_kernel(const A
     __syncthreads();  // smem is rewritten by the next row
     const acc_t mean = p.is_rms_norm ? acc_t(0) : total.mean;
     const acc_t rstd = inv_sqrt(total.m2 / hidden + static_cast<acc_t>(p.eps));
-    if (threadIdx.x == 0) static_cast<acc_t*>(p.rstd)[row] = rstd;
+    if (threadIdx.x == 0) store_row_stats(p, row, mean, rstd);
 
     // Pass 2: recompute the sum (bitwise the same) and write the outputs.
     void* y = row_ptr(p.y, row, hidden, p.x_dtype);

@@ -35,6 +35,8 @@ struct AddNormFwdParams {
   void* residual_out = nullptr;        // [rows, hidden], contiguous, or null: x + residual
   DType residual_out_dtype = DType::kFloat32;
   void* rstd = nullptr;                // [rows], float (double when x is float64)
+  void* mean = nullptr;                // [rows] or null, rstd's type: LayerNorm's row mean of
+                                       // x + residual, which the backward subtracts first
 };
 
 struct AddNormBwdParams {
@@ -53,6 +55,12 @@ struct AddNormBwdParams {
   int64_t saved_row_stride = 0;
   DType saved_dtype = DType::kFloat32;
   const void* rstd = nullptr;          // [rows], compute type
+  const void* mean = nullptr;          // [rows], compute type, or null: the forward's row mean
+                                       // (LayerNorm, not memory_efficient). Only a shift: xhat
+                                       // is re-centred over the saved row whatever it is. The
+                                       // rows kernels' ring takes LayerNorm's row sums in one
+                                       // reduction shifted by it; the other kernels, and the
+                                       // ring without it, reduce the row for its mean first
   const void* weight = nullptr;        // [hidden] or null
   DType weight_dtype = DType::kFloat32;
   double weight_offset = 0.0;          // as the forward's: dx uses weight + weight_offset,

@@ -272,6 +272,20 @@ struct RowLayout {
         stride(row_threads * VEC) {}
 };
 
+// v = (v - sub) * mul over the chunks that start inside the row (`hidden` columns, a
+// slice's in the cluster kernels); the others keep their zeros.
+template <int CHUNKS, int VEC>
+__device__ __forceinline__ void scale_chunks(const RowLayout<CHUNKS, VEC>& rl, int hidden, float sub,
+                                             float mul, float (&v)[CHUNKS][VEC]) {
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    if (rl.col0 + c * rl.stride < hidden) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) v[c][i] = (v[c][i] - sub) * mul;
+    }
+  }
+}
+
 // Sums N values over each row group; every thread gets its group's sums. Every thread
 // of the CTA calls it (the branch on row_threads is uniform). `red` holds
 // N * MAX_BLOCK / 32 values; warps are added in a fixed order.

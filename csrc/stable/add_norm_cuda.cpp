@@ -105,29 +105,27 @@ void check_launch(cudaError_t err, const char* op) {
                     *refusal != '\0' ? refusal : cudaGetErrorString(err));
 }
 
-std::tuple<Tensor, Tensor, Tensor> add_norm_fwd_cuda(Tensor x, OptTensor residual,
-                                                     OptTensor weight, OptTensor bias,
-                                                     double eps, bool is_rms_norm,
-                                                     bool store_residual_out,
-                                                     ScalarType residual_out_dtype,
-                                                     double weight_offset) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cuda(
+    Tensor x, OptTensor residual, OptTensor weight, OptTensor bias, double eps, bool is_rms_norm,
+    bool store_residual_out, ScalarType residual_out_dtype, double weight_offset, bool store_mean) {
   const int64_t hidden = checked_hidden(x, "x");
   const torch::stable::accelerator::DeviceGuard guard(x.get_device());
   auto call = StableGlue::prepare_fwd(x, residual, weight, bias, eps, is_rms_norm,
                                       store_residual_out, residual_out_dtype, weight_offset,
-                                      hidden);
+                                      store_mean, hidden);
   check_launch(launch_add_norm_fwd(call.params, current_stream(x)), "add_norm_fwd");
-  return {*call.y, *call.residual_out, *call.rstd};
+  return {*call.y, *call.residual_out, *call.rstd, *call.mean};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
     Tensor dy, OptTensor dresidual_out, Tensor saved, Tensor rstd, OptTensor weight,
     OptTensor bias, bool is_rms_norm, bool memory_efficient,
-    std::optional<ScalarType> dresidual_dtype, double weight_offset) {
+    std::optional<ScalarType> dresidual_dtype, double weight_offset,
+    OptTensor mean) {
   const int64_t hidden = checked_hidden(dy, "dy");
   const torch::stable::accelerator::DeviceGuard guard(dy.get_device());
   auto call = StableGlue::prepare_bwd(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm,
-                                      memory_efficient, dresidual_dtype, weight_offset, hidden);
+                                      memory_efficient, dresidual_dtype, weight_offset, mean, hidden);
   if (call.params.rows > 0) {
     // Planned once: the workspace is sized from the plan that is launched.
     const AddNormBwdPlan plan = plan_add_norm_bwd(call.params);

@@ -194,7 +194,7 @@ void emu_free(void* p) { emu::guarded_free(p); }
 int emu_fwd(int64_t rows, int hidden, int is_rms_norm, double eps, const void* x,
             int64_t x_row_stride, int x_dtype, const void* residual, int64_t residual_row_stride,
             int residual_dtype, const void* weight, int weight_dtype, const void* bias,
-            int bias_dtype, void* y, void* residual_out, int residual_out_dtype, void* rstd) {
+            int bias_dtype, void* y, void* residual_out, int residual_out_dtype, void* rstd, void* mean) {
   emu::clear_message();
   AddNormFwdParams p;
   p.rows = rows;
@@ -216,8 +216,9 @@ int emu_fwd(int64_t rows, int hidden, int is_rms_norm, double eps, const void* x
   p.residual_out = residual_out;
   p.residual_out_dtype = static_cast<DType>(residual_out_dtype);
   p.rstd = rstd;
+  p.mean = mean;
   return finish(residual_fused::launch_add_norm_fwd(p, nullptr),
-                {{"y", y}, {"residual_out", residual_out}, {"rstd", rstd}});
+                {{"y", y}, {"residual_out", residual_out}, {"rstd", rstd}, {"mean", mean}});
 }
 
 // The backward as the torch glue runs it: plan once, allocate the workspace the plan
@@ -228,7 +229,7 @@ int emu_bwd(int64_t rows, int hidden, int is_rms_norm, int memory_efficient, con
             int64_t dresidual_out_row_stride, int dresidual_out_dtype, const void* saved,
             int64_t saved_row_stride, int saved_dtype, const void* rstd, const void* weight,
             int weight_dtype, const void* bias, int bias_dtype, void* dx, void* dresidual,
-            int dresidual_dtype, void* dweight, void* dbias, int64_t workspace_delta) {
+            int dresidual_dtype, void* dweight, void* dbias, int64_t workspace_delta, const void* mean) {
   emu::clear_message();
   AddNormBwdParams p;
   p.rows = rows;
@@ -245,6 +246,7 @@ int emu_bwd(int64_t rows, int hidden, int is_rms_norm, int memory_efficient, con
   p.saved_row_stride = saved_row_stride;
   p.saved_dtype = static_cast<DType>(saved_dtype);
   p.rstd = rstd;
+  p.mean = mean;
   p.weight = weight;
   p.weight_dtype = static_cast<DType>(weight_dtype);
   p.weight_offset = g_weight_offset;
