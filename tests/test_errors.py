@@ -191,3 +191,50 @@ def test_residual_out_never_aliases_x(device):
     x = _x(3, 40, device=device)
     _, residual_out = rf.add_layer_norm(x, prenorm=True)
     assert residual_out.data_ptr() != x.data_ptr() and torch.equal(residual_out, x)
+
+
+# The ops themselves, on the compiled kernels (where built) and on the reference, which
+# must refuse the same calls with the same words.
+_OP_PATHS = ["compiled", "reference"]
+
+
+def _fwd(path):
+    from residual_fused import ops
+
+    return torch.ops.residual_fused.add_norm_fwd if path == "compiled" else ops._add_norm_fwd_reference
+
+
+def _bwd(path):
+    from residual_fused import ops
+
+    return torch.ops.residual_fused.add_norm_bwd if path == "compiled" else ops._add_norm_bwd_reference
+
+
+@pytest.mark.parametrize("path", _OP_PATHS)
+def test_store_mean_is_for_layer_norm(path):
+    x = _x(4, 16)
+    with pytest.raises(RuntimeError, match=r"store_mean: RMSNorm has no row mean"):
+        _fwd(path)(x, None, None, None, 1e-5, True, False, x.dtype, 0.0, True)
+
+
+@pytest.mark.parametrize("path", _OP_PATHS)
+def test_backward_mean_rules(path):
+    """The forward's mean goes only to LayerNorm's backward from the sum, with one
+    float per row of rstd's dtype; nothing the caller passed is modified."""
+    dy, saved, rstd, mean = _x(4, 16), _x(4, 16), torch.rand(4) + 0.5, _x(4)
+    before = [t.clone() for t in (dy, saved, rstd, mean)]
+    bwd = _bwd(path)
+    with pytest.raises(RuntimeError, match=r"mean: RMSNorm has no row mean; pass None"):
+        bwd(dy, None, saved, rstd, None, None, True, False, None, 0.0, mean)
+    with pytest.raises(RuntimeError, match=r"mean: the memory-efficient backward rebuilds xhat from y"):
+        bwd(dy, None, saved, rstd, None, None, False, True, None, 0.0, mean)
+    with pytest.raises(RuntimeError, match=r"mean must hold one float32 per row \(the forward's mean output\)"):
+        bwd(dy, None, saved, rstd, None, None, False, False, None, 0.0, mean[:3])
+    with pytest.raises(RuntimeError, match=r"mean must hold one float32 per row"):
+        bwd(dy, None, saved, rstd, None, None, False, False, None, 0.0, mean.double())
+    for b, a in zip(before, (dy, saved, rstd, mean)):
+        assert torch.equal(b, a)
+    # the same call with the mean and without it: the same gradient (it is only a shift)
+    with_mean = bwd(dy, None, saved, rstd, None, None, False, False, None, 0.0, saved.mean(-1))[0]
+    without = bwd(dy, None, saved, rstd, None, None, False, False, None, 0.0, None)[0]
+    torch.testing.assert_close(with_mean, without, rtol=1e-5, atol=1e-6)
