@@ -354,33 +354,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def run_overhead(device: str) -> dict:
-    """Host microseconds per forward on a 1x64 fp32 tensor: fused vs the eager pair."""
-    x = torch.randn(1, 64, device=device)
-    r, w, b = torch.randn(1, 64, device=device), torch.ones(64, device=device), torch.zeros(64, device=device)
-    results = {}
-    with torch.no_grad():
-        results["bare torch.add(x, r) (no grad)"] = host_overhead_us(lambda: torch.add(x, r))
-        results["eager x + r; F.layer_norm (no grad)"] = host_overhead_us(
-            lambda: torch.nn.functional.layer_norm(x + r, (64,), w, b))
-        results["rf.add_layer_norm (no grad)"] = host_overhead_us(lambda: rf.add_layer_norm(x, r, w, b))
-        # The op alone: the difference to the line above is the Python call path
-        # (argument checks + dispatch); the op itself is the kernel launch, or on CPU
-        # the kernel (the PyTorch reference where the CPU kernels are not built).
-        results["  of which the forward op alone"] = host_overhead_us(
-            lambda: torch.ops.residual_fused.add_norm_fwd(x, r, w, b, 1e-5, False, False, x.dtype))
-        results["rf.add_layer_norm prenorm (no grad)"] = host_overhead_us(
-            lambda: rf.add_layer_norm(x, r, w, b, prenorm=True))
-    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-    results["eager x + r; F.layer_norm (grad)"] = host_overhead_us(
-        lambda: torch.nn.functional.layer_norm(xg + r, (64,), wg, b))
-    results["rf.add_layer_norm (grad)"] = host_overhead_us(lambda: rf.add_layer_norm(xg, r, wg, b))
-    print(f"host time per forward call, 1x64 fp32 on {device} (median):")
-    for name, us in results.items():
-        print(f"  {name:40} {us:6.1f} us")
-    return results
-
-
 def write_results_page(rows, env, command, base=None) -> str:
     """bench/results/<device>.md, with results.csv, env.json and plots in <device>/."""
     name = _slug(env["gpu"]) if env.get("gpu") else "cpu-" + _slug(env.get("cpu", "unknown"))
@@ -417,7 +390,10 @@ def main(argv=None):
     if kind == "cpu":
         setup_cpu(args)
     if args.overhead:
-        run_overhead(device)
+        import overhead
+
+        rows = overhead.run(device, with_compile="compile" in args.providers)
+        print(overhead.format_rows(rows, device))
         return
     if kind == "cuda" and not rf.cuda_kernels_available():
         print("warning: the CUDA kernels are not built; residual_fused runs the reference on CUDA.")

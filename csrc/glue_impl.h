@@ -20,6 +20,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/params.h"
@@ -164,14 +165,13 @@ struct Glue {
 
   static Tensor placeholder(const Tensor& like) { return B::empty({0}, like.scalar_type(), like); }
 
+  // A forward call's inputs bound into its params; its outputs are left to the caller.
   // `hidden` is x.size(-1), already checked against the device's range by the caller.
-  static FwdCall prepare_fwd(const Tensor& x, const OptTensor& residual, const OptTensor& weight,
-                             const OptTensor& bias, double eps, bool is_rms_norm,
-                             bool store_residual_out, ScalarType residual_out_dtype,
-                             double weight_offset, bool store_mean, int64_t hidden) {
+  static FwdCall fwd_inputs(const Tensor& x, const OptTensor& residual, const OptTensor& weight,
+                            const OptTensor& bias, double eps, bool is_rms_norm, double weight_offset,
+                            int64_t hidden) {
     check(!is_rms_norm || !bias.has_value(), "bias: RMSNorm has no bias");
     check(eps >= 0, "eps must be non-negative, got ", eps);
-    check(!store_mean || !is_rms_norm, "store_mean: RMSNorm has no row mean");
     check_weight_offset(weight_offset, weight);
     FwdCall call;
     AddNormFwdParams& p = call.params;
@@ -187,7 +187,22 @@ struct Glue {
     }
     bind_affine(call, weight, bias, x, hidden);
     p.weight_offset = weight_offset;
+    return call;
+  }
 
+  static std::vector<int64_t> row_shape(const Tensor& x) {
+    std::vector<int64_t> shape = sizes(x);
+    shape.pop_back();
+    return shape;
+  }
+
+  static FwdCall prepare_fwd(const Tensor& x, const OptTensor& residual, const OptTensor& weight,
+                             const OptTensor& bias, double eps, bool is_rms_norm,
+                             bool store_residual_out, ScalarType residual_out_dtype,
+                             double weight_offset, bool store_mean, int64_t hidden) {
+    check(!store_mean || !is_rms_norm, "store_mean: RMSNorm has no row mean");
+    FwdCall call = fwd_inputs(x, residual, weight, bias, eps, is_rms_norm, weight_offset, hidden);
+    AddNormFwdParams& p = call.params;
     call.y = B::empty(sizes(x), x.scalar_type(), x);
     if (store_residual_out) {
       p.residual_out_dtype = B::dtype(residual_out_dtype, "residual_out_dtype");
@@ -196,16 +211,97 @@ struct Glue {
     } else {
       call.residual_out = placeholder(x);
     }
-    std::vector<int64_t> row_shape = sizes(x);
-    row_shape.pop_back();
-    call.rstd = B::empty(row_shape, B::stats_type(x.scalar_type()), x);
+    call.rstd = B::empty(row_shape(x), B::stats_type(x.scalar_type()), x);
     if (store_mean) {
-      call.mean = B::empty(row_shape, B::stats_type(x.scalar_type()), x);
+      call.mean = B::empty(row_shape(x), B::stats_type(x.scalar_type()), x);
       p.mean = call.mean->data_ptr();
     } else {
       call.mean = placeholder(x);
     }
     p.y = call.y->data_ptr();
+    p.rstd = call.rstd->data_ptr();
+    return call;
+  }
+
+  // ---- outputs the caller owns: the out= and in-place forms ---------------------------
+  // An output the caller passes may be exactly an input (the same first byte, dtype and
+  // shape, both contiguous): every kernel, CPU and CUDA, reads each element of a row
+  // before it writes that element, and only the thread that read it writes it. Any
+  // other overlap with an input or the other output would read what was written.
+
+  // The bytes [first, last] a tensor's elements span; false when it has none.
+  static bool byte_span(const Tensor& t, uintptr_t& first, uintptr_t& last) {
+    if (t.numel() == 0) return false;
+    int64_t far = 0;  // torch strides are non-negative
+    for (int64_t d = 0; d < t.dim(); ++d) far += (t.size(d) - 1) * t.stride(d);
+    const int64_t size = static_cast<int64_t>(t.element_size());
+    first = reinterpret_cast<uintptr_t>(t.data_ptr());
+    last = first + static_cast<uintptr_t>(far * size + size - 1);
+    return true;
+  }
+
+  static bool overlap(const Tensor& a, const Tensor& b) {
+    uintptr_t a0, a1, b0, b1;
+    return byte_span(a, a0, a1) && byte_span(b, b0, b1) && a0 <= b1 && b0 <= a1;
+  }
+
+  static bool contiguous_rows(const Tensor& t) {
+    int64_t expected = 1;
+    for (int64_t d = t.dim() - 1; d >= 0; --d) {
+      if (t.size(d) != 1 && t.stride(d) != expected) return false;
+      expected *= t.size(d);
+    }
+    return true;
+  }
+
+  static bool same_elements(const Tensor& a, const Tensor& b) {
+    return a.data_ptr() == b.data_ptr() && a.scalar_type() == b.scalar_type() && sizes(a) == sizes(b) &&
+           contiguous_rows(a) && contiguous_rows(b);
+  }
+
+  // Checks an output buffer `out` (named `name`) of x's shape: on x's device,
+  // contiguous, and either one of the inputs `same` exactly or clear of them all.
+  static void check_output(const Tensor& out, const char* name, const Tensor& x,
+                           const std::vector<std::pair<const Tensor*, const char*>>& inputs) {
+    check_same_device(out, x, name);
+    check(sizes(out) == sizes(x), name, ": shape ", shape(out), " must equal x's ", shape(x));
+    check(contiguous_rows(out), name, ": must be contiguous (the kernels write whole rows densely)");
+    for (const auto& input : inputs) {
+      if (input.first == nullptr || !overlap(out, *input.first)) continue;
+      check(same_elements(out, *input.first), name, " overlaps ", input.second, " without being ",
+            input.second, " itself: pass a separate buffer, or ", input.second,
+            " itself (contiguous, of the same dtype) to write over it in place");
+    }
+  }
+
+  // A forward writing y into `out` and x + residual into `residual_out` (when given,
+  // in its dtype); the rstd it needs is allocated. `names` are the arguments as the
+  // caller knows them ({"out", "residual_out"}, or {"x", "residual"} in place).
+  static FwdCall prepare_fwd_into(const Tensor& x, const OptTensor& residual, const OptTensor& weight,
+                                  const OptTensor& bias, double eps, bool is_rms_norm,
+                                  double weight_offset, const Tensor& out, const OptTensor& residual_out,
+                                  const char* out_name, const char* residual_out_name, int64_t hidden) {
+    check(out.scalar_type() == x.scalar_type(), out_name, ": dtype must be x's (the normalized output has x's dtype)");
+    const Tensor* r = residual.has_value() ? &*residual : nullptr;
+    const Tensor* w = weight.has_value() ? &*weight : nullptr;
+    const Tensor* b = bias.has_value() ? &*bias : nullptr;
+    check_output(out, out_name, x, {{&x, "x"}, {r, "residual"}, {w, "weight"}, {b, "bias"}});
+    if (residual_out.has_value()) {
+      check_output(*residual_out, residual_out_name, x,
+                   {{&x, "x"}, {r, "residual"}, {w, "weight"}, {b, "bias"}});
+      check(!overlap(out, *residual_out), out_name, " and ", residual_out_name,
+            " overlap: the two outputs need separate memory");
+    }
+    FwdCall call = fwd_inputs(x, residual, weight, bias, eps, is_rms_norm, weight_offset, hidden);
+    AddNormFwdParams& p = call.params;
+    call.y = out;
+    p.y = out.data_ptr();
+    if (residual_out.has_value()) {
+      p.residual_out_dtype = B::dtype(residual_out->scalar_type(), residual_out_name);
+      call.residual_out = *residual_out;
+      p.residual_out = residual_out->data_ptr();
+    }
+    call.rstd = B::empty(row_shape(x), B::stats_type(x.scalar_type()), x);
     p.rstd = call.rstd->data_ptr();
     return call;
   }

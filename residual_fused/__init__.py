@@ -1,12 +1,13 @@
 """residual_fused: the residual add fused with LayerNorm / RMSNorm ("Add & Norm").
 
-``add_layer_norm`` / ``add_rms_norm`` (functional), ``FusedAddNorm`` /
+``add_layer_norm`` / ``add_rms_norm`` (functional; ``out=`` for inference),
+``add_layer_norm_`` / ``add_rms_norm_`` (in place, for inference), ``FusedAddNorm`` /
 ``FusedAddRMSNorm`` (modules), ``AddNormFunction`` (the autograd function both go
 through) and ``reference`` (plain differentiable PyTorch, the oracle).
 """
 
 from . import reference
-from .functional import add_layer_norm, add_rms_norm
+from .functional import add_layer_norm, add_layer_norm_, add_rms_norm, add_rms_norm_
 from .modules import FusedAddNorm, FusedAddRMSNorm
 from .ops import AddNormFunction, cpu_kernels_available, cuda_kernels_available
 
@@ -17,7 +18,9 @@ __all__ = [
     "FusedAddNorm",
     "FusedAddRMSNorm",
     "add_layer_norm",
+    "add_layer_norm_",
     "add_rms_norm",
+    "add_rms_norm_",
     "cpu_kernels_available",
     "cuda_kernels_available",
     "reference",

@@ -2,7 +2,9 @@
 
 Constructor conventions, parameter names (``weight``, ``bias``), initialisation and
 ``state_dict`` keys match the torch modules, so checkpoints load either way.
-``forward(x, residual=None)`` returns ``y``, or ``(y, residual_out)`` with ``prenorm``.
+``forward(x, residual=None)`` returns ``y``, or ``(y, residual_out)`` with ``prenorm``;
+for inference, ``forward(..., out=, residual_out=)`` writes into buffers the caller
+owns and ``forward_inplace(x, residual)`` updates both in place (vLLM's form).
 """
 
 from typing import Optional
@@ -102,12 +104,21 @@ class FusedAddNorm(_FusedAddNormBase):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, prenorm,
                          residual_in_fp32, memory_efficient, weight_offset, device, dtype)
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, *, out: Optional[Tensor] = None,
+                residual_out: Optional[Tensor] = None):
         return functional.add_layer_norm(
             x, residual, self.weight, self.bias, self.eps, prenorm=self.prenorm,
             residual_dtype=self._residual_dtype, memory_efficient=self.memory_efficient,
             normalized_shape=self.normalized_shape, weight_offset=self.weight_offset,
+            out=out, residual_out=residual_out,
         )
+
+    def forward_inplace(self, x: Tensor, residual: Tensor):
+        """Inference: ``residual += x``, then ``x = norm(residual)``, in place; returns
+        ``(x, residual)`` (:func:`residual_fused.functional.add_layer_norm_`)."""
+        return functional.add_layer_norm_(x, residual, self.weight, self.bias, self.eps,
+                                          normalized_shape=self.normalized_shape,
+                                          weight_offset=self.weight_offset)
 
     @classmethod
     def from_layer_norm(cls, ln: nn.LayerNorm, **kwargs) -> "FusedAddNorm":
@@ -136,12 +147,22 @@ class FusedAddRMSNorm(_FusedAddNormBase):
         super().__init__(normalized_shape, eps, elementwise_affine, False, prenorm,
                          residual_in_fp32, memory_efficient, weight_offset, device, dtype)
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, *, out: Optional[Tensor] = None,
+                residual_out: Optional[Tensor] = None):
         return functional.add_rms_norm(
             x, residual, self.weight, self.eps, prenorm=self.prenorm,
             residual_dtype=self._residual_dtype, memory_efficient=self.memory_efficient,
             normalized_shape=self.normalized_shape, weight_offset=self.weight_offset,
+            out=out, residual_out=residual_out,
         )
+
+    def forward_inplace(self, x: Tensor, residual: Tensor):
+        """Inference: ``residual += x``, then ``x = norm(residual)``, in place; returns
+        ``(x, residual)`` (vLLM's ``fused_add_rms_norm``;
+        :func:`residual_fused.functional.add_rms_norm_`)."""
+        return functional.add_rms_norm_(x, residual, self.weight, self.eps,
+                                        normalized_shape=self.normalized_shape,
+                                        weight_offset=self.weight_offset)
 
     @classmethod
     def from_rms_norm(cls, norm: nn.Module, **kwargs) -> "FusedAddRMSNorm":

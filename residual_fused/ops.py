@@ -1,4 +1,4 @@
-"""The library's two PyTorch ops, their fake kernels, and their autograd.
+"""The library's PyTorch ops, their fake kernels, and their autograd.
 
 Schemas are defined here and only here. The pure-PyTorch reference is registered
 as the ``CompositeExplicitAutograd`` kernel, so it runs on any device the compiled
@@ -56,6 +56,21 @@ _lib.define(
     "Tensor? weight, Tensor? bias, bool is_rms_norm, bool memory_efficient, "
     "ScalarType? dresidual_dtype, float weight_offset=0., Tensor? mean=None) "
     "-> (Tensor dx, Tensor dresidual, Tensor dweight, Tensor dbias)"
+)
+
+# The inference forms of the forward (no autograd: refused where a gradient is needed).
+# add_norm_fwd_out writes y into `out` (x's dtype) and x + residual into `residual_out`
+# (in that buffer's dtype) when given. add_norm_fwd_inplace is vLLM's fused add & norm:
+# residual := x + residual (in residual's dtype), then x := norm(residual). A buffer
+# may be exactly an input (written over in place) or clear of every input; anything
+# else is refused (csrc/glue_impl.h, reference.check_output_buffers).
+_lib.define(
+    "add_norm_fwd_out(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
+    "bool is_rms_norm, float weight_offset, Tensor(a!) out, Tensor(b!)? residual_out) -> ()"
+)
+_lib.define(
+    "add_norm_fwd_inplace(Tensor(a!) x, Tensor(b!) residual, Tensor? weight, Tensor? bias, "
+    "float eps, bool is_rms_norm, float weight_offset) -> ()"
 )
 
 
@@ -147,8 +162,41 @@ def _add_norm_bwd_reference(dy, dresidual_out, saved, rstd, weight, bias, is_rms
     return dx, dresidual, dweight, dbias
 
 
+def _add_norm_fwd_out_reference(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out,
+                                residual_out):
+    if _build_on_first_use(x.device):
+        return add_norm_fwd_out(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out, residual_out)
+    _notice_reference(x.device)
+    _write_into(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out, residual_out,
+                "out", "residual_out")
+
+
+def _add_norm_fwd_inplace_reference(x, residual, weight, bias, eps, is_rms_norm, weight_offset):
+    if _build_on_first_use(x.device):
+        return add_norm_fwd_inplace(x, residual, weight, bias, eps, is_rms_norm, weight_offset)
+    _notice_reference(x.device)
+    _write_into(x, residual, weight, bias, eps, is_rms_norm, weight_offset, x, residual, "x", "residual")
+
+
+def _write_into(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out, residual_out,
+                out_name, residual_out_name):
+    reference.check_weight_offset(weight_offset, weight)
+    if is_rms_norm and bias is not None:
+        raise RuntimeError("bias: RMSNorm has no bias")
+    if eps < 0:
+        raise RuntimeError(f"eps must be non-negative, got {eps}")
+    reference.check_output_buffers(x, residual, weight, bias, out, residual_out, out_name, residual_out_name)
+    # Both results exist before either buffer is written: a buffer may be an input.
+    y, s, _ = reference.forward(x, residual, weight, bias, eps, is_rms_norm, weight_offset)
+    if residual_out is not None:
+        residual_out.copy_(s)
+    out.copy_(y)
+
+
 _lib.impl("add_norm_fwd", _add_norm_fwd_reference, "CompositeExplicitAutograd")
 _lib.impl("add_norm_bwd", _add_norm_bwd_reference, "CompositeExplicitAutograd")
+_lib.impl("add_norm_fwd_out", _add_norm_fwd_out_reference, "CompositeExplicitAutograd")
+_lib.impl("add_norm_fwd_inplace", _add_norm_fwd_inplace_reference, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("residual_fused::add_norm_fwd", lib=_lib)
@@ -173,8 +221,45 @@ def _add_norm_bwd_fake(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm
     return dx, dresidual, dweight, dbias
 
 
+@torch.library.register_fake("residual_fused::add_norm_fwd_out", lib=_lib)
+def _add_norm_fwd_out_fake(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out, residual_out):
+    return None
+
+
+@torch.library.register_fake("residual_fused::add_norm_fwd_inplace", lib=_lib)
+def _add_norm_fwd_inplace_fake(x, residual, weight, bias, eps, is_rms_norm, weight_offset):
+    return None
+
+
 add_norm_fwd = torch.ops.residual_fused.add_norm_fwd
 add_norm_bwd = torch.ops.residual_fused.add_norm_bwd
+add_norm_fwd_out = torch.ops.residual_fused.add_norm_fwd_out
+add_norm_fwd_inplace = torch.ops.residual_fused.add_norm_fwd_inplace
+
+_NO_GRAD_FORMS = ("the out= and in-place forms write into buffers and record no gradient; call them "
+                  "under torch.no_grad() or torch.inference_mode(), or use the functional form without "
+                  "out= for training")
+
+
+def _refuse_grad(name, *tensors):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"residual_fused::{name}: a tensor requires grad: {_NO_GRAD_FORMS}")
+
+
+def _add_norm_fwd_out_autograd(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out, residual_out):
+    _refuse_grad("add_norm_fwd_out", x, residual, weight, bias, out, residual_out)
+    with torch._C._AutoDispatchBelowAutograd():
+        return add_norm_fwd_out(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out, residual_out)
+
+
+def _add_norm_fwd_inplace_autograd(x, residual, weight, bias, eps, is_rms_norm, weight_offset):
+    _refuse_grad("add_norm_fwd_inplace", x, residual, weight, bias)
+    with torch._C._AutoDispatchBelowAutograd():
+        return add_norm_fwd_inplace(x, residual, weight, bias, eps, is_rms_norm, weight_offset)
+
+
+_lib.impl("add_norm_fwd_out", _add_norm_fwd_out_autograd, "Autograd")
+_lib.impl("add_norm_fwd_inplace", _add_norm_fwd_inplace_autograd, "Autograd")
 
 
 _DOUBLE_BACKWARD = (

@@ -43,6 +43,58 @@ def check_mean(mean: Optional[Tensor], is_rms_norm: bool, memory_efficient: bool
                            f"forward's mean output), got {mean.dtype} with {mean.numel()} elements")
 
 
+def _byte_span(t: Tensor):
+    """The bytes [first, last] ``t``'s elements span, or None when it has none."""
+    if t.numel() == 0:
+        return None
+    far = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    first = t.data_ptr()
+    return first, first + (far + 1) * t.element_size() - 1
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    sa, sb = _byte_span(a), _byte_span(b)
+    return sa is not None and sb is not None and sa[0] <= sb[1] and sb[0] <= sa[1]
+
+
+def _same_elements(a: Tensor, b: Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.is_contiguous() and b.is_contiguous())
+
+
+def check_output_buffers(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                         bias: Optional[Tensor], out: Tensor, residual_out: Optional[Tensor],
+                         out_name: str = "out", residual_out_name: str = "residual_out") -> None:
+    """The rules of the forms that write into buffers the caller owns (the compiled
+    kernels check the same, csrc/glue_impl.h): each buffer has x's shape and device and
+    is contiguous, ``out`` has x's dtype, and a buffer is either exactly an input (the
+    same first byte, dtype and shape, both contiguous: written over in place) or clear
+    of every input and of the other buffer."""
+    if out.dtype != x.dtype:
+        raise RuntimeError(f"{out_name}: dtype must be x's (the normalized output has x's dtype)")
+    inputs = (("x", x), ("residual", residual), ("weight", weight), ("bias", bias))
+    for name, buf in ((out_name, out), (residual_out_name, residual_out)):
+        if buf is None:
+            continue
+        if buf.device != x.device:
+            raise RuntimeError(f"{name} is on {buf.device} but x is on {x.device}; all tensors must be on "
+                               f"the same device")
+        if buf.shape != x.shape:
+            raise RuntimeError(f"{name}: shape {list(buf.shape)} must equal x's {list(x.shape)}")
+        if not buf.is_contiguous():
+            raise RuntimeError(f"{name}: must be contiguous (the kernels write whole rows densely)")
+        if buf.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise RuntimeError(f"{name}: dtype {buf.dtype} is not supported; use float16, bfloat16, float32 "
+                               f"or float64")
+        for input_name, t in inputs:
+            if t is not None and _overlap(buf, t) and not _same_elements(buf, t):
+                raise RuntimeError(f"{name} overlaps {input_name} without being {input_name} itself: pass a "
+                                   f"separate buffer, or {input_name} itself (contiguous, of the same dtype) "
+                                   f"to write over it in place")
+    if residual_out is not None and _overlap(out, residual_out):
+        raise RuntimeError(f"{out_name} and {residual_out_name} overlap: the two outputs need separate memory")
+
+
 def effective_weight(weight: Tensor, acc: torch.dtype, weight_offset: float = 0.0) -> Tensor:
     """``weight + weight_offset`` in the compute dtype (the offset added only when
     nonzero, as the kernels do: a -0.0 element keeps its sign without one)."""

@@ -260,7 +260,7 @@ def static_shared_arrays(lib_path: str) -> Dict[str, List[tuple]]:
 class Guarded:
     """Bytes in emulator memory with inaccessible pages around them, as a tensor."""
 
-    KINDS = {"input": 0, "output": 1}
+    KINDS = {"input": 0, "output": 1, "inplace": 4}
 
     def __init__(self, lib, name: str, nbytes: int, align_mod: int, flush_start: bool,
                  kind: str = "input"):
@@ -479,6 +479,35 @@ class Emulator:
         finally:
             self.lib.emu_set_weight_offset(0.0)
         return self._finish(a, status, "forward", (y, res, rstd, mean))
+
+    def fwd_inplace(self, x, residual, weight, bias, eps, is_rms_norm, weight_offset: float = 0.0):
+        """torch.ops.residual_fused.add_norm_fwd_inplace through the emulated kernels: x
+        and residual (contiguous [rows, hidden]) sit in memory the kernels may overwrite
+        but must read before they do (emulator kind "inplace"); y is written over x and
+        x + residual over residual. Returns (x, residual, rstd) after the call."""
+        rows, hidden = x.shape
+        assert x.is_contiguous() and residual.is_contiguous(), "in place: contiguous rows"
+        stats = torch.float64 if x.dtype == torch.float64 else torch.float32
+        a: list = []
+        regions = []
+        for name, t in (("x", x), ("residual", residual)):
+            g = Guarded(self.lib, name, t.numel() * t.element_size(), t.data_ptr() % 16, self.flush_start,
+                        "inplace")
+            a.append(g)
+            view = g.tensor(t.dtype, tuple(t.shape), tuple(t.stride()))
+            view.copy_(t)
+            regions.append(view)
+        xg, rg = regions
+        wg = self._input(a, "weight", weight)
+        bg = self._input(a, "bias", bias)
+        rstd = self._output(a, "rstd", (rows,), stats)
+        self.lib.emu_set_weight_offset(weight_offset)
+        try:
+            status = self._fwd_call(rows, hidden, eps, is_rms_norm, _args(xg, rg, wg, bg, xg, rg, rstd, None),
+                                    residual.dtype)
+        finally:
+            self.lib.emu_set_weight_offset(0.0)
+        return self._finish(a, status, "in-place forward", (xg, rg, rstd))
 
     def bwd(self, dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm, memory_efficient,
             dresidual_dtype, workspace_delta: int = 0, out_offsets: Optional[Dict[str, int]] = None,

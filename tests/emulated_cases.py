@@ -704,6 +704,56 @@ def _check_ring_case(emu, entry, direction, pt, hidden, rows, flag, layout, tb):
             f"st=2 (max |diff| {(t.double() - got[2][out].double()).abs().max().item():.3g})")
 
 
+def _inplace_case(emu, rows, hidden, flags: Flags, layout, seed):
+    """The in-place forward (y over x, x + residual over residual) against the same
+    call writing fresh outputs: bitwise equal, and the emulator fails any read of an
+    element after a kernel overwrote it."""
+    gen = torch.Generator().manual_seed(seed)
+    layout = "contiguous" if layout == "strided" else layout  # in place needs dense rows
+    x = _tensor(rows, hidden, flags.x, gen, layout, mean=3.0)
+    residual = _tensor(rows, hidden, flags.residual, gen, layout)
+    weight = _vector(hidden, flags.weight, gen)
+    bias = _vector(hidden, flags.bias, gen)
+    eps = 0.1 if flags.x == torch.float32 else 1e-5
+    want = emu.fwd(x, residual, weight, bias, eps, flags.rms, True, residual.dtype)
+    got = emu.fwd_inplace(x, residual, weight, bias, eps, flags.rms)
+    for name, a, b in zip(("x (y)", "residual (residual_out)", "rstd"), got, want[:3]):
+        assert torch.equal(a, b), (
+            f"{flags.name} H={hidden} rows={rows} {layout}: in place, {name} differs from the call with "
+            f"fresh outputs (max |diff| {(a.double() - b.double()).abs().max().item():.3g})")
+
+
+def check_inplace(emu, quick=False):
+    """The in-place forward on every launch path (each PATHS entry's flag sets with a
+    residual; quick: the first), under two schedules, and on the ring (st=2), whose
+    next rows' copies are in flight while this row is written."""
+    import variants
+
+    for path in PATHS:
+        hidden, rows, names, layout = path[:4]
+        names = [n for n in names if FLAGS[n].residual is not None][: 1 if quick else None]
+        emu.configure(*path[4:])
+        try:
+            for name in names:
+                first = "cta_greedy" if uses_clusters(path) else "warp_greedy"
+                for schedule in (first, "round_robin"):
+                    emu.schedule(schedule, seed=hidden)
+                    _inplace_case(emu, rows, hidden, FLAGS[name], layout, seed=hidden + rows)
+        finally:
+            emu.schedule("round_robin")
+            emu.configure()
+    entry = variants.Entry(emu.lib)
+    emu.configure("h100", sm_count=3)
+    try:
+        for tb, hidden, rows in ((256, 1024, 9), (512, 4096, 7)):
+            with entry.override("fwd", f"rows:pt=16,tb={tb},st=2"):
+                _inplace_case(emu, rows, hidden, FLAGS["ln_bf16_pre"], "contiguous", seed=rows)
+                assert variant_agrees(f"rows:pt=16,tb={tb},st=2", entry.last("fwd"), hidden), entry.last("fwd")
+    finally:
+        entry.set("fwd", "")
+        emu.configure()
+
+
 # The ring kernels (16 per thread), which take LayerNorm's sums in one reduction.
 SHIFT_VARIANTS = ("rows:pt=16,tb=256,st=2", "rows:pt=16,tb=512,st=2")
 
@@ -902,6 +952,7 @@ def run_all(emu, quick=False) -> None:
     check_variants(emu)
     check_ring(emu, quick)
     check_shift(emu)
+    check_inplace(emu, quick)
     check_variant_environment(emu)
     check_tuned_table(emu)
 

@@ -195,3 +195,18 @@ def test_results_page_from_a_recorded_folder(tmp_path):
     assert "| copy_gbs | 4220 GB/s |" in text and "`make gpu-check`" in text
     assert "| rms | pre | fwd | bfloat16 | 16384 | 4096 | residual_fused | 182.1 us |" in text
     assert os.path.exists(tmp_path / "results" / "test_gpu_80gb" / "results.csv")
+
+
+def test_overhead_table_times_every_call_against_the_eager_pair():
+    import overhead
+
+    rows = overhead.run("cpu", with_compile=False, sizes=((1, 64),), batches=4)
+    calls = {(r["norm"], r["grad"], r["call"]) for r in rows}
+    for norm in ("layer", "rms"):
+        for call in ("bare torch.add", "eager pair", "rf functional", "rf module", "rf out=", "rf in place"):
+            assert (norm, False, call) in calls
+        for call in ("bare torch.add", "eager pair", "rf functional"):
+            assert (norm, True, call) in calls
+    assert all(r["host_us"] > 0 and r["vs_eager"] > 0 for r in rows)
+    assert all(r["vs_eager"] == 1.0 for r in rows if r["call"] == "eager pair")
+    assert "| layer | 1 x 64 | no | rf in place |" in overhead.format_rows(rows, "cpu")

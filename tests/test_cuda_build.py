@@ -33,3 +33,34 @@ def test_every_kernel_states_its_launch_bounds(kernel_build):
         pytest.skip("cuobjdump not found (nvidia-cuda-cuobjdump wheel or CUDA toolkit)")
     missing = [f"{k.name} sm_{k.arch}" for k in kernel_build.kernels.values() if not k.max_threads]
     assert not missing, f"kernels without __launch_bounds__: {missing}"
+
+
+# The CUDA runtime calls the launch path may make (csrc/kernels and the glue): none
+# synchronises the host with the device or allocates, so a call can be captured in a
+# CUDA graph (tests/test_cuda_kernels.py captures and replays forward, backward and the
+# in-place form on a GPU). The emulator (tests/emulator/cuda_emulation.h) defines only
+# these, so a new runtime call there fails the emulated build too.
+CAPTURE_SAFE_CALLS = {
+    "cudaGetDevice", "cudaDeviceGetAttribute", "cudaGetDeviceProperties",  # device facts (cached)
+    "cudaFuncGetAttributes", "cudaFuncSetAttribute",  # per kernel, once per device
+    "cudaOccupancyMaxActiveBlocksPerMultiprocessor", "cudaOccupancyMaxActiveClusters",  # planning
+    "cudaLaunchKernel", "cudaLaunchKernelExC",  # the launches, on the caller's stream
+    "cudaGetLastError", "cudaGetErrorString",  # error reporting
+}
+
+
+def test_launch_path_makes_no_synchronising_call():
+    import glob
+    import re
+
+    root = os.path.join(os.path.dirname(__file__), "..", "csrc")
+    used = {}
+    for path in sorted(glob.glob(os.path.join(root, "kernels", "*")) + glob.glob(os.path.join(root, "cuda", "*"))
+                       + glob.glob(os.path.join(root, "stable", "*"))):
+        with open(path) as f:
+            for name in re.findall(r"\b(cu(?:da)?[A-Z]\w*)\s*\(", f.read()):
+                used.setdefault(name, os.path.basename(path))
+    unexpected = {name: where for name, where in used.items() if name not in CAPTURE_SAFE_CALLS}
+    assert not unexpected, (f"CUDA calls outside the capture-safe list (do they synchronise or allocate? "
+                            f"if not, add them with why): {unexpected}")
+    assert "cudaLaunchKernel" in used  # the scan sees the launch path

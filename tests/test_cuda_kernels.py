@@ -197,6 +197,34 @@ def test_cuda_graph_capture_replays_like_eager(rms):
         torch.testing.assert_close(g, p.grad, **close)
 
 
+@pytest.mark.parametrize("rms", [False, True])
+def test_cuda_graph_of_the_inplace_decode_step(rms):
+    """A decode step as inference engines capture it: the in-place form over static
+    buffers, replayed on new data, writes what the out-of-place call returns."""
+    hidden, rows = 4096, 8
+    x = torch.empty(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    r = torch.empty(rows, hidden, device="cuda", dtype=torch.float32)
+    w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
+    fn = (lambda: rf.add_rms_norm_(x, r, w, 1e-6)) if rms else (lambda: rf.add_layer_norm_(x, r, w, None))
+    with torch.inference_mode():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            x.normal_(), r.normal_()
+            fn()  # warm up outside the graph (plans and attributes cached)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        for _ in range(3):
+            x0, r0 = torch.randn_like(x), torch.randn_like(r)
+            x.copy_(x0), r.copy_(r0)
+            graph.replay()
+            want = (rf.add_rms_norm(x0, r0, w, 1e-6, prenorm=True) if rms
+                    else rf.add_layer_norm(x0, r0, w, None, prenorm=True))
+            assert torch.equal(x, want[0]) and torch.equal(r, want[1])
+
+
 def test_errors_on_cuda_match_cpu():
     x = torch.randn(4, 64, device="cuda")
     with pytest.raises(ValueError, match="residual: shape"):

@@ -172,6 +172,11 @@ def catalogue() -> List[Mutation]:
         ("staged variant without vectorised rows", "dispatch.cu", r"if \(!vec8 && v\.family != Family::kRows && ",
          "if (false && "),
         ("tuning override ignored", "dispatch.cu", r"if \(variant_override\(d, &v\)\)", "if (false)"),
+        # in place (check_inplace): a result written before the last read of its input
+        ("streamed forward writes residual_out in its first pass", "fwd_kernels.cuh",
+         r"(      load_sum_chunks<1, VEC>\(p, x, r, col, 0, s\);\n)(      if \(p\.is_rms_norm\) \{)",
+         r"\1      if (p.residual_out != nullptr) store_chunks<1, VEC>(row_ptr(p.residual_out, row, hidden, "
+         r"p.residual_out_dtype), p.residual_out_dtype, col, 0, hidden, s);\n\2"),
         ("non-portable cluster size not allowed", "dispatch.cu",
          r"cudaFuncAttributeNonPortableClusterSizeAllowed, 1\)", "cudaFuncAttributeNonPortableClusterSizeAllowed, 0)"),
     ]

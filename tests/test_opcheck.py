@@ -1,4 +1,4 @@
-"""torch.library.opcheck on both ops: schema, fake kernels, dispatch, AOT tracing."""
+"""torch.library.opcheck on the ops: schema, fake kernels, dispatch, AOT tracing."""
 
 import pytest
 import torch
@@ -38,3 +38,19 @@ def test_opcheck(device, case):
     torch.library.opcheck(OPS.add_norm_bwd, bwd_args)
     if store_mean:  # with the forward's mean, as autograd calls it
         torch.library.opcheck(OPS.add_norm_bwd, bwd_args + (0.0, mean))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [c for c in CASES if c.residual is not None], ids=str)
+def test_opcheck_inference_forms(device, case):
+    """The out= and in-place ops: what they write is declared in their schemas."""
+    t, _ = make_inputs(case, device)
+    x, residual, weight, bias = (None if v is None else v.detach() for v in
+                                 (t["x"], t["residual"], t["weight"], t["bias"]))
+    out = torch.empty(x.shape, dtype=x.dtype, device=device)
+    residual_out = torch.empty(x.shape, dtype=residual.dtype, device=device)
+    torch.library.opcheck(OPS.add_norm_fwd_out,
+                          (x, residual, weight, bias, case.eps, case.rms, 0.0, out, residual_out))
+    torch.library.opcheck(OPS.add_norm_fwd_out, (x, residual, weight, bias, case.eps, case.rms, 0.0, out, None))
+    torch.library.opcheck(OPS.add_norm_fwd_inplace, (x.contiguous().clone(), residual.contiguous().clone(),
+                                                     weight, bias, case.eps, case.rms, 0.0))

@@ -47,6 +47,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cuda(
   return {*call.y, *call.residual_out, *call.rstd, *call.mean};
 }
 
+// The inference forms: y into `out`, x + residual into `residual_out` (in its dtype).
+void add_norm_fwd_out_cuda(const Tensor& x, const OptTensor& residual, const OptTensor& weight,
+                           const OptTensor& bias, double eps, bool is_rms_norm, double weight_offset,
+                           const Tensor& out, const OptTensor& residual_out) {
+  const int64_t hidden = checked_hidden(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  FwdCall call = AtenGlue::prepare_fwd_into(x, residual, weight, bias, eps, is_rms_norm, weight_offset,
+                                            out, residual_out, "out", "residual_out", hidden);
+  check_launch(launch_add_norm_fwd(call.params, c10::cuda::getCurrentCUDAStream()), "add_norm_fwd_out");
+}
+
+// residual := x + residual, x := norm(residual) (the vLLM form).
+void add_norm_fwd_inplace_cuda(const Tensor& x, const Tensor& residual, const OptTensor& weight,
+                               const OptTensor& bias, double eps, bool is_rms_norm, double weight_offset) {
+  const int64_t hidden = checked_hidden(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  FwdCall call = AtenGlue::prepare_fwd_into(x, residual, weight, bias, eps, is_rms_norm, weight_offset,
+                                            x, residual, "x", "residual", hidden);
+  check_launch(launch_add_norm_fwd(call.params, c10::cuda::getCurrentCUDAStream()), "add_norm_fwd_inplace");
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
     const Tensor& dy, const OptTensor& dresidual_out, const Tensor& saved, const Tensor& rstd,
     const OptTensor& weight, const OptTensor& bias, bool is_rms_norm, bool memory_efficient,
@@ -71,6 +92,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
 TORCH_LIBRARY_IMPL(residual_fused, CUDA, m) {
   m.impl("add_norm_fwd", &add_norm_fwd_cuda);
   m.impl("add_norm_bwd", &add_norm_bwd_cuda);
+  m.impl("add_norm_fwd_out", &add_norm_fwd_out_cuda);
+  m.impl("add_norm_fwd_inplace", &add_norm_fwd_inplace_cuda);
 }
 
 }  // namespace residual_fused

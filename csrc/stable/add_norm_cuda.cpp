@@ -117,6 +117,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cuda(
   return {*call.y, *call.residual_out, *call.rstd, *call.mean};
 }
 
+// The inference forms: y into `out`, x + residual into `residual_out` (in its dtype).
+void add_norm_fwd_out_cuda(Tensor x, OptTensor residual, OptTensor weight, OptTensor bias, double eps,
+                           bool is_rms_norm, double weight_offset, Tensor out, OptTensor residual_out) {
+  const int64_t hidden = checked_hidden(x, "x");
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device());
+  auto call = StableGlue::prepare_fwd_into(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out,
+                                           residual_out, "out", "residual_out", hidden);
+  check_launch(launch_add_norm_fwd(call.params, current_stream(x)), "add_norm_fwd_out");
+}
+
+// residual := x + residual, x := norm(residual) (the vLLM form).
+void add_norm_fwd_inplace_cuda(Tensor x, Tensor residual, OptTensor weight, OptTensor bias, double eps,
+                               bool is_rms_norm, double weight_offset) {
+  const int64_t hidden = checked_hidden(x, "x");
+  const torch::stable::accelerator::DeviceGuard guard(x.get_device());
+  auto call = StableGlue::prepare_fwd_into(x, residual, weight, bias, eps, is_rms_norm, weight_offset, x,
+                                           residual, "x", "residual", hidden);
+  check_launch(launch_add_norm_fwd(call.params, current_stream(x)), "add_norm_fwd_inplace");
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
     Tensor dy, OptTensor dresidual_out, Tensor saved, Tensor rstd, OptTensor weight,
     OptTensor bias, bool is_rms_norm, bool memory_efficient,
@@ -140,6 +160,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
 STABLE_TORCH_LIBRARY_IMPL(residual_fused, CUDA, m) {
   m.impl("add_norm_fwd", TORCH_BOX(&add_norm_fwd_cuda));
   m.impl("add_norm_bwd", TORCH_BOX(&add_norm_bwd_cuda));
+  m.impl("add_norm_fwd_out", TORCH_BOX(&add_norm_fwd_out_cuda));
+  m.impl("add_norm_fwd_inplace", TORCH_BOX(&add_norm_fwd_inplace_cuda));
 }
 
 }  // namespace residual_fused

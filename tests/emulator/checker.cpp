@@ -11,6 +11,8 @@
 //   - the access lies wholly inside its allocation (the guard pages only catch what
 //     reaches them; this also catches the slack between the bytes and the page);
 //   - no write to an input: a kernel never modifies what the caller passed;
+//   - an input updated in place (the in-place forms) is read only where no kernel has
+//     written it yet: a read after the write would take the output for the input;
 //   - no read of output or workspace bytes that no kernel has written yet (initcheck);
 //   - no byte written or read by one CTA after another CTA of the same launch wrote
 //     it: nothing orders CTAs within a launch (a race between CTAs).
@@ -79,6 +81,22 @@ void check_arena(uintptr_t a, size_t n, bool write) {
   switch (r->kind) {
     case MemoryKind::kShared:
       check_shared(*r, a, n, write);
+      return;
+    case MemoryKind::kInPlace:
+      if (!write) {
+        const size_t offset = static_cast<size_t>(p - r->user);
+        for (size_t b = offset; b < offset + n; ++b) {
+          if (r->written[b]) {
+            std::ostringstream out;
+            out << access_text(write, n) << " at byte " << offset << " of " << r->name
+                << " (updated in place), whose byte " << b
+                << " a kernel already overwrote: it would read the output in place of the input";
+            kernel_error(out.str());
+          }
+        }
+        return;
+      }
+      check_global(*r, static_cast<size_t>(p - r->user), n, write);
       return;
     case MemoryKind::kInput:
       if (write) {

@@ -92,7 +92,9 @@ std::string current_thread_text();  // "kernel, block b, thread t" of the runnin
 
 // ---- memory.cpp -------------------------------------------------------------------
 // What a guarded allocation holds; the access checks (checker.cpp) differ by kind.
-enum class MemoryKind : int { kInput = 0, kOutput = 1, kWorkspace = 2, kShared = 3 };
+// kInPlace: an input the call overwrites with its output (the in-place forms): read
+// before written, every byte written.
+enum class MemoryKind : int { kInput = 0, kOutput = 1, kWorkspace = 2, kShared = 3, kInPlace = 4 };
 const char* kind_text(MemoryKind kind);
 
 // One guarded allocation: `bytes` bytes at `user`, inside accessible pages [begin, end)
@@ -107,7 +109,7 @@ struct Region {
   std::string name;
   MemoryKind kind = MemoryKind::kInput;
   int slot = -1;  // kShared: the scheduler slot (resident CTA) it belongs to
-  // Outputs and workspace: which bytes a kernel wrote (since allocation), and per 4-byte
+  // Outputs, workspace and in-place tensors: which bytes a kernel wrote (since allocation), and per 4-byte
   // 2 bytes the last writer as (launch << 32) | (block + 1), 0 if none.
   std::vector<uint8_t> written;
   std::vector<uint64_t> writer;

@@ -154,6 +154,8 @@ const char* kind_text(MemoryKind kind) {
       return "output";
     case MemoryKind::kWorkspace:
       return "workspace";
+    case MemoryKind::kInPlace:
+      return "input updated in place";
     default:
       return "shared memory";
   }
@@ -189,7 +191,7 @@ void* guarded_alloc(const char* name, size_t bytes, size_t align_mod, bool flush
     r.user -= (reinterpret_cast<uintptr_t>(r.user) - align_mod) & 15u;
   }
   std::memset(r.begin, kCanary, static_cast<size_t>(r.end - r.begin));
-  if (kind == MemoryKind::kOutput || kind == MemoryKind::kWorkspace) {
+  if (kind == MemoryKind::kOutput || kind == MemoryKind::kWorkspace || kind == MemoryKind::kInPlace) {
     r.written.assign(bytes, 0);
     r.writer.assign((bytes + 1) / 2, 0);
   }
