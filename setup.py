@@ -30,6 +30,9 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 BUILD_EXT = os.environ.get("RESIDUAL_FUSED_BUILD_EXT", "auto").lower()
 BUILD_CUDA = os.environ.get("RESIDUAL_FUSED_BUILD_CUDA", "auto").lower()
+# "cuda": the CUDA kernels alone, for a process whose CPU kernels are already loaded (the
+# first-use build where an installed _C has CPU kernels only; residual_fused/_jit.py).
+BUILD_PARTS = os.environ.get("RESIDUAL_FUSED_BUILD_PARTS", "all").lower()
 _YES, _NO = ("1", "true", "yes"), ("0", "false", "no")
 
 
@@ -243,7 +246,20 @@ def _cuda_extensions(torch, cpp_extension, sources, cxx_flags, link_flags):
             # used, so the abi3 name fits every Python version.
             py_limited_api=True,
         )
+        if BUILD_PARTS == "cuda":
+            return [cuda]
         return [_cpu_extension(cpp_extension, sources, cxx_flags, link_flags), cuda]
+    if BUILD_PARTS == "cuda":  # the CUDA glue and kernels, loaded beside a CPU-only _C
+        _log(f"building the CUDA kernels alone against torch {torch.__version__} "
+             f"(TORCH_CUDA_ARCH_LIST={arch})")
+        return [cpp_extension.CUDAExtension(
+            name="residual_fused._cuda_aten",
+            sources=["csrc/glue.cpp"] + sorted(glob.glob("csrc/cuda/*.cpp")) + kernels,
+            include_dirs=[os.path.join(HERE, "csrc")],
+            library_dirs=libs,
+            extra_compile_args={"cxx": cxx_flags + after, "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
+        )]
     sources = sources + sorted(glob.glob("csrc/cuda/*.cpp")) + kernels
     _log(f"building the CPU and CUDA kernels from {len(sources)} sources "
          f"(TORCH_CUDA_ARCH_LIST={arch})")
@@ -268,7 +284,7 @@ def _build_py_with_sources(pure):
         def run(self):
             super().run()
             if pure:
-                for name in ("_C*", "_cuda_stable*"):
+                for name in ("_C*", "_cuda_stable*", "_cuda_aten*"):
                     for stale in glob.glob(os.path.join(self.build_lib, "residual_fused", name)):
                         os.remove(stale)
             target = os.path.join(self.build_lib, "residual_fused", "_source")

@@ -4,8 +4,9 @@
 
 Pre-norm Add & Norm (``h = x + r; y = norm(h)``, both returned) at 1 x 64, 1 x 4096,
 8 x 4096 and 64 x 4096, LayerNorm and RMSNorm, forward only: the eager pair, a bare
-``torch.add`` (the floor any op call pays), torch.compile of the eager pair, and this
-library's functional form, module, ``out=`` buffers and in-place form, each with and
+``torch.add`` (the floor any op call pays), torch.compile of the eager pair, the add
+and ``nn.LayerNorm`` / ``nn.RMSNorm`` as modules, and this library's functional form,
+module, ``out=`` buffers and in-place form, each with and
 without grad where it applies. Calls of one table take turns batch by batch, so a
 shared machine's slow moments fall on all of them alike; the ratio to the eager pair
 is computed within the run.
@@ -95,6 +96,12 @@ def calls_for(norm: str, rows: int, hidden: int, device: str, dtype, with_compil
 
     module = (rf.FusedAddRMSNorm(hidden, eps=1e-6, prenorm=True) if rms
               else rf.FusedAddNorm(hidden, prenorm=True)).to(device=device, dtype=dtype)
+    torch_module = (torch.nn.RMSNorm(hidden, eps=1e-6) if rms
+                    else torch.nn.LayerNorm(hidden)).to(device=device, dtype=dtype)
+
+    def eager_module(x, r):  # what FusedAddNorm replaces in a model
+        h = x + r
+        return torch_module(h), h
     out, res_out = torch.empty_like(x), torch.empty_like(r)
     # in place over a copy: the values stay finite call after call (y is normalized)
     xi, ri = x.clone(), r.clone()
@@ -108,6 +115,7 @@ def calls_for(norm: str, rows: int, hidden: int, device: str, dtype, with_compil
         "bare torch.add": (lambda: torch.add(x, r), lambda: torch.add(xg, rg)),
         "eager pair": (lambda: eager(x, r, w, b), lambda: eager(xg, rg, wg, bg)),
         "rf functional": (lambda: fused(x, r, w, b), lambda: fused(xg, rg, wg, bg)),
+        "eager module pair": (lambda: eager_module(x, r), None),
         "rf module": (lambda: module(x, r), None),
         "rf out=": (lambda: (rf.add_rms_norm(x, r, w, 1e-6, prenorm=True, out=out, residual_out=res_out) if rms
                               else rf.add_layer_norm(x, r, w, b, prenorm=True, out=out, residual_out=res_out)),
@@ -115,9 +123,12 @@ def calls_for(norm: str, rows: int, hidden: int, device: str, dtype, with_compil
         "rf in place": (inplace, None),
     }
     if with_compile:
+        # A fresh cache per table: every table's closure is the same code object, and
+        # after dynamo's recompile limit a compiled call silently runs eager.
+        torch._dynamo.reset()
         compiled = torch.compile(eager, dynamic=False)
         table["torch.compile pair"] = (lambda: compiled(x, r, w, b), lambda: compiled(xg, rg, wg, bg))
-    return table, module
+    return table
 
 
 def run(device: str, with_compile: bool = True, sizes=SIZES, batches: int = BATCHES) -> List[dict]:
@@ -126,15 +137,13 @@ def run(device: str, with_compile: bool = True, sizes=SIZES, batches: int = BATC
     rows_out = []
     for norm in ("layer", "rms"):
         for rows, hidden in sizes:
-            table, module = calls_for(norm, rows, hidden, device, dtype, with_compile)
+            table = calls_for(norm, rows, hidden, device, dtype, with_compile)
             for grad in (False, True):
                 fns = {name: pair[grad] for name, pair in table.items() if pair[grad] is not None}
                 if grad:
                     got = host_times(fns, cuda, batches=batches)
-                    module.requires_grad_(True)
                 else:
                     with torch.no_grad():
-                        module.requires_grad_(False)
                         got = host_times(fns, cuda, batches=batches)
                 eager_us = got["eager pair"][0]
                 for name, (us, spread) in got.items():

@@ -90,6 +90,14 @@ struct Glue {
     return out;
   }
 
+  static bool same_sizes(const Tensor& a, const Tensor& b) {
+    if (a.dim() != b.dim()) return false;
+    for (int64_t d = 0; d < a.dim(); ++d) {
+      if (a.size(d) != b.size(d)) return false;
+    }
+    return true;
+  }
+
   static std::string shape(const Tensor& t) {
     std::ostringstream s;
     s << "[";
@@ -99,8 +107,10 @@ struct Glue {
   }
 
   static void check_same_device(const Tensor& t, const Tensor& x, const char* name) {
-    check(B::same_device(t, x), name, " is on ", B::device_name(t), " but x is on ",
-          B::device_name(x), "; all tensors must be on the same device");
+    // Messages are formatted only on failure: this runs for every tensor of every call.
+    if (B::same_device(t, x)) return;
+    check(false, name, " is on ", B::device_name(t), " but x is on ", B::device_name(x),
+          "; all tensors must be on the same device");
   }
 
   static Rows as_rows(const Tensor& t, int64_t hidden, DType dtype) {
@@ -124,7 +134,7 @@ struct Glue {
   // A [..., hidden] input with the shape and device of `like`.
   static Rows rows_arg(const Tensor& t, const Tensor& like, int64_t hidden, const char* name) {
     check_same_device(t, like, name);
-    check(sizes(t) == sizes(like), name, ": shape ", shape(t), " must equal ", shape(like));
+    if (!same_sizes(t, like)) check(false, name, ": shape ", shape(t), " must equal ", shape(like));
     return as_rows(t, hidden, B::dtype(t.scalar_type(), name));
   }
 
@@ -139,7 +149,7 @@ struct Glue {
                               const char* name) {
     if (!p.has_value()) return {};
     check_same_device(*p, x, name);
-    check(p->dim() == 1 && p->size(0) == hidden, name, ": shape ", shape(*p), " must be [",
+    if (!(p->dim() == 1 && p->size(0) == hidden)) check(false, name, ": shape ", shape(*p), " must be [",
           hidden, "], the size of the normalized dim");
     const Tensor t = B::contiguous(*p);
     return {t, t.data_ptr(), B::dtype(t.scalar_type(), name)};
@@ -255,7 +265,7 @@ struct Glue {
   }
 
   static bool same_elements(const Tensor& a, const Tensor& b) {
-    return a.data_ptr() == b.data_ptr() && a.scalar_type() == b.scalar_type() && sizes(a) == sizes(b) &&
+    return a.data_ptr() == b.data_ptr() && a.scalar_type() == b.scalar_type() && same_sizes(a, b) &&
            contiguous_rows(a) && contiguous_rows(b);
   }
 
@@ -264,7 +274,7 @@ struct Glue {
   static void check_output(const Tensor& out, const char* name, const Tensor& x,
                            const std::vector<std::pair<const Tensor*, const char*>>& inputs) {
     check_same_device(out, x, name);
-    check(sizes(out) == sizes(x), name, ": shape ", shape(out), " must equal x's ", shape(x));
+    if (!same_sizes(out, x)) check(false, name, ": shape ", shape(out), " must equal x's ", shape(x));
     check(contiguous_rows(out), name, ": must be contiguous (the kernels write whole rows densely)");
     for (const auto& input : inputs) {
       if (input.first == nullptr || !overlap(out, *input.first)) continue;

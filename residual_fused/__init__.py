@@ -2,8 +2,9 @@
 
 ``add_layer_norm`` / ``add_rms_norm`` (functional; ``out=`` for inference),
 ``add_layer_norm_`` / ``add_rms_norm_`` (in place, for inference), ``FusedAddNorm`` /
-``FusedAddRMSNorm`` (modules), ``AddNormFunction`` (the autograd function both go
-through) and ``reference`` (plain differentiable PyTorch, the oracle).
+``FusedAddRMSNorm`` (modules), ``AddNormFunction`` (their autograd in Python, where
+the compiled library is not loaded; with it, the op ``add_norm``'s autograd is C++)
+and ``reference`` (plain differentiable PyTorch, the oracle).
 """
 
 from . import reference

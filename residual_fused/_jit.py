@@ -87,7 +87,7 @@ def _arch_list() -> str:
     return "8.0;9.0+PTX"  # setup.py's default without a GPU
 
 
-def cache_key(root: str, cuda_version: Optional[str]) -> str:
+def cache_key(root: str, cuda_version: Optional[str], cuda_only: bool = False) -> str:
     """A readable prefix (torch, CUDA, Python) and a hash of everything else."""
     digest = hashlib.sha256()
     for path in _source_files(root):
@@ -96,20 +96,22 @@ def cache_key(root: str, cuda_version: Optional[str]) -> str:
             digest.update(f.read())
     cuda = f"cu{cuda_version}-{_arch_list()}" if cuda_version else "cpu"
     for part in (torch.__version__, str(torch.version.cuda), cuda, sys.version,
-                 platform.machine(), os.environ.get("CXX", "c++")):
+                 platform.machine(), os.environ.get("CXX", "c++"), "cuda-only" if cuda_only else "all"):
         digest.update(part.encode() + b"\0")
     python = f"py{sys.version_info[0]}{sys.version_info[1]}"
-    tag = f"cu{cuda_version}" if cuda_version else "cpu"
+    tag = (f"cu{cuda_version}" if cuda_version else "cpu") + ("-cudaonly" if cuda_only else "")
     return f"torch{torch.__version__.replace('+', '_')}-{tag}-{python}-{digest.hexdigest()[:16]}"
 
 
 def _libraries(folder: str) -> List[str]:
     """The libraries of a finished build in ``folder``: _C, and _cuda_stable where the
-    CUDA kernels were built against the stable ABI."""
+    CUDA kernels were built against the stable ABI (or _cuda_aten, the CUDA kernels
+    alone against torch's C++ API)."""
     if not os.path.exists(os.path.join(folder, "ok")):
         return []
     return sorted(glob.glob(os.path.join(folder, "residual_fused", "_C*.so"))
-                  + glob.glob(os.path.join(folder, "residual_fused", "_cuda_stable*.so")))
+                  + glob.glob(os.path.join(folder, "residual_fused", "_cuda_stable*.so"))
+                  + glob.glob(os.path.join(folder, "residual_fused", "_cuda_aten*.so")))
 
 
 def _log(msg: str) -> None:
@@ -127,34 +129,38 @@ class BuildError(RuntimeError):
     pass
 
 
-def build(quiet: bool = False, with_cuda: bool = True) -> List[str]:
+def build(quiet: bool = False, with_cuda: bool = True, cuda_only: bool = False) -> List[str]:
     """Build (or find in the cache) the kernels for this torch and toolchain; returns
     the libraries' paths. ``with_cuda=False`` builds the CPU kernels alone (where the
-    stable-ABI CUDA library still loads after a torch upgrade). Raises BuildError
-    with the log's tail if the build fails."""
+    stable-ABI CUDA library still loads after a torch upgrade); ``cuda_only`` the CUDA
+    kernels alone (where the CPU kernels are loaded already: a CPU-only _C installed
+    under a CUDA torch). Raises BuildError with the log's tail if the build fails."""
     root = source_root()
     if root is None:
         raise BuildError("the kernels' sources are not part of this installation; "
                          "reinstall with pip install --no-build-isolation .")
     cxx, cuda_version, _ = toolchain()
     cuda_version = cuda_version if with_cuda else None
+    cuda_only = cuda_only and cuda_version is not None
     if cxx is None:
         raise BuildError(f"no C++ compiler was found (CXX={os.environ.get('CXX', 'c++')})")
-    folder = os.path.join(cache_root(), cache_key(root, cuda_version))
+    folder = os.path.join(cache_root(), cache_key(root, cuda_version, cuda_only))
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "lock"), "w") as lock:
         _lock(lock)  # concurrent processes (DDP ranks) build once, the others wait
         libraries = _libraries(folder)
         if libraries:
             return libraries
-        what = f"CPU and CUDA {cuda_version} kernels" if cuda_version else "CPU kernels"
+        what = (f"CUDA {cuda_version} kernels" if cuda_only else
+                f"CPU and CUDA {cuda_version} kernels" if cuda_version else "CPU kernels")
         if not quiet:
             _log(f"building the {what} for torch {torch.__version__} into {folder} "
                  f"(once; about a minute; RESIDUAL_FUSED_JIT=0 turns this off)")
         start = time.perf_counter()
         env = {**os.environ, "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 1)),
                "RESIDUAL_FUSED_BUILD_EXT": "1",
-               "RESIDUAL_FUSED_BUILD_CUDA": "1" if cuda_version else "0"}
+               "RESIDUAL_FUSED_BUILD_CUDA": "1" if cuda_version else "0",
+               "RESIDUAL_FUSED_BUILD_PARTS": "cuda" if cuda_only else "all"}
         log_path = os.path.join(folder, "build.log")
         with open(log_path, "w") as log:
             result = subprocess.run(

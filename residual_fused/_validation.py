@@ -159,3 +159,40 @@ def residual_out_dtype(x, residual, residual_dtype: Optional[torch.dtype]) -> to
     if residual_dtype is not None:
         return residual_dtype
     return residual.dtype if residual is not None else x.dtype
+
+
+# ---- validated once per call signature ---------------------------------------------------
+# Every rule above depends only on the arguments' types, shapes, dtypes and devices and
+# on the scalars, so a call whose signature passed once passes again: the functional
+# API looks it up instead of re-checking (at decode sizes the checks cost more than the
+# kernel). Bounded; anything unhashable is checked in full every time.
+_VALIDATED: dict = {}
+_VALIDATED_MAX = 512
+
+
+def validated_call(x, residual, weight, bias, eps, normalized_shape, residual_dtype, is_rms_norm,
+                   weight_offset) -> Tuple[Tuple[int, ...], int, float, float, torch.dtype]:
+    """``(normalized_shape, hidden_size, eps, weight_offset, residual_out dtype)`` of a
+    call, with every check of :func:`check_add_norm_args`, :func:`checked_weight_offset`
+    and the defaults of :func:`residual_out_dtype`; from the cache when its signature
+    was validated before."""
+    try:
+        key = (x.__class__, x.shape, x.dtype, x.device,
+               None if residual is None else (residual.__class__, residual.shape, residual.dtype, residual.device),
+               None if weight is None else (weight.__class__, weight.shape, weight.dtype, weight.device),
+               None if bias is None else (bias.__class__, bias.shape, bias.dtype, bias.device),
+               eps, normalized_shape, residual_dtype, is_rms_norm, weight_offset)
+        hit = _VALIDATED.get(key)
+    except (AttributeError, TypeError):  # not tensors, or unhashable: the full checks say why
+        key = hit = None
+    if hit is not None:
+        return hit
+    shape, hidden, checked_eps_ = check_add_norm_args(x, residual, weight, bias, eps, normalized_shape,
+                                                      residual_dtype, is_rms_norm)
+    result = (shape, hidden, checked_eps_, checked_weight_offset(weight_offset, weight),
+              residual_out_dtype(x, residual, residual_dtype))
+    if key is not None:
+        if len(_VALIDATED) >= _VALIDATED_MAX:
+            _VALIDATED.clear()
+        _VALIDATED[key] = result
+    return result

@@ -51,7 +51,7 @@ def check_row_sharding(x, normalized_ndim: int) -> None:
 
 @functools.lru_cache(maxsize=None)
 def register_sharding_rules() -> None:
-    """Register the DTensor sharding strategies of add_norm_fwd / add_norm_bwd (once)."""
+    """Register the DTensor sharding strategies of add_norm_fwd / add_norm / add_norm_bwd (once)."""
     from torch.distributed.tensor import Partial, Replicate, Shard
     from torch.distributed.tensor.experimental import register_sharding
 
@@ -72,6 +72,19 @@ def register_sharding_rules() -> None:
             options.append((outputs, inputs))
         options.append(([Replicate()] * 4, [Replicate(), rep_or_none(residual), rep_or_none(weight),
                                             rep_or_none(bias), None, None, None, None, None, None]))
+        return options
+
+    @register_sharding(_OPS.add_norm.default)
+    def _add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
+                  memory_efficient=False, weight_offset=0.0):
+        # below autograd (inference mode): the forward alone, y and residual_out
+        options = []
+        for dim in range(x.ndim - 1):
+            row = Shard(dim)
+            inputs = [row, None if residual is None else row, rep_or_none(weight), rep_or_none(bias)] + [None] * 6
+            options.append(([row, row if prenorm else Replicate()], inputs))
+        options.append(([Replicate()] * 2, [Replicate(), rep_or_none(residual), rep_or_none(weight),
+                                            rep_or_none(bias)] + [None] * 6))
         return options
 
     @register_sharding(_OPS.add_norm_bwd.default)

@@ -2,8 +2,9 @@
 
 Post-norm (BERT, the original Transformer) returns ``y``; pre-norm (GPT, Llama)
 returns ``(y, residual_out)`` where ``residual_out = x + residual`` is the new
-residual stream. Calls that need no gradient go straight to the forward op,
-skipping autograd's bookkeeping (it matters at decode sizes).
+residual stream. Both go through the op ``add_norm``, whose autograd is in C++ where
+the compiled library is loaded; validation runs once per call signature (it matters
+at decode sizes, where the call path costs more than the kernel).
 
 For inference, ``out=`` / ``residual_out=`` write into buffers the caller owns, and
 :func:`add_rms_norm_` / :func:`add_layer_norm_` update ``x`` and ``residual`` in place
@@ -14,12 +15,17 @@ need one.
 import torch
 
 from . import distributed
-from ._validation import check_add_norm_args, checked_weight_offset, residual_out_dtype
-from .ops import AddNormFunction, add_norm_fwd, add_norm_fwd_inplace, add_norm_fwd_out
+from ._validation import check_add_norm_args, checked_weight_offset, validated_call
+from .ops import call_add_norm, call_fwd_inplace, call_fwd_out
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _needs_grad(x, residual=None, weight=None, bias=None, *more) -> bool:
+    # Spelled out, not any() over a generator: this runs on every call.
+    if not torch.is_grad_enabled():
+        return False
+    return (x.requires_grad or (residual is not None and residual.requires_grad)
+            or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+            or any(t is not None and t.requires_grad for t in more))
 
 
 _NO_GRAD = ("write into buffers and record no gradient; call them under torch.no_grad() or "
@@ -36,17 +42,20 @@ def _rows_view(t, rows_shape, hidden, name):
 
 def _add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dtype,
               memory_efficient, normalized_shape, weight_offset, out=None, residual_out=None):
-    shape, hidden, eps = check_add_norm_args(
-        x, residual, weight, bias, eps, normalized_shape, residual_dtype, is_rms_norm
-    )
-    weight_offset = checked_weight_offset(weight_offset, weight)
-    prenorm, memory_efficient = bool(prenorm), bool(memory_efficient)
-    out_dtype = residual_out_dtype(x, residual, residual_dtype)
-    if distributed.is_dtensor(x):
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # traced once: the checks themselves go into the trace, not a cache lookup
+        shape, hidden, eps = check_add_norm_args(
+            x, residual, weight, bias, eps, normalized_shape, residual_dtype, is_rms_norm
+        )
+        weight_offset = checked_weight_offset(weight_offset, weight)
+        out_dtype = residual_dtype or (residual.dtype if residual is not None else x.dtype)
+    else:
+        shape, hidden, eps, weight_offset, out_dtype = validated_call(
+            x, residual, weight, bias, eps, normalized_shape, residual_dtype, is_rms_norm, weight_offset)
+    if type(x) is not torch.Tensor and distributed.is_dtensor(x):
         distributed.check_row_sharding(x, len(shape))
         distributed.register_sharding_rules()
-    folded = len(shape) > 1
-    if folded:  # the ops normalize the last dim: fold normalized_shape into it
+    if len(shape) > 1:  # the ops normalize the last dim: fold normalized_shape into it
         rows_shape = x.shape[: x.dim() - len(shape)]
         x_in = x.reshape(*rows_shape, hidden)
         residual_in = None if residual is None else residual.reshape(*rows_shape, hidden)
@@ -56,21 +65,13 @@ def _add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dty
         x_in, residual_in, weight_in, bias_in = x, residual, weight, bias
 
     if out is not None or residual_out is not None:
-        return _add_norm_into(x, x_in, residual_in, weight_in, bias_in, eps, is_rms_norm, prenorm, out_dtype,
+        return _add_norm_into(x, x_in, residual_in, weight_in, bias_in, eps, is_rms_norm, bool(prenorm), out_dtype,
                               weight_offset, out, residual_out, residual, weight, bias)
-    if _needs_grad(x, residual, weight, bias):
-        out = AddNormFunction.apply(x_in, residual_in, weight_in, bias_in, eps, is_rms_norm,
-                                    prenorm, out_dtype, memory_efficient, weight_offset)
-    else:
-        y, residual_out = add_norm_fwd(x_in, residual_in, weight_in, bias_in, eps,
-                                       is_rms_norm, prenorm, out_dtype, weight_offset)[:2]
-        out = (y, residual_out) if prenorm else y
-
-    if folded:
-        if prenorm:
-            return out[0].view(x.shape), out[1].view(x.shape)
-        return out.view(x.shape)
-    return out
+    y, residual_out = call_add_norm(x_in, residual_in, weight_in, bias_in, eps, is_rms_norm, bool(prenorm),
+                                    out_dtype, bool(memory_efficient), weight_offset, compiling)
+    if x_in is not x:  # folded
+        return (y.view(x.shape), residual_out.view(x.shape)) if prenorm else y.view(x.shape)
+    return (y, residual_out) if prenorm else y
 
 
 def _add_norm_into(x, x_in, residual_in, weight_in, bias_in, eps, is_rms_norm, prenorm, out_dtype,
@@ -100,8 +101,8 @@ def _add_norm_into(x, x_in, residual_in, weight_in, bias_in, eps, is_rms_norm, p
         out_in = _rows_view(out, rows_shape, hidden, "out")
         residual_out_in = None if residual_out is None else _rows_view(residual_out, rows_shape, hidden,
                                                                        "residual_out")
-    add_norm_fwd_out(x_in, residual_in, weight_in, bias_in, eps, is_rms_norm, weight_offset, out_in,
-                     residual_out_in)
+    call_fwd_out(x_in, residual_in, weight_in, bias_in, eps, is_rms_norm, weight_offset, out_in,
+                 residual_out_in)
     return (out, residual_out) if prenorm else out
 
 
@@ -123,7 +124,7 @@ def _add_norm_(x, residual, weight, bias, eps, is_rms_norm, normalized_shape, we
         residual_in = _rows_view(residual, rows_shape, hidden, "residual")
         weight_in = None if weight is None else weight.reshape(hidden)
         bias_in = None if bias is None else bias.reshape(hidden)
-    add_norm_fwd_inplace(x_in, residual_in, weight_in, bias_in, eps, is_rms_norm, weight_offset)
+    call_fwd_inplace(x_in, residual_in, weight_in, bias_in, eps, is_rms_norm, weight_offset)
     return x, residual
 
 

@@ -16,6 +16,9 @@ from . import functional
 from ._validation import canonical_normalized_shape, checked_eps, checked_weight_offset
 
 
+_ABSENT = object()
+
+
 class _FusedAddNormBase(nn.Module):
     _has_bias_option = False  # nn.LayerNorm has a ``bias`` option (and shows it); nn.RMSNorm not
     _eps_may_be_none = False  # nn.RMSNorm's eps=None means torch.finfo(x.dtype).eps
@@ -51,6 +54,13 @@ class _FusedAddNormBase(nn.Module):
             nn.init.constant_(self.weight, 1.0 - self.weight_offset)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+    def _param(self, name: str):
+        """``self.weight`` / ``self.bias``, read from the parameter table where it holds
+        them (nn.Module's attribute fallback costs most of a microsecond a read); a
+        parametrized one (torch.nn.utils.parametrize) through the attribute."""
+        value = self._parameters.get(name, _ABSENT)
+        return getattr(self, name) if value is _ABSENT else value
 
     @property
     def _residual_dtype(self) -> Optional[torch.dtype]:
@@ -106,12 +116,12 @@ class FusedAddNorm(_FusedAddNormBase):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, *, out: Optional[Tensor] = None,
                 residual_out: Optional[Tensor] = None):
-        return functional.add_layer_norm(
-            x, residual, self.weight, self.bias, self.eps, prenorm=self.prenorm,
-            residual_dtype=self._residual_dtype, memory_efficient=self.memory_efficient,
-            normalized_shape=self.normalized_shape, weight_offset=self.weight_offset,
-            out=out, residual_out=residual_out,
-        )
+        # functional.add_layer_norm's body, positionally: keyword binding costs a
+        # microsecond at decode sizes
+        return functional._add_norm(x, residual, self._param("weight"), self._param("bias"), self.eps, False,
+                                    self.prenorm,
+                                    self._residual_dtype, self.memory_efficient, self.normalized_shape,
+                                    self.weight_offset, out, residual_out)
 
     def forward_inplace(self, x: Tensor, residual: Tensor):
         """Inference: ``residual += x``, then ``x = norm(residual)``, in place; returns
@@ -149,12 +159,9 @@ class FusedAddRMSNorm(_FusedAddNormBase):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, *, out: Optional[Tensor] = None,
                 residual_out: Optional[Tensor] = None):
-        return functional.add_rms_norm(
-            x, residual, self.weight, self.eps, prenorm=self.prenorm,
-            residual_dtype=self._residual_dtype, memory_efficient=self.memory_efficient,
-            normalized_shape=self.normalized_shape, weight_offset=self.weight_offset,
-            out=out, residual_out=residual_out,
-        )
+        return functional._add_norm(x, residual, self._param("weight"), None, self.eps, True, self.prenorm,
+                                    self._residual_dtype, self.memory_efficient, self.normalized_shape,
+                                    self.weight_offset, out, residual_out)
 
     def forward_inplace(self, x: Tensor, residual: Tensor):
         """Inference: ``residual += x``, then ``x = norm(residual)``, in place; returns

@@ -1,4 +1,4 @@
-"""The library's PyTorch ops, their fake kernels, and their autograd.
+"""The library's PyTorch ops, their fake kernels, and their autograd in Python.
 
 Schemas are defined here and only here. The pure-PyTorch reference is registered
 as the ``CompositeExplicitAutograd`` kernel, so it runs on any device the compiled
@@ -58,6 +58,17 @@ _lib.define(
     "-> (Tensor dx, Tensor dresidual, Tensor dweight, Tensor dbias)"
 )
 
+# The differentiable Add & Norm the functional API calls: y, and residual_out = x +
+# residual rounded to residual_out_dtype when prenorm (a placeholder otherwise). Its
+# autograd (csrc/autograd.cpp with the compiled library, else AddNormFunction below)
+# saves what add_norm_bwd needs: the sum (y when memory_efficient), rstd and
+# LayerNorm's row mean; with no gradient to record it is add_norm_fwd alone.
+_lib.define(
+    "add_norm(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool is_rms_norm, "
+    "bool prenorm, ScalarType residual_out_dtype, bool memory_efficient=False, float weight_offset=0.) "
+    "-> (Tensor y, Tensor residual_out)"
+)
+
 # The inference forms of the forward (no autograd: refused where a gradient is needed).
 # add_norm_fwd_out writes y into `out` (x's dtype) and x + residual into `residual_out`
 # (in that buffer's dtype) when given. add_norm_fwd_inplace is vLLM's fused add & norm:
@@ -113,13 +124,15 @@ def _build_on_first_use(device: torch.device) -> bool:
     if cxx is None or (kind == "cuda" and cuda_version is None):
         return False  # the notice that follows says what to install
     try:
-        for library in _jit.build(with_cuda=not _has_kernel("CUDA")):
-            # Each library's kernels may already be registered (the installed _C where
-            # only the CUDA kernels were missing); registering them twice is an error.
-            covers = "CUDA" if os.path.basename(library).startswith("_cuda_stable") else "CPU"
+        # Where the CPU kernels are loaded (a CPU-only _C installed under a CUDA torch),
+        # only the CUDA kernels are built: registering kernels twice is an error.
+        for library in _jit.build(with_cuda=not _has_kernel("CUDA"), cuda_only=_has_kernel("CPU")):
+            covers = "CUDA" if os.path.basename(library).startswith(("_cuda_stable", "_cuda_aten")) else "CPU"
             if covers == "CPU" and built_for(library) != torch.__version__:
                 raise _jit.BuildError(f"{library} was not built for torch {torch.__version__}")
             if not _has_kernel(covers):
+                if covers == "CPU":  # it brings the inference forms' autograd rule in C++
+                    _drop_python_autograd()
                 torch.ops.load_library(library)
                 loaded_libraries.append(library)
     except (_jit.BuildError, OSError, RuntimeError) as err:
@@ -221,6 +234,14 @@ def _add_norm_bwd_fake(dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm
     return dx, dresidual, dweight, dbias
 
 
+@torch.library.register_fake("residual_fused::add_norm", lib=_lib)
+def _add_norm_fake(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
+                   memory_efficient=False, weight_offset=0.0):
+    y = x.new_empty(x.shape)
+    residual_out = x.new_empty(x.shape, dtype=residual_out_dtype) if prenorm else _placeholder(x)
+    return y, residual_out
+
+
 @torch.library.register_fake("residual_fused::add_norm_fwd_out", lib=_lib)
 def _add_norm_fwd_out_fake(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out, residual_out):
     return None
@@ -231,6 +252,7 @@ def _add_norm_fwd_inplace_fake(x, residual, weight, bias, eps, is_rms_norm, weig
     return None
 
 
+add_norm = torch.ops.residual_fused.add_norm
 add_norm_fwd = torch.ops.residual_fused.add_norm_fwd
 add_norm_bwd = torch.ops.residual_fused.add_norm_bwd
 add_norm_fwd_out = torch.ops.residual_fused.add_norm_fwd_out
@@ -258,8 +280,42 @@ def _add_norm_fwd_inplace_autograd(x, residual, weight, bias, eps, is_rms_norm, 
         return add_norm_fwd_inplace(x, residual, weight, bias, eps, is_rms_norm, weight_offset)
 
 
-_lib.impl("add_norm_fwd_out", _add_norm_fwd_out_autograd, "Autograd")
-_lib.impl("add_norm_fwd_inplace", _add_norm_fwd_inplace_autograd, "Autograd")
+def _add_norm_forward_only(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
+                           memory_efficient=False, weight_offset=0.0):
+    return tuple(call_fwd(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
+                          weight_offset)[:2])
+
+
+def _add_norm_autograd(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
+                       memory_efficient=False, weight_offset=0.0):
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias))):
+        with torch._C._AutoDispatchBelowAutograd():
+            return _add_norm_forward_only(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
+                                          memory_efficient, weight_offset)
+    out = AddNormFunction.apply(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
+                                memory_efficient, weight_offset)
+    return out if prenorm else (out, _placeholder(x))
+
+
+# The autograd of add_norm and the inference forms' rule, registered from Python only
+# while the per-torch library (_C, csrc/autograd.cpp: the same in C++) is not loaded.
+_python_autograd = None
+
+
+def _register_python_autograd() -> None:
+    global _python_autograd
+    _python_autograd = torch.library.Library("residual_fused", "IMPL")
+    _python_autograd.impl("add_norm", _add_norm_autograd, "Autograd")
+    _python_autograd.impl("add_norm", _add_norm_forward_only, "CompositeExplicitAutograd")
+    _python_autograd.impl("add_norm_fwd_out", _add_norm_fwd_out_autograd, "Autograd")
+    _python_autograd.impl("add_norm_fwd_inplace", _add_norm_fwd_inplace_autograd, "Autograd")
+
+
+def _drop_python_autograd() -> None:
+    global _python_autograd
+    if _python_autograd is not None:
+        _python_autograd._destroy()
+        _python_autograd = None
 
 
 _DOUBLE_BACKWARD = (
@@ -315,7 +371,7 @@ class AddNormFunction(torch.autograd.Function):
         store = prenorm or (residual is not None and not memory_efficient)
         # LayerNorm's row mean, for the backward's shift where it rebuilds xhat from the sum.
         store_mean = not is_rms_norm and not memory_efficient
-        y, residual_out, rstd, mean = add_norm_fwd(
+        y, residual_out, rstd, mean = call_fwd(
             x, residual, weight, bias, eps, is_rms_norm, store, residual_out_dtype, weight_offset, store_mean
         )
         saved = y if memory_efficient else (residual_out if store else x)
@@ -387,11 +443,19 @@ def _import_c(path: str) -> None:
     # _C links torch's C++ API: under another torch it may import without an error
     # and register its kernels under the wrong dispatch keys, so it is imported only
     # under the torch it was built for.
+    global _c_module
     built = built_for(path)
     if built != torch.__version__:
         raise ImportError(f"it was built for torch {built or '(unknown)'}, and this is torch "
                           f"{torch.__version__}")
-    importlib.import_module(f"{__package__}._C")
+    _c_module = importlib.import_module(f"{__package__}._C")
+
+
+_c_module = None  # residual_fused._C where it imported: the ops' plain-function entries
+
+
+def _has_c_module() -> bool:
+    return _c_module is not None
 
 
 def _load_extension() -> bool:
@@ -410,6 +474,8 @@ def _load_extension() -> bool:
 
 
 _extension_loaded = _load_extension()  # or built and loaded on first use (_jit)
+if not _has_c_module():
+    _register_python_autograd()
 
 
 def _has_kernel(dispatch_key: str) -> bool:
@@ -426,3 +492,51 @@ def cpu_kernels_available() -> bool:
     """True when the compiled CPU kernels are loaded (CPU tensors use them; else the
     PyTorch reference runs on CPU)."""
     return _has_kernel("CPU")
+
+
+# ---- the call path ----------------------------------------------------------------------
+# The ops through _C's plain functions (csrc/module.cpp): the same dispatcher call as
+# torch.ops makes, without its per-argument Python matching. Taken only where that
+# layer would do nothing else: no __torch_function__ override or mode among the
+# arguments, and not while torch.compile traces (it records torch.ops calls).
+
+
+def _direct(tensors) -> bool:
+    return (_c_module is not None and not torch._C._has_torch_function(tensors)
+            and not torch.compiler.is_compiling())
+
+
+def call_fwd(x, residual, weight, bias, eps, is_rms_norm, store_residual_out, residual_out_dtype,
+             weight_offset=0.0, store_mean=False):
+    """add_norm_fwd(...), by the cheapest path that keeps every dispatcher feature."""
+    if _direct((x, residual, weight, bias)):
+        return _c_module.add_norm_fwd(x, residual, weight, bias, eps, is_rms_norm, store_residual_out,
+                                      residual_out_dtype, weight_offset, store_mean)
+    return add_norm_fwd(x, residual, weight, bias, eps, is_rms_norm, store_residual_out, residual_out_dtype,
+                        weight_offset, store_mean)
+
+
+def call_add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype, memory_efficient,
+                  weight_offset, compiling=None):
+    """add_norm(...) -> (y, residual_out), differentiable. ``compiling``: whether
+    torch.compile is tracing, where the caller knows it already."""
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    if _c_module is not None and not compiling and not torch._C._has_torch_function((x, residual, weight, bias)):
+        return _c_module.add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
+                                  memory_efficient, weight_offset)
+    return add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype, memory_efficient,
+                    weight_offset)
+
+
+def call_fwd_out(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out, residual_out):
+    if _direct((x, residual, weight, bias, out, residual_out)):
+        return _c_module.add_norm_fwd_out(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out,
+                                          residual_out)
+    return add_norm_fwd_out(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out, residual_out)
+
+
+def call_fwd_inplace(x, residual, weight, bias, eps, is_rms_norm, weight_offset):
+    if _direct((x, residual, weight, bias)):
+        return _c_module.add_norm_fwd_inplace(x, residual, weight, bias, eps, is_rms_norm, weight_offset)
+    return add_norm_fwd_inplace(x, residual, weight, bias, eps, is_rms_norm, weight_offset)

@@ -203,7 +203,8 @@ def test_overhead_table_times_every_call_against_the_eager_pair():
     rows = overhead.run("cpu", with_compile=False, sizes=((1, 64),), batches=4)
     calls = {(r["norm"], r["grad"], r["call"]) for r in rows}
     for norm in ("layer", "rms"):
-        for call in ("bare torch.add", "eager pair", "rf functional", "rf module", "rf out=", "rf in place"):
+        for call in ("bare torch.add", "eager pair", "eager module pair", "rf functional", "rf module", "rf out=",
+                     "rf in place"):
             assert (norm, False, call) in calls
         for call in ("bare torch.add", "eager pair", "rf functional"):
             assert (norm, True, call) in calls

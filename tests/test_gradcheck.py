@@ -51,3 +51,48 @@ def test_double_backward_is_refused():
     (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiat"):
         g.sum().backward()
+
+
+_WITHOUT_C = r"""
+import importlib.util, sys
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name == "residual_fused._C" else find_spec(name, *a)
+import torch
+import residual_fused as rf
+from residual_fused import ops
+assert ops._c_module is None and ops._python_autograd is not None, "the Python autograd is not the one running"
+x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+r = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+for prenorm in (False, True):
+    assert torch.autograd.gradcheck(lambda x, r, w, b: rf.add_layer_norm(x, r, w, b, prenorm=prenorm), (x, r, w, b))
+    assert torch.autograd.gradcheck(lambda x, r, w: rf.add_rms_norm(x, r, w, prenorm=prenorm, memory_efficient=True),
+                                    (x, r, w))
+(g,) = torch.autograd.grad(rf.add_layer_norm(x, r).pow(2).sum(), x, create_graph=True)
+try:
+    g.sum().backward()
+    raise SystemExit("double backward did not raise")
+except RuntimeError as err:
+    assert "double backward" in str(err), err
+try:
+    rf.add_rms_norm_(torch.randn(2, 6), torch.randn(2, 6), w)
+    raise SystemExit("the in-place form took a tensor that requires grad")
+except RuntimeError as err:
+    assert "requires grad" in str(err), err
+print("ok")
+"""
+
+
+def test_python_autograd_where_the_compiled_library_is_absent():
+    """Without _C (no compiler at install, a torch it was not built for) the op add_norm's
+    autograd is AddNormFunction, registered from Python: gradients, the double-backward
+    refusal and the inference forms' rule hold there too."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RESIDUAL_FUSED_JIT": "0", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_C], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr

@@ -169,7 +169,8 @@ def test_first_use_build_loads_only_what_is_missing(monkeypatch, cuda_loaded):
     monkeypatch.setattr(ops, "loaded_libraries", [])
     monkeypatch.setattr(_jit, "toolchain", lambda: ("/usr/bin/c++", "13.0", ""))
 
-    def build(quiet=False, with_cuda=True):
+    def build(quiet=False, with_cuda=True, cuda_only=False):
+        assert not cuda_only  # the CPU kernels are missing here
         calls.append(with_cuda)
         return ["/cache/residual_fused/_C.so"] + (["/cache/residual_fused/_cuda_stable.abi3.so"]
                                                    if with_cuda else [])
@@ -186,6 +187,41 @@ def test_first_use_build_loads_only_what_is_missing(monkeypatch, cuda_loaded):
     assert loaded == (["_C.so"] if cuda_loaded else ["_C.so", "_cuda_stable.abi3.so"])
     assert ops._build_on_first_use(torch.device("cpu")) is False  # once per process
     assert len(calls) == 1
+
+
+def test_first_use_on_cuda_beside_a_cpu_only_c(monkeypatch):
+    """A CPU-only _C installed under a CUDA torch without the stable ABI (< 2.10): the
+    first CUDA op builds the CUDA kernels alone (_cuda_aten) and loads them; a _C with
+    both would be skipped, its CPU kernels being registered already."""
+    registered = {"CPU": True, "CUDA": False}
+    calls, loaded = [], []
+    monkeypatch.setenv("RESIDUAL_FUSED_JIT", "1")
+    monkeypatch.setattr(ops, "_jit_tried", set())
+    monkeypatch.setattr(ops, "_extension_loaded", True)
+    monkeypatch.setattr(ops, "_has_kernel", lambda key: registered[key])
+    monkeypatch.setattr(ops, "loaded_libraries", [])
+    monkeypatch.setattr(_jit, "toolchain", lambda: ("/usr/bin/c++", "12.8", ""))
+
+    def build(quiet=False, with_cuda=True, cuda_only=False):
+        calls.append((with_cuda, cuda_only))
+        return ["/cache/residual_fused/_cuda_aten.so"]
+
+    def load(path):
+        loaded.append(os.path.basename(path))
+        registered["CUDA"] = True
+
+    monkeypatch.setattr(_jit, "build", build)
+    monkeypatch.setattr(torch.ops, "load_library", load)
+    assert ops._build_on_first_use(torch.device("cuda")) is True
+    assert calls == [(True, True)] and loaded == ["_cuda_aten.so"]
+
+
+def test_cuda_only_builds_have_their_own_cache_key():
+    root = _jit.source_root()
+    if root is None:
+        pytest.skip("no sources")
+    assert _jit.cache_key(root, "12.8") != _jit.cache_key(root, "12.8", cuda_only=True)
+    assert "-cudaonly-" in _jit.cache_key(root, "12.8", cuda_only=True)
 
 
 def test_extension_of_another_torch_is_not_imported(tmp_path):

@@ -27,6 +27,9 @@ def test_opcheck(device, case):
     store = case.prenorm or (residual is not None and not case.memory_efficient)
     fwd_args = (x, residual, weight, bias, case.eps, case.rms, store, out_dtype)
     torch.library.opcheck(OPS.add_norm_fwd, fwd_args)
+    # the differentiable op the functional API calls (its autograd in C++ with _C)
+    torch.library.opcheck(OPS.add_norm, (x, residual, weight, bias, case.eps, case.rms, case.prenorm, out_dtype,
+                                         case.memory_efficient))
 
     store_mean = not case.rms and not case.memory_efficient
     torch.library.opcheck(OPS.add_norm_fwd, fwd_args + (0.0, store_mean))
