@@ -2,8 +2,8 @@
 // initialisers (TORCH_LIBRARY_IMPL in add_norm_cpu.cpp, autograd.cpp and, in CUDA
 // builds, cuda/add_norm_cuda.cpp) register the kernels with the dispatcher.
 //
-// It also exposes the forward ops (add_norm and the inference forms' ops; add_norm_fwd
-// for AddNormFunction, the Python autograd) as plain functions: each calls its op through the
+// It also exposes the ops the functional API calls (add_norm and the inference forms')
+// as plain functions: each calls its op through the
 // C++ dispatcher, so every dispatch key still applies (the CPU and CUDA kernels, the
 // stable-ABI CUDA library's, autograd, autocast, tensor subclasses and modes that work
 // through __torch_dispatch__, fake tensors), but the call skips what torch.ops does
@@ -57,47 +57,37 @@ void check_count(Py_ssize_t n, Py_ssize_t want, const char* fn) {
   TORCH_CHECK_TYPE(n == want, fn, "() takes ", want, " positional arguments but ", n, " were given");
 }
 
+// The four tensors every op starts with: x, residual, weight, bias (the last three optional).
+struct Inputs {
+  Tensor x;
+  OptTensor residual, weight, bias;
+  explicit Inputs(PyObject* const* a)
+      : x(tensor_arg(a[0], "x")),
+        residual(optional_tensor_arg(a[1], "residual")),
+        weight(optional_tensor_arg(a[2], "weight")),
+        bias(optional_tensor_arg(a[3], "bias")) {}
+};
+
+// A tuple of tensors as a Python tuple.
+template <class... T>
+PyObject* wrap(std::tuple<T...>&& out) {
+  PyObject* result = PyTuple_New(sizeof...(T));
+  if (result == nullptr) return nullptr;
+  Py_ssize_t k = 0;
+  std::apply([&](auto&... t) { ((PyTuple_SET_ITEM(result, k++, THPVariable_Wrap(std::move(t)))), ...); }, out);
+  return result;
+}
+
 template <class Sig>
 c10::TypedOperatorHandle<Sig> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-using FwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
-                                                         const OptTensor&, double, bool, bool, at::ScalarType,
-                                                         double, bool);
 using AddNormSig = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                                               double, bool, bool, at::ScalarType, bool, double);
 using FwdOutSig = void(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool, double,
                        const Tensor&, const OptTensor&);
 using FwdInplaceSig = void(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, double, bool, double);
-
-// add_norm_fwd(x, residual, weight, bias, eps, is_rms_norm, store_residual_out,
-//              residual_out_dtype, weight_offset, store_mean) -> (y, residual_out, rstd, mean)
-PyObject* add_norm_fwd(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  check_count(n, 10, "add_norm_fwd");
-  static const auto handle = op<FwdSig>("residual_fused::add_norm_fwd");
-  const Tensor x = tensor_arg(a[0], "x");
-  const OptTensor residual = optional_tensor_arg(a[1], "residual"), weight = optional_tensor_arg(a[2], "weight"),
-                  bias = optional_tensor_arg(a[3], "bias");
-  const double eps = double_arg(a[4]), weight_offset = double_arg(a[8]);
-  const bool is_rms_norm = bool_arg(a[5]), store = bool_arg(a[6]), store_mean = bool_arg(a[9]);
-  const at::ScalarType residual_out_dtype = dtype_arg(a[7], "residual_out_dtype");
-  std::tuple<Tensor, Tensor, Tensor, Tensor> out;
-  {
-    pybind11::gil_scoped_release no_gil;
-    out = handle.call(x, residual, weight, bias, eps, is_rms_norm, store, residual_out_dtype, weight_offset,
-                      store_mean);
-  }
-  PyObject* result = PyTuple_New(4);
-  if (result == nullptr) return nullptr;
-  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(std::get<0>(out))));
-  PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(std::move(std::get<1>(out))));
-  PyTuple_SET_ITEM(result, 2, THPVariable_Wrap(std::move(std::get<2>(out))));
-  PyTuple_SET_ITEM(result, 3, THPVariable_Wrap(std::move(std::get<3>(out))));
-  return result;
-  END_HANDLE_TH_ERRORS
-}
 
 // add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
 //          memory_efficient, weight_offset) -> (y, residual_out): differentiable
@@ -105,23 +95,17 @@ PyObject* add_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   check_count(n, 10, "add_norm");
   static const auto handle = op<AddNormSig>("residual_fused::add_norm");
-  const Tensor x = tensor_arg(a[0], "x");
-  const OptTensor residual = optional_tensor_arg(a[1], "residual"), weight = optional_tensor_arg(a[2], "weight"),
-                  bias = optional_tensor_arg(a[3], "bias");
+  const Inputs in(a);
   const double eps = double_arg(a[4]), weight_offset = double_arg(a[9]);
   const bool is_rms_norm = bool_arg(a[5]), prenorm = bool_arg(a[6]), memory_efficient = bool_arg(a[8]);
   const at::ScalarType residual_out_dtype = dtype_arg(a[7], "residual_out_dtype");
   std::tuple<Tensor, Tensor> out;
   {
     pybind11::gil_scoped_release no_gil;
-    out = handle.call(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype, memory_efficient,
-                      weight_offset);
+    out = handle.call(in.x, in.residual, in.weight, in.bias, eps, is_rms_norm, prenorm, residual_out_dtype,
+                      memory_efficient, weight_offset);
   }
-  PyObject* result = PyTuple_New(2);
-  if (result == nullptr) return nullptr;
-  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(std::get<0>(out))));
-  PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(std::move(std::get<1>(out))));
-  return result;
+  return wrap(std::move(out));
   END_HANDLE_TH_ERRORS
 }
 
@@ -130,14 +114,14 @@ PyObject* add_norm_fwd_out(PyObject*, PyObject* const* a, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   check_count(n, 9, "add_norm_fwd_out");
   static const auto handle = op<FwdOutSig>("residual_fused::add_norm_fwd_out");
-  const Tensor x = tensor_arg(a[0], "x"), out = tensor_arg(a[7], "out");
-  const OptTensor residual = optional_tensor_arg(a[1], "residual"), weight = optional_tensor_arg(a[2], "weight"),
-                  bias = optional_tensor_arg(a[3], "bias"), residual_out = optional_tensor_arg(a[8], "residual_out");
+  const Inputs in(a);
+  const Tensor out = tensor_arg(a[7], "out");
+  const OptTensor residual_out = optional_tensor_arg(a[8], "residual_out");
   const double eps = double_arg(a[4]), weight_offset = double_arg(a[6]);
   const bool is_rms_norm = bool_arg(a[5]);
   {
     pybind11::gil_scoped_release no_gil;
-    handle.call(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out, residual_out);
+    handle.call(in.x, in.residual, in.weight, in.bias, eps, is_rms_norm, weight_offset, out, residual_out);
   }
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
@@ -163,8 +147,6 @@ PyObject* add_norm_fwd_inplace(PyObject*, PyObject* const* a, Py_ssize_t n) {
 PyMethodDef methods[] = {
     {"add_norm", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&add_norm)), METH_FASTCALL,
      "torch.ops.residual_fused.add_norm through the C++ dispatcher (positional arguments)"},
-    {"add_norm_fwd", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&add_norm_fwd)), METH_FASTCALL,
-     "torch.ops.residual_fused.add_norm_fwd through the C++ dispatcher (positional arguments)"},
     {"add_norm_fwd_out", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&add_norm_fwd_out)),
      METH_FASTCALL, "torch.ops.residual_fused.add_norm_fwd_out through the C++ dispatcher"},
     {"add_norm_fwd_inplace", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&add_norm_fwd_inplace)),

@@ -282,8 +282,8 @@ def _add_norm_fwd_inplace_autograd(x, residual, weight, bias, eps, is_rms_norm, 
 
 def _add_norm_forward_only(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
                            memory_efficient=False, weight_offset=0.0):
-    return tuple(call_fwd(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
-                          weight_offset)[:2])
+    return tuple(add_norm_fwd(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
+                              weight_offset)[:2])
 
 
 def _add_norm_autograd(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
@@ -371,7 +371,7 @@ class AddNormFunction(torch.autograd.Function):
         store = prenorm or (residual is not None and not memory_efficient)
         # LayerNorm's row mean, for the backward's shift where it rebuilds xhat from the sum.
         store_mean = not is_rms_norm and not memory_efficient
-        y, residual_out, rstd, mean = call_fwd(
+        y, residual_out, rstd, mean = add_norm_fwd(
             x, residual, weight, bias, eps, is_rms_norm, store, residual_out_dtype, weight_offset, store_mean
         )
         saved = y if memory_efficient else (residual_out if store else x)
@@ -504,16 +504,6 @@ def cpu_kernels_available() -> bool:
 def _direct(tensors) -> bool:
     return (_c_module is not None and not torch._C._has_torch_function(tensors)
             and not torch.compiler.is_compiling())
-
-
-def call_fwd(x, residual, weight, bias, eps, is_rms_norm, store_residual_out, residual_out_dtype,
-             weight_offset=0.0, store_mean=False):
-    """add_norm_fwd(...), by the cheapest path that keeps every dispatcher feature."""
-    if _direct((x, residual, weight, bias)):
-        return _c_module.add_norm_fwd(x, residual, weight, bias, eps, is_rms_norm, store_residual_out,
-                                      residual_out_dtype, weight_offset, store_mean)
-    return add_norm_fwd(x, residual, weight, bias, eps, is_rms_norm, store_residual_out, residual_out_dtype,
-                        weight_offset, store_mean)
 
 
 def call_add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype, memory_efficient,

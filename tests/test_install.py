@@ -155,6 +155,17 @@ def test_install_into_a_fresh_venv_then_build_on_first_use(tmp_path):
     assert ahead.returncode == 0 and "built: " in ahead.stdout and "building" not in ahead.stderr
 
 
+def _first_use_world(monkeypatch, registered, cuda_version):
+    """A process where the kernels of `registered` are loaded and a toolkit of
+    `cuda_version` builds on first use."""
+    monkeypatch.setenv("RESIDUAL_FUSED_JIT", "1")
+    monkeypatch.setattr(ops, "_jit_tried", set())
+    monkeypatch.setattr(ops, "_extension_loaded", True)
+    monkeypatch.setattr(ops, "_has_kernel", lambda key: registered[key])
+    monkeypatch.setattr(ops, "loaded_libraries", [])
+    monkeypatch.setattr(_jit, "toolchain", lambda: ("/usr/bin/c++", cuda_version, ""))
+
+
 @pytest.mark.parametrize("cuda_loaded", [False, True])
 def test_first_use_build_loads_only_what_is_missing(monkeypatch, cuda_loaded):
     """After a torch upgrade the stable-ABI CUDA library still loads while _C does not:
@@ -162,12 +173,7 @@ def test_first_use_build_loads_only_what_is_missing(monkeypatch, cuda_loaded):
     the CUDA kernels twice would fail)."""
     registered = {"CPU": False, "CUDA": cuda_loaded}
     calls, loaded = [], []
-    monkeypatch.setenv("RESIDUAL_FUSED_JIT", "1")
-    monkeypatch.setattr(ops, "_jit_tried", set())
-    monkeypatch.setattr(ops, "_extension_loaded", True)
-    monkeypatch.setattr(ops, "_has_kernel", lambda key: registered[key])
-    monkeypatch.setattr(ops, "loaded_libraries", [])
-    monkeypatch.setattr(_jit, "toolchain", lambda: ("/usr/bin/c++", "13.0", ""))
+    _first_use_world(monkeypatch, registered, "13.0")
 
     def build(quiet=False, with_cuda=True, cuda_only=False):
         assert not cuda_only  # the CPU kernels are missing here
@@ -195,12 +201,7 @@ def test_first_use_on_cuda_beside_a_cpu_only_c(monkeypatch):
     both would be skipped, its CPU kernels being registered already."""
     registered = {"CPU": True, "CUDA": False}
     calls, loaded = [], []
-    monkeypatch.setenv("RESIDUAL_FUSED_JIT", "1")
-    monkeypatch.setattr(ops, "_jit_tried", set())
-    monkeypatch.setattr(ops, "_extension_loaded", True)
-    monkeypatch.setattr(ops, "_has_kernel", lambda key: registered[key])
-    monkeypatch.setattr(ops, "loaded_libraries", [])
-    monkeypatch.setattr(_jit, "toolchain", lambda: ("/usr/bin/c++", "12.8", ""))
+    _first_use_world(monkeypatch, registered, "12.8")
 
     def build(quiet=False, with_cuda=True, cuda_only=False):
         calls.append((with_cuda, cuda_only))
