@@ -4,9 +4,11 @@ Schemas are defined here and only here. The pure-PyTorch reference is registered
 as the ``CompositeExplicitAutograd`` kernel, so it runs on any device the compiled
 extension does not cover; the extension (``residual_fused._C``), when built, adds
 ``CPU`` kernels and, in CUDA builds, ``CUDA`` kernels for the same schemas, which
-take precedence on their devices.
+take precedence on their devices, and the autograd of ``add_norm`` in C++ (without it,
+``AddNormFunction`` here). The call path at the end picks ``_C``'s plain-function
+entries or ``torch.ops``.
 
-Both ops work on rows of the last dim: ``x`` is ``[..., H]`` and ``weight``/``bias``
+The ops work on rows of the last dim: ``x`` is ``[..., H]`` and ``weight``/``bias``
 are ``[H]``; the functional API folds a multi-dim ``normalized_shape`` into ``H``.
 Outputs that a call does not produce are returned as 0-element placeholders
 (a schema's outputs are fixed), and callers decide by flags, never by ``numel``.
