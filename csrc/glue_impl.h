@@ -292,13 +292,12 @@ struct Glue {
                                   double weight_offset, const Tensor& out, const OptTensor& residual_out,
                                   const char* out_name, const char* residual_out_name, int64_t hidden) {
     check(out.scalar_type() == x.scalar_type(), out_name, ": dtype must be x's (the normalized output has x's dtype)");
-    const Tensor* r = residual.has_value() ? &*residual : nullptr;
-    const Tensor* w = weight.has_value() ? &*weight : nullptr;
-    const Tensor* b = bias.has_value() ? &*bias : nullptr;
-    check_output(out, out_name, x, {{&x, "x"}, {r, "residual"}, {w, "weight"}, {b, "bias"}});
+    const auto or_null = [](const OptTensor& t) { return t.has_value() ? &*t : nullptr; };
+    const std::vector<std::pair<const Tensor*, const char*>> inputs = {
+        {&x, "x"}, {or_null(residual), "residual"}, {or_null(weight), "weight"}, {or_null(bias), "bias"}};
+    check_output(out, out_name, x, inputs);
     if (residual_out.has_value()) {
-      check_output(*residual_out, residual_out_name, x,
-                   {{&x, "x"}, {r, "residual"}, {w, "weight"}, {b, "bias"}});
+      check_output(*residual_out, residual_out_name, x, inputs);
       check(!overlap(out, *residual_out), out_name, " and ", residual_out_name,
             " overlap: the two outputs need separate memory");
     }

@@ -126,7 +126,7 @@ class FusedAddNorm(_FusedAddNormBase):
     def forward_inplace(self, x: Tensor, residual: Tensor):
         """Inference: ``residual += x``, then ``x = norm(residual)``, in place; returns
         ``(x, residual)`` (:func:`residual_fused.functional.add_layer_norm_`)."""
-        return functional.add_layer_norm_(x, residual, self.weight, self.bias, self.eps,
+        return functional.add_layer_norm_(x, residual, self._param("weight"), self._param("bias"), self.eps,
                                           normalized_shape=self.normalized_shape,
                                           weight_offset=self.weight_offset)
 
@@ -167,7 +167,7 @@ class FusedAddRMSNorm(_FusedAddNormBase):
         """Inference: ``residual += x``, then ``x = norm(residual)``, in place; returns
         ``(x, residual)`` (vLLM's ``fused_add_rms_norm``;
         :func:`residual_fused.functional.add_rms_norm_`)."""
-        return functional.add_rms_norm_(x, residual, self.weight, self.eps,
+        return functional.add_rms_norm_(x, residual, self._param("weight"), self.eps,
                                         normalized_shape=self.normalized_shape,
                                         weight_offset=self.weight_offset)
 

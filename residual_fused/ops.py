@@ -260,14 +260,19 @@ add_norm_bwd = torch.ops.residual_fused.add_norm_bwd
 add_norm_fwd_out = torch.ops.residual_fused.add_norm_fwd_out
 add_norm_fwd_inplace = torch.ops.residual_fused.add_norm_fwd_inplace
 
-_NO_GRAD_FORMS = ("the out= and in-place forms write into buffers and record no gradient; call them "
+NO_GRAD_FORMS = ("the out= and in-place forms write into buffers and record no gradient; call them "
                   "under torch.no_grad() or torch.inference_mode(), or use the functional form without "
                   "out= for training")
 
 
+def grad_needed(*tensors) -> bool:
+    """Whether autograd would record a call on ``tensors`` (None for absent ones)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _refuse_grad(name, *tensors):
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError(f"residual_fused::{name}: a tensor requires grad: {_NO_GRAD_FORMS}")
+    if grad_needed(*tensors):
+        raise RuntimeError(f"residual_fused::{name}: a tensor requires grad: {NO_GRAD_FORMS}")
 
 
 def _add_norm_fwd_out_autograd(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out, residual_out):
@@ -290,7 +295,7 @@ def _add_norm_forward_only(x, residual, weight, bias, eps, is_rms_norm, prenorm,
 
 def _add_norm_autograd(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
                        memory_efficient=False, weight_offset=0.0):
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias))):
+    if not grad_needed(x, residual, weight, bias):
         with torch._C._AutoDispatchBelowAutograd():
             return _add_norm_forward_only(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
                                           memory_efficient, weight_offset)
@@ -503,18 +508,17 @@ def cpu_kernels_available() -> bool:
 # arguments, and not while torch.compile traces (it records torch.ops calls).
 
 
-def _direct(tensors) -> bool:
-    return (_c_module is not None and not torch._C._has_torch_function(tensors)
-            and not torch.compiler.is_compiling())
+def _direct(tensors, compiling=None) -> bool:
+    """``compiling``: whether torch.compile is tracing, where the caller knows it already."""
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    return _c_module is not None and not compiling and not torch._C._has_torch_function(tensors)
 
 
 def call_add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype, memory_efficient,
                   weight_offset, compiling=None):
-    """add_norm(...) -> (y, residual_out), differentiable. ``compiling``: whether
-    torch.compile is tracing, where the caller knows it already."""
-    if compiling is None:
-        compiling = torch.compiler.is_compiling()
-    if _c_module is not None and not compiling and not torch._C._has_torch_function((x, residual, weight, bias)):
+    """add_norm(...) -> (y, residual_out), differentiable."""
+    if _direct((x, residual, weight, bias), compiling):
         return _c_module.add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
                                   memory_efficient, weight_offset)
     return add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype, memory_efficient,
