@@ -6,20 +6,22 @@
 //   autograd.Function. It saves what the backward op needs (the sum, or y when memory
 //   efficient; rstd; LayerNorm's row mean as the backward's shift).
 // - add_norm_fwd_out / add_norm_fwd_inplace (the inference forms) record no gradient:
-//   where one would be needed they refuse the call with the rule.
+//   where one would be needed they refuse the call with the rule; the tensors they
+//   write get a new version (ADInplaceOrView), as torch's in-place ops do.
 //
 // Without this library residual_fused/ops.py registers the same in Python
 // (AddNormFunction and the same refusal, with the same words).
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/stack.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 
@@ -175,25 +177,85 @@ std::tuple<Tensor, Tensor> add_norm_autograd(const Tensor& x, const OptTensor& r
   return {std::move(out[0]), std::move(out[1])};
 }
 
-void refuse_gradients(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  if (c10::GradMode::is_enabled()) {
-    const size_t n = op.schema().arguments().size();
-    for (const c10::IValue& arg : torch::jit::last(*stack, n)) {
-      TORCH_CHECK(!(arg.isTensor() && arg.toTensor().requires_grad()), op.schema().name(),
-                  ": a tensor requires grad: the out= and in-place forms write into buffers and record no "
-                  "gradient; call them under torch.no_grad() or torch.inference_mode(), or use the functional "
-                  "form without out= for training");
-    }
+// ---- the inference forms ------------------------------------------------------------------
+using FwdOutSig = void(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double, bool, double,
+                       const Tensor&, const OptTensor&);
+using FwdInplaceSig = void(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, double, bool, double);
+
+const c10::TypedOperatorHandle<FwdOutSig>& fwd_out_op() {
+  static const auto handle =
+      c10::Dispatcher::singleton().findSchemaOrThrow("residual_fused::add_norm_fwd_out", "").typed<FwdOutSig>();
+  return handle;
+}
+
+const c10::TypedOperatorHandle<FwdInplaceSig>& fwd_inplace_op() {
+  static const auto handle = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("residual_fused::add_norm_fwd_inplace", "")
+                                 .typed<FwdInplaceSig>();
+  return handle;
+}
+
+void refuse_gradients(const char* op, std::initializer_list<const OptTensor*> tensors) {
+  if (!c10::GradMode::is_enabled()) return;
+  for (const OptTensor* t : tensors) {
+    TORCH_CHECK(!(t->has_value() && (*t)->requires_grad()), op,
+                ": a tensor requires grad: the out= and in-place forms write into buffers and record no "
+                "gradient; call them under torch.no_grad() or torch.inference_mode(), or use the functional "
+                "form without out= for training");
   }
-  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+// Autograd: refused where a gradient would be needed, else the kernels below autograd.
+void fwd_out_autograd(c10::DispatchKeySet keys, const Tensor& x, const OptTensor& residual, const OptTensor& weight,
+                      const OptTensor& bias, double eps, bool is_rms_norm, double weight_offset, const Tensor& out,
+                      const OptTensor& residual_out) {
+  const OptTensor x_ = x, out_ = out;
+  refuse_gradients("residual_fused::add_norm_fwd_out", {&x_, &residual, &weight, &bias, &out_, &residual_out});
+  fwd_out_op().redispatch(keys & c10::after_autograd_keyset, x, residual, weight, bias, eps, is_rms_norm,
+                          weight_offset, out, residual_out);
+}
+
+void fwd_inplace_autograd(c10::DispatchKeySet keys, const Tensor& x, const Tensor& residual, const OptTensor& weight,
+                          const OptTensor& bias, double eps, bool is_rms_norm, double weight_offset) {
+  const OptTensor x_ = x, residual_ = residual;
+  refuse_gradients("residual_fused::add_norm_fwd_inplace", {&x_, &residual_, &weight, &bias});
+  fwd_inplace_op().redispatch(keys & c10::after_autograd_keyset, x, residual, weight, bias, eps, is_rms_norm,
+                              weight_offset);
+}
+
+// ADInplaceOrView: each tensor the call wrote gets a new version, as after a torch
+// in-place op, so autograd refuses a backward that saved one of them before (instead
+// of differentiating with the new values). It runs outside autograd too (no_grad,
+// inference_mode on ordinary tensors): that is where the inference forms run.
+void fwd_out_ad_inplace_or_view(c10::DispatchKeySet keys, const Tensor& x, const OptTensor& residual,
+                                const OptTensor& weight, const OptTensor& bias, double eps, bool is_rms_norm,
+                                double weight_offset, const Tensor& out, const OptTensor& residual_out) {
+  fwd_out_op().redispatch(keys & c10::after_ADInplaceOrView_keyset, x, residual, weight, bias, eps, is_rms_norm,
+                          weight_offset, out, residual_out);
+  torch::autograd::increment_version(out);
+  if (residual_out.has_value()) torch::autograd::increment_version(*residual_out);
+}
+
+void fwd_inplace_ad_inplace_or_view(c10::DispatchKeySet keys, const Tensor& x, const Tensor& residual,
+                                    const OptTensor& weight, const OptTensor& bias, double eps, bool is_rms_norm,
+                                    double weight_offset) {
+  fwd_inplace_op().redispatch(keys & c10::after_ADInplaceOrView_keyset, x, residual, weight, bias, eps,
+                              is_rms_norm, weight_offset);
+  torch::autograd::increment_version(x);
+  torch::autograd::increment_version(residual);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(residual_fused, Autograd, m) {
   m.impl("add_norm", &add_norm_autograd);
-  m.impl("add_norm_fwd_out", torch::CppFunction::makeFromBoxedFunction<&refuse_gradients>());
-  m.impl("add_norm_fwd_inplace", torch::CppFunction::makeFromBoxedFunction<&refuse_gradients>());
+  m.impl("add_norm_fwd_out", &fwd_out_autograd);
+  m.impl("add_norm_fwd_inplace", &fwd_inplace_autograd);
+}
+
+TORCH_LIBRARY_IMPL(residual_fused, ADInplaceOrView, m) {
+  m.impl("add_norm_fwd_out", &fwd_out_ad_inplace_or_view);
+  m.impl("add_norm_fwd_inplace", &fwd_inplace_ad_inplace_or_view);
 }
 
 // Below autograd (inference mode, tracing): the forward alone.

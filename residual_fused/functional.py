@@ -14,7 +14,7 @@ need one.
 
 import torch
 
-from . import distributed
+from . import distributed, ops
 from ._validation import check_add_norm_args, checked_weight_offset, residual_out_dtype, validated_call
 from .ops import NO_GRAD_FORMS, call_add_norm, call_fwd_inplace, call_fwd_out, grad_needed
 
@@ -57,14 +57,24 @@ def _rows_view(t, rows_shape, hidden, name):
 
 def _add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dtype,
               memory_efficient, normalized_shape, weight_offset, out=None, residual_out=None):
+    # The common case, checked and run in one C call (csrc/module.cpp); anything else,
+    # and every call torch.compile traces, takes the Python path below.
     compiling = torch.compiler.is_compiling()
-    # The hot path of every call: the cache lookup and no fold are spelled out here
-    # (each Python call on the way costs a tenth of a microsecond).
-    shape, hidden, eps, weight_offset, out_dtype = (
-        _checked(x, residual, weight, bias, eps, is_rms_norm, residual_dtype, normalized_shape, weight_offset,
-                 True) if compiling else
-        validated_call(x, residual, weight, bias, eps, normalized_shape, residual_dtype, is_rms_norm,
-                       weight_offset))
+    if not compiling and ops._c_module is not None:
+        result = ops._c_module.functional_add_norm(x, residual, weight, bias, eps, is_rms_norm, prenorm,
+                                                   residual_dtype, memory_efficient, normalized_shape,
+                                                   weight_offset, out, residual_out)
+        if result is not NotImplemented:
+            return result
+    return _add_norm_checked(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dtype,
+                             memory_efficient, normalized_shape, weight_offset, out, residual_out, compiling)
+
+
+def _add_norm_checked(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_dtype,
+                      memory_efficient, normalized_shape, weight_offset, out, residual_out, compiling):
+    """``_add_norm`` with its checks in Python: every rule, each error naming the argument."""
+    shape, hidden, eps, weight_offset, out_dtype = _checked(
+        x, residual, weight, bias, eps, is_rms_norm, residual_dtype, normalized_shape, weight_offset, compiling)
     if distributed.is_dtensor(x):
         distributed.check_row_sharding(x, len(shape))
         distributed.register_sharding_rules()
@@ -113,10 +123,23 @@ def _add_norm_into(x, x_in, residual_in, weight_in, bias_in, eps, is_rms_norm, p
 
 
 def _add_norm_(x, residual, weight, bias, eps, is_rms_norm, normalized_shape, weight_offset, name):
+    compiling = torch.compiler.is_compiling()
+    if not compiling and ops._c_module is not None:  # the common case in one C call, as in _add_norm
+        result = ops._c_module.functional_add_norm_(x, residual, weight, bias, eps, is_rms_norm, normalized_shape,
+                                                    weight_offset)
+        if result is not NotImplemented:
+            return result
+    return _add_norm_checked_(x, residual, weight, bias, eps, is_rms_norm, normalized_shape, weight_offset, name,
+                              compiling)
+
+
+def _add_norm_checked_(x, residual, weight, bias, eps, is_rms_norm, normalized_shape, weight_offset, name,
+                       compiling):
+    """``_add_norm_`` with its checks in Python."""
     if residual is None:
         raise ValueError(f"residual: {name} updates the residual stream in place, so it needs one")
     shape, hidden, eps, weight_offset, _ = _checked(x, residual, weight, bias, eps, is_rms_norm, None,
-                                                    normalized_shape, weight_offset, torch.compiler.is_compiling())
+                                                    normalized_shape, weight_offset, compiling)
     if grad_needed(x, residual, weight, bias):
         raise RuntimeError(f"{name}: a tensor requires grad; {NO_GRAD_FORMS}")
     if distributed.is_dtensor(x):

@@ -126,9 +126,8 @@ class FusedAddNorm(_FusedAddNormBase):
     def forward_inplace(self, x: Tensor, residual: Tensor):
         """Inference: ``residual += x``, then ``x = norm(residual)``, in place; returns
         ``(x, residual)`` (:func:`residual_fused.functional.add_layer_norm_`)."""
-        return functional.add_layer_norm_(x, residual, self._param("weight"), self._param("bias"), self.eps,
-                                          normalized_shape=self.normalized_shape,
-                                          weight_offset=self.weight_offset)
+        return functional._add_norm_(x, residual, self._param("weight"), self._param("bias"), self.eps, False,
+                                     self.normalized_shape, self.weight_offset, "add_layer_norm_")
 
     @classmethod
     def from_layer_norm(cls, ln: nn.LayerNorm, **kwargs) -> "FusedAddNorm":
@@ -167,9 +166,8 @@ class FusedAddRMSNorm(_FusedAddNormBase):
         """Inference: ``residual += x``, then ``x = norm(residual)``, in place; returns
         ``(x, residual)`` (vLLM's ``fused_add_rms_norm``;
         :func:`residual_fused.functional.add_rms_norm_`)."""
-        return functional.add_rms_norm_(x, residual, self._param("weight"), self.eps,
-                                        normalized_shape=self.normalized_shape,
-                                        weight_offset=self.weight_offset)
+        return functional._add_norm_(x, residual, self._param("weight"), None, self.eps, True,
+                                     self.normalized_shape, self.weight_offset, "add_rms_norm_")
 
     @classmethod
     def from_rms_norm(cls, norm: nn.Module, **kwargs) -> "FusedAddRMSNorm":

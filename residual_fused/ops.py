@@ -287,6 +287,26 @@ def _add_norm_fwd_inplace_autograd(x, residual, weight, bias, eps, is_rms_norm, 
         return add_norm_fwd_inplace(x, residual, weight, bias, eps, is_rms_norm, weight_offset)
 
 
+def _add_norm_fwd_out_version(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out, residual_out):
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        add_norm_fwd_out(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out, residual_out)
+    _new_versions(out, residual_out)
+
+
+def _add_norm_fwd_inplace_version(x, residual, weight, bias, eps, is_rms_norm, weight_offset):
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        add_norm_fwd_inplace(x, residual, weight, bias, eps, is_rms_norm, weight_offset)
+    _new_versions(x, residual)
+
+
+def _new_versions(*written):
+    """The tensors a call wrote get a new version, as after a torch in-place op: autograd
+    then refuses a backward that saved one of them before."""
+    for t in written:
+        if t is not None:
+            torch.autograd.graph.increment_version(t)
+
+
 def _add_norm_forward_only(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
                            memory_efficient=False, weight_offset=0.0):
     return tuple(add_norm_fwd(x, residual, weight, bias, eps, is_rms_norm, prenorm, residual_out_dtype,
@@ -304,7 +324,7 @@ def _add_norm_autograd(x, residual, weight, bias, eps, is_rms_norm, prenorm, res
     return out if prenorm else (out, _placeholder(x))
 
 
-# The autograd of add_norm and the inference forms' rule, registered from Python only
+# The autograd of add_norm, and the inference forms' rule and version counts, registered from Python only
 # while the per-torch library (_C, csrc/autograd.cpp: the same in C++) is not loaded.
 _python_autograd = None
 
@@ -316,6 +336,8 @@ def _register_python_autograd() -> None:
     _python_autograd.impl("add_norm", _add_norm_forward_only, "CompositeExplicitAutograd")
     _python_autograd.impl("add_norm_fwd_out", _add_norm_fwd_out_autograd, "Autograd")
     _python_autograd.impl("add_norm_fwd_inplace", _add_norm_fwd_inplace_autograd, "Autograd")
+    _python_autograd.impl("add_norm_fwd_out", _add_norm_fwd_out_version, "ADInplaceOrView")
+    _python_autograd.impl("add_norm_fwd_inplace", _add_norm_fwd_inplace_version, "ADInplaceOrView")
 
 
 def _drop_python_autograd() -> None:

@@ -80,6 +80,17 @@ try:
     raise SystemExit("the in-place form took a tensor that requires grad")
 except RuntimeError as err:
     assert "requires grad" in str(err), err
+saved = torch.randn(2, 6, dtype=torch.float64)
+loss = (x[:2] * saved).sum()
+with torch.no_grad():
+    v = saved._version
+    rf.add_rms_norm_(saved, torch.randn(2, 6, dtype=torch.float64), w)
+assert saved._version > v, "the in-place form left the version count"
+try:
+    loss.backward()
+    raise SystemExit("a backward used a tensor the in-place form had overwritten")
+except RuntimeError as err:
+    assert "modified by an inplace operation" in str(err), err
 print("ok")
 """
 
@@ -87,7 +98,7 @@ print("ok")
 def test_python_autograd_where_the_compiled_library_is_absent():
     """Without _C (no compiler at install, a torch it was not built for) the op add_norm's
     autograd is AddNormFunction, registered from Python: gradients, the double-backward
-    refusal and the inference forms' rule hold there too."""
+    refusal, the inference forms' rule and their version counts hold there too."""
     import os
     import subprocess
     import sys

@@ -291,6 +291,33 @@ def test_inplace_rules(path):
     _unchanged(before, x, r, strided)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_written_tensors_get_a_new_version(device):
+    """As after a torch in-place op: each tensor the forms write gets a new version, so
+    a backward that saved one before refuses instead of using the new values."""
+    x, r, w = torch.randn(3, 16, device=device), torch.randn(3, 16, device=device), torch.randn(16, device=device)
+    out, res_out = torch.empty_like(x), torch.empty_like(r)
+    versions = [t._version for t in (x, r, out, res_out)]
+    with torch.no_grad():
+        rf.add_rms_norm(x, r, w, prenorm=True, out=out, residual_out=res_out)
+    assert out._version > versions[2] and res_out._version > versions[3]
+    assert (x._version, r._version) == tuple(versions[:2])  # inputs only read
+    with torch.inference_mode():  # ordinary tensors written in inference mode count too
+        rf.add_layer_norm_(x, r, w)
+    assert x._version > versions[0] and r._version > versions[1]
+    for path in ("in place", "out="):
+        a = torch.randn(3, 16, device=device, requires_grad=True)
+        saved = torch.randn(3, 16, device=device)
+        loss = (a * saved).sum()  # saves `saved` for the backward
+        with torch.no_grad():
+            if path == "in place":
+                rf.add_rms_norm_(saved, torch.randn(3, 16, device=device), w)
+            else:
+                rf.add_rms_norm(torch.randn(3, 16, device=device), None, w, out=saved)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
 def test_compile_traces_the_inplace_form():
     """torch.compile functionalizes the in-place op (its schema declares what it writes)."""
     def step(x, r, w):
