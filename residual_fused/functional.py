@@ -3,8 +3,9 @@
 Post-norm (BERT, the original Transformer) returns ``y``; pre-norm (GPT, Llama)
 returns ``(y, residual_out)`` where ``residual_out = x + residual`` is the new
 residual stream. Both go through the op ``add_norm``, whose autograd is in C++ where
-the compiled library is loaded; validation runs once per call signature (it matters
-at decode sizes, where the call path costs more than the kernel).
+the compiled library is loaded. At decode sizes the call path costs more than the
+kernel, so the common call is checked and run in one C call (``_C.functional_add_norm``);
+any other is checked here, once per call signature, with errors that name the argument.
 
 For inference, ``out=`` / ``residual_out=`` write into buffers the caller owns, and
 :func:`add_rms_norm_` / :func:`add_layer_norm_` update ``x`` and ``residual`` in place
