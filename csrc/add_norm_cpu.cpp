@@ -67,8 +67,9 @@ void add_norm_fwd_out_cpu(const Tensor& x, const OptTensor& residual, const OptT
                           const OptTensor& bias, double eps, bool is_rms_norm, double weight_offset,
                           const Tensor& out, const OptTensor& residual_out) {
   const int64_t hidden = checked_hidden(x, "x");
-  FwdCall call = AtenGlue::prepare_fwd_into(x, residual, weight, bias, eps, is_rms_norm, weight_offset,
-                                            out, residual_out, "out", "residual_out", hidden);
+  // No rstd: the CPU kernels skip it where it is not returned.
+  FwdCall call = AtenGlue::prepare_fwd_into(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out,
+                                            residual_out, "out", "residual_out", hidden, /*keep_rstd=*/false);
   kernels().fwd(call.params);
 }
 
@@ -76,8 +77,8 @@ void add_norm_fwd_out_cpu(const Tensor& x, const OptTensor& residual, const OptT
 void add_norm_fwd_inplace_cpu(const Tensor& x, const Tensor& residual, const OptTensor& weight,
                               const OptTensor& bias, double eps, bool is_rms_norm, double weight_offset) {
   const int64_t hidden = checked_hidden(x, "x");
-  FwdCall call = AtenGlue::prepare_fwd_into(x, residual, weight, bias, eps, is_rms_norm, weight_offset,
-                                            x, residual, "x", "residual", hidden);
+  FwdCall call = AtenGlue::prepare_fwd_into(x, residual, weight, bias, eps, is_rms_norm, weight_offset, x,
+                                            residual, "x", "residual", hidden, /*keep_rstd=*/false);
   kernels().fwd(call.params);
 }
 

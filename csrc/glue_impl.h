@@ -15,6 +15,7 @@
 // This header includes no torch header, so it compiles against either.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -271,8 +272,9 @@ struct Glue {
 
   // Checks an output buffer `out` (named `name`) of x's shape: on x's device,
   // contiguous, and either one of the inputs `same` exactly or clear of them all.
-  static void check_output(const Tensor& out, const char* name, const Tensor& x,
-                           const std::vector<std::pair<const Tensor*, const char*>>& inputs) {
+  using NamedInputs = std::array<std::pair<const Tensor*, const char*>, 4>;  // x, residual, weight, bias
+
+  static void check_output(const Tensor& out, const char* name, const Tensor& x, const NamedInputs& inputs) {
     check_same_device(out, x, name);
     if (!same_sizes(out, x)) check(false, name, ": shape ", shape(out), " must equal x's ", shape(x));
     check(contiguous_rows(out), name, ": must be contiguous (the kernels write whole rows densely)");
@@ -285,16 +287,19 @@ struct Glue {
   }
 
   // A forward writing y into `out` and x + residual into `residual_out` (when given,
-  // in its dtype); the rstd it needs is allocated. `names` are the arguments as the
-  // caller knows them ({"out", "residual_out"}, or {"x", "residual"} in place).
+  // in its dtype). `names` are the arguments as the caller knows them ({"out",
+  // "residual_out"}, or {"x", "residual"} in place). The forms return no rstd: it is
+  // allocated only for kernels that write it anyway (`keep_rstd`; the CUDA kernels),
+  // and left null for those that skip it (the CPU kernels).
   static FwdCall prepare_fwd_into(const Tensor& x, const OptTensor& residual, const OptTensor& weight,
                                   const OptTensor& bias, double eps, bool is_rms_norm,
                                   double weight_offset, const Tensor& out, const OptTensor& residual_out,
-                                  const char* out_name, const char* residual_out_name, int64_t hidden) {
+                                  const char* out_name, const char* residual_out_name, int64_t hidden,
+                                  bool keep_rstd = true) {
     check(out.scalar_type() == x.scalar_type(), out_name, ": dtype must be x's (the normalized output has x's dtype)");
     const auto or_null = [](const OptTensor& t) { return t.has_value() ? &*t : nullptr; };
-    const std::vector<std::pair<const Tensor*, const char*>> inputs = {
-        {&x, "x"}, {or_null(residual), "residual"}, {or_null(weight), "weight"}, {or_null(bias), "bias"}};
+    const NamedInputs inputs = {{
+        {&x, "x"}, {or_null(residual), "residual"}, {or_null(weight), "weight"}, {or_null(bias), "bias"}}};
     check_output(out, out_name, x, inputs);
     if (residual_out.has_value()) {
       check_output(*residual_out, residual_out_name, x, inputs);
@@ -310,8 +315,10 @@ struct Glue {
       call.residual_out = *residual_out;
       p.residual_out = residual_out->data_ptr();
     }
-    call.rstd = B::empty(row_shape(x), B::stats_type(x.scalar_type()), x);
-    p.rstd = call.rstd->data_ptr();
+    if (keep_rstd) {
+      call.rstd = B::empty(row_shape(x), B::stats_type(x.scalar_type()), x);
+      p.rstd = call.rstd->data_ptr();
+    }
     return call;
   }
 

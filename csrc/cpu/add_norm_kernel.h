@@ -156,7 +156,7 @@ void fwd_rows(const AddNormFwdParams& p, const acc* w, const acc* b, bool stream
   const int64_t n = p.hidden;
   std::unique_ptr<acc[]> buffer(new acc[n]);
   acc* s = buffer.get();
-  acc* rstd_out = static_cast<acc*>(p.rstd);
+  acc* rstd_out = static_cast<acc*>(p.rstd);  // null for the inference forms
   acc* mean_out = static_cast<acc*>(p.mean);  // null for RMSNorm
   const acc eps = static_cast<acc>(p.eps);
   for (int64_t r = begin; r < end; ++r) {
@@ -198,7 +198,7 @@ void fwd_rows(const AddNormFwdParams& p, const acc* w, const acc* b, bool stream
       affine_store(s, mean, rstd, w, b, static_cast<TY*>(row_of(p.y, p.x_dtype, n, r)), n,
                    stream, next);
     });
-    rstd_out[r] = rstd;
+    if (rstd_out) rstd_out[r] = rstd;
     if (mean_out) mean_out[r] = mean;
   }
   if (stream) stream_fence();

@@ -34,7 +34,8 @@ struct AddNormFwdParams {
   void* y = nullptr;                   // [rows, hidden], contiguous, x_dtype
   void* residual_out = nullptr;        // [rows, hidden], contiguous, or null: x + residual
   DType residual_out_dtype = DType::kFloat32;
-  void* rstd = nullptr;                // [rows], float (double when x is float64)
+  void* rstd = nullptr;                // [rows], float (double when x is float64); the CPU
+                                       // kernels take null (the inference forms keep none)
   void* mean = nullptr;                // [rows] or null, rstd's type: LayerNorm's row mean of
                                        // x + residual, which the backward subtracts first
 };
