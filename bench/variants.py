@@ -111,10 +111,10 @@ def loaded() -> Entry:
     """The entry points of the loaded library holding residual_fused's CUDA kernels."""
     import torch
 
-    from residual_fused import ops
+    from residual_fused import _loader, ops
 
     for attempt in range(2):
-        for path in ops.loaded_libraries:
+        for path in _loader.loaded_libraries:
             cdll = ctypes.CDLL(path)
             if hasattr(cdll, "residual_fused_set_variant"):
                 return Entry(cdll)

@@ -1,5 +1,6 @@
-// Torch-side preparation of the two ops, written once for two tensor APIs: ATen's
-// (csrc/glue.cpp: the CPU ops, and the CUDA ops on torch < 2.10) and LibTorch's
+// Torch-side preparation of the ops, written once for two tensor APIs: ATen's
+// (AtenBackend, csrc/glue.h and glue.cpp; used by the CPU ops, csrc/add_norm_cpu.cpp,
+// and on torch < 2.10 by the CUDA ops, csrc/cuda/add_norm_cuda.cpp) and LibTorch's
 // stable ABI (csrc/stable/: the CUDA ops built once for every torch >= 2.10).
 //
 // A backend B provides:

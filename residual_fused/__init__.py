@@ -10,7 +10,8 @@ and ``reference`` (plain differentiable PyTorch, the oracle).
 from . import reference
 from .functional import add_layer_norm, add_layer_norm_, add_rms_norm, add_rms_norm_
 from .modules import FusedAddNorm, FusedAddRMSNorm
-from .ops import AddNormFunction, cpu_kernels_available, cuda_kernels_available
+from ._loader import cpu_kernels_available, cuda_kernels_available
+from .ops import AddNormFunction
 
 __version__ = "0.1.0"
 

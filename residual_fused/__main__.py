@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from . import __version__, _jit, ops
+from . import __version__, _jit, _loader
 from .support import (MAX_CPU_HIDDEN_SIZE, MAX_CUDA_HIDDEN_SIZE, TORCH_FLOORS,
                       TRANSFORMERS_RANGES, torch_supports)
 
@@ -34,7 +34,7 @@ def _driver() -> str:
 
 def _kernel_status(kind: str, cxx, cuda_version, cuda_why) -> str:
     """One line: loaded, or why not and the command that fixes it."""
-    if ops._has_kernel(kind.upper()):
+    if _loader.has_kernel(kind.upper()):
         return "loaded"
     if kind == "cuda" and torch.version.cuda is None:
         return (f"not available: torch {torch.__version__} is a CPU build. Fix: install a "
@@ -47,7 +47,7 @@ def _kernel_status(kind: str, cxx, cuda_version, cuda_why) -> str:
     if cxx is None:
         return ("not built: no C++ compiler was found. Fix: install g++ (or set CXX), "
                 "then python -m residual_fused build")
-    why = (f"an installed library failed to load ({ops._load_error})" if ops._load_error
+    why = (f"an installed library failed to load ({_loader.load_error})" if _loader.load_error
            else "this installation has no compiled extension")
     if _jit.cached_libraries(cuda_version) and _jit.enabled():
         return f"built in the cache; the first {kind} op loads them ({why})"
@@ -85,7 +85,7 @@ def doctor(out=sys.stdout) -> None:
     line("CPU capability", torch.backends.cpu.get_cpu_capability())
     line("CPU kernels", _kernel_status("cpu", cxx, cuda_version, cuda_why))
     line("CUDA kernels", _kernel_status("cuda", cxx, cuda_version, cuda_why))
-    for path in ops.loaded_libraries:
+    for path in _loader.loaded_libraries:
         kind = ("CUDA, stable ABI" if os.path.basename(path).startswith("_cuda_stable")
                 else f"built for torch {torch.__version__}")
         line("loaded library", f"{path} ({kind})")
@@ -120,7 +120,7 @@ def build(out=sys.stdout) -> int:
         print(f"residual_fused: {err}", file=sys.stderr)
         return 1
     print(f"built: {', '.join(libraries)}", file=out)
-    if ops._extension_loaded:
+    if _loader.extension_loaded:
         print("note: the installed extension loads first; this build is used where it "
               "does not (after a torch upgrade, or with no extension installed)", file=out)
     return 0

@@ -5,7 +5,8 @@ as the ``CompositeExplicitAutograd`` kernel, so it runs on any device the compil
 extension does not cover; the extension (``residual_fused._C``), when built, adds
 ``CPU`` kernels and, in CUDA builds, ``CUDA`` kernels for the same schemas, which
 take precedence on their devices, and the autograd of ``add_norm`` in C++ (without it,
-``AddNormFunction`` here). The call path at the end picks ``_C``'s plain-function
+``AddNormFunction`` here). ``_loader`` finds and loads the compiled libraries (or
+builds them on first use); the call path at the end picks ``_C``'s plain-function
 entries or ``torch.ops``.
 
 The ops work on rows of the last dim: ``x`` is ``[..., H]`` and ``weight``/``bias``
@@ -15,18 +16,12 @@ Outputs that a call does not produce are returned as 0-element placeholders
 """
 
 import functools
-import glob
-import importlib
-import importlib.util
-import json
-import os
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import _jit, reference
+from . import _loader, reference
 from .support import compute_dtype
 
 _lib = torch.library.Library("residual_fused", "DEF")
@@ -91,58 +86,10 @@ def _placeholder(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-_noticed_devices = set()
-
-
-def _notice_reference(device: torch.device) -> None:
-    """Say once per device type (CPU, CUDA) that the reference runs there because no
-    compiled kernels for it were built or loaded."""
-    kind = device.type
-    if kind in _noticed_devices or kind not in ("cpu", "cuda"):
-        return
-    _noticed_devices.add(kind)
-    if not _has_kernel(kind.upper()):
-        warnings.warn(
-            f"residual_fused: no compiled {kind.upper()} kernels are loaded, so {kind} "
-            f"tensors use the slower PyTorch reference; python -m residual_fused says why "
-            f"and what to install",
-            stacklevel=3,
-        )
-
-
-_jit_tried = set()
-
-
 def _build_on_first_use(device: torch.device) -> bool:
-    """Build and load the kernels for ``device``'s type if none are loaded and this
-    machine can build them (once per process); True if they are loaded now."""
-    kind = device.type
-    if kind in _jit_tried or kind not in ("cpu", "cuda") or not _jit.enabled():
-        return False
-    _jit_tried.add(kind)
-    if _has_kernel(kind.upper()):
-        return False
-    cxx, cuda_version, _ = _jit.toolchain()
-    if cxx is None or (kind == "cuda" and cuda_version is None):
-        return False  # the notice that follows says what to install
-    try:
-        # Where the CPU kernels are loaded (a CPU-only _C installed under a CUDA torch),
-        # only the CUDA kernels are built: registering kernels twice is an error.
-        for library in _jit.build(with_cuda=not _has_kernel("CUDA"), cuda_only=_has_kernel("CPU")):
-            covers = "CUDA" if os.path.basename(library).startswith(("_cuda_stable", "_cuda_aten")) else "CPU"
-            if covers == "CPU" and built_for(library) != torch.__version__:
-                raise _jit.BuildError(f"{library} was not built for torch {torch.__version__}")
-            if not _has_kernel(covers):
-                if covers == "CPU":  # it brings the inference forms' autograd rule in C++
-                    _drop_python_autograd()
-                torch.ops.load_library(library)
-                loaded_libraries.append(library)
-    except (_jit.BuildError, OSError, RuntimeError) as err:
-        warnings.warn(f"residual_fused: {err}", stacklevel=4)
-        return False
-    global _extension_loaded
-    _extension_loaded = True
-    return _has_kernel(kind.upper())
+    """The kernels for ``device``, built and loaded where none are (``_loader``); the
+    Python autograd makes way for the C++ one where the CPU kernels' library loads."""
+    return _loader.build_on_first_use(device, _drop_python_autograd)
 
 
 def _add_norm_fwd_reference(x, residual, weight, bias, eps, is_rms_norm,
@@ -150,7 +97,7 @@ def _add_norm_fwd_reference(x, residual, weight, bias, eps, is_rms_norm,
     if _build_on_first_use(x.device):  # dispatch again, now to the compiled kernel
         return add_norm_fwd(x, residual, weight, bias, eps, is_rms_norm,
                             store_residual_out, residual_out_dtype, weight_offset, store_mean)
-    _notice_reference(x.device)
+    _loader.notice_reference(x.device)
     reference.check_weight_offset(weight_offset, weight)
     if store_mean and is_rms_norm:
         raise RuntimeError("store_mean: RMSNorm has no row mean")
@@ -181,7 +128,7 @@ def _add_norm_fwd_out_reference(x, residual, weight, bias, eps, is_rms_norm, wei
                                 residual_out):
     if _build_on_first_use(x.device):
         return add_norm_fwd_out(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out, residual_out)
-    _notice_reference(x.device)
+    _loader.notice_reference(x.device)
     _write_into(x, residual, weight, bias, eps, is_rms_norm, weight_offset, out, residual_out,
                 "out", "residual_out")
 
@@ -189,7 +136,7 @@ def _add_norm_fwd_out_reference(x, residual, weight, bias, eps, is_rms_norm, wei
 def _add_norm_fwd_inplace_reference(x, residual, weight, bias, eps, is_rms_norm, weight_offset):
     if _build_on_first_use(x.device):
         return add_norm_fwd_inplace(x, residual, weight, bias, eps, is_rms_norm, weight_offset)
-    _notice_reference(x.device)
+    _loader.notice_reference(x.device)
     _write_into(x, residual, weight, bias, eps, is_rms_norm, weight_offset, x, residual, "x", "residual")
 
 
@@ -436,91 +383,9 @@ class AddNormFunction(torch.autograd.Function):
                 None if bias is None else dbias) + none
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_load_error = None  # why an installed library did not load, if one did not
-loaded_libraries = []  # paths of the compiled libraries loaded, installed or built on first use
-
-
-def _loaded_or_warn(load, name: str) -> bool:
-    global _load_error
-    try:
-        load()
-        return True
-    except (ImportError, OSError, RuntimeError) as err:  # built for another torch or CUDA
-        _load_error = f"{name}: {err}"
-        warnings.warn(
-            f"residual_fused: the compiled {name} failed to load ({err}), as after a "
-            f"torch upgrade; the first op builds the kernels again where it can (see "
-            f"python -m residual_fused), else uses the slower PyTorch reference. "
-            f"To rebuild now: pip install --no-build-isolation .",
-            stacklevel=4,
-        )
-        return False
-
-
-def built_for(library: str) -> Optional[str]:
-    """The torch version a _C library was built against (setup.py writes it beside
-    the library as _C.build.json), or None if that file is missing."""
-    try:
-        with open(os.path.join(os.path.dirname(library), "_C.build.json")) as f:
-            return json.load(f).get("torch")
-    except (OSError, ValueError):
-        return None
-
-
-def _import_c(path: str) -> None:
-    # _C links torch's C++ API: under another torch it may import without an error
-    # and register its kernels under the wrong dispatch keys, so it is imported only
-    # under the torch it was built for.
-    global _c_module
-    built = built_for(path)
-    if built != torch.__version__:
-        raise ImportError(f"it was built for torch {built or '(unknown)'}, and this is torch "
-                          f"{torch.__version__}")
-    _c_module = importlib.import_module(f"{__package__}._C")
-
-
-_c_module = None  # residual_fused._C where it imported: the ops' plain-function entries
-
-
-def _has_c_module() -> bool:
-    return _c_module is not None
-
-
-def _load_extension() -> bool:
-    """Load the compiled kernels that were built: ``_C`` (the CPU kernels, and the
-    CUDA ones in builds against torch's full C++ API) is imported; ``_cuda_stable``
-    (the CUDA kernels against the stable ABI) is a plain library. True if any loaded."""
-    spec = importlib.util.find_spec(f"{__package__}._C")
-    if spec is not None and _loaded_or_warn(lambda: _import_c(spec.origin), "extension _C"):
-        loaded_libraries.append(spec.origin)
-    if torch.version.cuda is not None:  # a CPU-only torch has no use for CUDA kernels
-        for path in glob.glob(os.path.join(_PACKAGE_DIR, "_cuda_stable*.so")):
-            if _loaded_or_warn(lambda: torch.ops.load_library(path),
-                               f"CUDA library {os.path.basename(path)}"):
-                loaded_libraries.append(path)
-    return bool(loaded_libraries)
-
-
-_extension_loaded = _load_extension()  # or built and loaded on first use (_jit)
-if not _has_c_module():
+_c_module = _loader.load_installed()  # residual_fused._C where it imported: the plain-function entries
+if _c_module is None:
     _register_python_autograd()
-
-
-def _has_kernel(dispatch_key: str) -> bool:
-    return _extension_loaded and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "residual_fused::add_norm_fwd", dispatch_key)
-
-
-def cuda_kernels_available() -> bool:
-    """True when the compiled CUDA kernels are loaded (CUDA tensors use them)."""
-    return _has_kernel("CUDA")
-
-
-def cpu_kernels_available() -> bool:
-    """True when the compiled CPU kernels are loaded (CPU tensors use them; else the
-    PyTorch reference runs on CPU)."""
-    return _has_kernel("CPU")
 
 
 # ---- the call path ----------------------------------------------------------------------

@@ -155,10 +155,10 @@ def test_portable_variant_passes_the_grids():
 
 
 def test_reference_fallback_says_so_once(monkeypatch):
-    from residual_fused import ops
+    from residual_fused import _loader, ops
 
-    monkeypatch.setattr(ops, "_noticed_devices", set())
-    monkeypatch.setattr(ops, "_has_kernel", lambda key: False)
+    monkeypatch.setattr(_loader, "_noticed_devices", set())
+    monkeypatch.setattr(_loader, "has_kernel", lambda key: False)
     monkeypatch.setenv("RESIDUAL_FUSED_JIT", "0")  # no build on first use here
     x = torch.randn(2, 8)
     with pytest.warns(UserWarning, match="no compiled CPU kernels are loaded"):

@@ -12,7 +12,7 @@ import torch
 
 import residual_fused as rf
 from residual_fused import __main__ as cli
-from residual_fused import _jit, ops
+from residual_fused import _jit, _loader, ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
@@ -36,7 +36,7 @@ def test_doctor_reports_versions_kernels_and_support():
 
 
 def test_doctor_says_why_and_how_to_fix(monkeypatch):
-    monkeypatch.setattr(ops, "_has_kernel", lambda key: False)
+    monkeypatch.setattr(_loader, "has_kernel", lambda key: False)
     monkeypatch.setattr(_jit, "toolchain", lambda: (None, None, "no CUDA toolkit was found"))
     text = _doctor()
     assert "CPU kernels            not built: no C++ compiler was found. Fix: install g++" in text
@@ -124,8 +124,8 @@ def test_install_into_a_fresh_venv_then_build_on_first_use(tmp_path):
         installed.stdout + installed.stderr)
     _add_torch(python)  # then torch arrives, as after pip install torch
 
-    script = ("import torch, residual_fused as rf, residual_fused.ops as ops\n"
-              "print('source', ops._jit.source_root())\n"
+    script = ("import torch, residual_fused as rf, residual_fused._jit as jit\n"
+              "print('source', jit.source_root())\n"
               "x, r = torch.randn(6, 96), torch.randn(6, 96)\n"
               "y = rf.add_rms_norm(x, r)\n"
               "print('kernels', rf.cpu_kernels_available())\n"
@@ -159,10 +159,10 @@ def _first_use_world(monkeypatch, registered, cuda_version):
     """A process where the kernels of `registered` are loaded and a toolkit of
     `cuda_version` builds on first use."""
     monkeypatch.setenv("RESIDUAL_FUSED_JIT", "1")
-    monkeypatch.setattr(ops, "_jit_tried", set())
-    monkeypatch.setattr(ops, "_extension_loaded", True)
-    monkeypatch.setattr(ops, "_has_kernel", lambda key: registered[key])
-    monkeypatch.setattr(ops, "loaded_libraries", [])
+    monkeypatch.setattr(_loader, "_jit_tried", set())
+    monkeypatch.setattr(_loader, "extension_loaded", True)
+    monkeypatch.setattr(_loader, "has_kernel", lambda key: registered[key])
+    monkeypatch.setattr(_loader, "loaded_libraries", [])
     monkeypatch.setattr(_jit, "toolchain", lambda: ("/usr/bin/c++", cuda_version, ""))
 
 
@@ -187,7 +187,7 @@ def test_first_use_build_loads_only_what_is_missing(monkeypatch, cuda_loaded):
 
     monkeypatch.setattr(_jit, "build", build)
     monkeypatch.setattr(torch.ops, "load_library", load)
-    monkeypatch.setattr(ops, "built_for", lambda library: torch.__version__)
+    monkeypatch.setattr(_loader, "built_for", lambda library: torch.__version__)
     assert ops._build_on_first_use(torch.device("cpu")) is True
     assert calls == [not cuda_loaded]
     assert loaded == (["_C.so"] if cuda_loaded else ["_C.so", "_cuda_stable.abi3.so"])
@@ -230,13 +230,13 @@ def test_extension_of_another_torch_is_not_imported(tmp_path):
     kernels under the wrong dispatch keys (seen: a torch 2.14 build under 2.12
     registered its CPU kernel as 'Undefined'), so it is refused before import."""
     library = tmp_path / "_C.so"
-    assert ops.built_for(str(library)) is None
+    assert _loader.built_for(str(library)) is None
     with pytest.raises(ImportError, match=r"built for torch \(unknown\)"):
-        ops._import_c(str(library))
+        _loader.import_c(str(library))
     (tmp_path / "_C.build.json").write_text('{"torch": "2.12.1+cu130"}')
-    assert ops.built_for(str(library)) == "2.12.1+cu130"
+    assert _loader.built_for(str(library)) == "2.12.1+cu130"
     if torch.__version__ != "2.12.1+cu130":
         with pytest.raises(ImportError, match=r"built for torch 2.12.1\+cu130, and this is torch "):
-            ops._import_c(str(library))
+            _loader.import_c(str(library))
     if rf.cpu_kernels_available():  # the real one names this torch
-        assert ops.built_for(ops.loaded_libraries[0]) == torch.__version__
+        assert _loader.built_for(_loader.loaded_libraries[0]) == torch.__version__

@@ -1,7 +1,7 @@
 // Torch glue for the CUDA kernels: the CUDA range of the normalized size, device
 // guard, current stream, and registration of the CUDA implementations of the ops
 // whose schemas live in residual_fused/ops.py. Checks and allocation shared with the
-// CPU kernels are in csrc/glue.cpp; no kernel code here.
+// CPU kernels are in csrc/glue_impl.h (ATen's side: csrc/glue.h); no kernel code here.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>

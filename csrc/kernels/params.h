@@ -1,5 +1,5 @@
 // The arguments of the two ops as plain structs: raw pointers, row strides and
-// dtypes, filled by the torch glue (csrc/glue.cpp) and read by every kernel, CUDA
+// dtypes, filled by the torch glue (csrc/glue_impl.h) and read by every kernel, CUDA
 // (csrc/kernels) and CPU (csrc/cpu). No torch or CUDA headers.
 #pragma once
 
