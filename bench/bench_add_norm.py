@@ -40,13 +40,13 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":  # run as a script: bench and tools are packages of the repository root
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import residual_fused as rf  # noqa: E402
-import providers  # noqa: E402
-import report  # noqa: E402
-from byte_model import MODES, Config, eager_bytes, fused_bytes  # noqa: E402
-from timing import copy_bandwidth_gbs, host_overhead_us, time_interleaved, time_stats  # noqa: E402
+from bench import providers, report  # noqa: E402
+from bench.byte_model import MODES, Config, eager_bytes, fused_bytes  # noqa: E402
+from bench.timing import copy_bandwidth_gbs, host_overhead_us, time_interleaved, time_stats  # noqa: E402
 
 DTYPES = {"bf16": (torch.bfloat16, torch.bfloat16), "fp16": (torch.float16, torch.float16),
           "fp32": (torch.float32, torch.float32),
@@ -390,7 +390,7 @@ def main(argv=None):
     if kind == "cpu":
         setup_cpu(args)
     if args.overhead:
-        import overhead
+        from bench import overhead
 
         rows = overhead.run(device, with_compile="compile" in args.providers)
         print(overhead.format_rows(rows, device))

@@ -28,16 +28,13 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import residual_fused as rf  # noqa: E402
+import residual_fused as rf
 
 IMPLS = ("unfused", "fused", "fused-mem")
 SHAPES = {  # hidden, heads, ffn, layers (GPU)

@@ -62,13 +62,12 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":  # run as a script: bench and tools are packages of the repository root
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import bench_add_norm as bench  # noqa: E402
-import providers  # noqa: E402
-import report  # noqa: E402
-import variants  # noqa: E402
-from byte_model import MODES, Config, eager_bytes, fused_bytes  # noqa: E402
+from bench import bench_add_norm as bench  # noqa: E402
+from bench import providers, report, variants  # noqa: E402
+from bench.byte_model import MODES, Config, eager_bytes, fused_bytes  # noqa: E402
 
 HIDDEN = (512, 768, 1024, 2048, 2560, 4096, 5120, 8192, 12288, 16384, 24576, 32768, 65536, 131072, 262144)
 ELEMENTS = 1 << 26  # rows * hidden of each sweep config
@@ -665,7 +664,7 @@ def run(args) -> dict:
             f.write("\n" + "\n".join(variant_summary(rows)) + "\n")
         summary["page"] = page
         if env.get("gpu"):  # the table this run gives, for csrc/kernels/tuned_table.h
-            import make_table
+            from bench import make_table
 
             table = os.path.join(args.out, "tuned_table.h")
             with open(table, "w") as f:

@@ -30,10 +30,10 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+if __name__ == "__main__":  # run as a script: bench and tools are packages of the repository root
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import report  # noqa: E402
-import variants  # noqa: E402
+from bench import report, variants  # noqa: E402
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 TABLE = os.path.join(ROOT, "csrc", "kernels", "tuned_table.h")

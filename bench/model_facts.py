@@ -1,11 +1,11 @@
 """What the performance model needs to know of one launch, read from compiled code.
 
 For each (direction, norm, hidden size) of the benchmark sweep: the kernel dispatch
-picks (run on the CPU by tests/emulator), its block, grid, CTAs per SM and CTAs per
+picks (run on the CPU by tools/emulator), its block, grid, CTAs per SM and CTAs per
 cluster, and from its sm_90 SASS the registers, the dependent global round trips per
 iteration of its row loop, and the instructions, block barriers, cluster barrier
 waits and shuffles on the longest path through that loop for an all-bf16 call of
-that norm (bench/sass_audit.py decodes the SASS).
+that norm (tools/sass.py decodes the SASS).
 
 The same code reads the kernels of any checkout of this project, so the facts of the
 kernels a GPU run measured can be extracted once from the commit that ran and kept
@@ -24,10 +24,11 @@ import sys
 from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+if __name__ == "__main__":  # run as a script: bench and tools are packages of the repository root
+    sys.path.append(os.path.dirname(HERE))
 
-import cubin  # noqa: E402
-import sass_audit as sa  # noqa: E402
+from tools import cubin, cuda_emulator  # noqa: E402
+from tools import sass as sa  # noqa: E402
 
 SWEEP_HIDDEN = (512, 1024, 2048, 4096, 8192, 12288, 16384, 24576, 32768, 65536, 131072, 262144)
 ELEMENTS = 1 << 26  # rows x H of the benchmark sweep
@@ -112,7 +113,7 @@ def variant_facts(build, emu, hidden_sizes=SWEEP_HIDDEN) -> List[dict]:
     """launch_facts of every candidate variant of bench/variants.py, each record with
     its "variant": the plan the override gets from this checkout's dispatch code (a
     variant that cannot run a size has no record there)."""
-    import variants
+    from bench import variants
 
     entry = variants.Entry(emu.lib)
     per_norm = {norm: kernel_facts(build, norm) for norm in NORMS}
@@ -159,26 +160,39 @@ def launch_facts(build, emu, kernel_dir: str = cubin.KERNEL_DIR, hidden_sizes=SW
     return records
 
 
-_TREE_MODULES = ("cubin", "sass_audit", "cuda_emulator", "report", "byte_model")
+# The modules another checkout's kernels are compiled and emulated with: its tools
+# package, or in a checkout from before tools/ existed, bench/cubin.py and
+# bench/sass_audit.py (with make_emulator) beside tests/cuda_emulator.py.
+_TREE_MODULES = ("tools", "cubin", "sass_audit", "cuda_emulator", "perf_model", "report", "byte_model")
+
+
+def _tree_module(name: str) -> bool:
+    return name in _TREE_MODULES or name.startswith("tools.")
 
 
 def load_tree(tree: str):
     """(build, emulator, kernel dir) of another checkout: its kernels compiled by its
-    own bench/cubin.py and its dispatch code in its own emulator (tests/emulator).
-    Only the reading of the SASS is this checkout's."""
+    own tools/cubin.py and its dispatch code in its own emulator (tools/emulator; in an
+    older checkout, bench/cubin.py and tests/emulator). Only the reading of the SASS
+    is this checkout's."""
     if os.path.samefile(tree, os.path.dirname(HERE)):
         build = cubin.build()
-        return build, sa.make_emulator(build), cubin.KERNEL_DIR
-    saved = {n: sys.modules.pop(n) for n in _TREE_MODULES if n in sys.modules}
+        return build, cuda_emulator.make_emulator(build), cubin.KERNEL_DIR
+    saved = {n: sys.modules.pop(n) for n in list(sys.modules) if _tree_module(n)}
     path = list(sys.path)
-    sys.path[:0] = [os.path.join(tree, "bench"), os.path.join(tree, "tests")]
+    has_tools = os.path.exists(os.path.join(tree, "tools", "cubin.py"))
+    sys.path[:0] = [tree] if has_tools else [os.path.join(tree, "bench"), os.path.join(tree, "tests")]
     try:
-        tree_cubin = importlib.import_module("cubin")
-        tree_sa = importlib.import_module("sass_audit")
+        if has_tools:
+            tree_cubin = importlib.import_module("tools.cubin")
+            make_emulator = importlib.import_module("tools.cuda_emulator").make_emulator
+        else:
+            tree_cubin = importlib.import_module("cubin")
+            make_emulator = importlib.import_module("sass_audit").make_emulator
         build = tree_cubin.build()
-        return build, tree_sa.make_emulator(build), tree_cubin.KERNEL_DIR
+        return build, make_emulator(build), tree_cubin.KERNEL_DIR
     finally:
-        for n in _TREE_MODULES:
+        for n in [n for n in sys.modules if _tree_module(n)]:
             sys.modules.pop(n, None)
         sys.modules.update(saved)
         sys.path[:] = path

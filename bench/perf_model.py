@@ -42,9 +42,12 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+if __name__ == "__main__":  # run as a script: bench is a package of the repository root (--notes)
+    sys.path.append(os.path.dirname(HERE))
 RESULTS = os.path.join(HERE, "results", "nvidia_h200")
 FACTS = os.path.join(RESULTS, "kernel_facts.json")
 
@@ -407,7 +410,7 @@ def main(argv=None) -> None:
         print(p)
     text = markdown(p)
     if args.notes:
-        import sass_audit
+        from bench import sass_audit
 
         sass_audit.write_notes(text, begin=NOTES_MARKERS[0], end=NOTES_MARKERS[1])
         print("updated bench/NOTES.md")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import residual_fused as rf
-from byte_model import Config
+from bench.byte_model import Config
 
 EPS = {"layer": 1e-5, "rms": 1e-6}
 

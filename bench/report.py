@@ -11,9 +11,7 @@ import sys
 from collections import defaultdict
 from typing import Dict, List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import variants  # noqa: E402
+from bench import variants
 
 
 def _page_rows(rows: List[dict]) -> List[dict]:

@@ -8,7 +8,7 @@ timed too (``rule``).
 
 The entry points are plain C symbols of the library that holds the CUDA kernels
 (``residual_fused_set_variant`` and friends, csrc/kernels/variant.cu), reached with
-ctypes; the emulator (tests/cuda_emulator.py) exports the same ones. Not a public API.
+ctypes; the emulator (tools/cuda_emulator.py) exports the same ones. Not a public API.
 """
 
 import contextlib

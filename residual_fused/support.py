@@ -1,7 +1,8 @@
 """The support matrix: what the library accepts, in one place.
 
-The README's support table is written from these values; the argument checks
-in :mod:`residual_fused._validation` and the C++ glue (csrc/) enforce them.
+The support matrix (docs/usage.md; its floors in the README) is written from these
+values; the argument checks in :mod:`residual_fused._validation` and the C++ glue
+(csrc/) enforce them.
 """
 
 import re
@@ -27,8 +28,8 @@ def compute_dtype(x_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 
-#: The oldest torch each feature works with, as (major, minor). The README's support
-#: matrix lists the same floors; tests skip below them with this reason.
+#: The oldest torch each feature works with, as (major, minor). The support matrix
+#: (docs/usage.md) lists the same floors; tests skip below them with this reason.
 #: "core" is the ops, autograd, modules, torch.compile(fullgraph=True) and DDP.
 TORCH_FLOORS = {
     "core": (2, 4),

@@ -46,11 +46,11 @@ stamp=$( { "$PY" -c "import torch, sys; print(torch.__version__, sys.version)";
            cat setup.py pyproject.toml residual_fused/_build_env.py;
            find csrc -type f | LC_ALL=C sort | xargs cat; } | sha256sum | cut -c1-16)
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] &&
-   "$PY" -c "import residual_fused.ops as o, sys, os
-sys.exit(not (o.__file__.startswith(os.getcwd() + os.sep) and o._load_error is None))" 2>/dev/null; then
+   "$PY" -c "import residual_fused._loader as o, sys, os
+sys.exit(not (o.__file__.startswith(os.getcwd() + os.sep) and o.load_error is None))" 2>/dev/null; then
     echo "setup: residual_fused is installed and its build is up to date; not reinstalling" >&2
 else
-    # --no-build-isolation: build against the torch above (see README, "Install").
+    # --no-build-isolation: build against the torch above (see docs/install.md).
     echo "setup: installing residual_fused (editable, compiling its extension)" >&2
     export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
     "$PY" -m pip install -q --no-build-isolation --no-deps -e . >&2

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 PY=$(EXTRA_DEPS="matplotlib:matplotlib transformers:transformers" bash scripts/setup_env.sh | tail -n 1)
 # The SASS audit reads nvcc's output with cuobjdump and nvdisasm; where nvcc is present
 # but the toolkit lacks them, take NVIDIA's pip wheels (not fatal: those tests skip).
-if command -v nvcc >/dev/null && ! "$PY" -c "import sys; sys.path.insert(0, 'bench'); import cubin
+if command -v nvcc >/dev/null && ! "$PY" -c "import sys; from tools import cubin
 sys.exit(not (cubin.find_tool('cuobjdump') and cubin.find_tool('nvdisasm')))"; then
     "$PY" -m pip install -q nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm >&2 ||
         echo "setup: could not install nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm" >&2

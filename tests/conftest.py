@@ -32,13 +32,9 @@ def has_cuda_kernels() -> bool:
 
 @pytest.fixture(scope="session")
 def kernel_build():
-    """csrc/kernels compiled by nvcc for sm_80 and sm_90 (bench/cubin.py, cached under
+    """csrc/kernels compiled by nvcc for sm_80 and sm_90 (tools/cubin.py, cached under
     build/kernel-audit/); skips where nvcc is missing."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-    import cubin
+    from tools import cubin
 
     try:
         return cubin.build()

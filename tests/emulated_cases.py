@@ -18,14 +18,15 @@ import re
 import sys
 from typing import Optional
 
-import torch
+import repo_root
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+repo_root.rerun_with_root(__name__)
 
-import cuda_emulator  # noqa: E402
+import torch  # noqa: E402
+
 import numerics  # noqa: E402
 from residual_fused import reference  # noqa: E402
+from tools import cuda_emulator  # noqa: E402
 
 SCHEDULES = tuple(cuda_emulator.SCHEDULES)
 MAX_SWEEP_HIDDEN = 262144
@@ -641,7 +642,7 @@ def check_ring(emu, quick=False):
     row's rstd). A mix whose ring does not fit in shared memory may refuse, saying so;
     an all-16-bit one may not; misaligned rows refuse st=2, and so does the backward
     at 32 per thread, naming the rule."""
-    import variants
+    from bench import variants
 
     entry = variants.Entry(emu.lib)
     try:
@@ -727,7 +728,7 @@ def check_inplace(emu, quick=False):
     """The in-place forward on every launch path (each PATHS entry's flag sets with a
     residual, under two schedules; quick: the first, under one), and on the ring (st=2),
     whose next rows' copies are in flight while this row is written."""
-    import variants
+    from bench import variants
 
     for path in PATHS:
         hidden, rows, names, layout = path[:4]
@@ -766,7 +767,7 @@ def check_shift(emu):
     cancellation (the rule's two reductions, which centre on a mean summed in fp32,
     are within 2e-4 there, inside the reference's bounds). Also the memory-efficient
     backward and RMSNorm's single sum, which take no mean, through the same kernels."""
-    import variants
+    from bench import variants
 
     entry = variants.Entry(emu.lib)
     gen = torch.Generator().manual_seed(11)
@@ -817,7 +818,7 @@ def check_variant_environment(emu):
     refuses every call, saying why, rather than being ignored."""
     apply = emu.lib.residual_fused_apply_variant_environment
     apply.argtypes = [ctypes.c_char_p]
-    import variants
+    from bench import variants
 
     entry = variants.Entry(emu.lib)
     try:
@@ -852,8 +853,7 @@ def check_tuned_table(emu, table_path=None, hiddens=(1024, 16392)):
     same variant as on a GPU of another name) or its variant cannot run the call; an
     all-fp32 call (a mix the table may not list) runs as the table or the rule says;
     a failed name query runs the rule, leaves no error behind and is asked again."""
-    import make_table
-    import variants
+    from bench import make_table, variants
 
     entry = variants.Entry(emu.lib)
     with open(table_path or os.path.join(cuda_emulator.KERNELS, "tuned_table.h")) as f:
@@ -894,7 +894,7 @@ def check_variants(emu):
     loop, or 16 for clusters of up to 16): it runs, within the reference's bounds and
     as asked, or it is refused with a reason naming it; each runs on at least one case.
     Misapplied choices are refused at the call, bad texts when set."""
-    import variants
+    from bench import variants
 
     entry = variants.Entry(emu.lib)
     ran = set()
@@ -962,7 +962,7 @@ def main(argv=None) -> int:
     p.add_argument("--lib", required=True, help="an emulator library (cuda_emulator.build)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
-    import cubin
+    from tools import cubin
 
     try:
         kernels = cubin.build()

@@ -13,7 +13,7 @@ Cases come from tests/fuzz_space.py. Each runs the forward and then the backward
 under two thread orders (tensors flush against opposite guard pages), requires their
 outputs to be bitwise identical, and checks every output against the float64
 reference with the bounds of tests/numerics.py; the emulator itself reports any
-out-of-bounds, uninitialised or racing access (tests/emulator). Inputs are random,
+out-of-bounds, uninitialised or racing access (tools/emulator). Inputs are random,
 the padding between rows is NaN, and outputs are NaN until written. A failure prints
 the case's one-line reproduction. ``make fuzz`` runs this for longer.
 """
@@ -30,15 +30,18 @@ import time
 import traceback
 from typing import Dict, Optional
 
-import torch
+import repo_root
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+repo_root.rerun_with_root(__name__)
 
-import cuda_emulator  # noqa: E402
+import torch  # noqa: E402
+
 import fuzz_space  # noqa: E402
 import numerics  # noqa: E402
 from fuzz_space import Case, dtype_of  # noqa: E402
+from tools import cuda_emulator  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 REGRESSIONS = os.path.join(HERE, "fuzz_regressions.jsonl")
 SUMMARIES = []  # lines for the end of a pytest run (tests/conftest.py prints them)
@@ -196,8 +199,7 @@ def _under_schedules(emu, case: Case, run):
 def _variant_entry(emu):
     """The entry points that apply a case's kernel variant on this target: the
     emulator's, or the loaded library's on a GPU; None on the CPU kernels (no variants)."""
-    sys.path.insert(0, os.path.join(HERE, "..", "bench"))
-    import variants
+    from bench import variants
 
     if isinstance(emu, OpsTarget):
         return variants.loaded() if emu.device.type == "cuda" else None
@@ -412,7 +414,6 @@ def main(argv=None) -> int:
                    help="run the cases on the emulated CUDA kernels (default), or through the library's ops "
                         "on the CPU kernels or a GPU")
     args = p.parse_args(argv)
-    sys.path.insert(0, os.path.join(HERE, "..", "bench"))
     lib = args.lib or cuda_emulator.build_cached()
     emu = cuda_emulator.Emulator(lib, fuzz_space.kernel_build())
     target = emu

@@ -34,13 +34,12 @@ import json
 import math
 import os
 import random
-import sys
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import cuda_emulator
+from tools import cuda_emulator
 
 MAX_HIDDEN = 262144
 # Elements of one call the fuzzer allows (the emulator runs ~1-2 million a second).
@@ -270,11 +269,8 @@ def plan_boundaries(lib_path: str) -> Tuple[int, ...]:
 
 
 def kernel_build():
-    """nvcc's resource table of the kernels (bench/cubin.py), or None without nvcc."""
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-    import cubin
+    """nvcc's resource table of the kernels (tools/cubin.py), or None without nvcc."""
+    from tools import cubin
 
     try:
         return cubin.build()
@@ -492,8 +488,7 @@ def generate(rng: random.Random, emu, boundaries: Tuple[int, ...]) -> Case:
     # the seed too, so earlier cases keep their draws).
     draw = random.Random(case.seed ^ 0x7A41A7)
     if draw.random() < 0.25:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
-        import variants
+        from bench import variants
 
         direction = draw.choice(("fwd", "bwd"))
         case.variant = [direction, draw.choice(variants.CANDIDATES[direction][1:])]

@@ -12,7 +12,7 @@ fallbacks, the failure paths), the fuzzer's fixed regression cases and a fixed b
 100 fuzz cases, run on the coverage build of the emulator (build/emulator/coverage-*,
 unoptimised so that every count lands on its own line). CI runs the quick suite (the
 one every mutant must survive) and the regression cases. Every line gcov counts must
-be executed, or be listed in tests/emulator/unreachable.txt with the reason it cannot
+be executed, or be listed in tests/coverage_unreachable.txt with the reason it cannot
 be (each entry must still match an unexecuted line, so the list cannot go stale).
 Lines under ``#ifndef RESIDUAL_FUSED_HOST_EMULATION`` (the device-only intrinsics of
 cluster.cuh, ring.cuh and common.cuh) are not compiled by the emulator: the report lists them
@@ -35,13 +35,15 @@ import subprocess
 import sys
 from typing import Dict, List, Tuple
 
+import repo_root
+
+repo_root.rerun_with_root(__name__)
+
+from tools import cuda_emulator  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import cuda_emulator  # noqa: E402
-
 KERNELS = os.path.normpath(cuda_emulator.KERNELS)
-UNREACHABLE = os.path.join(HERE, "emulator", "unreachable.txt")
+UNREACHABLE = os.path.join(HERE, "coverage_unreachable.txt")
 
 
 @dataclasses.dataclass
@@ -151,7 +153,7 @@ class Exclusion:
 
 
 def exclusions() -> List[Exclusion]:
-    """tests/emulator/unreachable.txt: `file: source line text  -- why` per entry."""
+    """tests/coverage_unreachable.txt: `file: source line text  -- why` per entry."""
     out = []
     with open(UNREACHABLE) as f:
         for raw in f:
@@ -222,7 +224,7 @@ def run_suite(lib: str, full: bool = True) -> None:
         commands.append(["fuzz_emulated.py", "--lib", lib, "--seed", "0", "--cases", "100"])
     for args in commands:
         proc = subprocess.run([sys.executable, os.path.join(HERE, args[0])] + args[1:], capture_output=True,
-                              text=True, timeout=3600)
+                              text=True, timeout=3600, env=repo_root.env())
         if proc.returncode != 0:
             raise RuntimeError(f"{args[0]} failed on the coverage build:\n{(proc.stdout + proc.stderr)[-3000:]}")
 

@@ -49,11 +49,14 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+import repo_root
 
-import cuda_emulator  # noqa: E402
+repo_root.rerun_with_root(__name__)
+
 import kernel_coverage  # noqa: E402
+from tools import cuda_emulator  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 KERNELS = cuda_emulator.KERNELS
 EQUIVALENT = os.path.join(HERE, "mutants_equivalent.txt")
@@ -712,7 +715,7 @@ class Worker:
     def _start(self):
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", self.lib,
                                       self.fuzz_cases], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, bufsize=0)
+                                     stderr=subprocess.DEVNULL, bufsize=0, env=repo_root.env())
         self.pending = b""
 
     def run(self, k: int, time_limit: float = TIME_LIMIT) -> Tuple[str, str]:
@@ -977,7 +980,6 @@ def main(argv=None) -> int:
     p.add_argument("--worker", nargs=2, metavar=("LIB", "FUZZ_CASES"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        sys.path.insert(0, os.path.join(HERE, "..", "bench"))
         _worker(*args.worker)
         return 0
     mutants = generate(args.files)

@@ -51,7 +51,7 @@ def test_autocast_keeps_activation_dtype_and_results(device, dtype, cls):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_difference_from_nn_layer_norm_under_cuda_autocast():
-    """Documented in the README: torch's layer_norm is on CUDA autocast's float32 list."""
+    """Documented in docs/usage.md: torch's layer_norm is on CUDA autocast's float32 list."""
     x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.nn.LayerNorm(64).cuda()(x).dtype == torch.float32

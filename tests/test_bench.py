@@ -9,14 +9,9 @@ import types
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-
-import bench_add_norm  # noqa: E402
-import bench_model  # noqa: E402
-import providers  # noqa: E402
-import report  # noqa: E402
-import residual_fused as rf  # noqa: E402
-from byte_model import Config, eager_bytes, fused_bytes  # noqa: E402
+import residual_fused as rf
+from bench import bench_add_norm, bench_model, providers, report
+from bench.byte_model import Config, eager_bytes, fused_bytes
 
 
 def test_byte_model_matches_the_guide_table():
@@ -198,7 +193,7 @@ def test_results_page_from_a_recorded_folder(tmp_path):
 
 
 def test_overhead_table_times_every_call_against_the_eager_pair():
-    import overhead
+    from bench import overhead
 
     rows = overhead.run("cpu", with_compile=False, sizes=((1, 64),), batches=4)
     calls = {(r["norm"], r["grad"], r["call"]) for r in rows}

@@ -3,17 +3,14 @@
 Runs wherever ``nvcc`` is on PATH (no GPU or torch build needed: the kernels include
 no torch headers) and skips otherwise. A spill or local-memory stack frame in any
 kernel fails the test: every kernel here is on a path some shape takes. The compile
-is bench/cubin.py's, shared with the SASS audit and the emulator's launch rules.
+is tools/cubin.py's, shared with the SASS audit and the emulator's launch rules.
 """
 
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-
-import cubin  # noqa: E402
+from tools import cubin
 
 pytestmark = [pytest.mark.slow]
 
@@ -38,7 +35,7 @@ def test_every_kernel_states_its_launch_bounds(kernel_build):
 # The CUDA runtime calls the launch path may make (csrc/kernels and the glue): none
 # synchronises the host with the device or allocates, so a call can be captured in a
 # CUDA graph (tests/test_cuda_kernels.py captures and replays forward, backward and the
-# in-place form on a GPU). The emulator (tests/emulator/cuda_emulation.h) defines only
+# in-place form on a GPU). The emulator (tools/emulator/cuda_emulation.h) defines only
 # these, so a new runtime call there fails the emulated build too.
 CAPTURE_SAFE_CALLS = {
     "cudaGetDevice", "cudaDeviceGetAttribute", "cudaGetDeviceProperties",  # device facts (cached)

@@ -44,8 +44,9 @@ from typing import List
 
 import pytest
 
-import cuda_emulator
 import mutants
+import repo_root
+from tools import cuda_emulator
 
 pytestmark = pytest.mark.slow
 
@@ -223,7 +224,7 @@ def run_mutant(mutation: Mutation, baseline, work: str) -> str:
     lib = mutants.build_mutant(mutation.file, mutation.apply(text), baseline, work)
     try:
         proc = subprocess.run([sys.executable, os.path.join(HERE, "emulated_cases.py"), "--lib", lib,
-                               "--quick"], capture_output=True, text=True, timeout=600)
+                               "--quick"], capture_output=True, text=True, timeout=600, env=repo_root.env())
     except subprocess.TimeoutExpired:
         return "the emulated suite hung (deadlocks must be reported)"
     finally:

@@ -13,9 +13,9 @@ import random
 import pytest
 import torch
 
-import cuda_emulator
 import fuzz_emulated
 import fuzz_space
+from tools import cuda_emulator
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,7 @@ import time
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-
-import gpu_tune  # noqa: E402
-import report  # noqa: E402
+from bench import gpu_tune, report
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 TINY = ["--device", "cpu", "--hidden", "64", "128", "--dtypes", "bf16", "--modes", "fwd", "bwd", "--no-decode",
@@ -197,8 +194,7 @@ def test_compile_rows_load_the_graphs_workers_compiled_and_the_run_ends_on_time(
     args = ["--device", "cpu", "--hidden", "64", "--dtypes", "bf16", "--modes", "fwd", "--no-decode",
             "--repeats", "2", "--elements", "1024", "--compile-workers", "1", "--out", str(out),
             "--providers", "eager", "compile", "residual_fused"]
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
-               PYTHONPATH=os.pathsep.join(sys.path))
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_tune.py"), *args, "--deadline", "150"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,5 +1,5 @@
 """Every line of csrc/kernels the emulator compiles is executed by the quick emulated
-suite and the fuzzer's regression cases, or is listed in tests/emulator/unreachable.txt
+suite and the fuzzer's regression cases, or is listed in tests/coverage_unreachable.txt
 with the reason (tests/kernel_coverage.py; ``make coverage`` measures the whole suite)."""
 
 import shutil
@@ -25,5 +25,5 @@ def test_every_kernel_line_runs_or_is_listed_as_unreachable():
     missing, stale = kernel_coverage.check(cov)
     assert not missing, "lines never executed and not listed as unreachable:\n" + "\n".join(
         f"  {f}:{n}: {t}" for f, n, t in missing)
-    assert not stale, "entries of unreachable.txt that match no unexecuted line:\n" + "\n".join(
+    assert not stale, "entries of coverage_unreachable.txt that match no unexecuted line:\n" + "\n".join(
         f"  {e.file}: {e.text}" for e in stale)

@@ -1,8 +1,8 @@
-"""The CUDA kernels, run on the CPU by tests/emulator, against the reference ops.
+"""The CUDA kernels, run on the CPU by tools/emulator, against the reference ops.
 
 No GPU is needed: the kernel sources and their launch plans are compiled by the host
 compiler with an emulation of threads, barriers, warp shuffles and shared memory
-(tests/cuda_emulator.py). Every launch path runs under five thread orders with
+(tools/cuda_emulator.py). Every launch path runs under five thread orders with
 bitwise-identical outputs required (tests/emulated_cases.py), in guarded memory
 with poisoned outputs and shared memory, under the launch rules of an H100, an A100
 and a 99 KB sm_86 part with the kernels' real registers and shared memory. This
@@ -19,9 +19,10 @@ import sys
 import pytest
 import torch
 
-import cuda_emulator
 import emulated_cases as cases
+import repo_root
 from emulated_cases import FLAGS, PATHS
+from tools import cuda_emulator
 
 pytestmark = pytest.mark.slow
 
@@ -151,9 +152,9 @@ def test_the_variant_variable_is_read_at_the_first_call(emu, value, want):
     """RESIDUAL_FUSED_VARIANT itself (emulated_cases.check_variant_environment applies
     values through the same function in-process): a process started with it runs what
     it says, or refuses every call saying why."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    script = (f"import sys; sys.path[:0] = [{here!r}, {os.path.join(here, '..', 'bench')!r}]\n"
-              "import cuda_emulator, emulated_cases as c, variants\n"
+    script = ("import emulated_cases as c\n"
+              "from bench import variants\n"
+              "from tools import cuda_emulator\n"
               f"emu = cuda_emulator.Emulator({emu.path!r})\n"
               "try:\n"
               "    c.check(emu, 3, 1024, c.FLAGS['ln_bf16_pre'])\n"
@@ -161,7 +162,8 @@ def test_the_variant_variable_is_read_at_the_first_call(emu, value, want):
               "    print(e.last('fwd'), e.last('bwd'))\n"
               "except cuda_emulator.EmulatorError as err:\n"
               "    print(err)\n")
-    env = dict(os.environ, RESIDUAL_FUSED_VARIANT=value)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = repo_root.env(here, base=dict(os.environ, RESIDUAL_FUSED_VARIANT=value))
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert want in proc.stdout, proc.stdout + proc.stderr[-2000:]
 

@@ -11,13 +11,10 @@ of the model or of its constants that moves any row further away fails here.
 import dataclasses
 import os
 import re
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-
-import perf_model as pm  # noqa: E402
+from bench import perf_model as pm
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,7 @@ def _cuda_include():
             return os.path.join(home, "include")
     nvcc = shutil.which("nvcc")
     if nvcc:
-        sys.path.insert(0, os.path.join(ROOT, "residual_fused"))
-        import _build_env
+        from residual_fused import _build_env
 
         home, _ = _build_env.find_cuda_home({})
         if home and not _build_env.missing_cuda_headers(home):

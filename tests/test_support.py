@@ -5,8 +5,8 @@ import re
 
 import torch
 
-import cuda_emulator
 from residual_fused import support
+from tools import cuda_emulator
 
 KERNELS = os.path.join(os.path.dirname(__file__), "..", "csrc", "kernels")
 HEADER = open(os.path.join(KERNELS, "add_norm.h")).read()

@@ -12,13 +12,10 @@ import sys
 
 import pytest
 
-ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+from bench import make_table, report, variants
+from tools import cuda_emulator
 
-import cuda_emulator  # noqa: E402
-import make_table  # noqa: E402
-import report  # noqa: E402
-import variants  # noqa: E402
+ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def committed_rows():

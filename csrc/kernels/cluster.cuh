@@ -1,6 +1,6 @@
 // Thread-block cluster primitives (sm_90): a CTA's rank in its cluster, the cluster
 // barrier, and the address of a peer CTA's shared memory (distributed shared memory).
-// Under tests/emulator the same names are provided by cuda_emulation.h.
+// Under tools/emulator the same names are provided by cuda_emulation.h.
 #pragma once
 
 #include "common.cuh"

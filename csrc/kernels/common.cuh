@@ -33,7 +33,7 @@ __device__ __forceinline__ P* row_ptr(P* base, int64_t row, int64_t row_stride, 
 
 // Dynamic shared memory of the running kernel, as floats.
 #ifdef RESIDUAL_FUSED_HOST_EMULATION
-float* dynamic_smem();  // tests/emulator: one host buffer, blocks run one at a time
+float* dynamic_smem();  // tools/emulator: one host buffer, blocks run one at a time
 #else
 __device__ __forceinline__ float* dynamic_smem() {
   extern __shared__ float4 dyn_smem[];  // float4: the base is 16-byte aligned

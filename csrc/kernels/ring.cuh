@@ -10,7 +10,7 @@
 // copies are committed as one group before row r's stage is read; "all but the newest
 // group done" then means row r has landed. A thread re-fills a stage only after it
 // has consumed every value it read from it (its registers), so a stage is never
-// overwritten under a reader. Under tests/emulator the three copy primitives are
+// overwritten under a reader. Under tools/emulator the three copy primitives are
 // provided by cuda_emulation.h (a copy is performed when its wait retires it; reading
 // its destination before that reads poison).
 #pragma once

@@ -321,7 +321,7 @@ const Variant* tuned_variant(const TunedKey& key) {
   return entry.first && entry.second.family != Family::kRule ? &entry.second : nullptr;
 }
 
-// The tuning entry points, for ctypes (bench/variants.py; tests/cuda_emulator.py):
+// The tuning entry points, for ctypes (bench/variants.py; tools/cuda_emulator.py):
 // plain C symbols of whichever library holds the CUDA kernels. Not a public API.
 namespace {
 

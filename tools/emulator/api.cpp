@@ -1,4 +1,4 @@
-// The C API of the emulated kernels, for tests/cuda_emulator.py: configure a device,
+// The C API of the emulated kernels, for tools/cuda_emulator.py: configure a device,
 // a schedule and fault injection; allocate guarded memory; run launch_add_norm_fwd /
 // launch_add_norm_bwd of csrc/kernels through the real launch plans; sweep the plans
 // over every hidden size without running them.

@@ -1,7 +1,7 @@
-"""Run the CUDA kernels of csrc/kernels on the CPU, through tests/emulator.
+"""Run the CUDA kernels of csrc/kernels on the CPU, through tools/emulator.
 
 The kernel sources, their launch plans and dispatch.cu are compiled unchanged by the
-host C++ compiler with tests/emulator/cuda_emulation.h (threads as fibers under a
+host C++ compiler with tools/emulator/cuda_emulation.h (threads as fibers under a
 chosen schedule, CTAs of a wave interleaved, barriers and shuffles checked for
 agreement, per-CTA poisoned shared memory) and the UndefinedBehaviorSanitizer in
 trap mode. :class:`Emulator` mirrors the two ops (same arguments and outputs as
@@ -36,7 +36,7 @@ PROFILES = ("h100", "a100", "sm86")
 INJECT = {"set_attribute": 0, "occupancy": 1, "func_attributes": 2, "launch": 3, "device_properties": 4}
 SANITIZE = ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fsanitize-undefined-trap-on-error"]
 # Every load and store of the kernel sources calls __asan_load<N>/__asan_store<N>, which
-# tests/emulator/checker.cpp implements (no AddressSanitizer runtime): GCC's and
+# tools/emulator/checker.cpp implements (no AddressSanitizer runtime): GCC's and
 # Clang's spellings of call-mode instrumentation without stack or global redzones.
 ACCESS_HOOKS = {
     "gcc": ["-fsanitize=address", "-fsanitize-recover=address",
@@ -237,6 +237,25 @@ def build_cached(coverage: bool = False) -> str:
             link(objects, lib + ".tmp", coverage)
             os.replace(lib + ".tmp", lib)  # appears whole, or not at all
     return lib
+
+
+def make_emulator(kernel_build) -> "Emulator":
+    """An emulator whose launches obey the resources nvcc reported in `kernel_build`
+    (tools/cubin.py), for the plans of the real dispatch code (bench/sass_audit.py,
+    bench/model_facts.py). Its library is its own (not build_cached()'s), rebuilt only
+    when the kernel or emulator sources change."""
+    import glob
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(KERNELS, "*")) + glob.glob(os.path.join(EMULATOR, "*"))):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    out = os.path.join(CACHE_DIR, h.hexdigest()[:16])
+    lib = os.path.join(out, "residual_fused_emulated.so")
+    if not os.path.exists(lib):
+        build(out)
+    return Emulator(lib, kernel_build)
 
 
 def static_shared_arrays(lib_path: str) -> Dict[str, List[tuple]]:

@@ -261,7 +261,7 @@ cudaError_t launch(const void* func, dim3 grid, dim3 block, size_t smem,
   cudaError_t err = cudaSuccess;
   if (g_table_loaded && !r.known) {
     why << "has no entry in the resource table for sm_" << profile().arch
-        << " (was it compiled by bench/cubin.py?)";
+        << " (was it compiled by tools/cubin.py?)";
     err = cudaErrorInvalidDeviceFunction;
   } else if (grid.x == 0 || grid.x > static_cast<unsigned>(INT_MAX) || grid.y != 1 || grid.z != 1) {
     why << "grid (" << grid.x << ", " << grid.y << ", " << grid.z << ") is not a 1-D grid of 1..2^31-1 CTAs";

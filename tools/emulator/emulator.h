@@ -3,7 +3,7 @@
 //                 launch rules, occupancy, fault injection
 //   scheduler.cpp fibers, schedules, barriers, shuffles, per-CTA shared memory
 //   memory.cpp    guarded allocations and the fault handler
-//   api.cpp       the C API that tests/cuda_emulator.py calls
+//   api.cpp       the C API that tools/cuda_emulator.py calls
 #pragma once
 
 #include <cuda_runtime.h>

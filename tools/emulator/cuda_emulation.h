@@ -2,7 +2,7 @@
 // their launch code compile unchanged for the CPU:
 //   g++ -include cuda_emulation.h -x c++ csrc/kernels/fwd_rows.cu ...
 //
-// Threads are fibers scheduled by tests/emulator/scheduler.cpp under a choice of
+// Threads are fibers scheduled by tools/emulator/scheduler.cpp under a choice of
 // orders, and the CTAs of a wave run interleaved. __syncthreads and __shfl_xor_sync
 // carry their call site, so the scheduler can check that every thread of a block
 // reaches the same barrier and every lane of a mask the same shuffle. __shared__

@@ -2,12 +2,12 @@
 
 For every kernel and architecture: registers, static shared memory, stack frame and
 spills (ptxas -v), the ``__launch_bounds__`` thread limit (EIATTR_MAX_THREADS), and
-with ``cuobjdump`` the SASS with its 128-bit encodings (see sass_audit.py). One
+with ``cuobjdump`` the SASS with its 128-bit encodings (read by sass.py). One
 compile per source serves the build test, the SASS audit and the emulator's launch
 rules; results are cached under build/kernel-audit/ by a hash of the sources, the
 flags and the nvcc version, so a second use in the same checkout costs nothing.
 
-    python bench/cubin.py            # print the resource table
+    python tools/cubin.py            # print the resource table
 """
 
 import concurrent.futures
