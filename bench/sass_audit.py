@@ -4,16 +4,9 @@ A memory-bound kernel reaches the HBM floor only with enough independent bytes i
 flight per SM (Little's law). That is visible in the compiled code, without a GPU
 (tools/sass.py reads it):
 
-- registers, static shared memory, local memory (LDL/STL), and the width of every
-  global load and store (LDG/STG .128, .64, 32-bit, 16-bit...);
-- **dependent global-memory round trips per row iteration**: Volta and later encode
-  in each instruction which scoreboard a variable-latency result will signal (write
-  barrier) and which scoreboards it waits on (wait mask). Along every path through
-  the row loop's body (inner loops taken once), a round trip is counted each time
-  an instruction waits on a scoreboard holding a global load issued since the last
-  counted wait; loads issued before that wait were in flight during it and cost
-  nothing more. The audit reports the fewest and most over all paths (the dtype of
-  each tensor picks one branch of each runtime switch);
+- registers, static shared memory, local memory, the width of every global access and
+  the dependent global-memory round trips per row iteration (tools/sass.py says how
+  they are counted);
 - the launch plan at each hidden size (from the real dispatch code, run on the CPU
   by tools/emulator) and the CTAs and warps per SM that registers and shared memory
   allow at its block size.
