@@ -25,7 +25,7 @@
 #include <utility>
 #include <vector>
 
-#include "kernels/params.h"
+#include "kernels/args.h"
 
 namespace residual_fused {
 
@@ -39,20 +39,13 @@ struct RowsOf {
   DType dtype = DType::kFloat32;
 };
 
-// A [hidden] parameter (weight or bias); t is empty when absent.
-template <class Tensor>
-struct VectorArgOf {
-  std::optional<Tensor> t;
-  const void* ptr = nullptr;
-  DType dtype = DType::kFloat32;
-};
-
-// One forward call: its params and the tensors they point into.
+// One forward call: its params and the tensors they point into (weight and bias:
+// contiguous, empty when absent).
 template <class Tensor>
 struct FwdCallOf {
   AddNormFwdParams params;
   std::optional<RowsOf<Tensor>> x, residual;
-  VectorArgOf<Tensor> weight, bias;
+  std::optional<Tensor> weight, bias;
   std::optional<Tensor> y, residual_out, rstd, mean;  // mean: a placeholder unless stored
 };
 
@@ -62,8 +55,7 @@ template <class Tensor>
 struct BwdCallOf {
   AddNormBwdParams params;
   std::optional<RowsOf<Tensor>> dy, dresidual_out, saved;
-  std::optional<Tensor> rstd, mean;
-  VectorArgOf<Tensor> weight, bias;
+  std::optional<Tensor> rstd, mean, weight, bias;
   std::optional<Tensor> dx, dresidual, dweight, dbias;
   std::optional<Tensor> dweight_partial, dbias_partial;  // the workspace, once allocated
 };
@@ -74,7 +66,6 @@ struct Glue {
   using OptTensor = typename B::OptTensor;
   using ScalarType = typename B::ScalarType;
   using Rows = RowsOf<Tensor>;
-  using VectorArg = VectorArgOf<Tensor>;
   using FwdCall = FwdCallOf<Tensor>;
   using BwdCall = BwdCallOf<Tensor>;
 
@@ -140,33 +131,57 @@ struct Glue {
     return as_rows(t, hidden, B::dtype(t.scalar_type(), name));
   }
 
-  // Points a params struct's (pointer, row stride, dtype) of one input at `rows`.
-  static void bind(const Rows& rows, const void*& ptr, int64_t& row_stride, DType& dtype) {
-    ptr = rows.t.data_ptr();
-    row_stride = rows.row_stride;
-    dtype = rows.dtype;
+  // ---- binding tensors into the params (kernels/params.h: the argument lists) ----------
+  // A tensor is named by its index (FwdArg::x, BwdArg::dy, ...); its table entry says
+  // which fields it has, and gives the name every message about it uses.
+
+  // Binds tensor A (not a [rows, hidden] input) to t: its pointer, and its dtype where
+  // it has a dtype field of its own.
+  template <auto A, class P>
+  static void bind_tensor(P& p, const Tensor& t) {
+    constexpr TensorArg a = arg_info(A);
+    static_assert(a.kind != ArgKind::kRowsIn, "a [rows, hidden] input has a row stride: bind_rows");
+    bind_arg(p, a, t.data_ptr(), 0, a.has_own_dtype() ? B::dtype(t.scalar_type(), a.name) : DType::kFloat32);
   }
 
-  static VectorArg vector_arg(const OptTensor& p, const Tensor& x, int64_t hidden,
-                              const char* name) {
-    if (!p.has_value()) return {};
-    check_same_device(*p, x, name);
-    if (!(p->dim() == 1 && p->size(0) == hidden)) check(false, name, ": shape ", shape(*p), " must be [",
+  // Checks the [..., hidden] input t against `like` (rows_arg), keeps it (or its
+  // contiguous copy) in `slot` and binds input A to it: pointer, row stride, dtype.
+  template <auto A, class P>
+  static void bind_rows(std::optional<Rows>& slot, P& p, const Tensor& t, const Tensor& like, int64_t hidden) {
+    constexpr TensorArg a = arg_info(A);
+    static_assert(a.kind == ArgKind::kRowsIn, "only a [rows, hidden] input has a row stride");
+    slot = rows_arg(t, like, hidden, a.name);
+    bind_arg(p, a, slot->t.data_ptr(), slot->row_stride, slot->dtype);
+  }
+
+  // Checks the optional [hidden] parameter t (on like's device, of size hidden), keeps
+  // it contiguous in `slot` and binds input A to it.
+  template <auto A, class P>
+  static void bind_vector(std::optional<Tensor>& slot, P& p, const OptTensor& t, const Tensor& like,
+                          int64_t hidden) {
+    constexpr TensorArg a = arg_info(A);
+    static_assert(a.kind == ArgKind::kVecIn, "not a [hidden] input");
+    if (!t.has_value()) return;
+    check_same_device(*t, like, a.name);
+    if (!(t->dim() == 1 && t->size(0) == hidden)) check(false, a.name, ": shape ", shape(*t), " must be [",
           hidden, "], the size of the normalized dim");
-    const Tensor t = B::contiguous(*p);
-    return {t, t.data_ptr(), B::dtype(t.scalar_type(), name)};
+    slot = B::contiguous(*t);
+    bind_tensor<A>(p, *slot);
   }
 
-  // Binds the optional [hidden] weight and bias into either op's call and params.
+  // What both ops' params begin with: the shape (first: x or dy), the norm, the
+  // optional [hidden] weight and bias, and the offset added to the weight.
   template <class Call>
-  static void bind_affine(Call& call, const OptTensor& weight, const OptTensor& bias,
-                          const Tensor& like, int64_t hidden) {
-    call.weight = vector_arg(weight, like, hidden, "weight");
-    call.bias = vector_arg(bias, like, hidden, "bias");
-    call.params.weight = call.weight.ptr;
-    call.params.weight_dtype = call.weight.dtype;
-    call.params.bias = call.bias.ptr;
-    call.params.bias_dtype = call.bias.dtype;
+  static void bind_common(Call& call, const Tensor& first, int64_t hidden, bool is_rms_norm,
+                          const OptTensor& weight, const OptTensor& bias, double weight_offset) {
+    using Arg = typename ArgsOf<decltype(call.params)>::Arg;
+    auto& p = call.params;
+    p.hidden = static_cast<int>(hidden);
+    p.rows = first.numel() / hidden;
+    p.is_rms_norm = is_rms_norm;
+    p.weight_offset = weight_offset;
+    bind_vector<Arg::weight>(call.weight, p, weight, first, hidden);
+    bind_vector<Arg::bias>(call.bias, p, bias, first, hidden);
   }
 
   static void check_weight_offset(double weight_offset, const OptTensor& weight) {
@@ -187,18 +202,10 @@ struct Glue {
     check_weight_offset(weight_offset, weight);
     FwdCall call;
     AddNormFwdParams& p = call.params;
-    p.hidden = static_cast<int>(hidden);
-    p.rows = x.numel() / hidden;
-    p.is_rms_norm = is_rms_norm;
     p.eps = eps;
-    call.x = rows_arg(x, x, hidden, "x");
-    bind(*call.x, p.x, p.x_row_stride, p.x_dtype);
-    if (residual.has_value()) {
-      call.residual = rows_arg(*residual, x, hidden, "residual");
-      bind(*call.residual, p.residual, p.residual_row_stride, p.residual_dtype);
-    }
-    bind_affine(call, weight, bias, x, hidden);
-    p.weight_offset = weight_offset;
+    bind_rows<FwdArg::x>(call.x, p, x, x, hidden);
+    if (residual.has_value()) bind_rows<FwdArg::residual>(call.residual, p, *residual, x, hidden);
+    bind_common(call, x, hidden, is_rms_norm, weight, bias, weight_offset);
     return call;
   }
 
@@ -216,22 +223,22 @@ struct Glue {
     FwdCall call = fwd_inputs(x, residual, weight, bias, eps, is_rms_norm, weight_offset, hidden);
     AddNormFwdParams& p = call.params;
     call.y = B::empty(sizes(x), x.scalar_type(), x);
+    bind_tensor<FwdArg::y>(p, *call.y);
     if (store_residual_out) {
-      p.residual_out_dtype = B::dtype(residual_out_dtype, "residual_out_dtype");
+      B::dtype(residual_out_dtype, "residual_out_dtype");  // refused here under its own name
       call.residual_out = B::empty(sizes(x), residual_out_dtype, x);
-      p.residual_out = call.residual_out->data_ptr();
+      bind_tensor<FwdArg::residual_out>(p, *call.residual_out);
     } else {
       call.residual_out = placeholder(x);
     }
     call.rstd = B::empty(row_shape(x), B::stats_type(x.scalar_type()), x);
+    bind_tensor<FwdArg::rstd>(p, *call.rstd);
     if (store_mean) {
       call.mean = B::empty(row_shape(x), B::stats_type(x.scalar_type()), x);
-      p.mean = call.mean->data_ptr();
+      bind_tensor<FwdArg::mean>(p, *call.mean);
     } else {
       call.mean = placeholder(x);
     }
-    p.y = call.y->data_ptr();
-    p.rstd = call.rstd->data_ptr();
     return call;
   }
 
@@ -310,15 +317,15 @@ struct Glue {
     FwdCall call = fwd_inputs(x, residual, weight, bias, eps, is_rms_norm, weight_offset, hidden);
     AddNormFwdParams& p = call.params;
     call.y = out;
-    p.y = out.data_ptr();
+    bind_tensor<FwdArg::y>(p, out);
     if (residual_out.has_value()) {
-      p.residual_out_dtype = B::dtype(residual_out->scalar_type(), residual_out_name);
+      B::dtype(residual_out->scalar_type(), residual_out_name);  // refused under the caller's name
       call.residual_out = *residual_out;
-      p.residual_out = residual_out->data_ptr();
+      bind_tensor<FwdArg::residual_out>(p, *residual_out);
     }
     if (keep_rstd) {
       call.rstd = B::empty(row_shape(x), B::stats_type(x.scalar_type()), x);
-      p.rstd = call.rstd->data_ptr();
+      bind_tensor<FwdArg::rstd>(p, *call.rstd);
     }
     return call;
   }
@@ -346,41 +353,31 @@ struct Glue {
     }
     BwdCall call;
     AddNormBwdParams& p = call.params;
-    p.hidden = static_cast<int>(hidden);
-    p.rows = dy.numel() / hidden;
-    p.is_rms_norm = is_rms_norm;
     p.memory_efficient = memory_efficient;
-    call.dy = rows_arg(dy, dy, hidden, "dy");
-    bind(*call.dy, p.dy, p.dy_row_stride, p.dy_dtype);
-    call.saved = rows_arg(saved, dy, hidden, "saved");
-    bind(*call.saved, p.saved, p.saved_row_stride, p.saved_dtype);
-    if (dresidual_out.has_value()) {
-      call.dresidual_out = rows_arg(*dresidual_out, dy, hidden, "dresidual_out");
-      bind(*call.dresidual_out, p.dresidual_out, p.dresidual_out_row_stride,
-           p.dresidual_out_dtype);
-    }
+    bind_rows<BwdArg::dy>(call.dy, p, dy, dy, hidden);
+    bind_rows<BwdArg::saved>(call.saved, p, saved, dy, hidden);
+    if (dresidual_out.has_value()) bind_rows<BwdArg::dresidual_out>(call.dresidual_out, p, *dresidual_out, dy, hidden);
     call.rstd = B::contiguous(rstd);
-    p.rstd = call.rstd->data_ptr();
+    bind_tensor<BwdArg::rstd>(p, *call.rstd);
     if (mean.has_value()) {
       call.mean = B::contiguous(*mean);
-      p.mean = call.mean->data_ptr();
+      bind_tensor<BwdArg::mean>(p, *call.mean);
     }
-    bind_affine(call, weight, bias, dy, hidden);
-    p.weight_offset = weight_offset;
+    bind_common(call, dy, hidden, is_rms_norm, weight, bias, weight_offset);
 
     call.dx = B::empty(sizes(dy), dy.scalar_type(), dy);
-    p.dx = call.dx->data_ptr();
+    bind_tensor<BwdArg::dx>(p, *call.dx);
     if (dresidual_dtype.has_value()) {
-      p.dresidual_dtype = B::dtype(*dresidual_dtype, "dresidual_dtype");
+      B::dtype(*dresidual_dtype, "dresidual_dtype");  // refused here under its own name
       call.dresidual = B::empty(sizes(dy), *dresidual_dtype, dy);
-      p.dresidual = call.dresidual->data_ptr();
+      bind_tensor<BwdArg::dresidual>(p, *call.dresidual);
     } else {
       call.dresidual = placeholder(dy);
     }
-    call.dweight = p.weight ? B::empty({hidden}, call.weight.t->scalar_type(), dy) : placeholder(dy);
-    call.dbias = p.bias ? B::empty({hidden}, call.bias.t->scalar_type(), dy) : placeholder(dy);
-    if (p.weight) p.dweight = call.dweight->data_ptr();
-    if (p.bias) p.dbias = call.dbias->data_ptr();
+    call.dweight = call.weight ? B::empty({hidden}, call.weight->scalar_type(), dy) : placeholder(dy);
+    call.dbias = call.bias ? B::empty({hidden}, call.bias->scalar_type(), dy) : placeholder(dy);
+    if (call.weight) bind_tensor<BwdArg::dweight>(p, *call.dweight);
+    if (call.bias) bind_tensor<BwdArg::dbias>(p, *call.dbias);
     if (p.rows == 0) {  // the column sums over no rows
       B::zero(*call.dweight);
       B::zero(*call.dbias);
@@ -396,13 +393,13 @@ struct Glue {
     const ScalarType stats = B::stats_type(call.dx->scalar_type());
     // Tensors, so the caching allocators (CPU and CUDA) recycle them across calls;
     // kept alive by the call until the kernels that use them were launched.
-    if (p.weight) {
+    if (call.weight) {
       call.dweight_partial = B::empty({partial_rows, p.hidden}, stats, *call.dx);
-      p.dweight_partial = call.dweight_partial->data_ptr();
+      bind_tensor<BwdArg::dweight_partial>(p, *call.dweight_partial);
     }
-    if (p.bias) {
+    if (call.bias) {
       call.dbias_partial = B::empty({partial_rows, p.hidden}, stats, *call.dx);
-      p.dbias_partial = call.dbias_partial->data_ptr();
+      bind_tensor<BwdArg::dbias_partial>(p, *call.dbias_partial);
     }
   }
 };

@@ -302,8 +302,8 @@ def check_plan_families(emu):
     try:
         for profile, hidden, fwd_kernel, bwd_kernel in PLAN_FAMILIES:
             emu.configure(profile, sm_count=0)
-            got = (emu.plan_fwd(4096, hidden, fwd, False, bf16)[0]["kernel"],
-                   emu.plan_bwd(4096, hidden, bwd, False, False, None)[0]["kernel"])
+            got = (emu.plan_fwd(4096, hidden, fwd, False)[0]["kernel"],
+                   emu.plan_bwd(4096, hidden, bwd, False, False)[0]["kernel"])
             assert fwd_kernel in got[0] and bwd_kernel in got[1], (profile, hidden, got)
     finally:
         emu.configure()
@@ -323,8 +323,8 @@ def check_huge_row_counts(emu):
         bwd["rstd"] = spec(acc)
         for rows in (2**30 + 1, 2**31 + 3):
             for hidden in (1, 1024, 4097, 20000, 65536):
-                launches = (emu.plan_fwd(rows, hidden, fwd, False, dtype) +
-                            emu.plan_bwd(rows, hidden, bwd, False, False, None))
+                launches = (emu.plan_fwd(rows, hidden, fwd, False) +
+                            emu.plan_bwd(rows, hidden, bwd, False, False))
                 for launch in launches:
                     assert 1 <= launch["grid"] <= 2**31 - 1, (profile, rows, hidden, dtype, launch)
     emu.configure()
@@ -724,6 +724,64 @@ def _inplace_case(emu, rows, hidden, flags: Flags, layout, seed):
             f"fresh outputs (max |diff| {(a.double() - b.double()).abs().max().item():.3g})")
 
 
+def check_each_tensor_alone(emu):
+    """One tensor at a time, where every other one takes the vectorised all-bf16 fast
+    path (H = 1024): each tensor the kernels vectorise one element past a 16-byte
+    boundary, and each output with a dtype of its own in fp32. The plan must see it:
+    the alignment check and the dtype-mix match walk the argument lists of
+    csrc/kernels/params.h, so a tensor they skip is read or written with the wrong
+    vectors or the wrong element type."""
+    rows, hidden, eps, bf16 = 10, 1024, 1e-5, torch.bfloat16
+    gen = torch.Generator().manual_seed(11)
+
+    def rows_of(name, off, **kw):
+        return _tensor(rows, hidden, bf16, gen, "offset" if name == off else "contiguous", **kw)
+
+    def vector(name, off):
+        v = _vector(hidden + 1, bf16, gen)
+        return v[1:] if name == off else v[:hidden]
+
+    def placed(t, name, off):
+        """t with its storage one element past a 16-byte boundary if name == off."""
+        if name != off:
+            return t.contiguous()
+        base = torch.empty(t.numel() + 1, dtype=t.dtype)
+        out = base[1:].view(t.shape)
+        out.copy_(t)
+        return out
+
+    fwd_cases = [(n, bf16) for n in (None, "x", "residual", "weight", "bias", "y", "residual_out")]
+    for off, res_dtype in fwd_cases + [(None, torch.float32)]:
+        x, residual = rows_of("x", off, mean=3.0), rows_of("residual", off)
+        weight, bias = vector("weight", off), vector("bias", off)
+        out_offsets = {off: 2} if off in ("y", "residual_out") else None
+        try:
+            y, res, rstd, mean = emu.fwd(x, residual, weight, bias, eps, False, True, res_dtype,
+                                         out_offsets=out_offsets, store_mean=True)
+            numerics.check_forward({"y": y, "residual_out": res, "rstd": rstd, "mean": mean}, x, residual,
+                                   weight, bias, eps, False, True, store_mean=True)
+        except AssertionError as err:
+            where = f"{off} misaligned" if off else "all aligned"
+            raise AssertionError(f"forward, {where}, residual_out in {res_dtype}: {err}") from None
+
+    bwd_cases = [(n, bf16) for n in ("dy", "dresidual_out", "saved", "weight", "bias", "dx", "dresidual")]
+    for off, dres_dtype in bwd_cases + [(None, torch.float32)]:
+        x, residual = rows_of(None, off, mean=3.0), rows_of(None, off)
+        weight, bias = vector("weight", off), vector("bias", off)
+        (_, s64, rstd64), _ = numerics.forward_reference(x, residual, weight, bias, eps, False)
+        saved = placed(s64.to(bf16), "saved", off)
+        dy, dres_out = rows_of("dy", off, scale=1 / 8), rows_of("dresidual_out", off, scale=1 / 8)
+        out_offsets = {off: 2} if off in ("dx", "dresidual") else None
+        try:
+            dx, dres, dw, db = emu.bwd(dy, dres_out, saved, rstd64.float(), weight, bias, False, False, dres_dtype,
+                                       out_offsets=out_offsets)
+            numerics.check_backward({"dx": dx, "dresidual": dres, "dweight": dw, "dbias": db}, dy, dres_out,
+                                    saved, rstd64.float(), weight, bias, False, False)
+        except AssertionError as err:
+            where = f"{off} misaligned" if off else "all aligned"
+            raise AssertionError(f"backward, {where}, dresidual in {dres_dtype}: {err}") from None
+
+
 def check_inplace(emu, quick=False):
     """The in-place forward on every launch path (each PATHS entry's flag sets with a
     residual, under two schedules; quick: the first, under one), and on the ring (st=2),
@@ -953,6 +1011,7 @@ def run_all(emu, quick=False) -> None:
     check_ring(emu, quick)
     check_shift(emu)
     check_inplace(emu, quick)
+    check_each_tensor_alone(emu)
     check_variant_environment(emu)
     check_tuned_table(emu)
 

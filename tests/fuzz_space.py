@@ -363,12 +363,12 @@ def _specs(case: Case, names) -> Dict[str, Optional[cuda_emulator.TensorSpec]]:
 
 def plans(emu, case: Case, rows: int) -> Tuple[List[dict], List[dict]]:
     """The launches of the case's forward and backward with `rows` rows (not run)."""
-    f, b = case.fwd, case.bwd
+    b = case.bwd
     fwd = emu.plan_fwd(rows, case.hidden, _specs(case, ("x", "residual", "weight", "bias", "y", "residual_out",
-                                                         "rstd", "mean")), case.rms, dtype_of(f["residual_out"]))
+                                                         "rstd", "mean")), case.rms)
     bwd = emu.plan_bwd(rows, case.hidden, _specs(case, ("dy", "dresidual_out", "saved", "rstd", "weight", "bias",
                                                          "dx", "dresidual", "dweight", "dbias", "mean")),
-                       case.rms, b["memory_efficient"], dtype_of(b["dresidual"]))
+                       case.rms, b["memory_efficient"])
     return fwd, bwd
 
 

@@ -580,8 +580,13 @@ def build_mutant(file: str, new_text: str, baseline: Dict[str, str], work: str) 
     path = os.path.join(kernels, file)
     with open(path, "w") as f:
         f.write(new_text)
-    affected = [s for s in cuda_emulator.KERNEL_SOURCES
-                if path in cuda_emulator.includes(os.path.join(kernels, s), [kernels])]
+    # Every translation unit that includes the file, the emulator's own (api.cpp reads
+    # the params structs) as well as the kernels': one left as it was would be linked
+    # with another idea of a struct or a constant.
+    sources = ([os.path.join(kernels, s) for s in cuda_emulator.KERNEL_SOURCES] +
+               [os.path.join(cuda_emulator.EMULATOR, s) for s in cuda_emulator.RUNTIME_SOURCES])
+    affected = [os.path.basename(s) for s in sources
+                if path in cuda_emulator.includes(s, [kernels, cuda_emulator.EMULATOR])]
     objects = dict(baseline)
     objects.update(cuda_emulator.compile_objects(os.path.join(work, "obj"), kernels, only=affected, jobs=1,
                                                  debug=False))

@@ -14,6 +14,9 @@ mutation is mechanical:
 and a fixed list: the shared-memory opt-in dropped, the fit check without the
 kernel's static shared memory, the alignment check dropped (a misaligned 16-byte
 access), the dtype-mix check dropped (a fast path reading the wrong element type);
+the argument lists of params.h (args.h): the alignment check skipping the weight and bias,
+the dtype-mix check skipping the outputs, a tensor added that the emulator's
+driver does not give;
 a variant chosen for a shape it cannot handle (each refusal of the variant plans
 dropped in turn), the tuning override ignored; for the cluster kernels, the exchange
 slots not double-buffered, a CTA's slice not
@@ -108,6 +111,13 @@ def catalogue() -> List[Mutation]:
          "launch(bwd_plan(p), p, stream)"),
         ("refused launch left pending", "dispatch.cu", r"if \(launched != cudaSuccess\) cudaGetLastError\(\);", ""),
         ("dtype mix check dropped", "rows.cuh", r"return !present \|\| t == DTypeOf<T>::value;", "return true;"),
+        # the argument lists of params.h and what is built from them
+        ("alignment check skips the [hidden] inputs", "args.h",
+         r"return is_rows\(\) \|\| kind == ArgKind::kVecIn;", "return is_rows();"),
+        ("dtype mix check skips the outputs", "mixes.h", r"if \(a\.role == MixRole::kNone\) continue;",
+         "if (a.role == MixRole::kNone || a.is_output()) continue;"),
+        ("a forward argument the driver does not give", "params.h", r"X\(ROWS_IN, residual, _, RES\)",
+         "X(ROWS_IN, residual, _, RES) X(ROWS_IN, extra, _, RES)"),
         ("host and kernel disagree on threads per row", "bwd_rows.cu",
          r"row_threads_for\(p\.hidden, CHUNKS \* VEC\)", "row_threads_for(p.hidden, 2 * CHUNKS * VEC)"),
         ("exchange slots not double-buffered", "cluster_kernels.cuh",

@@ -124,6 +124,10 @@ def test_a_failed_launch_leaves_no_error_pending(emu):
     cases.check_failed_launch_is_cleared(emu)
 
 
+def test_each_tensor_misaligned_alone_or_in_a_dtype_of_its_own(emu):
+    cases.check_each_tensor_alone(emu)
+
+
 # ---- the emulator's own checks ------------------------------------------------------------
 
 def test_a_read_past_the_end_is_reported_with_the_allocation(emu):
@@ -133,15 +137,68 @@ def test_a_read_past_the_end_is_reported_with_the_allocation(emu):
     y = cuda_emulator.Guarded(emu.lib, "y", (rows + 1) * hidden * 2, 0, False)
     rstd = cuda_emulator.Guarded(emu.lib, "rstd", (rows + 1) * 4, 0, False)
     try:
-        status = emu.lib.emu_fwd(rows + 1, hidden, 1, 1e-5, ctypes.c_void_p(x.ptr), hidden, 2,
-                                 None, 0, 0, None, 0, None, 0, ctypes.c_void_p(y.ptr), None, 0,
-                                 ctypes.c_void_p(rstd.ptr), None)
+        bf16 = cuda_emulator.DTYPE_CODE[torch.bfloat16]
+        f32 = cuda_emulator.DTYPE_CODE[torch.float32]
+        params = emu.fwd_params.fill(
+            {"rows": rows + 1, "hidden": hidden, "is_rms_norm": True, "eps": 1e-5, "weight_offset": 0.0},
+            {"x": (x.ptr, hidden, bf16), "residual": None, "weight": None, "bias": None,
+             "y": (y.ptr, hidden, bf16), "residual_out": None, "rstd": (rstd.ptr, 0, f32), "mean": None})
+        status = emu.lib.emu_fwd(ctypes.byref(params), ctypes.sizeof(params))
         message = emu.lib.emu_message().decode()
     finally:
         for g in (x, y, rstd):
             g.free()
     assert status != 0
     assert "past the end of x" in message and "add_norm_fwd_rows_kernel" in message, message
+
+
+# ---- the params structs, as the driver builds them --------------------------------------
+
+def test_the_driver_lays_out_the_params_as_the_library_does(emu):
+    """tools/cuda_emulator.py builds its ctypes structures from the field table the
+    library exports (csrc/kernels/params.h); both structs come out at the library's
+    size, with each tensor's row stride and dtype where params.h gives them."""
+    fwd, bwd = emu.fwd_params, emu.bwd_params
+    assert set(fwd.tensors) == {"x", "residual", "weight", "bias", "y", "residual_out", "rstd", "mean"}
+    assert set(bwd.tensors) == {"dy", "dresidual_out", "saved", "rstd", "mean", "weight", "bias", "dx", "dresidual",
+                                "dweight", "dbias", "dweight_partial", "dbias_partial"}
+    assert fwd.row_strided == {"x", "residual"} and bwd.row_strided == {"dy", "dresidual_out", "saved"}
+    assert fwd.typed == {"x", "residual", "weight", "bias", "residual_out"}
+    assert bwd.typed == {"dy", "dresidual_out", "saved", "weight", "bias", "dresidual"}
+    assert set(fwd.scalars) == {"rows", "hidden", "is_rms_norm", "eps", "weight_offset"}
+    for layout in (fwd, bwd):
+        assert ctypes.sizeof(layout.struct) == layout.size
+
+
+def test_a_call_must_name_every_field_and_only_those(emu):
+    """A field added to a params list stops every driver call that does not give it;
+    a name the struct lacks is refused too, not dropped."""
+    scalars = {"rows": 1, "hidden": 8, "is_rms_norm": True, "eps": 1e-5, "weight_offset": 0.0}
+    tensors = {n: None for n in emu.fwd_params.tensors}
+    emu.fwd_params.fill(scalars, tensors)
+    for broken_scalars, broken_tensors, word in (
+            ({k: v for k, v in scalars.items() if k != "eps"}, tensors, "'eps'"),
+            (scalars, {k: v for k, v in tensors.items() if k != "mean"}, "'mean'"),
+            (dict(scalars, extra=1), tensors, "'extra'"),
+            (scalars, dict(tensors, residual2=None), "'residual2'")):
+        with pytest.raises(cuda_emulator.EmulatorError, match=word):
+            emu.fwd_params.fill(broken_scalars, broken_tensors)
+    with pytest.raises(cuda_emulator.EmulatorError, match="'residual2'"):
+        emu.plan_fwd(4, 8, {"x": cuda_emulator.TensorSpec(torch.float32), "residual2": None}, True)
+
+
+def test_a_struct_of_another_size_is_refused(emu):
+    """A driver built against another layout of the struct is refused, not read."""
+    scalars = {"rows": 0, "hidden": 8, "is_rms_norm": True, "eps": 1e-5, "weight_offset": 0.0}
+    params = emu.fwd_params.fill(scalars, {n: None for n in emu.fwd_params.tensors})
+    status = emu.lib.emu_fwd(ctypes.byref(params), ctypes.sizeof(params) - 8)
+    assert status != 0
+    assert "the params struct passed has" in emu.lib.emu_message().decode()
+    params = emu.bwd_params.fill({"rows": 0, "hidden": 8, "is_rms_norm": True, "memory_efficient": False,
+                                  "weight_offset": 0.0, "partial_rows": 0},
+                                 {n: None for n in emu.bwd_params.tensors})
+    assert emu.lib.emu_bwd(ctypes.byref(params), ctypes.sizeof(params) + 8, 0) != 0
+    assert "the params struct passed has" in emu.lib.emu_message().decode()
 
 
 @pytest.mark.parametrize("value, want", [

@@ -317,10 +317,12 @@ class Emulator:
         i64, i32, dbl, ptr, u64 = (ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p,
                                    ctypes.c_ulonglong)
         L = self.lib
-        L.emu_fwd.argtypes = [i64, i32, i32, dbl, ptr, i64, i32, ptr, i64, i32, ptr, i32, ptr, i32,
-                              ptr, ptr, i32, ptr, ptr]
-        L.emu_bwd.argtypes = [i64, i32, i32, i32, ptr, i64, i32, ptr, i64, i32, ptr, i64, i32, ptr,
-                              ptr, i32, ptr, i32, ptr, ptr, i32, ptr, ptr, i64, ptr]
+        L.emu_params_layout.argtypes = [i32, i32, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(i32),
+                                        ctypes.POINTER(i32), ctypes.POINTER(ctypes.c_size_t)]
+        self.fwd_params = ParamsLayout(L, backward=False)
+        self.bwd_params = ParamsLayout(L, backward=True)
+        L.emu_fwd.argtypes = [ptr, ctypes.c_size_t]
+        L.emu_bwd.argtypes = [ptr, ctypes.c_size_t, i64]
         L.emu_configure.argtypes = [i32, i32, i32, i32, i32]
         L.emu_recorded_launch.argtypes = [i32, ctypes.c_char_p, i32, ctypes.POINTER(i64), ctypes.POINTER(i32),
                                           ctypes.POINTER(i32)]
@@ -328,7 +330,6 @@ class Emulator:
         L.emu_set_dry_run.argtypes = [i32]
         L.emu_set_device_name.argtypes = [ctypes.c_char_p]
         L.residual_fused_last_refusal.restype = ctypes.c_char_p
-        L.emu_set_weight_offset.argtypes = [dbl]
         L.emu_clear_recorded.argtypes = []
         L.emu_set_schedule.argtypes = [i32, u64]
         L.emu_set_resources.argtypes = [ctypes.c_char_p, ctypes.c_char_p, i32, i32, i32]
@@ -491,12 +492,9 @@ class Emulator:
                if store_residual_out else None)
         rstd = self._output(a, "rstd", (rows,), stats, off.get("rstd", 0))
         mean = self._output(a, "mean", (rows,), stats, off.get("mean", 0)) if store_mean else None
-        self.lib.emu_set_weight_offset(weight_offset)
-        try:
-            status = self._fwd_call(rows, hidden, eps, is_rms_norm, _args(xg, rg, wg, bg, y, res, rstd, mean),
-                                    residual_out_dtype)
-        finally:
-            self.lib.emu_set_weight_offset(0.0)
+        status = self._fwd_call(_fwd_scalars(rows, hidden, is_rms_norm, eps, weight_offset),
+                                _args(x=xg, residual=rg, weight=wg, bias=bg, y=y, residual_out=res, rstd=rstd,
+                                      mean=mean))
         return self._finish(a, status, "forward", (y, res, rstd, mean))
 
     def fwd_inplace(self, x, residual, weight, bias, eps, is_rms_norm, weight_offset: float = 0.0):
@@ -520,12 +518,9 @@ class Emulator:
         wg = self._input(a, "weight", weight)
         bg = self._input(a, "bias", bias)
         rstd = self._output(a, "rstd", (rows,), stats)
-        self.lib.emu_set_weight_offset(weight_offset)
-        try:
-            status = self._fwd_call(rows, hidden, eps, is_rms_norm, _args(xg, rg, wg, bg, xg, rg, rstd, None),
-                                    residual.dtype)
-        finally:
-            self.lib.emu_set_weight_offset(0.0)
+        status = self._fwd_call(_fwd_scalars(rows, hidden, is_rms_norm, eps, weight_offset),
+                                _args(x=xg, residual=rg, weight=wg, bias=bg, y=xg, residual_out=rg, rstd=rstd,
+                                      mean=None))
         return self._finish(a, status, "in-place forward", (xg, rg, rstd))
 
     def bwd(self, dy, dresidual_out, saved, rstd, weight, bias, is_rms_norm, memory_efficient,
@@ -548,26 +543,21 @@ class Emulator:
                 else self._output(a, "dresidual", (rows, hidden), dresidual_dtype, off.get("dresidual", 0)))
         dw = None if weight is None else self._output(a, "dweight", (hidden,), weight.dtype, off.get("dweight", 0))
         db = None if bias is None else self._output(a, "dbias", (hidden,), bias.dtype, off.get("dbias", 0))
-        self.lib.emu_set_weight_offset(weight_offset)
-        try:
-            status = self._bwd_call(rows, hidden, is_rms_norm, memory_efficient,
-                                    _args(dyg, dog, sg, rg, wg, bg, dx, dres, dw, db, mg), dresidual_dtype,
-                                    workspace_delta)
-        finally:
-            self.lib.emu_set_weight_offset(0.0)
+        status = self._bwd_call(_bwd_scalars(rows, hidden, is_rms_norm, memory_efficient, weight_offset),
+                                _args(dy=dyg, dresidual_out=dog, saved=sg, rstd=rg, weight=wg, bias=bg, dx=dx,
+                                      dresidual=dres, dweight=dw, dbias=db, mean=mg),
+                                workspace_delta)
         return self._finish(a, status, "backward", (dx, dres, dw, db))
 
-    def _fwd_call(self, rows, hidden, eps, is_rms_norm, t, residual_out_dtype) -> int:
-        (x, xs, xc), (r, rs, rc), (w, _, wc), (b, _, bc), (y, _, _), (res, _, _), (rstd, _, _), (mean, _, _) = t
-        return self.lib.emu_fwd(rows, hidden, int(is_rms_norm), eps, x, xs, xc, r, rs, rc, w, wc, b, bc, y, res,
-                                DTYPE_CODE[residual_out_dtype], rstd, mean)
+    def _fwd_call(self, scalars: dict, tensors: dict) -> int:
+        params = self.fwd_params.fill(scalars, tensors)
+        return self.lib.emu_fwd(ctypes.byref(params), ctypes.sizeof(params))
 
-    def _bwd_call(self, rows, hidden, is_rms_norm, memory_efficient, t, dresidual_dtype, workspace_delta) -> int:
-        ((dy, dys, dyc), (do, dos, doc), (sv, svs, svc), (rstd, _, _), (w, _, wc), (b, _, bc), (dx, _, _),
-         (dres, _, _), (dw, _, _), (db, _, _), (mean, _, _)) = t
-        return self.lib.emu_bwd(rows, hidden, int(is_rms_norm), int(memory_efficient), dy, dys, dyc, do, dos, doc,
-                                sv, svs, svc, rstd, w, wc, b, bc, dx, dres, DTYPE_CODE.get(dresidual_dtype, 0),
-                                dw, db, workspace_delta, mean)
+    def _bwd_call(self, scalars: dict, tensors: dict, workspace_delta: int) -> int:
+        # The workspace is emu_bwd's to allocate, from the plan.
+        params = self.bwd_params.fill(dict(scalars, partial_rows=0),
+                                      dict(tensors, dweight_partial=None, dbias_partial=None))
+        return self.lib.emu_bwd(ctypes.byref(params), ctypes.sizeof(params), workspace_delta)
 
     # ---- plans of real calls, not run ----------------------------------------------------
     def _planned(self, call) -> List[dict]:
@@ -594,24 +584,21 @@ class Emulator:
         self.lib.emu_clear_recorded()
         return out
 
-    def plan_fwd(self, rows, hidden, specs: Dict[str, Optional["TensorSpec"]], is_rms_norm,
-                 residual_out_dtype) -> List[dict]:
+    def plan_fwd(self, rows, hidden, specs: Dict[str, Optional["TensorSpec"]], is_rms_norm) -> List[dict]:
         """The launches a forward with tensors like ``specs`` (x, residual, weight, bias,
-        y, residual_out, rstd, mean: dtype, address mod 16 and row stride; None if absent)
-        makes on the configured device, planned by the real launch code and not run."""
-        names = ("x", "residual", "weight", "bias", "y", "residual_out", "rstd", "mean")
-        t = tuple(_fake(specs.get(n)) for n in names)
-        return self._planned(lambda: self._fwd_call(rows, hidden, 1e-5, is_rms_norm, t, residual_out_dtype))
+        y, residual_out, rstd, mean: dtype, address mod 16 and row stride; absent if
+        None or not given) makes on the configured device, planned by the real launch
+        code and not run."""
+        tensors = self.fwd_params.fake_tensors(specs)
+        return self._planned(lambda: self._fwd_call(_fwd_scalars(rows, hidden, is_rms_norm, 1e-5, 0.0), tensors))
 
-    def plan_bwd(self, rows, hidden, specs: Dict[str, Optional["TensorSpec"]], is_rms_norm, memory_efficient,
-                 dresidual_dtype) -> List[dict]:
+    def plan_bwd(self, rows, hidden, specs: Dict[str, Optional["TensorSpec"]], is_rms_norm,
+                 memory_efficient) -> List[dict]:
         """plan_fwd for the backward (dy, dresidual_out, saved, rstd, weight, bias, dx,
         dresidual, dweight, dbias, mean)."""
-        names = ("dy", "dresidual_out", "saved", "rstd", "weight", "bias", "dx", "dresidual", "dweight", "dbias",
-                 "mean")
-        t = tuple(_fake(specs.get(n)) for n in names)
-        return self._planned(lambda: self._bwd_call(rows, hidden, is_rms_norm, memory_efficient, t,
-                                                    dresidual_dtype, 0))
+        tensors = self.bwd_params.fake_tensors(specs)
+        return self._planned(lambda: self._bwd_call(_bwd_scalars(rows, hidden, is_rms_norm, memory_efficient, 0.0),
+                                                    tensors, 0))
 
     def plan_boundaries(self, backward: bool, rows: int, lo: int, hi: int, step: int, aligned: bool,
                         dtype=torch.bfloat16) -> List[int]:
@@ -636,22 +623,94 @@ _FAKE_BASE = 1 << 40  # never dereferenced: plans only
 
 def _fake(spec: Optional[TensorSpec]):
     if spec is None:
-        return (None, 0, 0)
-    return (ctypes.c_void_p(_FAKE_BASE + spec.offset), spec.row_stride, DTYPE_CODE[spec.dtype])
+        return None
+    return (_FAKE_BASE + spec.offset, spec.row_stride, DTYPE_CODE[spec.dtype])
 
 
-def _args(*tensors):
-    return tuple((_ptr(t), _row_stride(t), _code(t)) for t in tensors)
+def _args(**tensors: Optional[torch.Tensor]) -> Dict[str, Optional[tuple]]:
+    """(address, row stride, dtype code) of each tensor, None for those absent."""
+    return {name: None if t is None else (t.data_ptr(), t.stride(0) if t.dim() == 2 else 0, DTYPE_CODE[t.dtype])
+            for name, t in tensors.items()}
 
 
-def _ptr(t: Optional[torch.Tensor]):
-    return ctypes.c_void_p(None if t is None else t.data_ptr())
+def _fwd_scalars(rows, hidden, is_rms_norm, eps, weight_offset) -> dict:
+    return {"rows": rows, "hidden": hidden, "is_rms_norm": bool(is_rms_norm), "eps": float(eps),
+            "weight_offset": float(weight_offset)}
 
 
-def _code(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else DTYPE_CODE[t.dtype]
+def _bwd_scalars(rows, hidden, is_rms_norm, memory_efficient, weight_offset) -> dict:
+    return {"rows": rows, "hidden": hidden, "is_rms_norm": bool(is_rms_norm),
+            "memory_efficient": bool(memory_efficient), "weight_offset": float(weight_offset)}
 
 
-def _row_stride(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None or t.dim() < 2 else t.stride(0)
+# emu_params_layout's field types (csrc/kernels/params.h: FieldType).
+FIELD_TYPES = (ctypes.c_int64, ctypes.c_int32, ctypes.c_bool, ctypes.c_double, ctypes.c_void_p, ctypes.c_int8)
+
+
+class ParamsLayout:
+    """One params struct of csrc/kernels/params.h as the compiled library lays it out
+    (emu_params_layout): a ctypes structure with every field at the kernels' offset,
+    filled by name. A tensor is a pointer field with its companions `<name>_row_stride`
+    and `<name>_dtype` where it has them; every other field is a scalar. :meth:`fill`
+    refuses a call that leaves a field unnamed or names one the struct lacks, so a
+    field added to the struct's list stops every call that does not give it."""
+
+    def __init__(self, lib, backward: bool):
+        self.what = "AddNormBwdParams" if backward else "AddNormFwdParams"
+        name, kind, offset, size = ctypes.c_char_p(), ctypes.c_int(), ctypes.c_int(), ctypes.c_size_t()
+        fields = []
+        for i in range(lib.emu_params_layout(int(backward), -1, None, None, None, ctypes.byref(size))):
+            lib.emu_params_layout(int(backward), i, ctypes.byref(name), ctypes.byref(kind), ctypes.byref(offset),
+                                  ctypes.byref(size))
+            fields.append((name.value.decode(), FIELD_TYPES[kind.value], offset.value))
+        self.size = size.value
+        cfields, at = [], 0
+        for k, (n, ctype, off) in enumerate(sorted(fields, key=lambda f: f[2])):
+            if off < at:
+                raise EmulatorError(f"{self.what}: field {n} at byte {off} overlaps the one before it")
+            if off > at:
+                cfields.append((f"_pad{k}", ctypes.c_ubyte * (off - at)))
+            cfields.append((n, ctype))
+            at = off + ctypes.sizeof(ctype)
+        if self.size > at:
+            cfields.append(("_pad_end", ctypes.c_ubyte * (self.size - at)))
+        self.struct = type(self.what, (ctypes.Structure,), {"_fields_": cfields})
+        wrong = [n for n, _, off in fields if getattr(self.struct, n).offset != off]
+        if wrong or ctypes.sizeof(self.struct) != self.size:
+            raise EmulatorError(f"{self.what}: ctypes cannot lay out the library's fields {wrong} "
+                                f"({ctypes.sizeof(self.struct)} bytes for {self.size})")
+        names = {n for n, _, _ in fields}
+        self.tensors = [n for n, ctype, _ in fields if ctype is ctypes.c_void_p]
+        companions = {f"{t}{suffix}" for t in self.tensors for suffix in ("_row_stride", "_dtype")}
+        self.scalars = [n for n in names if n not in companions and n not in self.tensors]
+        self.row_strided = {t for t in self.tensors if f"{t}_row_stride" in names}
+        self.typed = {t for t in self.tensors if f"{t}_dtype" in names}
+
+    def fill(self, scalars: Dict[str, object], tensors: Dict[str, Optional[tuple]]):
+        """The struct of one call: every scalar field from ``scalars``, every tensor
+        from ``tensors`` ((address, row stride, dtype code), or None if absent)."""
+        missing = [n for n in self.scalars if n not in scalars] + [n for n in self.tensors if n not in tensors]
+        unknown = [n for n in scalars if n not in self.scalars] + [n for n in tensors if n not in self.tensors]
+        if missing or unknown:
+            raise EmulatorError(f"{self.what} (csrc/kernels/params.h) has fields this call does not give "
+                                f"{missing} and lacks fields it gives {unknown}")
+        p = self.struct()
+        for n in self.scalars:
+            setattr(p, n, scalars[n])
+        for n in self.tensors:
+            ptr, row_stride, code = tensors[n] or (None, 0, 0)
+            setattr(p, n, ptr)
+            if n in self.row_strided:
+                setattr(p, f"{n}_row_stride", row_stride)
+            if n in self.typed:
+                setattr(p, f"{n}_dtype", code)
+        return p
+
+    def fake_tensors(self, specs: Dict[str, Optional["TensorSpec"]]) -> Dict[str, Optional[tuple]]:
+        """Every tensor of a planned call: those of ``specs`` at fake addresses, the rest
+        absent; a name the struct lacks is refused."""
+        unknown = [n for n in specs if n not in self.tensors]
+        if unknown:
+            raise EmulatorError(f"{self.what} (csrc/kernels/params.h) has no tensors {unknown}")
+        return {n: _fake(specs.get(n)) for n in self.tensors}
 

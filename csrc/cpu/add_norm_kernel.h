@@ -20,6 +20,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/rows.h"
+#include "kernels/args.h"
 
 namespace residual_fused::cpu::CPU_CAPABILITY {
 namespace {
@@ -40,6 +41,17 @@ C10_ALWAYS_INLINE acc scalar(const T* p, int64_t i) {
 inline bool streams(int64_t bytes) {
   constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
   return bytes >= kStreamMinBytes;
+}
+
+// Bytes per element column of every [rows, hidden] tensor p holds (params.h's lists).
+template <class P>
+int64_t column_bytes(const P& p) {
+  int64_t bytes = 0;
+  for (int i = 0; i < ArgsOf<P>::count; ++i) {
+    const TensorArg& a = ArgsOf<P>::table[i];
+    if (a.is_rows() && arg_ptr(p, a) != nullptr) bytes += elem_size(arg_dtype(p, a));
+  }
+  return bytes;
 }
 
 // The next row's inputs, fetched into cache while the current row's last pass runs.
@@ -208,10 +220,7 @@ template <typename acc>
 void fwd(const AddNormFwdParams& p) {
   const int64_t n = p.hidden;
   const Param<acc> w(p.weight, p.weight_dtype, n, p.weight_offset), b(p.bias, p.bias_dtype, n);
-  const int64_t row_bytes = elem_size(p.x_dtype) * 2 +
-                            (p.residual ? elem_size(p.residual_dtype) : 0) +
-                            (p.residual_out ? elem_size(p.residual_out_dtype) : 0);
-  const bool stream = streams(p.rows * n * row_bytes);
+  const bool stream = streams(p.rows * n * column_bytes(p));
   at::parallel_for(0, p.rows, grain_rows(n), [&](int64_t begin, int64_t end) {
     fwd_rows<acc>(p, w.ptr, b.ptr, stream, begin, end);
   });
@@ -401,10 +410,7 @@ void bwd(const AddNormBwdParams& p) {
   if (p.rows == 0 || parts == 0) return;
   const Param<acc> w(p.weight, p.weight_dtype, n, p.weight_offset), b(p.bias, p.bias_dtype, n);
   const int64_t per_part = (p.rows + parts - 1) / parts;
-  const int64_t row_bytes = elem_size(p.dy_dtype) * 2 + elem_size(p.saved_dtype) +
-                            (p.dresidual_out ? elem_size(p.dresidual_out_dtype) : 0) +
-                            (p.dresidual ? elem_size(p.dresidual_dtype) : 0);
-  const bool stream = streams(p.rows * n * row_bytes);
+  const bool stream = streams(p.rows * n * column_bytes(p));
   at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
       const int64_t begin = std::min(p.rows, k * per_part);

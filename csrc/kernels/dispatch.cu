@@ -182,21 +182,16 @@ cudaError_t launch(const LaunchPlan& plan, const Params& params, cudaStream_t st
   return launched;
 }
 
-bool fwd_vec8(const AddNormFwdParams& p) {
-  const int h = p.hidden;
-  return h % 8 == 0 && aligned16(p.x, p.x_row_stride, p.x_dtype) &&
-         aligned16(p.residual, p.residual_row_stride, p.residual_dtype) &&
-         aligned16(p.weight, 0, p.weight_dtype) && aligned16(p.bias, 0, p.bias_dtype) &&
-         aligned16(p.y, h, p.x_dtype) && aligned16(p.residual_out, h, p.residual_out_dtype);
-}
-
-bool bwd_vec8(const AddNormBwdParams& p) {
-  const int h = p.hidden;
-  return h % 8 == 0 && aligned16(p.dy, p.dy_row_stride, p.dy_dtype) &&
-         aligned16(p.dresidual_out, p.dresidual_out_row_stride, p.dresidual_out_dtype) &&
-         aligned16(p.saved, p.saved_row_stride, p.saved_dtype) && aligned16(p.weight, 0, p.weight_dtype) &&
-         aligned16(p.bias, 0, p.bias_dtype) && aligned16(p.dx, h, p.dy_dtype) &&
-         aligned16(p.dresidual, h, p.dresidual_dtype);
+// Whether the kernels may use 16-byte vectors on every tensor of p they read or write
+// in the tensor types (params.h: TensorArg::is_vectorised).
+template <class Params>
+bool vectorisable(const Params& p) {
+  if (p.hidden % 8 != 0) return false;
+  for (int i = 0; i < ArgsOf<Params>::count; ++i) {
+    const TensorArg& a = ArgsOf<Params>::table[i];
+    if (a.is_vectorised() && !aligned16(arg_ptr(p, a), arg_row_stride(p, a), arg_dtype(p, a))) return false;
+  }
+  return true;
 }
 
 // The documented rule (top of this file).
@@ -345,14 +340,14 @@ LaunchPlan choose_plan(const Params& p, Direction d, bool prenorm, RulePlan&& ru
 }
 
 LaunchPlan fwd_plan(const AddNormFwdParams& p) {
-  const bool vec8 = fwd_vec8(p);
+  const bool vec8 = vectorisable(p);
   return choose_plan(
       p, Direction::kFwd, p.residual_out != nullptr, [&] { return fwd_rule_plan(p, vec8); },
       [&](const Variant& v) { return fwd_variant_plan(p, v, vec8); });
 }
 
 LaunchPlan bwd_plan(const AddNormBwdParams& p) {
-  const bool vec8 = bwd_vec8(p);
+  const bool vec8 = vectorisable(p);
   return choose_plan(
       p, Direction::kBwd, p.dresidual_out != nullptr, [&] { return bwd_rule_plan(p, vec8); },
       [&](const Variant& v) { return bwd_variant_plan(p, v, vec8); });

@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include "add_norm.h"
+#include "args.h"
 #include "rows.cuh"
 
 namespace residual_fused {
@@ -25,34 +26,31 @@ using FastMixes = MixList<Mix<bf16, bf16, bf16, bf16>, Mix<fp16, fp16, fp16, fp1
                           Mix<float, float, float, float>, Mix<bf16, float, float, float>,
                           Mix<fp16, float, float, float>>;
 
+// Whether a tensor of `role` with dtype t (present or not) fits MIX.
 template <class MIX>
-bool fwd_mix_matches(const AddNormFwdParams& p) {
-  using X = typename MIX::act_t;
-  using R = typename MIX::res_t;
-  using W = typename MIX::param_t;
-  return type_matches<X>(true, p.x_dtype) && type_matches<R>(p.residual != nullptr, p.residual_dtype) &&
-         type_matches<R>(p.residual_out != nullptr, p.residual_out_dtype) &&
-         type_matches<W>(p.weight != nullptr, p.weight_dtype) &&
-         type_matches<W>(p.bias != nullptr, p.bias_dtype);
+bool role_matches(MixRole role, bool present, DType t) {
+  switch (role) {
+    case MixRole::kAct: return type_matches<typename MIX::act_t>(present, t);
+    case MixRole::kRes: return type_matches<typename MIX::res_t>(present, t);
+    case MixRole::kParam: return type_matches<typename MIX::param_t>(present, t);
+    case MixRole::kSaved: return type_matches<typename MIX::saved_t>(present, t);
+    case MixRole::kNone: break;
+  }
+  return true;
 }
 
-template <class MIX>
-bool bwd_mix_matches(const AddNormBwdParams& p) {
-  using X = typename MIX::act_t;
-  using R = typename MIX::res_t;
-  using W = typename MIX::param_t;
-  using S = typename MIX::saved_t;
-  return type_matches<X>(true, p.dy_dtype) && type_matches<S>(true, p.saved_dtype) &&
-         type_matches<R>(p.dresidual_out != nullptr, p.dresidual_out_dtype) &&
-         type_matches<R>(p.dresidual != nullptr, p.dresidual_dtype) &&
-         type_matches<W>(p.weight != nullptr, p.weight_dtype) &&
-         type_matches<W>(p.bias != nullptr, p.bias_dtype);
+// Whether every tensor of p with a dtype of its own (params.h: its ROLE) has MIX's type.
+// The activation's counts even when absent: it is also y's (dx's) dtype.
+template <class MIX, class Params>
+bool mix_matches(const Params& p) {
+  for (int i = 0; i < ArgsOf<Params>::count; ++i) {
+    const TensorArg& a = ArgsOf<Params>::table[i];
+    if (a.role == MixRole::kNone) continue;
+    const bool present = a.role == MixRole::kAct || arg_ptr(p, a) != nullptr;
+    if (!role_matches<MIX>(a.role, present, arg_dtype(p, a))) return false;
+  }
+  return true;
 }
-
-template <class MIX>
-bool mix_matches(const AddNormFwdParams& p) { return fwd_mix_matches<MIX>(p); }
-template <class MIX>
-bool mix_matches(const AddNormBwdParams& p) { return bwd_mix_matches<MIX>(p); }
 
 // make(MIX{}) for the first mix of the list that matches every tensor of p, else
 // make(AnyMix{}): the plan of the dtype-specialised kernel, or of the generic one.

@@ -9,12 +9,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <sstream>
 #include <utility>
 
 #include "cuda_emulation.h"
 #include "add_norm.h"
+#include "args.h"
 #include "emulator.h"
 
 namespace emu {
@@ -74,17 +76,23 @@ namespace {
 
 // What the glue leaves behind must be clean: a pending runtime error would be
 // reported by some unrelated later call.
-// A call that succeeded must also have written every byte of every output it was given.
-int finish(cudaError_t status, std::initializer_list<std::pair<const char*, void*>> outputs = {}) {
+// A call that succeeded must also have written every byte of every output of p (its
+// output tensors in params.h's lists; the workspace aside, which emu_bwd checks), or
+// of none when `outputs` is false.
+template <class P>
+int finish(cudaError_t status, const P& p, bool outputs = true) {
   if (status == cudaSuccess && emu::peek_last_error() != cudaSuccess) {
     emu::report("the call succeeded but left cudaError " + std::to_string(emu::peek_last_error()) +
                 " pending for a later call to report");
     return -1;
   }
   if (status != cudaSuccess) return static_cast<int>(status);
-  for (const auto& [name, ptr] : outputs) {
+  for (int i = 0; outputs && i < residual_fused::ArgsOf<P>::count; ++i) {
+    const residual_fused::TensorArg& a = residual_fused::ArgsOf<P>::table[i];
+    if (!a.is_output() || a.kind == residual_fused::ArgKind::kWorkspace) continue;
+    void* ptr = const_cast<void*>(residual_fused::arg_ptr(p, a));
     if (ptr != nullptr && !emu::all_written(ptr)) {
-      emu::report(std::string("the call succeeded but left bytes of ") + name + " unwritten");
+      emu::report(std::string("the call succeeded but left bytes of ") + a.name + " unwritten");
       return -1;
     }
   }
@@ -168,9 +176,6 @@ void emu_set_schedule(int schedule, unsigned long long seed) {
 void emu_set_dry_run(int on) { emu::set_dry_run(on != 0); }
 void emu_set_device_name(const char* name) { emu::set_device_name(name); }
 
-// weight_offset of the following emu_fwd / emu_bwd calls (AddNorm*Params::weight_offset).
-static double g_weight_offset = 0.0;
-void emu_set_weight_offset(double offset) { g_weight_offset = offset; }
 void emu_set_mutant(int k) { emu::mutant = k; }
 void emu_set_resources(const char* name, const char* arch, int registers, int static_smem,
                        int max_threads) {
@@ -191,72 +196,52 @@ void* emu_alloc(const char* name, size_t bytes, size_t align_mod, int flush_star
 int emu_intact(void* p) { return emu::guarded_intact(p) ? 1 : 0; }
 void emu_free(void* p) { emu::guarded_free(p); }
 
-int emu_fwd(int64_t rows, int hidden, int is_rms_norm, double eps, const void* x,
-            int64_t x_row_stride, int x_dtype, const void* residual, int64_t residual_row_stride,
-            int residual_dtype, const void* weight, int weight_dtype, const void* bias,
-            int bias_dtype, void* y, void* residual_out, int residual_out_dtype, void* rstd, void* mean) {
+// The layout of the params structs (csrc/kernels/params.h: kFwdFields, kBwdFields), from
+// which tools/cuda_emulator.py builds its ctypes structures: the struct's size, and
+// field i's name, type (residual_fused::FieldType) and byte offset. Returns the number
+// of fields of the forward's struct (backward 0) or the backward's.
+int emu_params_layout(int backward, int i, const char** name, int* type, int* offset, size_t* size) {
+  const residual_fused::FieldInfo* fields = backward ? residual_fused::kBwdFields : residual_fused::kFwdFields;
+  const int count = static_cast<int>(backward ? std::size(residual_fused::kBwdFields)
+                                              : std::size(residual_fused::kFwdFields));
+  *size = backward ? sizeof(AddNormBwdParams) : sizeof(AddNormFwdParams);
+  if (i >= 0 && i < count) {
+    *name = fields[i].name;
+    *type = static_cast<int>(fields[i].type);
+    *offset = fields[i].offset;
+  }
+  return count;
+}
+
+// `size` is the caller's idea of sizeof the struct: a driver built from another layout
+// is refused rather than read.
+bool layout_matches(size_t size, size_t expected) {
+  if (size == expected) return true;
+  emu::report("the params struct passed has " + std::to_string(size) + " bytes, the kernels' has " +
+              std::to_string(expected) + ": rebuild the emulator's driver structures from emu_params_layout");
+  return false;
+}
+
+int emu_fwd(const AddNormFwdParams* params, size_t size) {
   emu::clear_message();
-  AddNormFwdParams p;
-  p.rows = rows;
-  p.hidden = hidden;
-  p.is_rms_norm = is_rms_norm;
-  p.eps = eps;
-  p.x = x;
-  p.x_row_stride = x_row_stride;
-  p.x_dtype = static_cast<DType>(x_dtype);
-  p.residual = residual;
-  p.residual_row_stride = residual_row_stride;
-  p.residual_dtype = static_cast<DType>(residual_dtype);
-  p.weight = weight;
-  p.weight_dtype = static_cast<DType>(weight_dtype);
-  p.weight_offset = g_weight_offset;
-  p.bias = bias;
-  p.bias_dtype = static_cast<DType>(bias_dtype);
-  p.y = y;
-  p.residual_out = residual_out;
-  p.residual_out_dtype = static_cast<DType>(residual_out_dtype);
-  p.rstd = rstd;
-  p.mean = mean;
-  return finish(residual_fused::launch_add_norm_fwd(p, nullptr),
-                {{"y", y}, {"residual_out", residual_out}, {"rstd", rstd}, {"mean", mean}});
+  if (!layout_matches(size, sizeof(AddNormFwdParams))) return -1;
+  const AddNormFwdParams& p = *params;
+  return finish(residual_fused::launch_add_norm_fwd(p, nullptr), p);
 }
 
 // The backward as the torch glue runs it: plan once, allocate the workspace the plan
 // asks for (guarded, poisoned with NaN), launch that plan. `workspace_delta` rows are
-// added to the workspace, to test that a mismatch is refused.
-int emu_bwd(int64_t rows, int hidden, int is_rms_norm, int memory_efficient, const void* dy,
-            int64_t dy_row_stride, int dy_dtype, const void* dresidual_out,
-            int64_t dresidual_out_row_stride, int dresidual_out_dtype, const void* saved,
-            int64_t saved_row_stride, int saved_dtype, const void* rstd, const void* weight,
-            int weight_dtype, const void* bias, int bias_dtype, void* dx, void* dresidual,
-            int dresidual_dtype, void* dweight, void* dbias, int64_t workspace_delta, const void* mean) {
+// added to the workspace, to test that a mismatch is refused. The caller's workspace
+// fields are ignored.
+int emu_bwd(const AddNormBwdParams* params, size_t size, int64_t workspace_delta) {
   emu::clear_message();
-  AddNormBwdParams p;
-  p.rows = rows;
-  p.hidden = hidden;
-  p.is_rms_norm = is_rms_norm;
-  p.memory_efficient = memory_efficient;
-  p.dy = dy;
-  p.dy_row_stride = dy_row_stride;
-  p.dy_dtype = static_cast<DType>(dy_dtype);
-  p.dresidual_out = dresidual_out;
-  p.dresidual_out_row_stride = dresidual_out_row_stride;
-  p.dresidual_out_dtype = static_cast<DType>(dresidual_out_dtype);
-  p.saved = saved;
-  p.saved_row_stride = saved_row_stride;
-  p.saved_dtype = static_cast<DType>(saved_dtype);
-  p.rstd = rstd;
-  p.mean = mean;
-  p.weight = weight;
-  p.weight_dtype = static_cast<DType>(weight_dtype);
-  p.weight_offset = g_weight_offset;
-  p.bias = bias;
-  p.bias_dtype = static_cast<DType>(bias_dtype);
-  p.dx = dx;
-  p.dresidual = dresidual;
-  p.dresidual_dtype = static_cast<DType>(dresidual_dtype);
-  p.dweight = dweight;
-  p.dbias = dbias;
+  if (!layout_matches(size, sizeof(AddNormBwdParams))) return -1;
+  AddNormBwdParams p = *params;
+  const int64_t rows = p.rows;
+  const int hidden = p.hidden;
+  const void* weight = p.weight;
+  const void* bias = p.bias;
+  p.dweight_partial = p.dbias_partial = nullptr;
   const AddNormBwdPlan plan = residual_fused::plan_add_norm_bwd(p);
   // The glue allocates the workspace between planning and launch: an error a failed
   // query left pending here would be reported by whatever CUDA call comes next.
@@ -284,9 +269,7 @@ int emu_bwd(int64_t rows, int hidden, int is_rms_norm, int memory_efficient, con
     p.dbias_partial = db;
   }
   const cudaError_t status = residual_fused::launch_add_norm_bwd(p, plan, nullptr);
-  int result = rows == 0 ? finish(status)  // the glue zeroes the weight gradients
-                         : finish(status, {{"dx", dx}, {"dresidual", dresidual}, {"dweight", dweight},
-                                           {"dbias", dbias}});
+  int result = finish(status, p, rows != 0);  // with no rows the glue zeroes the weight gradients
   for (void* w : {dw, db}) {
     if (w == nullptr) continue;
     if (result == 0 && !emu::guarded_intact(w)) {
