@@ -27,6 +27,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -234,6 +235,15 @@ struct CommonCall {
 
   const Tensor& x() const { return *x_; }
 
+  // Whether autograd would record this call: the inference forms decline it (the
+  // Python path words the refusal), `more` being the caller's own buffers.
+  bool grad_needed(std::initializer_list<const OptTensor*> more = {}) const {
+    if (!c10::GradMode::is_enabled()) return false;
+    bool any = x().requires_grad() || requires_grad(residual) || requires_grad(weight) || requires_grad(bias);
+    for (const OptTensor* t : more) any = any || requires_grad(*t);
+    return any;
+  }
+
   CommonCall(PyObject* const* a, PyObject* normalized_shape, PyObject* weight_offset_arg) {
     ok = take(a, normalized_shape, weight_offset_arg);
   }
@@ -318,11 +328,7 @@ PyObject* functional_add_norm(PyObject*, PyObject* const* a, Py_ssize_t n) {
     return declined();
   }
   if (residual_out && (!prenorm || residual_out->scalar_type() != residual_out_dtype)) return declined();
-  if (c10::GradMode::is_enabled() && (call.x().requires_grad() || requires_grad(call.residual) ||
-                                      requires_grad(call.weight) || requires_grad(call.bias) ||
-                                      requires_grad(out) || requires_grad(residual_out))) {
-    return declined();
-  }
+  if (call.grad_needed({&out, &residual_out})) return declined();
   const bool new_out = !out, new_residual_out = prenorm && !residual_out;
   if (new_out) out = at::empty(call.x().sizes(), call.x().options());
   if (new_residual_out) residual_out = at::empty(call.x().sizes(), call.x().options().dtype(residual_out_dtype));
@@ -350,11 +356,7 @@ PyObject* functional_add_norm_(PyObject*, PyObject* const* a, Py_ssize_t n) {
   check_count(n, 8, "functional_add_norm_");
   static const auto handle = op<FwdInplaceSig>("residual_fused::add_norm_fwd_inplace");
   const CommonCall call(a, a[6], a[7]);
-  if (!call.ok || !call.residual) return declined();
-  if (c10::GradMode::is_enabled() && (call.x().requires_grad() || requires_grad(call.residual) ||
-                                      requires_grad(call.weight) || requires_grad(call.bias))) {
-    return declined();
-  }
+  if (!call.ok || !call.residual || call.grad_needed()) return declined();
   {
     pybind11::gil_scoped_release no_gil;
     handle.call(call.x(), *call.residual, call.weight, call.bias, call.eps, call.is_rms_norm, call.weight_offset);

@@ -79,8 +79,7 @@ def _add_norm_checked(x, residual, weight, bias, eps, is_rms_norm, prenorm, resi
     if distributed.is_dtensor(x):
         distributed.check_row_sharding(x, len(shape))
         distributed.register_sharding_rules()
-    x_in, residual_in, weight_in, bias_in = (
-        (x, residual, weight, bias) if len(shape) == 1 else _fold(x, residual, weight, bias, shape, hidden, False))
+    x_in, residual_in, weight_in, bias_in = _fold(x, residual, weight, bias, shape, hidden, written=False)
     if out is not None or residual_out is not None:
         return _add_norm_into(x, x_in, residual_in, weight_in, bias_in, eps, is_rms_norm, bool(prenorm), out_dtype,
                               weight_offset, out, residual_out, residual, weight, bias)

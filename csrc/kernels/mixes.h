@@ -26,17 +26,14 @@ using FastMixes = MixList<Mix<bf16, bf16, bf16, bf16>, Mix<fp16, fp16, fp16, fp1
                           Mix<float, float, float, float>, Mix<bf16, float, float, float>,
                           Mix<fp16, float, float, float>>;
 
-// Whether a tensor of `role` with dtype t (present or not) fits MIX.
+// Whether a tensor of `role` (not kNone: mix_matches skips those) with dtype t,
+// present or not, fits MIX.
 template <class MIX>
 bool role_matches(MixRole role, bool present, DType t) {
-  switch (role) {
-    case MixRole::kAct: return type_matches<typename MIX::act_t>(present, t);
-    case MixRole::kRes: return type_matches<typename MIX::res_t>(present, t);
-    case MixRole::kParam: return type_matches<typename MIX::param_t>(present, t);
-    case MixRole::kSaved: return type_matches<typename MIX::saved_t>(present, t);
-    case MixRole::kNone: break;
-  }
-  return true;
+  if (role == MixRole::kAct) return type_matches<typename MIX::act_t>(present, t);
+  if (role == MixRole::kRes) return type_matches<typename MIX::res_t>(present, t);
+  if (role == MixRole::kParam) return type_matches<typename MIX::param_t>(present, t);
+  return type_matches<typename MIX::saved_t>(present, t);  // kSaved
 }
 
 // Whether every tensor of p with a dtype of its own (params.h: its ROLE) has MIX's type.
