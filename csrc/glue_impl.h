@@ -136,12 +136,14 @@ struct Glue {
   // which fields it has, and gives the name every message about it uses.
 
   // Binds tensor A (not a [rows, hidden] input) to t: its pointer, and its dtype where
-  // it has a dtype field of its own.
+  // it has a dtype field of its own (an unsupported one refused under `name`: the
+  // argument the caller chose it with; the tensor's own name by default).
   template <auto A, class P>
-  static void bind_tensor(P& p, const Tensor& t) {
+  static void bind_tensor(P& p, const Tensor& t, const char* name = nullptr) {
     constexpr TensorArg a = arg_info(A);
     static_assert(a.kind != ArgKind::kRowsIn, "a [rows, hidden] input has a row stride: bind_rows");
-    bind_arg(p, a, t.data_ptr(), 0, a.has_own_dtype() ? B::dtype(t.scalar_type(), a.name) : DType::kFloat32);
+    const DType dtype = a.has_own_dtype() ? B::dtype(t.scalar_type(), name ? name : a.name) : DType::kFloat32;
+    bind_arg(p, a, t.data_ptr(), 0, dtype);
   }
 
   // Checks the [..., hidden] input t against `like` (rows_arg), keeps it (or its
@@ -225,9 +227,8 @@ struct Glue {
     call.y = B::empty(sizes(x), x.scalar_type(), x);
     bind_tensor<FwdArg::y>(p, *call.y);
     if (store_residual_out) {
-      B::dtype(residual_out_dtype, "residual_out_dtype");  // refused here under its own name
       call.residual_out = B::empty(sizes(x), residual_out_dtype, x);
-      bind_tensor<FwdArg::residual_out>(p, *call.residual_out);
+      bind_tensor<FwdArg::residual_out>(p, *call.residual_out, "residual_out_dtype");
     } else {
       call.residual_out = placeholder(x);
     }
@@ -319,9 +320,8 @@ struct Glue {
     call.y = out;
     bind_tensor<FwdArg::y>(p, out);
     if (residual_out.has_value()) {
-      B::dtype(residual_out->scalar_type(), residual_out_name);  // refused under the caller's name
       call.residual_out = *residual_out;
-      bind_tensor<FwdArg::residual_out>(p, *residual_out);
+      bind_tensor<FwdArg::residual_out>(p, *residual_out, residual_out_name);
     }
     if (keep_rstd) {
       call.rstd = B::empty(row_shape(x), B::stats_type(x.scalar_type()), x);
@@ -368,9 +368,8 @@ struct Glue {
     call.dx = B::empty(sizes(dy), dy.scalar_type(), dy);
     bind_tensor<BwdArg::dx>(p, *call.dx);
     if (dresidual_dtype.has_value()) {
-      B::dtype(*dresidual_dtype, "dresidual_dtype");  // refused here under its own name
       call.dresidual = B::empty(sizes(dy), *dresidual_dtype, dy);
-      bind_tensor<BwdArg::dresidual>(p, *call.dresidual);
+      bind_tensor<BwdArg::dresidual>(p, *call.dresidual, "dresidual_dtype");
     } else {
       call.dresidual = placeholder(dy);
     }

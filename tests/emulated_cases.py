@@ -766,7 +766,9 @@ def check_each_tensor_alone(emu):
 
     bwd_cases = [(n, bf16) for n in ("dy", "dresidual_out", "saved", "weight", "bias", "dx", "dresidual")]
     for off, dres_dtype in bwd_cases + [(None, torch.float32)]:
-        x, residual = rows_of(None, off, mean=3.0), rows_of(None, off)
+        # x and residual only make the forward's saved row and rstd, from the reference
+        x = _tensor(rows, hidden, bf16, gen, "contiguous", mean=3.0)
+        residual = _tensor(rows, hidden, bf16, gen, "contiguous")
         weight, bias = vector("weight", off), vector("bias", off)
         (_, s64, rstd64), _ = numerics.forward_reference(x, residual, weight, bias, eps, False)
         saved = placed(s64.to(bf16), "saved", off)
